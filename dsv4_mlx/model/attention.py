@@ -1,0 +1,164 @@
+"""Attention of every layer type (spec §4.5, §4.8, §4.9).
+
+Common path: low-rank query with a weighted norm on the latent ``qr`` (reused by the indexer)
+and an unweighted per-head norm; one KV latent (K = V) with its own norm; RoPE on the last
+`qk_rope_head_dim` dims with the layer's table. Key set of query t:
+
+* window only (rate 0): the window, positions (t - window, t];
+* HCA (rate m != 4): the window plus every visible compressed entry (dense);
+* CSA (rate 4): the window plus the indexer's top-k compressed entries.
+
+Softmax with a per-head sink in the denominator, inverse RoPE of the output at the query
+position, then the block-diagonal grouped projection `wo_a` and `wo_b`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import LayerCache
+from .compressor import Compressor
+from .indexer import Indexer
+from .layers import RMSNorm, rms_norm_0
+from .rope import make_rope
+
+
+class GroupedLinear(nn.Module):
+    """Block-diagonal projection (spec §4.9): weight [G*d_g, in_g], group g reads its own slice.
+
+    Input [..., G, in_g] -> output [..., G, d_g].
+    """
+
+    def __init__(self, in_per_group: int, out_total: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.weight = mx.zeros((out_total, in_per_group))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        G = self.groups
+        w = self.weight.reshape(G, -1, self.weight.shape[-1])  # [G, d_g, in_g]
+        lead = x.shape[:-2]
+        xg = x.reshape(-1, G, x.shape[-1]).swapaxes(0, 1)  # [G, N, in_g]
+        y = xg @ w.swapaxes(-1, -2)  # [G, N, d_g]
+        return y.swapaxes(0, 1).reshape(*lead, G, -1)
+
+
+def sink_attention(
+    q: mx.array,
+    keys: mx.array,
+    mask: Optional[mx.array],
+    sinks: mx.array,
+    scale: float,
+    sel_keys: Optional[mx.array] = None,
+    sel_valid: Optional[mx.array] = None,
+) -> mx.array:
+    """Attention with a sink in the denominator (spec §4.8); K = V.
+
+    q [B, H, T, c]; keys [B, L, c] shared by all queries with `mask` ([T, L] or
+    [B, 1, T, L], True = visible); optional per-query keys `sel_keys` [B, T, k, c] with
+    `sel_valid` [B, T, k]. Returns [B, H, T, c] in q's dtype.
+    """
+    if sel_keys is None:
+        k = keys[:, None]
+        return mx.fast.scaled_dot_product_attention(
+            q, k, k, scale=scale, mask=mask, sinks=sinks.astype(q.dtype)
+        )
+    return _sink_attention_ops(q, keys, mask, sinks, scale, sel_keys, sel_valid)
+
+
+def _sink_attention_ops(q, keys, mask, sinks, scale, sel_keys, sel_valid):
+    """Plain-ops path: fp32 logits and accumulation, shared keys plus per-query keys."""
+    f32 = mx.float32
+    qf = q.astype(f32)
+    lw = (qf @ keys[:, None].astype(f32).swapaxes(-1, -2)) * scale  # [B, H, T, L]
+    if mask is not None:
+        lw = mx.where(mask, lw, -mx.inf)
+    sk = sel_keys.astype(f32)
+    ls = (qf.swapaxes(1, 2) @ sk.swapaxes(-1, -2)).swapaxes(1, 2) * scale  # [B, H, T, k]
+    ls = mx.where(sel_valid[:, None], ls, -mx.inf)
+    sink = sinks.astype(f32)[None, :, None]
+    m = mx.maximum(mx.maximum(lw.max(axis=-1), ls.max(axis=-1)), sink)  # [B, H, T]
+    ew = mx.exp(lw - m[..., None])
+    es = mx.exp(ls - m[..., None])
+    denom = ew.sum(axis=-1) + es.sum(axis=-1) + mx.exp(sink - m)
+    o = ew @ keys[:, None].astype(f32)
+    o = o + (es.swapaxes(1, 2) @ sk).swapaxes(1, 2)  # [B, T, H, k] @ [B, T, k, c]
+    return (o / denom[..., None]).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args, ratio: int):
+        super().__init__()
+        D, H, c = args.hidden_size, args.num_attention_heads, args.head_dim
+        G, dg = args.o_groups, args.o_lora_rank
+        self.n_heads, self.head_dim, self.groups = H, c, G
+        self.ratio = ratio
+        self.eps = args.rms_norm_eps
+        self.scale = 1.0 / math.sqrt(c)
+        self.wq_a = nn.Linear(D, args.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, H * c, bias=False)
+        self.wkv = nn.Linear(D, c, bias=False)
+        self.kv_norm = RMSNorm(c, args.rms_norm_eps)
+        self.wo_a = GroupedLinear(H * c // G, G * dg, G)
+        self.wo_b = nn.Linear(G * dg, D, bias=False)
+        self.attn_sink = mx.zeros((H,))
+        if ratio:
+            self.compressor = Compressor(D, c, ratio, overlap=ratio == 4, eps=args.rms_norm_eps)
+        if ratio == 4:
+            self.indexer = Indexer(args)
+        self.rope = make_rope(args, ratio)
+
+    def __call__(self, x: mx.array, cache: LayerCache) -> mx.array:
+        B, T, _ = x.shape
+        H, c = self.n_heads, self.head_dim
+        s = cache.offset
+
+        qr = self.q_norm(self.wq_a(x))
+        q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
+        q = self.rope(q, offset=s)  # [B, H, T, c]
+        kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
+
+        keys, mask = cache.window_keys(kv)
+        sel_keys = sel_valid = None
+        if self.ratio:
+            entries = self.compressor(x, cache.comp, s, self.rope)  # [B, N, c]
+            N = entries.shape[1]
+            if N:
+                visible = (mx.arange(s, s + T) + 1) // self.ratio  # entries query t may see
+                if self.ratio != 4 or N <= self.indexer.topk:
+                    # dense: every visible entry (HCA; CSA while N <= top-k selects them all)
+                    vis = mx.arange(N)[None] < visible[:, None]  # [T, N]
+                    if self.ratio == 4:
+                        self.indexer.compressor(x, cache.index, s, self.rope)  # keep keys
+                    keys = mx.concatenate([keys, entries], axis=1)
+                    mask = mx.concatenate([mask, vis], axis=1)
+                else:
+                    idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
+                    valid = idx >= 0
+                    gathered = mx.take_along_axis(
+                        entries[:, None], mx.maximum(idx, 0)[..., None], axis=2
+                    )  # [B, T, k, c]
+                    if T == 1:
+                        keys = mx.concatenate([keys, gathered[:, 0]], axis=1)
+                        mask = mx.concatenate(
+                            [mx.broadcast_to(mask, (B, 1, T, mask.shape[-1])), valid[:, None]],
+                            axis=-1,
+                        )
+                    else:
+                        sel_keys, sel_valid = gathered, valid
+            elif self.ratio == 4:
+                self.indexer.compressor(x, cache.index, s, self.rope)
+
+        o = sink_attention(q, keys, mask, self.attn_sink, self.scale, sel_keys, sel_valid)
+        cache.update_ring(kv)
+        cache.advance(T)
+
+        o = self.rope(o, offset=s, inverse=True)  # undo the position carried by V
+        o = o.swapaxes(1, 2).reshape(B, T, self.groups, -1)
+        o = self.wo_a(o).reshape(B, T, -1)
+        return self.wo_b(o)

@@ -1,0 +1,53 @@
+"""Lightning indexer of CSA layers (spec §4.7).
+
+Keys come from a second overlapping compressor (rate 4, width c_I) over the same input,
+RoPE'd at position w*4 with the layer's (compress) table. Queries are ``qr Wq_b^T`` split into
+H_I heads of c_I dims, RoPE'd at position t; head weights are
+``x weights_proj^T * c_I^-1/2 * H_I^-1/2``. The Hadamard rotation of the reference leaves the
+dot products unchanged and only matters for FP4 storage (a later issue), so it is not applied
+here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import CompressorState
+from ..kernels.indexer import indexer_topk
+from .compressor import Compressor
+from .rope import RoPE
+
+
+class Indexer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_heads = args.index_n_heads
+        self.head_dim = args.index_head_dim
+        self.topk = args.index_topk
+        self.ratio = 4
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(
+            args.hidden_size, self.head_dim, self.ratio, overlap=True, eps=args.rms_norm_eps
+        )
+        self.weight_scale = 1.0 / (math.sqrt(self.head_dim) * math.sqrt(self.n_heads))
+
+    def __call__(
+        self, x: mx.array, qr: mx.array, state: CompressorState, offset: int, rope: RoPE
+    ):
+        """Returns the selected entries [B, T, k] (int32, -1 = none), or None if N == 0."""
+        B, T, _ = x.shape
+        keys = self.compressor(x, state, offset, rope)
+        N = keys.shape[1]
+        if N == 0:
+            return None
+        visible = ((mx.arange(offset, offset + T) + 1) // self.ratio).astype(mx.int32)
+        # MLX is lazy: when N <= topk the selection is all entries and q/w are never computed
+        q = self.wq_b(qr).reshape(B, T, self.n_heads, self.head_dim)
+        q = rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
+        w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
+        return indexer_topk(q, w, keys, visible, self.topk)
+

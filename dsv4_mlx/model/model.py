@@ -1,0 +1,193 @@
+"""The DeepSeek-V4 model (spec §4.1, §4.2, §4.11, §4.12), with the checkpoint's official names.
+
+Follows mlx-lm's model protocol: ``Model(args)``, ``model(inputs, cache=None)`` -> logits of
+every position, ``model.make_cache()``, ``model.layers``, ``model.sanitize(weights)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import LayerCache, make_layer_caches, make_mtp_caches
+from .attention import Attention
+from .config import ModelArgs
+from .layers import RMSNorm
+from .mhc import collapse, expand, hc_head, hc_params
+from .moe import MoE
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded into this model."""
+
+
+class Block(nn.Module):
+    """One decoder block (spec §4.2): mHC around attention, then around the MoE."""
+
+    def __init__(self, args: ModelArgs, ratio: int, hash_routed: bool):
+        super().__init__()
+        n, D = args.hc_mult, args.hidden_size
+        mix = (2 + n) * n
+        self.args = args
+        self.attn_norm = RMSNorm(D, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(D, args.rms_norm_eps)
+        self.hc_attn_fn = mx.zeros((mix, n * D))
+        self.hc_attn_base = mx.zeros((mix,))
+        self.hc_attn_scale = mx.ones((3,))
+        self.hc_ffn_fn = mx.zeros((mix, n * D))
+        self.hc_ffn_base = mx.zeros((mix,))
+        self.hc_ffn_scale = mx.ones((3,))
+        self.attn = Attention(args, ratio)
+        self.ffn = MoE(args, hash_routed)
+
+    def _hc(self, X, fn, scale, base):
+        a = self.args
+        return hc_params(X, fn, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps)
+
+    def __call__(self, X: mx.array, input_ids: mx.array, cache: LayerCache) -> mx.array:
+        pre, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
+        a = self.attn(self.attn_norm(collapse(X, pre)), cache)
+        X = expand(X, a, post, comb)
+        pre, post, comb = self._hc(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
+        f = self.ffn(self.ffn_norm(collapse(X, pre)), input_ids)
+        return expand(X, f, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block `mtp.i` (spec §4.12): window-only attention, learned MoE.
+
+    Combines the main model's final streams at position t with the embedding of token t+1 to
+    predict token t+2. Shares `embed` and `head` with the main model.
+    """
+
+    def __init__(self, args: ModelArgs, i: int):
+        super().__init__(args, args.mtp_ratio(i), hash_routed=False)
+        n, D = args.hc_mult, args.hidden_size
+        self.e_proj = nn.Linear(D, D, bias=False)
+        self.h_proj = nn.Linear(D, D, bias=False)
+        self.enorm = RMSNorm(D, args.rms_norm_eps)
+        self.hnorm = RMSNorm(D, args.rms_norm_eps)
+        self.norm = RMSNorm(D, args.rms_norm_eps)
+        self.hc_head_fn = mx.zeros((n, n * D))
+        self.hc_head_base = mx.zeros((n,))
+        self.hc_head_scale = mx.ones((1,))
+
+    def predict(self, streams, next_ids, embed, head, cache: LayerCache):
+        """streams [B, S, n, D] (main model, before hc_head), next_ids [B, S] -> (logits, streams)."""
+        e = self.enorm(embed(next_ids))
+        X = self.e_proj(e)[:, :, None, :] + self.h_proj(self.hnorm(streams))
+        X = super().__call__(X, next_ids, cache)
+        a = self.args
+        y = hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.rms_norm_eps)
+        return head(self.norm(y)).astype(mx.float32), X
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if isinstance(args, dict):
+            args = ModelArgs.from_dict(args)
+        self.args = args
+        self.model_type = args.model_type
+        n, D = args.hc_mult, args.hidden_size
+        self.embed = nn.Embedding(args.vocab_size, D)
+        self.layers = [
+            Block(args, args.layer_ratio(i), hash_routed=i < args.num_hash_layers)
+            for i in range(args.num_hidden_layers)
+        ]
+        self.norm = RMSNorm(D, args.rms_norm_eps)
+        self.hc_head_fn = mx.zeros((n, n * D))
+        self.hc_head_base = mx.zeros((n,))
+        self.hc_head_scale = mx.ones((1,))
+        self.head = nn.Linear(D, args.vocab_size, bias=False)
+        if args.num_nextn_predict_layers:
+            self.mtp = [MTPBlock(args, i) for i in range(args.num_nextn_predict_layers)]
+
+    # -- forward -----------------------------------------------------------------------------
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Optional[List[LayerCache]] = None,
+        return_streams: bool = False,
+    ):
+        """inputs [B, S] token ids -> logits [B, S, V] (fp32) for every position.
+
+        With `cache`, the tokens continue the cached sequence (any chunk size); without, they
+        are a whole new sequence. `return_streams=True` also returns the final mHC streams
+        [B, S, n, D] (the MTP block's input).
+        """
+        if cache is None:
+            cache = self.make_cache()
+        offsets = {c.offset for c in cache}
+        if len(offsets) != 1:
+            raise ValueError(f"inconsistent cache offsets {sorted(offsets)}")
+        h = self.embed(inputs)
+        B, S, D = h.shape
+        X = mx.broadcast_to(h[:, :, None, :], (B, S, self.args.hc_mult, D))
+        for layer, c in zip(self.layers, cache):
+            X = layer(X, inputs, c)
+        a = self.args
+        y = hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.rms_norm_eps)
+        logits = self.head(self.norm(y)).astype(mx.float32)
+        return (logits, X) if return_streams else logits
+
+    def mtp_predict(self, streams, next_ids, cache: Optional[List[LayerCache]] = None, i: int = 0):
+        """Run MTP block `i` on the main model's final streams and the next tokens."""
+        if cache is None:
+            cache = self.make_mtp_cache()
+        return self.mtp[i].predict(streams, next_ids, self.embed, self.head, cache[i])
+
+    # -- protocol ----------------------------------------------------------------------------
+    def make_cache(self) -> List[LayerCache]:
+        return make_layer_caches(self.args)
+
+    def make_mtp_cache(self) -> List[LayerCache]:
+        return make_mtp_caches(self.args)
+
+    def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
+        """Official-named (dequantized) weights -> this module tree.
+
+        Stacks per-expert tensors ``*.ffn.experts.{e}.w1.weight`` into
+        ``*.ffn.experts.w1.weight`` [E, out, in], casts ``tid2eid`` to int32, drops the MTP
+        aliases of `embed`/`head` and any `mtp.*` this config does not have. Already-sanitized
+        weights (e.g. a converted MLX folder) pass through unchanged.
+        """
+        fp8_scales = [k for k in weights if k.endswith(".scale")]
+        if fp8_scales:
+            raise WeightsError(
+                "these are quantized source weights (FP8/FP4 with '.scale' tensors, e.g. "
+                f"{fp8_scales[0]!r}); convert the checkpoint with `dsv4 convert` first"
+            )
+        n_mtp = self.args.num_nextn_predict_layers
+        out: Dict[str, mx.array] = {}
+        experts: Dict[str, Dict[int, mx.array]] = {}
+        pat = re.compile(r"^(.*\.ffn\.experts)\.(\d+)\.(w[123])\.weight$")
+        for k, v in weights.items():
+            m = re.match(r"^mtp\.(\d+)\.(.*)$", k)
+            if m:
+                if int(m.group(1)) >= n_mtp or m.group(2) in ("embed.weight", "head.weight"):
+                    continue
+            if k.endswith("gate.tid2eid"):
+                v = v.astype(mx.int32)
+            e = pat.match(k)
+            if e:
+                experts.setdefault(f"{e.group(1)}.{e.group(3)}.weight", {})[int(e.group(2))] = v
+                continue
+            out[k] = v
+        E = self.args.n_routed_experts
+        for name, per in experts.items():
+            if sorted(per) != list(range(E)):
+                missing = sorted(set(range(E)) - set(per))[:5]
+                raise WeightsError(f"{name}: missing experts {missing}")
+            out[name] = mx.stack([per[i] for i in range(E)])
+        return out
+
+    @property
+    def cast_predicate(self):
+        # keep the fp32 tensors of spec §3.3 in fp32 when mlx-lm casts a model
+        return lambda k: not any(
+            s in k for s in ("hc_", "attn_sink", "ape", "gate.bias", "tid2eid")
+        )
