@@ -45,7 +45,9 @@ class CompressorState:
         self.num_entries = 0
 
     # -- pending rows and overlap ------------------------------------------------------------
-    def init_batch(self, batch: int):
+    def init_batch(self, batch: int, dtype):
+        if self._entries is None:
+            self._entries = mx.zeros((batch, 0, self.head_dim), dtype=dtype)
         if self.pending_kv is None:
             self.pending_kv = mx.zeros((batch, 0, self.width), dtype=mx.float32)
             self.pending_gate = mx.zeros((batch, 0, self.width), dtype=mx.float32)
@@ -72,10 +74,10 @@ class CompressorState:
             return
         B = new.shape[0]
         end = self.num_entries + n
-        if self._entries is None or end > self._entries.shape[1]:
+        if end > self._entries.shape[1]:
             cap = ((end + ENTRY_STEP - 1) // ENTRY_STEP) * ENTRY_STEP
             grown = mx.zeros((B, cap, self.head_dim), dtype=new.dtype)
-            if self._entries is not None and self.num_entries:
+            if self.num_entries:
                 grown[:, : self.num_entries] = self._entries[:, : self.num_entries]
             self._entries = grown
         self._entries[:, self.num_entries : end] = new

@@ -60,9 +60,8 @@ def _block_weights(args: ModelArgs, prefix: str, ratio: int, hash_routed: bool, 
     f = f"{p}.ffn"
     lin(f"{f}.gate.weight", E, D)
     if hash_routed:
-        w[f"{f}.gate.tid2eid"] = np.stack(
-            [rng.choice(E, size=k, replace=False) for _ in range(args.vocab_size)]
-        ).astype(np.int64)
+        # k distinct experts per token
+        w[f"{f}.gate.tid2eid"] = np.argsort(rng.random((args.vocab_size, E)), axis=1)[:, :k].astype(np.int64)
     else:
         w[f"{f}.gate.bias"] = (0.1 * rng.normal(size=(E,))).astype(np.float32)
     for e in range(E):

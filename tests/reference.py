@@ -122,3 +122,60 @@ def hf_model(cfg: dict, weights: Dict[str, np.ndarray]) -> DeepseekV4ForCausalLM
 @torch.no_grad()
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
     return model(torch.from_numpy(ids.astype(np.int64)), use_cache=False).logits.float().numpy()
+
+
+def _rms(x, w, eps):
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)) * w
+
+
+@torch.no_grad()
+def hf_mtp_logits(cfg: dict, weights: Dict[str, np.ndarray], model, ids: np.ndarray,
+                  next_ids: np.ndarray) -> np.ndarray:
+    """MTP block 0 (spec §4.12) assembled from transformers' own decoder layer.
+
+    X_final is captured at the input of transformers' `hc_head`; the block itself is a
+    `DeepseekV4DecoderLayer` of type sliding_attention with learned routing, loaded with the
+    `mtp.0.*` block tensors; e_proj/h_proj, the norms and MTP's hc_head are written out here.
+    """
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+        DeepseekV4DecoderLayer, DeepseekV4RotaryEmbedding)
+
+    got = {}
+    hook = model.model.hc_head.register_forward_pre_hook(lambda m, a: got.__setitem__("X", a[0]))
+    model(torch.from_numpy(ids.astype(np.int64)), use_cache=False)
+    hook.remove()
+    X = got["X"]  # [B, S, n, D]
+
+    one = dict(cfg, num_hidden_layers=1, compress_ratios=[cfg["compress_ratios"][cfg["num_hidden_layers"]]],
+               num_hash_layers=0)
+    c1 = hf_config(one)
+    layer = DeepseekV4DecoderLayer(c1, 0).float().eval()
+    block = {k.replace("mtp.0.", "layers.0.", 1): v for k, v in weights.items()
+             if k.startswith("mtp.0.") and not any(s in k for s in
+             ("e_proj", "h_proj", "enorm", "hnorm", "mtp.0.norm", "mtp.0.hc_head"))}
+    sd = {k.replace("model.layers.0.", "", 1): v for k, v in hf_state_dict(block, cfg["n_routed_experts"]).items()}
+    missing, unexpected = layer.load_state_dict(sd, strict=False)
+    assert not unexpected and not [m for m in missing if "inv_freq" not in m], (missing, unexpected)
+
+    t = {k: torch.from_numpy(v) for k, v in weights.items() if k.startswith("mtp.0.") or k in ("embed.weight", "head.weight")}
+    eps = cfg["rms_norm_eps"]
+    nxt = torch.from_numpy(next_ids.astype(np.int64))
+    e = _rms(t["embed.weight"][nxt], t["mtp.0.enorm.weight"], eps)
+    x0 = (e @ t["mtp.0.e_proj.weight"].T)[:, :, None, :] + _rms(X, t["mtp.0.hnorm.weight"], eps) @ t["mtp.0.h_proj.weight"].T
+
+    B, S = nxt.shape
+    pos = torch.arange(S)[None]
+    rot = DeepseekV4RotaryEmbedding(c1)
+    pe = {"main": rot(x0, pos, layer_type="main"), "compress": rot(x0, pos, layer_type="compress")}
+    q, k = torch.arange(S)[:, None], torch.arange(S)[None]
+    band = (k <= q) & (k > q - cfg["sliding_window"])
+    mask = torch.zeros(S, S).masked_fill(~band, float("-inf"))[None, None]
+    x1 = layer(x0, input_ids=nxt, position_embeddings=pe, position_ids=pos, attention_mask=mask)
+
+    n, D = cfg["hc_mult"], cfg["hidden_size"]
+    flat = x1.reshape(B, S, n * D)
+    flat = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + eps)
+    pre = torch.sigmoid((flat @ t["mtp.0.hc_head_fn"].T) * t["mtp.0.hc_head_scale"] + t["mtp.0.hc_head_base"]) + cfg["hc_eps"]
+    y = (pre[..., None] * x1).sum(2)
+    return (_rms(y, t["mtp.0.norm.weight"], eps) @ t["head.weight"].T).numpy()

@@ -42,7 +42,7 @@ class Compressor(nn.Module):
         """
         B, T, _ = x.shape
         m, c = self.ratio, self.head_dim
-        state.init_batch(B)
+        state.init_batch(B, x.dtype)
         r = state.num_pending
         assert r == offset % m, "compressor state out of step with the position"
 
@@ -74,7 +74,4 @@ class Compressor(nn.Module):
             w0 = (offset - r) // m
             entries = rope(entries, offset=w0, scale=float(m))
             state.append_entries(entries)
-        out = state.entries
-        if out is None:
-            out = mx.zeros((B, 0, c), dtype=x.dtype)
-        return out
+        return state.entries

@@ -51,6 +51,20 @@ class Gate(nn.Module):
         return idx, w
 
 
+def _switch(layer, x, inds, sorted_indices):
+    """`layer(x, inds)`; MLX's CPU backend has gather_mm for float32 only, so unquantized
+    half-precision experts are computed in float32 there (tests and demos; GPUs are unaffected)."""
+    if (
+        isinstance(layer, SwitchLinear)
+        and x.dtype != mx.float32
+        and mx.default_device() == mx.cpu
+    ):
+        w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
+        y = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=inds, sorted_indices=sorted_indices)
+        return y.astype(x.dtype)
+    return layer(x, inds, sorted_indices=sorted_indices)
+
+
 class RoutedExperts(nn.Module):
     """The E routed experts, stacked: w1/w3 [E, I, D], w2 [E, D, I]."""
 
@@ -71,10 +85,10 @@ class RoutedExperts(nn.Module):
             inv = mx.argsort(order)
             x = x.flatten(0, -3)[order // idx.shape[-1]]
             inds, w = idx.flatten()[order], weights.flatten()[order]
-        g = self.w1(x, inds, sorted_indices=do_sort)
-        u = self.w3(x, inds, sorted_indices=do_sort)
+        g = _switch(self.w1, x, inds, do_sort)
+        u = _switch(self.w3, x, inds, do_sort)
         h = (clamped_swiglu(g, u, self.limit) * w[..., None, None]).astype(x.dtype)
-        y = self.w2(h, inds, sorted_indices=do_sort)
+        y = _switch(self.w2, h, inds, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)
         return y.squeeze(-2).astype(mx.float32).sum(axis=-2)

@@ -1,0 +1,42 @@
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import mlx.core as mx  # noqa: E402
+
+mx.set_default_device(mx.cpu)
+
+YARN = dict(type="yarn", factor=16, original_max_position_embeddings=65536, beta_fast=32, beta_slow=1)
+
+
+def tiny_config(**over):
+    """A tiny DeepSeek-V4 config with the published keys.
+
+    Default: Flash-shaped (two window-only layers first, then CSA/HCA alternating, MTP last),
+    HCA rate 8 so short sequences emit several HCA entries, 8 indexer heads (fewer make exact-
+    zero score ties, spec §4.7), top-k 3 so the indexer really drops entries.
+    """
+    cfg = dict(
+        model_type="deepseek_v4", vocab_size=97, hidden_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=32, qk_rope_head_dim=8,
+        q_lora_rank=24, o_groups=2, o_lora_rank=16, sliding_window=6,
+        compress_ratios=[0, 0, 4, 8, 4, 8, 0], index_n_heads=8, index_head_dim=16, index_topk=3,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+        num_hash_layers=3, num_nextn_predict_layers=1, rope_theta=10000.0,
+        compress_rope_theta=160000.0, rope_scaling=dict(YARN), max_position_embeddings=1048576,
+        routed_scaling_factor=1.5, scoring_func="sqrtsoftplus", norm_topk_prob=True,
+        swiglu_limit=10.0, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6,
+        bos_token_id=0, eos_token_id=1,
+    )
+    cfg.update(over)
+    return cfg
+
+
+FLASH_LIKE = tiny_config()
+# Pro-shaped: HCA first, no window-only layers; routed scale 2.5; a low SwiGLU limit so the
+# clamp of routed and shared experts really triggers.
+PRO_LIKE = tiny_config(
+    num_hidden_layers=5, compress_ratios=[8, 8, 4, 8, 4, 0], routed_scaling_factor=2.5,
+    swiglu_limit=0.5, num_attention_heads=8, o_groups=4,
+)
