@@ -46,6 +46,38 @@ class GroupedLinear(nn.Module):
         y = xg @ w.swapaxes(-1, -2)  # [G, N, d_g]
         return y.swapaxes(0, 1).reshape(*lead, G, -1)
 
+    def to_quantized(self, group_size: int = 32, bits: int = 8, mode: str = "mxfp8", **_):
+        q = QuantizedGroupedLinear(self.weight.shape[1], self.weight.shape[0], self.groups,
+                                   group_size, bits, mode)
+        q.weight, q.scales, *b = mx.quantize(self.weight, group_size, bits, mode=mode)
+        q.biases = b[0] if b else None
+        return q
+
+
+class QuantizedGroupedLinear(nn.Module):
+    """`GroupedLinear` with quantized weights: one `gather_qmm` over the G groups."""
+
+    def __init__(self, in_per_group, out_total, groups, group_size=32, bits=8, mode="mxfp8"):
+        super().__init__()
+        self.groups, self.group_size, self.bits, self.mode = groups, group_size, bits, mode
+        self.weight, self.scales, *b = mx.quantize(
+            mx.zeros((out_total, in_per_group)), group_size, bits, mode=mode
+        )
+        self.biases = b[0] if b else None
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        G = self.groups
+        lead = x.shape[:-2]
+        xg = x.reshape(-1, G, x.shape[-1]).swapaxes(0, 1)  # [G, N, in_g]
+        split = lambda a: None if a is None else a.reshape(G, -1, a.shape[-1])  # noqa: E731
+        y = mx.gather_qmm(
+            xg, split(self.weight), split(self.scales), split(self.biases),
+            rhs_indices=mx.arange(G), transpose=True,
+            group_size=self.group_size, bits=self.bits, mode=self.mode,
+        )
+        return y.swapaxes(0, 1).reshape(*lead, G, -1)
+
 
 def sink_attention(
     q: mx.array,

@@ -82,7 +82,7 @@ class MTPBlock(Block):
         X = super().__call__(X, next_ids, cache)
         a = self.args
         y = hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.rms_norm_eps)
-        return head(self.norm(y)).astype(mx.float32), X
+        return head(self.norm(y)), X
 
 
 class Model(nn.Module):
@@ -131,14 +131,20 @@ class Model(nn.Module):
             X = layer(X, inputs, c)
         a = self.args
         y = hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.rms_norm_eps)
-        logits = self.head(self.norm(y)).astype(mx.float32)
+        logits = self.lm_head(self.norm(y))
         return (logits, X) if return_streams else logits
+
+    def lm_head(self, y: mx.array) -> mx.array:
+        """fp32 logits; a quantized head takes fp32 input at no extra weight traffic."""
+        if isinstance(self.head, nn.QuantizedLinear):
+            return self.head(y.astype(mx.float32))
+        return self.head(y).astype(mx.float32)
 
     def mtp_predict(self, streams, next_ids, cache: Optional[List[LayerCache]] = None, i: int = 0):
         """Run MTP block `i` on the main model's final streams and the next tokens."""
         if cache is None:
             cache = self.make_mtp_cache()
-        return self.mtp[i].predict(streams, next_ids, self.embed, self.head, cache[i])
+        return self.mtp[i].predict(streams, next_ids, self.embed, self.lm_head, cache[i])
 
     # -- protocol ----------------------------------------------------------------------------
     def make_cache(self) -> List[LayerCache]:
