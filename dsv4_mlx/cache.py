@@ -21,7 +21,7 @@ The on-disk session format (issue 4) builds on this.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
@@ -160,6 +160,52 @@ class LayerCache(_BaseCache):
         n = min(T, W)
         slots = (mx.arange(s + T - n, s + T) % W).astype(mx.int32)
         self.ring[:, slots] = new_kv[:, T - n :]
+
+    # -- segments (on-disk sessions) ----------------------------------------------------------
+    def segment(self, since: Dict[str, int]) -> Dict[str, mx.array]:
+        """The state added since `since` ({"comp": entries, "index": entries} at the previous
+        boundary) plus the small state at this boundary (ring, pending and overlap rows)."""
+        out: Dict[str, mx.array] = {}
+        if self.offset == 0:
+            return out
+        out["ring"] = self.ring
+        for key, c in (("comp", self.comp), ("index", self.index)):
+            if c is None:
+                continue
+            out[f"{key}.entries"] = c.entries[:, since.get(key, 0) :]
+            out[f"{key}.pending_kv"] = c.pending_kv
+            out[f"{key}.pending_gate"] = c.pending_gate
+            if c.overlap:
+                out[f"{key}.overlap_kv"] = c.overlap_kv
+                out[f"{key}.overlap_gate"] = c.overlap_gate
+        return out
+
+    def entry_counts(self) -> Dict[str, int]:
+        return {k: c.num_entries for k, c in (("comp", self.comp), ("index", self.index)) if c is not None}
+
+    @classmethod
+    def from_segments(cls, meta: Tuple, segments: List[Dict[str, mx.array]], offset: int):
+        """Rebuild from the segments up to a boundary (the last one gives the small state)."""
+        window, ratio, head_dim, index_head_dim = meta
+        obj = cls(window, ratio, head_dim, index_head_dim)
+        obj.offset = offset
+        if offset == 0:
+            return obj
+        last = segments[-1]
+        obj.ring = last["ring"]
+        for key, c in (("comp", obj.comp), ("index", obj.index)):
+            if c is None:
+                continue
+            parts = [seg[f"{key}.entries"] for seg in segments if f"{key}.entries" in seg]
+            entries = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            arrays = [entries, last[f"{key}.pending_kv"], last[f"{key}.pending_gate"]]
+            if c.overlap:
+                arrays += [last[f"{key}.overlap_kv"], last[f"{key}.overlap_gate"]]
+            c.set_state(arrays)
+        return obj
+
+    def layout(self) -> Tuple[int, int, int, int]:
+        return (self.window, self.ratio, self.head_dim, self.index_head_dim)
 
     # -- protocol ----------------------------------------------------------------------------
     def advance(self, n: int):

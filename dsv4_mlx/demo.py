@@ -16,10 +16,11 @@ from typing import Dict, Optional
 import numpy as np
 
 from .convert import formats
-from .convert.safetensors_io import float32_to_bf16, write_safetensors
+from .convert.safetensors_io import float32_to_bf16
+from .convert.writer import ShardWriter
 from .model.config import ModelArgs
 from .model.inventory import tensor_inventory
-from .random_weights import random_weights
+from .random_weights import make_weight, weight_specs
 
 REFERENCE = {
     "flash": dict(
@@ -81,49 +82,59 @@ def preset_config(preset: str, layers: Optional[int] = None, experts: Optional[i
     return cfg
 
 
-def _encode(info, w: np.ndarray, scale_name: str, out: Dict) -> None:
-    if info.dtype == "F8_E4M3":
-        q, s = formats.quantize_fp8_block(w)
-        out[info.name] = ("F8_E4M3", q)
-        out[scale_name] = ("F8_E8M0", s)
-    elif info.dtype == "I8":
-        q, s = formats.quantize_fp4(w)
-        out[info.name] = ("I8", q)
-        out[scale_name] = ("F8_E8M0", s)
-    elif info.dtype == "BF16":
-        out[info.name] = ("BF16", float32_to_bf16(w))
-    else:
-        out[info.name] = (info.dtype, w)
+def _encode(dtype: str, w: np.ndarray):
+    """A float tensor in its published storage: [(dtype, array)] plus its scale for FP8/FP4."""
+    if dtype == "F8_E4M3":
+        q, sc = formats.quantize_fp8_block(w)
+        return ("F8_E4M3", q), ("F8_E8M0", sc)
+    if dtype == "I8":
+        q, sc = formats.quantize_fp4(w)
+        return ("I8", q), ("F8_E8M0", sc)
+    if dtype == "BF16":
+        return ("BF16", float32_to_bf16(w)), None
+    return (dtype, w), None
 
 
 def write_source_checkpoint(folder: Path, config: Dict, seed: int = 0, shards: int = 3) -> Path:
     """Random weights in exactly the published layout: official names, F8_E4M3 weights with
     F8_E8M0 128x128 scales, I8-packed FP4 experts with 1x32 scales, BF16/F32/I64, sharded,
-    with `model.safetensors.index.json`, config and the real V4 tokenizer files."""
+    with `model.safetensors.index.json`, config and the real V4 tokenizer files.
+
+    Written one tensor at a time (each drawn from its own seeded stream), so memory stays at
+    one tensor whatever the model size."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_dict(config)
-    dense = random_weights(args, seed)
+    specs = weight_specs(args)
     inv = tensor_inventory(config)
-    tensors: Dict[str, tuple] = {}
-    for info in inv:
-        if info.is_scale:
-            continue
-        _encode(info, dense.pop(info.name), info.name[: -len(".weight")] + ".scale", tensors)
-    if dense:
-        raise RuntimeError(f"random weights not in the inventory: {sorted(dense)[:3]}")
-    names = [t.name for t in inv]
-    if set(names) != set(tensors):
-        raise RuntimeError("inventory and written tensors differ")
-    per = -(-len(names) // shards)
-    weight_map = {}
-    total = 0
+    info = {t.name: t for t in inv}
+    weights = [t for t in inv if not t.is_scale]
+    if {t.name for t in weights} != set(specs):
+        raise RuntimeError("the random-weight names and the checkpoint inventory differ")
+    per = -(-len(weights) // shards)
+    weight_map, total = {}, 0
     for i in range(shards):
         fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: tensors[n] for n in names[i * per : (i + 1) * per]}
-        write_safetensors(folder / fname, part, {"format": "pt"})
-        weight_map.update({n: fname for n in part})
-        total += sum(np.asarray(a).nbytes for _, a in part.values())
+        part = weights[i * per : (i + 1) * per]
+        layout = []
+        for t in part:
+            layout.append((t.name, t.dtype, tuple(t.shape)))
+            sname = t.name[: -len(".weight")] + ".scale"
+            if sname in info:
+                layout.append((sname, info[sname].dtype, tuple(info[sname].shape)))
+        w = ShardWriter(folder / fname, layout, {"format": "pt"})
+        try:
+            for t in part:
+                main, scale = _encode(t.dtype, make_weight(t.name, specs[t.name], seed))
+                w.write(t.name, main[1])
+                if scale is not None:
+                    w.write(t.name[: -len(".weight")] + ".scale", scale[1])
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
+        weight_map.update({name: fname for name, _, _ in layout})
+        total += sum(info[name].nbytes for name, _, _ in layout)
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (folder / "config.json").write_text(json.dumps(config, indent=2))

@@ -1,113 +1,135 @@
 """Random weights with the checkpoint's official names, for tests, benchmarks and demo models.
 
-`random_weights(args)` returns a dict of float32 numpy arrays named and shaped as a published
-checkpoint holds them after dequantization (`ffn.experts.{e}.w1.weight` per expert,
-`ffn.gate.tid2eid` int64, ...). Scales are chosen so every sub-module sees O(1) activations:
-projections ~ N(0, 1/fan_in), norms near 1, mHC logits O(1), sinks and `ape` O(1).
+Every tensor is generated on its own from (seed, name), so a checkpoint of any size can be
+written one tensor at a time. Names and shapes are those of a published checkpoint after
+dequantization (`ffn.experts.{e}.w1.weight` per expert, `ffn.gate.tid2eid` int64, ...). Scales
+are chosen so every sub-module sees O(1) activations: projections ~ N(0, 1/fan_in), norms near
+1, mHC logits O(1), sinks and `ape` O(1).
 """
 
 from __future__ import annotations
 
-from typing import Dict
+import zlib
+from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
 from .model.config import ModelArgs
 
+Spec = Tuple[Tuple[int, ...], str]  # (shape, kind)
 
-def _block_weights(args: ModelArgs, prefix: str, ratio: int, hash_routed: bool, rng) -> Dict[str, np.ndarray]:
+
+def _block_specs(args: ModelArgs, p: str, ratio: int, hash_routed: bool) -> Dict[str, Spec]:
     D, H, c = args.hidden_size, args.num_attention_heads, args.head_dim
     n, dq, G, dg = args.hc_mult, args.q_lora_rank, args.o_groups, args.o_lora_rank
     E, I, k = args.n_routed_experts, args.moe_intermediate_size, args.num_experts_per_tok
     cI, HI = args.index_head_dim, args.index_n_heads
-    w: Dict[str, np.ndarray] = {}
-
-    def lin(name, out, inp):
-        w[name] = rng.normal(0.0, 1.0 / np.sqrt(inp), (out, inp)).astype(np.float32)
-
-    def norm(name, dims):
-        w[name] = (1.0 + 0.1 * rng.normal(size=(dims,))).astype(np.float32)
-
-    p = prefix
-    norm(f"{p}.attn_norm.weight", D)
-    norm(f"{p}.ffn_norm.weight", D)
+    s: Dict[str, Spec] = {
+        f"{p}.attn_norm.weight": ((D,), "norm"),
+        f"{p}.ffn_norm.weight": ((D,), "norm"),
+    }
     for site in ("attn", "ffn"):
-        mix = (2 + n) * n
-        w[f"{p}.hc_{site}_fn"] = rng.normal(0, 1.0 / np.sqrt(n * D), (mix, n * D)).astype(np.float32)
-        w[f"{p}.hc_{site}_base"] = (0.5 * rng.normal(size=(mix,))).astype(np.float32)
-        w[f"{p}.hc_{site}_scale"] = (0.5 + rng.uniform(size=(3,))).astype(np.float32)
+        s[f"{p}.hc_{site}_fn"] = (((2 + n) * n, n * D), "lin")
+        s[f"{p}.hc_{site}_base"] = (((2 + n) * n,), "half")
+        s[f"{p}.hc_{site}_scale"] = ((3,), "scale")
     a = f"{p}.attn"
-    lin(f"{a}.wq_a.weight", dq, D)
-    norm(f"{a}.q_norm.weight", dq)
-    lin(f"{a}.wq_b.weight", H * c, dq)
-    lin(f"{a}.wkv.weight", c, D)
-    norm(f"{a}.kv_norm.weight", c)
-    lin(f"{a}.wo_a.weight", G * dg, H * c // G)
-    lin(f"{a}.wo_b.weight", D, G * dg)
-    w[f"{a}.attn_sink"] = rng.normal(size=(H,)).astype(np.float32)
+    s.update({
+        f"{a}.wq_a.weight": ((dq, D), "lin"), f"{a}.q_norm.weight": ((dq,), "norm"),
+        f"{a}.wq_b.weight": ((H * c, dq), "lin"), f"{a}.wkv.weight": ((c, D), "lin"),
+        f"{a}.kv_norm.weight": ((c,), "norm"), f"{a}.wo_a.weight": ((G * dg, H * c // G), "lin"),
+        f"{a}.wo_b.weight": ((D, G * dg), "lin"), f"{a}.attn_sink": ((H,), "normal"),
+    })
     comps = []
     if ratio:
         comps.append((f"{a}.compressor", c, ratio, 2 if ratio == 4 else 1))
     if ratio == 4:
         comps.append((f"{a}.indexer.compressor", cI, 4, 2))
-        lin(f"{a}.indexer.wq_b.weight", HI * cI, dq)
-        lin(f"{a}.indexer.weights_proj.weight", HI, D)
+        s[f"{a}.indexer.wq_b.weight"] = ((HI * cI, dq), "lin")
+        s[f"{a}.indexer.weights_proj.weight"] = ((HI, D), "lin")
     for cp, hd, m, kappa in comps:
-        lin(f"{cp}.wkv.weight", kappa * hd, D)
-        lin(f"{cp}.wgate.weight", kappa * hd, D)
-        w[f"{cp}.ape"] = (0.5 * rng.normal(size=(m, kappa * hd))).astype(np.float32)
-        norm(f"{cp}.norm.weight", hd)
+        s[f"{cp}.wkv.weight"] = ((kappa * hd, D), "lin")
+        s[f"{cp}.wgate.weight"] = ((kappa * hd, D), "lin")
+        s[f"{cp}.ape"] = ((m, kappa * hd), "half")
+        s[f"{cp}.norm.weight"] = ((hd,), "norm")
     f = f"{p}.ffn"
-    lin(f"{f}.gate.weight", E, D)
+    s[f"{f}.gate.weight"] = ((E, D), "lin")
     if hash_routed:
-        # k distinct experts per token
-        w[f"{f}.gate.tid2eid"] = np.argsort(rng.random((args.vocab_size, E)), axis=1)[:, :k].astype(np.int64)
+        s[f"{f}.gate.tid2eid"] = ((args.vocab_size, k), f"tid2eid:{E}")
     else:
-        w[f"{f}.gate.bias"] = (0.1 * rng.normal(size=(E,))).astype(np.float32)
+        s[f"{f}.gate.bias"] = ((E,), "tenth")
     for e in range(E):
-        lin(f"{f}.experts.{e}.w1.weight", I, D)
-        lin(f"{f}.experts.{e}.w3.weight", I, D)
-        lin(f"{f}.experts.{e}.w2.weight", D, I)
-    lin(f"{f}.shared_experts.w1.weight", I, D)
-    lin(f"{f}.shared_experts.w3.weight", I, D)
-    lin(f"{f}.shared_experts.w2.weight", D, I)
-    return w
+        s[f"{f}.experts.{e}.w1.weight"] = ((I, D), "lin")
+        s[f"{f}.experts.{e}.w3.weight"] = ((I, D), "lin")
+        s[f"{f}.experts.{e}.w2.weight"] = ((D, I), "lin")
+    for w, shape in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
+        s[f"{f}.shared_experts.{w}.weight"] = (shape, "lin")
+    return s
+
+
+def weight_specs(args: ModelArgs) -> Dict[str, Spec]:
+    """name -> (shape, init kind) for every tensor of a checkpoint for `args`."""
+    D, V, n = args.hidden_size, args.vocab_size, args.hc_mult
+    s: Dict[str, Spec] = {
+        "embed.weight": ((V, D), "normal"),
+        "head.weight": ((V, D), "lin"),
+        "norm.weight": ((D,), "norm"),
+        "hc_head_fn": ((n, n * D), "lin"),
+        "hc_head_base": ((n,), "half"),
+        "hc_head_scale": ((1,), "scale"),
+    }
+    for i in range(args.num_hidden_layers):
+        s.update(_block_specs(args, f"layers.{i}", args.layer_ratio(i), i < args.num_hash_layers))
+    for i in range(args.num_nextn_predict_layers):
+        p = f"mtp.{i}"
+        s.update(_block_specs(args, p, args.mtp_ratio(i), False))
+        s[f"{p}.e_proj.weight"] = ((D, D), "lin")
+        s[f"{p}.h_proj.weight"] = ((D, D), "lin")
+        for name in ("enorm", "hnorm", "norm"):
+            s[f"{p}.{name}.weight"] = ((D,), "norm")
+        s[f"{p}.hc_head_fn"] = ((n, n * D), "lin")
+        s[f"{p}.hc_head_base"] = ((n,), "half")
+        s[f"{p}.hc_head_scale"] = ((1,), "scale")
+    return s
+
+
+def make_weight(name: str, spec: Spec, seed: int = 0) -> np.ndarray:
+    """The tensor `name`, drawn from its own stream seeded by (seed, name)."""
+    shape, kind = spec
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if kind == "lin":
+        return rng.normal(0.0, 1.0 / np.sqrt(shape[-1]), shape).astype(np.float32)
+    if kind == "norm":
+        return (1.0 + 0.1 * rng.normal(size=shape)).astype(np.float32)
+    if kind == "normal":
+        return rng.standard_normal(shape, dtype=np.float32)
+    if kind == "half":
+        return (0.5 * rng.normal(size=shape)).astype(np.float32)
+    if kind == "tenth":
+        return (0.1 * rng.normal(size=shape)).astype(np.float32)
+    if kind == "scale":
+        return (0.5 + rng.uniform(size=shape)).astype(np.float32)
+    if kind.startswith("tid2eid:"):
+        E = int(kind.split(":")[1])  # k distinct experts per token
+        return np.argsort(rng.random((shape[0], E)), axis=1)[:, : shape[1]].astype(np.int64)
+    raise ValueError(kind)
+
+
+def iter_random_weights(args: ModelArgs, seed: int = 0) -> Iterator[Tuple[str, np.ndarray]]:
+    for name, spec in weight_specs(args).items():
+        yield name, make_weight(name, spec, seed)
 
 
 def random_weights(args: ModelArgs, seed: int = 0) -> Dict[str, np.ndarray]:
     """All tensors of a checkpoint for `args` (official names, float32 / int64)."""
-    rng = np.random.default_rng(seed)
-    D, V, n = args.hidden_size, args.vocab_size, args.hc_mult
-    w: Dict[str, np.ndarray] = {
-        "embed.weight": rng.normal(size=(V, D)).astype(np.float32),
-        "head.weight": rng.normal(0, 1.0 / np.sqrt(D), (V, D)).astype(np.float32),
-        "norm.weight": (1.0 + 0.1 * rng.normal(size=(D,))).astype(np.float32),
-        "hc_head_fn": rng.normal(0, 1.0 / np.sqrt(n * D), (n, n * D)).astype(np.float32),
-        "hc_head_base": (0.5 * rng.normal(size=(n,))).astype(np.float32),
-        "hc_head_scale": (0.5 + rng.uniform(size=(1,))).astype(np.float32),
-    }
-    for i in range(args.num_hidden_layers):
-        w.update(_block_weights(args, f"layers.{i}", args.layer_ratio(i), i < args.num_hash_layers, rng))
-    for i in range(args.num_nextn_predict_layers):
-        p = f"mtp.{i}"
-        w.update(_block_weights(args, p, args.mtp_ratio(i), False, rng))
-        for name in ("e_proj", "h_proj"):
-            w[f"{p}.{name}.weight"] = rng.normal(0, 1.0 / np.sqrt(D), (D, D)).astype(np.float32)
-        for name in ("enorm", "hnorm", "norm"):
-            w[f"{p}.{name}.weight"] = (1.0 + 0.1 * rng.normal(size=(D,))).astype(np.float32)
-        w[f"{p}.hc_head_fn"] = rng.normal(0, 1.0 / np.sqrt(n * D), (n, n * D)).astype(np.float32)
-        w[f"{p}.hc_head_base"] = (0.5 * rng.normal(size=(n,))).astype(np.float32)
-        w[f"{p}.hc_head_scale"] = (0.5 + rng.uniform(size=(1,))).astype(np.float32)
-    return w
+    return dict(iter_random_weights(args, seed))
 
 
 def load_random(model, seed: int = 0, dtype=None):
     """Fill an MLX `Model` with `random_weights` (optionally cast float tensors to `dtype`)."""
     import mlx.core as mx
 
-    raw = random_weights(model.args, seed)
     weights = {}
-    for k, v in raw.items():
+    for k, v in iter_random_weights(model.args, seed):
         a = mx.array(v)
         if dtype is not None and a.dtype == mx.float32:
             a = a.astype(dtype)

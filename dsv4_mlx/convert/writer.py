@@ -19,7 +19,8 @@ import numpy as np
 
 from .plan import _ITEMSIZE, _nbytes
 
-_NP = {"U32": "<u4", "U8": "u1", "BF16": "<u2", "F32": "<f4", "I32": "<i4", "I64": "<i8"}
+_NP = {"U32": "<u4", "U8": "u1", "BF16": "<u2", "F32": "<f4", "I32": "<i4", "I64": "<i8",
+       "F8_E4M3": "u1", "F8_E8M0": "u1", "I8": "i1"}
 
 
 class ShardWriter:

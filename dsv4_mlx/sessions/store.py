@@ -1,0 +1,410 @@
+"""On-disk sessions: versioned KV snapshots that resume in seconds (format: docs/SESSIONS.md).
+
+A session is a folder::
+
+    manifest.json            written last, atomically; names every valid segment
+    seg-000001.safetensors   append-only segments
+
+Each segment holds, per layer, the compressed entries and indexer keys added since the
+previous segment, plus the small state at its boundary (window ring, compressor pending and
+overlap rows) and the next-token logits there, so every segment boundary is a valid resume
+point and a save after a chat turn writes O(new tokens), not O(context).
+
+Writes: segment to a temporary name, fsync, rename; then the manifest the same way. A process
+killed at any moment leaves the previous manifest, which names only complete segments.
+Loading checks the format version and the model, tokenizer and encoding fingerprints before
+touching the model, and every segment's SHA-256 before using it; a damaged segment cuts the
+session back to the last intact boundary, and the caller is told.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+
+from .. import __version__
+from ..cache import LayerCache
+
+FORMAT = "dsv4-session"
+FORMAT_VERSION = 1
+STATE_FORMAT = "bf16-v1"  # window/compressed KV and indexer keys in the model's dtype
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class SessionError(Exception):
+    """A session problem, said in one sentence. `exit_code` is the CLI's."""
+
+    exit_code = 4
+
+
+class SessionNotFound(SessionError):
+    exit_code = 4
+
+
+class IncompatibleSession(SessionError):
+    """Another model, tokenizer, encoding or format version: refused, nothing modified."""
+
+    exit_code = 5
+
+
+class CorruptSession(SessionError):
+    exit_code = 6
+
+
+# -- fingerprints -------------------------------------------------------------------------------
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sampled_sha(path: Path, samples: int = 16, size: int = 1 << 20) -> str:
+    """Hash of a file's size and `samples` evenly spaced 1 MiB windows (cheap on 5 GB shards)."""
+    h = hashlib.sha256()
+    n = path.stat().st_size
+    h.update(str(n).encode())
+    with open(path, "rb") as f:
+        for i in range(samples):
+            f.seek(max(0, (n - size) * i // max(samples - 1, 1)))
+            h.update(f.read(size))
+    return h.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Config (architecture, quantization) and the weights' content: what decides the state.
+
+    Uses the shard SHA-256s that `dsv4 convert` records; for other folders, a sampled hash of
+    every shard.
+    """
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg.pop("dsv4_mlx", None)
+    recorded = {}
+    progress = model_dir / ".dsv4-convert.json"
+    if progress.is_file():
+        try:
+            recorded = json.loads(progress.read_text()).get("shards", {})
+        except json.JSONDecodeError:
+            recorded = {}
+    shards = {}
+    for p in sorted(model_dir.glob("*.safetensors")):
+        shards[p.name] = recorded.get(p.name) or _sampled_sha(p)
+    return _sha(json.dumps([cfg, shards], sort_keys=True).encode())[:32]
+
+
+def tokenizer_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        p = Path(model_dir) / f
+        h.update(p.read_bytes() if p.is_file() else b"-")
+    return h.hexdigest()[:32]
+
+
+def encoding_fingerprint() -> str:
+    from .. import encoding
+
+    return _sha(json.dumps([encoding.BOS, encoding.EOS, encoding.USER, encoding.ASSISTANT,
+                            encoding.THINK_START, encoding.THINK_END, encoding.THINK_MAX_PREFIX,
+                            encoding.TOOLS_TEMPLATE]).encode())[:32]
+
+
+@dataclass
+class Fingerprints:
+    model: str
+    tokenizer: str
+    encoding: str
+    state_format: str = STATE_FORMAT
+
+    @classmethod
+    def of(cls, model_dir: Path) -> "Fingerprints":
+        return cls(model_fingerprint(model_dir), tokenizer_fingerprint(model_dir), encoding_fingerprint())
+
+    def as_dict(self) -> Dict[str, str]:
+        return dict(model=self.model, tokenizer=self.tokenizer, encoding=self.encoding,
+                    state_format=self.state_format)
+
+
+# -- loaded sessions ---------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    caches: List[LayerCache]
+    tokens: List[int]  # the tokens the caches hold
+    next_logits: mx.array
+    messages: List[Dict]
+    settings: Dict
+    segments_used: int
+    segments_total: int
+    warning: Optional[str] = None
+    manifest: Dict = field(default_factory=dict)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 24):
+            h.update(b)
+    return h.hexdigest()
+
+
+def default_root() -> Path:
+    env = os.environ.get("DSV4_SESSIONS")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dsv4-mlx" / "sessions"
+
+
+class SessionStore:
+    def __init__(self, root: Optional[Path] = None):
+        self.root = Path(root) if root else default_root()
+
+    # -- names -------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+            raise SessionError(
+                f"{name!r} is not a session name (letters, digits, '.', '_', '-'; no paths)")
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / "manifest.json").is_file()
+
+    def manifest(self, name: str) -> Dict:
+        p = self.path(name) / "manifest.json"
+        if not p.is_file():
+            raise SessionNotFound(f"no session named {name!r} in {self.root}")
+        try:
+            m = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            raise CorruptSession(f"the manifest of session {name!r} is unreadable") from None
+        if m.get("format") != FORMAT:
+            raise IncompatibleSession(f"{p} is not a dsv4 session")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise IncompatibleSession(
+                f"session {name!r} has format version {m.get('format_version')}, this dsv4 reads "
+                f"version {FORMAT_VERSION}")
+        return m
+
+    def list(self) -> List[Dict]:
+        out = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(self.root.iterdir()):
+            if (d / "manifest.json").is_file():
+                try:
+                    m = self.manifest(d.name)
+                except SessionError:
+                    continue
+                out.append(dict(name=d.name, tokens=len(m["tokens"]), turns=len(m.get("messages", [])),
+                                segments=len(m["segments"]), bytes=sum(s["bytes"] for s in m["segments"]),
+                                updated=m.get("updated"), last_used=m.get("last_used")))
+        return out
+
+    # -- save --------------------------------------------------------------------------------
+    def save(self, name: str, caches: Sequence[LayerCache], tokens: Sequence[int], next_logits: mx.array,
+             fingerprints: Fingerprints, messages: Sequence[Dict] = (), settings: Optional[Dict] = None) -> Dict:
+        """Append one segment with what the caches hold beyond the stored session.
+
+        If the stored tokens are not a prefix of `tokens` (the conversation changed), the
+        session is rewritten from scratch; the old segments go only after the new manifest is
+        in place.
+        """
+        tokens = [int(t) for t in tokens]
+        T = len(tokens)
+        if any(c.offset != T for c in caches):
+            raise SessionError("the caches do not hold exactly the given tokens")
+        folder = self.path(name)
+        old = None
+        if (folder / "manifest.json").is_file():
+            old = self.manifest(name)
+            self._check(old, fingerprints, name)
+        segments: List[Dict] = []
+        prev_T = 0
+        if old and old["segments"]:
+            last_T = old["segments"][-1]["tokens"]
+            if last_T <= T and old["tokens"][:last_T] == tokens[:last_T]:
+                segments, prev_T = list(old["segments"]), last_T
+        if segments and prev_T == T:
+            manifest = dict(old, messages=list(messages), settings=settings or old.get("settings", {}),
+                            updated=time.time(), last_used=time.time())
+            _atomic_json(folder / "manifest.json", manifest)
+            return manifest
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays: Dict[str, mx.array] = {"next_logits": next_logits.reshape(-1).astype(mx.float32)}
+        for i, c in enumerate(caches):
+            since = {"comp": prev_T // c.ratio, "index": prev_T // 4} if c.ratio else {}
+            for k, v in c.segment(since).items():
+                arrays[f"L{i}.{k}"] = v
+        seq = 1 + max([int(s["file"][4:10]) for s in segments] + [0])
+        if not segments and old:
+            seq = 1 + max([int(s["file"][4:10]) for s in old["segments"]] + [0])
+        fname = f"seg-{seq:06d}.safetensors"
+        tmp = folder / f"seg-{seq:06d}.tmp.safetensors"
+        try:
+            mx.save_safetensors(str(tmp), arrays, metadata={"tokens": str(T), "format": FORMAT})
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / fname)
+            _fsync_dir(folder)
+            segments.append(dict(file=fname, tokens=T, sha256=_file_sha(folder / fname),
+                                 bytes=(folder / fname).stat().st_size))
+            now = time.time()
+            manifest = dict(
+                format=FORMAT, format_version=FORMAT_VERSION, dsv4_version=__version__,
+                fingerprints=fingerprints.as_dict(), layers=[list(c.layout()) for c in caches],
+                tokens=tokens, messages=list(messages), settings=settings or {}, segments=segments,
+                created=old["created"] if old else now, updated=now, last_used=now,
+            )
+            _atomic_json(folder / "manifest.json", manifest)
+        except (OSError, RuntimeError) as e:
+            tmp.unlink(missing_ok=True)
+            (folder / "manifest.json.tmp").unlink(missing_ok=True)
+            if old is None or not (folder / "manifest.json").is_file():
+                (folder / fname).unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.errno == 28 or "No space" in str(e):
+                raise SessionError(f"the disk holding {self.root} is full; session {name!r} was not "
+                                   "saved (the previous save is intact)") from None
+            raise SessionError(f"could not save session {name!r} ({e}); the previous save is intact") from None
+        self._sweep(folder, manifest)
+        return manifest
+
+    def _sweep(self, folder: Path, manifest: Dict) -> None:
+        """Remove segment files the manifest no longer names (and leftovers of killed saves)."""
+        keep = {s["file"] for s in manifest["segments"]} | {"manifest.json"}
+        for p in folder.iterdir():
+            if p.name not in keep and (p.name.startswith("seg-") or p.name.endswith(".tmp")):
+                p.unlink(missing_ok=True)
+
+    # -- load --------------------------------------------------------------------------------
+    def _check(self, m: Dict, fp: Fingerprints, name: str) -> None:
+        have = m.get("fingerprints", {})
+        for key, what in (("state_format", "state format"), ("model", "model"),
+                          ("tokenizer", "tokenizer"), ("encoding", "prompt encoding")):
+            if have.get(key) != fp.as_dict()[key]:
+                raise IncompatibleSession(
+                    f"session {name!r} was saved with another {what}; refusing to load it")
+
+    def load(self, name: str, fingerprints: Fingerprints, upto_tokens: Optional[int] = None) -> Loaded:
+        """Rebuild the caches at the last intact boundary (or the last one <= `upto_tokens`)."""
+        m = self.manifest(name)
+        self._check(m, fingerprints, name)
+        folder = self.path(name)
+        segs, warning = [], None
+        for s in m["segments"]:
+            if upto_tokens is not None and s["tokens"] > upto_tokens:
+                break
+            p = folder / s["file"]
+            if not p.is_file() or p.stat().st_size != s["bytes"] or _file_sha(p) != s["sha256"]:
+                warning = (f"segment {s['file']} of session {name!r} is damaged; resuming at the last "
+                           f"intact point ({segs[-1]['tokens'] if segs else 0} of {m['segments'][-1]['tokens']} tokens)")
+                break
+            segs.append(s)
+        if not segs:
+            raise CorruptSession(f"session {name!r} has no intact segment to resume from")
+        data = [mx.load(str(folder / s["file"])) for s in segs]
+        T = segs[-1]["tokens"]
+        caches = []
+        for i, layout in enumerate(m["layers"]):
+            per = [{k.split(".", 1)[1]: v for k, v in d.items() if k.startswith(f"L{i}.")} for d in data]
+            caches.append(LayerCache.from_segments(tuple(layout), per, T))
+        msgs = m.get("messages", []) if T == len(m["tokens"]) else []
+        m["last_used"] = time.time()
+        try:
+            _atomic_json(folder / "manifest.json", m)
+        except OSError:
+            pass
+        return Loaded(caches, m["tokens"][:T], data[-1]["next_logits"], msgs, m.get("settings", {}),
+                      len(segs), len(m["segments"]), warning, m)
+
+    # -- prefix reuse ------------------------------------------------------------------------
+    def find_prefix(self, tokens: Sequence[int], fingerprints: Fingerprints) -> Optional[Tuple[str, int]]:
+        """The session and boundary holding the longest stored prefix of `tokens`."""
+        tokens = [int(t) for t in tokens]
+        best: Optional[Tuple[str, int]] = None
+        for info in self.list():
+            try:
+                m = self.manifest(info["name"])
+                self._check(m, fingerprints, info["name"])
+            except SessionError:
+                continue
+            for s in m["segments"]:
+                T = s["tokens"]
+                if T <= len(tokens) and m["tokens"][:T] == tokens[:T] and (best is None or T > best[1]):
+                    best = (info["name"], T)
+        return best
+
+    # -- management --------------------------------------------------------------------------
+    def fork(self, src: str, dst: str) -> None:
+        """Copy-on-write: the new session shares the segment files (hard links)."""
+        m = self.manifest(src)
+        d = self.path(dst)
+        if d.exists():
+            raise SessionError(f"session {dst!r} already exists")
+        tmp = self.root / f".{dst}.forking"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for s in m["segments"]:
+            try:
+                os.link(self.path(src) / s["file"], tmp / s["file"])
+            except OSError:
+                shutil.copyfile(self.path(src) / s["file"], tmp / s["file"])
+        _atomic_json(tmp / "manifest.json", dict(m, created=time.time()))
+        os.replace(tmp, d)
+
+    def remove(self, name: str) -> None:
+        self.manifest(name)  # raises when missing
+        shutil.rmtree(self.path(name))
+
+    def export(self, name: str, file: Path) -> Path:
+        """One portable archive (tar) holding the manifest and the segments."""
+        m = self.manifest(name)
+        file = Path(file)
+        tmp = file.with_name(file.name + ".tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for s in m["segments"]:
+                tar.add(self.path(name) / s["file"], arcname=f"{name}/{s['file']}")
+            tar.add(self.path(name) / "manifest.json", arcname=f"{name}/manifest.json")
+        os.replace(tmp, file)
+        return file
+
+    def evict(self, budget_bytes: int, prefix: str = "auto-") -> List[str]:
+        """Delete least-recently-used automatic snapshots until they fit the budget."""
+        autos = [s for s in self.list() if s["name"].startswith(prefix)]
+        autos.sort(key=lambda s: s.get("last_used") or 0)
+        total = sum(s["bytes"] for s in autos)
+        gone = []
+        while autos and total > budget_bytes:
+            s = autos.pop(0)
+            self.remove(s["name"])
+            total -= s["bytes"]
+            gone.append(s["name"])
+        return gone
