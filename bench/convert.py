@@ -49,24 +49,29 @@ def main():
     for recipe in a.recipes.split(","):
         out = work / f"out-{recipe}"
         shutil.rmtree(out, ignore_errors=True)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        t = time.time()
-        r = subprocess.run(
-            [sys.executable, "-m", "dsv4_mlx.cli.main", "convert", str(src), str(out), "--recipe", recipe,
-             "--quiet", "--max-shard-size", a.max_shard_size],
-            capture_output=True, text=True,
+        # each conversion in its own process, reporting its own peak RSS
+        code = (
+            "import resource, sys\n"
+            "from pathlib import Path\n"
+            "from dsv4_mlx.cli.main import _size\n"
+            "from dsv4_mlx.convert.convert import convert\n"
+            f"convert({str(src)!r}, Path({str(out)!r}), recipe={recipe!r}, show_progress=False,"
+            f" max_shard_bytes=_size({a.max_shard_size!r}))\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
         )
+        t = time.time()
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         dt = time.time() - t
         if r.returncode:
             print(r.stderr)
             raise SystemExit(r.returncode)
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        rss = int(r.stdout.strip().splitlines()[-1]) * 1024  # ru_maxrss is in KiB on Linux
         out_bytes = sum(p.stat().st_size for p in out.glob("model-*.safetensors"))
         rows.append(dict(
             recipe=recipe, source_gib=src_bytes / 2**30, largest_source_shard_gib=max(shard_sizes) / 2**30,
             output_gib=out_bytes / 2**30, output_shards=len(list(out.glob("model-*.safetensors"))),
             seconds=dt, source_mb_s=src_bytes / dt / 1e6, output_mb_s=out_bytes / dt / 1e6,
-            peak_rss_gib=rss / 2**30, rss_grew=rss > before,
+            peak_rss_gib=rss / 2**30,
         ))
     from rich.console import Console
     from rich.table import Table

@@ -15,8 +15,10 @@ Per layer (spec §5.1):
 * for CSA layers a second `CompressorState` for the lightning indexer's keys ``[B, N, c_I]``;
 * the absolute position `offset`.
 
-`state` / `meta_state` give the complete state; a cache rebuilt from them continues exactly.
-The on-disk session format (issue 4) builds on this.
+Ring and entries are stored through a codec (`model/kv_formats.py`): `fp8` (default: FP8 KV
+with BF16 RoPE dims, FP4 indexer keys) or `bf16` (as computed). `state` / `meta_state` give the
+complete state; a cache rebuilt from them continues exactly. On-disk sessions build on
+`segment` / `from_segments`.
 """
 
 from __future__ import annotations
@@ -26,28 +28,32 @@ from typing import Dict, List, Optional, Tuple
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
+from .model.kv_formats import DEFAULT_KV_FORMAT, index_codec, kv_codec
+
 ENTRY_STEP = 256  # growth step of the compressed-entry buffers (entries, not tokens)
 
 
 class CompressorState:
     """Running state of one compressor (main KV or indexer keys) of one layer."""
 
-    def __init__(self, ratio: int, head_dim: int, overlap: bool):
+    def __init__(self, ratio: int, head_dim: int, overlap: bool, codec):
         self.ratio = ratio
         self.head_dim = head_dim
         self.overlap = overlap
+        self.codec = codec
         self.width = (2 if overlap else 1) * head_dim
         self.pending_kv: Optional[mx.array] = None  # [B, r, width] fp32, r = pos mod ratio
         self.pending_gate: Optional[mx.array] = None
         self.overlap_kv: Optional[mx.array] = None  # [B, ratio, head_dim] fp32
         self.overlap_gate: Optional[mx.array] = None
-        self._entries: Optional[mx.array] = None  # [B, capacity, head_dim]
+        self._parts: Optional[Dict[str, mx.array]] = None  # encoded entries [B, capacity, ...]
         self.num_entries = 0
 
     # -- pending rows and overlap ------------------------------------------------------------
     def init_batch(self, batch: int, dtype):
-        if self._entries is None:
-            self._entries = mx.zeros((batch, 0, self.head_dim), dtype=dtype)
+        if self._parts is None:
+            probe = self.codec.encode(mx.zeros((batch, 0, self.head_dim), dtype=dtype))
+            self._parts = {k: v for k, v in probe.items()}
         if self.pending_kv is None:
             self.pending_kv = mx.zeros((batch, 0, self.width), dtype=mx.float32)
             self.pending_gate = mx.zeros((batch, 0, self.width), dtype=mx.float32)
@@ -61,56 +67,65 @@ class CompressorState:
         return 0 if self.pending_kv is None else self.pending_kv.shape[1]
 
     # -- entries -----------------------------------------------------------------------------
+    def parts(self, start: int = 0, end: Optional[int] = None) -> Dict[str, mx.array]:
+        end = self.num_entries if end is None else end
+        return {k: v[:, start:end] for k, v in self._parts.items()}
+
     @property
-    def entries(self) -> Optional[mx.array]:
-        if self._entries is None:
-            return None
-        return self._entries[:, : self.num_entries]
+    def entries(self) -> mx.array:
+        """All entries, decoded: [B, N, head_dim]."""
+        return self.codec.decode(self.parts())
+
+    def gather(self, idx: mx.array) -> mx.array:
+        """Entries at `idx` [B, T, k] (clamped to >= 0), decoded: [B, T, k, head_dim]."""
+        safe = mx.maximum(idx, 0)
+        picked = {}
+        for key, v in self.parts().items():
+            flat = v.reshape(v.shape[0], v.shape[1], -1)  # [B, N, f]
+            g = mx.take_along_axis(flat[:, None], safe[..., None], axis=2)  # [B, T, k, f]
+            picked[key] = g.reshape(*g.shape[:3], *v.shape[2:])
+        return self.codec.decode(picked)
 
     def append_entries(self, new: mx.array):
-        """Append `new` [B, n, head_dim] to the emitted entries."""
+        """Encode and append `new` [B, n, head_dim]."""
         n = new.shape[1]
         if n == 0:
             return
-        B = new.shape[0]
+        enc = self.codec.encode(new)
         end = self.num_entries + n
-        if end > self._entries.shape[1]:
+        cap = next(iter(self._parts.values())).shape[1]
+        if end > cap:
             cap = ((end + ENTRY_STEP - 1) // ENTRY_STEP) * ENTRY_STEP
-            grown = mx.zeros((B, cap, self.head_dim), dtype=new.dtype)
-            if self.num_entries:
-                grown[:, : self.num_entries] = self._entries[:, : self.num_entries]
-            self._entries = grown
-        self._entries[:, self.num_entries : end] = new
+            for k, v in self._parts.items():
+                grown = mx.zeros((v.shape[0], cap, *v.shape[2:]), dtype=v.dtype)
+                if self.num_entries:
+                    grown[:, : self.num_entries] = v[:, : self.num_entries]
+                self._parts[k] = grown
+        for k, v in enc.items():
+            self._parts[k][:, self.num_entries : end] = v
         self.num_entries = end
 
     # -- serialisation -----------------------------------------------------------------------
-    def state(self) -> List[mx.array]:
-        out = [self.entries, self.pending_kv, self.pending_gate]
+    def state_dict(self) -> Dict[str, mx.array]:
+        out = {f"entries.{k}": v for k, v in self.parts().items()}
+        out["pending_kv"], out["pending_gate"] = self.pending_kv, self.pending_gate
         if self.overlap:
-            out += [self.overlap_kv, self.overlap_gate]
+            out["overlap_kv"], out["overlap_gate"] = self.overlap_kv, self.overlap_gate
         return out
 
-    def set_state(self, arrays: List[mx.array]):
-        entries, self.pending_kv, self.pending_gate = arrays[:3]
+    def set_state_dict(self, d: Dict[str, mx.array]):
+        self._parts = {k[len("entries."):]: v for k, v in d.items() if k.startswith("entries.")}
+        self.num_entries = next(iter(self._parts.values())).shape[1]
+        self.pending_kv, self.pending_gate = d["pending_kv"], d["pending_gate"]
         if self.overlap:
-            self.overlap_kv, self.overlap_gate = arrays[3:5]
-        self._entries = entries
-        self.num_entries = entries.shape[1]
+            self.overlap_kv, self.overlap_gate = d["overlap_kv"], d["overlap_gate"]
 
-    @property
-    def num_state_arrays(self) -> int:
-        return 5 if self.overlap else 3
-
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.state() if a is not None)
-
-    def nbytes_at(self, tokens: int, entry_itemsize: int, batch: int = 1) -> int:
-        """Bytes of `state()` after `tokens` positions (the same layout, computed)."""
+    def nbytes_at(self, tokens: int, itemsize: int, batch: int = 1) -> float:
+        """Bytes of the state after `tokens` positions (the same layout, computed)."""
         if tokens == 0:
             return 0
-        n = tokens // self.ratio
-        r = tokens % self.ratio
-        b = n * self.head_dim * entry_itemsize + 2 * r * self.width * 4
+        n, r = tokens // self.ratio, tokens % self.ratio
+        b = n * self.codec.bytes_per_entry(itemsize) + 2 * r * self.width * 4
         if self.overlap:
             b += 2 * self.ratio * self.head_dim * 4
         return batch * b
@@ -119,24 +134,29 @@ class CompressorState:
 class LayerCache(_BaseCache):
     """State of one attention layer: window ring, compressor(s), position."""
 
-    def __init__(self, window: int, ratio: int, head_dim: int, index_head_dim: int = 0):
+    def __init__(self, window: int, ratio: int, head_dim: int, index_head_dim: int = 0,
+                 rope_dims: int = 64, kv_format: str = DEFAULT_KV_FORMAT):
         self.window = window
         self.ratio = ratio
         self.head_dim = head_dim
         self.index_head_dim = index_head_dim
+        self.rope_dims = rope_dims
+        self.kv_format = kv_format
+        self.codec = kv_codec(kv_format, head_dim, rope_dims)
         self.offset = 0
-        self.ring: Optional[mx.array] = None  # [B, window, head_dim]
-        self.comp = CompressorState(ratio, head_dim, overlap=ratio == 4) if ratio else None
+        self.ring: Optional[Dict[str, mx.array]] = None  # encoded [B, window, ...]
+        self.comp = CompressorState(ratio, head_dim, ratio == 4, self.codec) if ratio else None
         self.index = (
-            CompressorState(ratio, index_head_dim, overlap=True) if ratio == 4 else None
+            CompressorState(ratio, index_head_dim, True, index_codec(kv_format, index_head_dim))
+            if ratio == 4 else None
         )
 
     # -- window ring -------------------------------------------------------------------------
-    def window_keys(self, new_kv: mx.array) -> Tuple[mx.array, Optional[mx.array]]:
+    def window_keys(self, new_kv: mx.array) -> Tuple[mx.array, mx.array]:
         """Keys of the window branch for a chunk `new_kv` [B, T, c] at positions offset..
 
-        Returns (keys [B, L, c], mask [T, L] bool or None). Keys are the ring slots (positions
-        before the chunk) followed by the chunk itself; query t sees key position p iff
+        Returns (keys [B, L, c], mask [T, L] bool). Keys are the ring slots (positions before
+        the chunk) followed by the chunk itself; query t sees key position p iff
         t - window < p <= t.
         """
         s, T, W = self.offset, new_kv.shape[1], self.window
@@ -148,64 +168,21 @@ class LayerCache(_BaseCache):
             slots = mx.arange(W)
             ring_pos = (s - 1) - ((s - 1 - slots) % W)  # latest position held by each slot
             ring_pos = mx.where(ring_pos >= 0, ring_pos, -(10**9))  # never written: invisible
-            keys = mx.concatenate([self.ring, new_kv], axis=1)
+            keys = mx.concatenate([self.codec.decode(self.ring), new_kv], axis=1)
             k_pos = mx.concatenate([ring_pos[None], new_pos], axis=1)
         mask = (k_pos <= q_pos) & (k_pos > q_pos - W)
         return keys, mask
 
-    def update_ring(self, new_kv: mx.array):
-        s, T, W = self.offset, new_kv.shape[1], self.window
+    def update_ring(self, parts: Dict[str, mx.array]):
+        """Write the encoded KV of the chunk at positions offset.. into the ring."""
+        s, W = self.offset, self.window
+        T = next(iter(parts.values())).shape[1]
         if self.ring is None:
-            self.ring = mx.zeros((new_kv.shape[0], W, new_kv.shape[2]), dtype=new_kv.dtype)
+            self.ring = {k: mx.zeros((v.shape[0], W, *v.shape[2:]), dtype=v.dtype) for k, v in parts.items()}
         n = min(T, W)
         slots = (mx.arange(s + T - n, s + T) % W).astype(mx.int32)
-        self.ring[:, slots] = new_kv[:, T - n :]
-
-    # -- segments (on-disk sessions) ----------------------------------------------------------
-    def segment(self, since: Dict[str, int]) -> Dict[str, mx.array]:
-        """The state added since `since` ({"comp": entries, "index": entries} at the previous
-        boundary) plus the small state at this boundary (ring, pending and overlap rows)."""
-        out: Dict[str, mx.array] = {}
-        if self.offset == 0:
-            return out
-        out["ring"] = self.ring
-        for key, c in (("comp", self.comp), ("index", self.index)):
-            if c is None:
-                continue
-            out[f"{key}.entries"] = c.entries[:, since.get(key, 0) :]
-            out[f"{key}.pending_kv"] = c.pending_kv
-            out[f"{key}.pending_gate"] = c.pending_gate
-            if c.overlap:
-                out[f"{key}.overlap_kv"] = c.overlap_kv
-                out[f"{key}.overlap_gate"] = c.overlap_gate
-        return out
-
-    def entry_counts(self) -> Dict[str, int]:
-        return {k: c.num_entries for k, c in (("comp", self.comp), ("index", self.index)) if c is not None}
-
-    @classmethod
-    def from_segments(cls, meta: Tuple, segments: List[Dict[str, mx.array]], offset: int):
-        """Rebuild from the segments up to a boundary (the last one gives the small state)."""
-        window, ratio, head_dim, index_head_dim = meta
-        obj = cls(window, ratio, head_dim, index_head_dim)
-        obj.offset = offset
-        if offset == 0:
-            return obj
-        last = segments[-1]
-        obj.ring = last["ring"]
-        for key, c in (("comp", obj.comp), ("index", obj.index)):
-            if c is None:
-                continue
-            parts = [seg[f"{key}.entries"] for seg in segments if f"{key}.entries" in seg]
-            entries = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-            arrays = [entries, last[f"{key}.pending_kv"], last[f"{key}.pending_gate"]]
-            if c.overlap:
-                arrays += [last[f"{key}.overlap_kv"], last[f"{key}.overlap_gate"]]
-            c.set_state(arrays)
-        return obj
-
-    def layout(self) -> Tuple[int, int, int, int]:
-        return (self.window, self.ratio, self.head_dim, self.index_head_dim)
+        for k, v in parts.items():
+            self.ring[k][:, slots] = v[:, T - n :]
 
     # -- protocol ----------------------------------------------------------------------------
     def advance(self, n: int):
@@ -220,55 +197,77 @@ class LayerCache(_BaseCache):
     def is_trimmable(self):
         return False
 
+    def state_dict(self) -> Dict[str, mx.array]:
+        if self.offset == 0:
+            return {}
+        out = {f"ring.{k}": v for k, v in self.ring.items()}
+        for key, c in (("comp", self.comp), ("index", self.index)):
+            if c is not None:
+                out.update({f"{key}.{k}": v for k, v in c.state_dict().items()})
+        return out
+
+    def set_state_dict(self, d: Dict[str, mx.array]):
+        if not d:
+            return
+        self.ring = {k[5:]: v for k, v in d.items() if k.startswith("ring.")}
+        for key, c in (("comp", self.comp), ("index", self.index)):
+            if c is not None:
+                c.set_state_dict({k[len(key) + 1:]: v for k, v in d.items() if k.startswith(key + ".")})
+
     @property
     def state(self):
-        if self.offset == 0:
-            return []
-        out = [self.ring]
-        for c in (self.comp, self.index):
-            if c is not None:
-                out += c.state()
-        return out
+        d = self.state_dict()
+        return [d[k] for k in sorted(d)]
 
     @state.setter
     def state(self, v):
         if not v:
             return
-        self.ring = v[0]
-        i = 1
-        for c in (self.comp, self.index):
+        self.set_state_dict(dict(zip(sorted(self._state_keys()), v)))
+
+    def _state_keys(self) -> List[str]:
+        keys = [f"ring.{k}" for k in self.codec.part_names]
+        for key, c in (("comp", self.comp), ("index", self.index)):
             if c is not None:
-                c.set_state(v[i : i + c.num_state_arrays])
-                i += c.num_state_arrays
+                keys += [f"{key}.entries.{k}" for k in c.codec.part_names]
+                keys += [f"{key}.pending_kv", f"{key}.pending_gate"]
+                if c.overlap:
+                    keys += [f"{key}.overlap_kv", f"{key}.overlap_gate"]
+        return keys
 
     @property
     def meta_state(self):
-        return tuple(
-            map(str, (self.offset, self.window, self.ratio, self.head_dim, self.index_head_dim))
-        )
+        return tuple(map(str, (self.offset, *self.layout(), self.kv_format)))
 
     @meta_state.setter
     def meta_state(self, v):
-        offset, window, ratio, head_dim, index_head_dim = map(int, v)
-        self.__init__(window, ratio, head_dim, index_head_dim)
+        *nums, fmt = v
+        offset, window, ratio, head_dim, index_head_dim, rope_dims = map(int, nums)
+        self.__init__(window, ratio, head_dim, index_head_dim, rope_dims, fmt)
         self.offset = offset
 
     @classmethod
     def from_state(cls, state, meta_state):
+        """Rebuild a cache. The arrays are used as given: a cache is updated in place, so
+        rebuilding from the `state` of a cache that keeps running must pass copies
+        (`mx.array(a)`); arrays loaded from a file need none."""
         obj = cls.__new__(cls)
         obj.meta_state = meta_state
         obj.state = state
         return obj
 
+    def layout(self) -> Tuple[int, int, int, int, int]:
+        return (self.window, self.ratio, self.head_dim, self.index_head_dim, self.rope_dims)
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state)
 
-    def nbytes_at(self, tokens: int, itemsize: int = 2, batch: int = 1) -> int:
+    def nbytes_at(self, tokens: int, itemsize: int = 2, batch: int = 1) -> float:
         """Bytes `state` holds after `tokens` positions, computed from this cache's layout."""
         if tokens == 0:
             return 0
-        b = batch * self.window * self.head_dim * itemsize
+        b = batch * self.window * self.codec.bytes_per_entry(itemsize)
         for c in (self.comp, self.index):
             if c is not None:
                 b += c.nbytes_at(tokens, itemsize, batch)
@@ -276,23 +275,47 @@ class LayerCache(_BaseCache):
 
     def growth_per_token(self, itemsize: int = 2) -> float:
         """Average bytes added per position (compressed entries only)."""
-        g = 0.0
-        for c in (self.comp, self.index):
+        return sum(c.codec.bytes_per_entry(itemsize) / c.ratio
+                   for c in (self.comp, self.index) if c is not None)
+
+    # -- segments (on-disk sessions) ----------------------------------------------------------
+    def segment(self, since_tokens: int) -> Dict[str, mx.array]:
+        """What this layer added since position `since_tokens` (entries) plus the small state
+        at this boundary (ring, pending and overlap rows)."""
+        out = self.state_dict()
+        for key, c in (("comp", self.comp), ("index", self.index)):
             if c is not None:
-                g += c.head_dim * itemsize / c.ratio
-        return g
+                for k, v in c.parts(since_tokens // c.ratio).items():
+                    out[f"{key}.entries.{k}"] = v
+        return out
+
+    @classmethod
+    def from_segments(cls, layout: Tuple, kv_format: str, segments: List[Dict[str, mx.array]], offset: int):
+        """Rebuild from the segments up to a boundary (the last one gives the small state)."""
+        obj = cls(*layout, kv_format=kv_format)
+        obj.offset = offset
+        if offset == 0:
+            return obj
+        d = dict(segments[-1])
+        for k in [k for k in d if ".entries." in k]:
+            parts = [seg[k] for seg in segments if k in seg]
+            d[k] = mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        obj.set_state_dict(d)
+        return obj
 
 
-def make_layer_caches(args) -> List[LayerCache]:
+def make_layer_caches(args, kv_format: str = DEFAULT_KV_FORMAT) -> List[LayerCache]:
     """Fresh caches for the main layers of `args` (a ModelArgs)."""
     return [
-        LayerCache(args.sliding_window, args.layer_ratio(i), args.head_dim, args.index_head_dim)
+        LayerCache(args.sliding_window, args.layer_ratio(i), args.head_dim, args.index_head_dim,
+                   args.qk_rope_head_dim, kv_format)
         for i in range(args.num_hidden_layers)
     ]
 
 
-def make_mtp_caches(args) -> List[LayerCache]:
+def make_mtp_caches(args, kv_format: str = DEFAULT_KV_FORMAT) -> List[LayerCache]:
     return [
-        LayerCache(args.sliding_window, args.mtp_ratio(i), args.head_dim, args.index_head_dim)
+        LayerCache(args.sliding_window, args.mtp_ratio(i), args.head_dim, args.index_head_dim,
+                   args.qk_rope_head_dim, kv_format)
         for i in range(args.num_nextn_predict_layers)
     ]

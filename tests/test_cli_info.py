@@ -15,8 +15,8 @@ DATA = Path(__file__).parent / "data" / "configs"
 runner = CliRunner()
 
 
-def _info(folder):
-    r = runner.invoke(app, ["info", str(folder), "--json"])
+def _info(folder, fmt="bf16"):
+    r = runner.invoke(app, ["info", str(folder), "--json", "--kv-format", fmt])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
 
@@ -59,12 +59,22 @@ def test_info_pro():
 def test_info_human_readable():
     r = runner.invoke(app, ["info", str(DATA / "v4-flash")])
     assert r.exit_code == 0
-    assert "43 (+1 MTP)" in r.stdout and "6,880 bytes per token" in r.stdout
+    assert "43 (+1 MTP)" in r.stdout and "3,508.8 bytes per token" in r.stdout  # fp8 default
+
+
+def test_info_default_fp8_format():
+    """Spec §5.3: FP8 KV + FP4 indexer keys, about 3509 B/token (Flash), 4.91 GiB at 1M (Pro)."""
+    d = _info(DATA / "v4-flash", "fp8")
+    assert d["kv_format"] == "fp8" and round(d["state_bytes_per_token"]) == 3509
+    p = _info(DATA / "v4-pro", "fp8")
+    assert round(p["state_bytes_per_token"] * 2**20 / 2**30, 2) == 4.91
+    r = runner.invoke(app, ["info", str(DATA / "v4-flash"), "--json"])
+    assert json.loads(r.stdout)["kv_format"] == "fp8"
 
 
 def test_state_bytes_consistent_with_summary():
     args = ModelArgs.from_dict(json.loads((DATA / "v4-flash" / "config.json").read_text()))
-    assert state_bytes(args, 131072) == _info(DATA / "v4-flash")["state_bytes_at"]["131072"]
+    assert state_bytes(args, 131072, "bf16") == _info(DATA / "v4-flash")["state_bytes_at"]["131072"]
 
 
 def test_info_errors(tmp_path):

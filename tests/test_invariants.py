@@ -103,11 +103,12 @@ def test_rope_tables_match_spec():
                                [1, 0.7498942, 0.5623413, 0.4216965, 0.3162278, 1.3335215e-4], rtol=1e-6)
 
 
+@pytest.mark.parametrize("kv_format", ["fp8", "bf16"])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-def test_state_bytes_match_layout(dtype):
+def test_state_bytes_match_layout(dtype, kv_format):
     """`nbytes` of real caches after T tokens equals what `nbytes_at(T)` computes."""
     model = load_random(Model(ModelArgs.from_dict(FLASH_LIKE)), seed=0, dtype=dtype)
-    cache = model.make_cache()
+    cache = model.make_cache(kv_format)
     ids = mx.array(np.arange(2, 52)[None])
     done = 0
     for n in (13, 1, 1, 17, 18):
@@ -121,8 +122,8 @@ def test_state_bytes_match_layout(dtype):
 
 def test_bf16_weights_run_in_bf16():
     model = load_random(Model(ModelArgs.from_dict(FLASH_LIKE)), seed=0, dtype=mx.bfloat16)
-    cache = model.make_cache()
+    cache = model.make_cache("bf16")
     model(mx.array([[2, 3, 4, 5, 6, 7, 8, 9, 10]]), cache=cache)
-    assert cache[3].ring.dtype == mx.bfloat16
+    assert cache[3].ring["kv"].dtype == mx.bfloat16
     assert cache[3].comp.entries.dtype == mx.bfloat16
     assert cache[3].comp.pending_kv.dtype == mx.float32

@@ -23,6 +23,7 @@ CONFIGS = {"flash": FLASH_LIKE, "pro": PRO_LIKE}
 
 def _mlx_model(cfg, weights):
     model = Model(ModelArgs.from_dict(cfg))
+    model.kv_format = "bf16"  # transformers has no storage rounding (spec §4.13)
     model.load_weights(list(model.sanitize({k: mx.array(v) for k, v in weights.items()}).items()), strict=True)
     return model
 

@@ -75,6 +75,7 @@ def load_config(model_dir: Path) -> dict:
 def info(
     model_dir: Path = typer.Argument(..., help="A model folder (or its config.json); weights are not needed."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    kv_format: str = typer.Option("fp8", "--kv-format", help="Decode-state storage: fp8 (default) or bf16."),
 ):
     """Layer schedule, parameter counts and decode-state size of a model."""
     from ..model import ConfigError, ModelArgs
@@ -85,7 +86,9 @@ def info(
         args = ModelArgs.from_dict(cfg)
     except (ConfigError, TypeError, ValueError) as e:
         fail(f"{model_dir} is not a usable DeepSeek-V4 config: {e}")
-    s = model_summary(args, cfg)
+    if kv_format not in ("fp8", "bf16"):
+        fail(f"--kv-format must be fp8 or bf16, not {kv_format!r}")
+    s = model_summary(args, cfg, kv_format)
     if as_json:
         typer.echo(json.dumps(s, indent=2))
         return
@@ -110,7 +113,7 @@ def info(
     for ctx, b in s["state_bytes_at"].items():
         t.add_row(f"{int(ctx):,}", f"{b:,}", f"{b / 2**30:.2f}")
     out.print(t)
-    out.print(f"growth: {s['state_bytes_per_token']:,.0f} bytes per token")
+    out.print(f"growth: {s['state_bytes_per_token']:,.1f} bytes per token")
 
 
 def _size(text: str) -> int:

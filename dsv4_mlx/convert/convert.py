@@ -57,6 +57,22 @@ def _mx_quantize(dense: np.ndarray, fmt: str, group_size: int):
     return [np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a) for a in out]
 
 
+def repack_fp4(w: np.ndarray, scale: np.ndarray):
+    """FP4 (packed [out, in/2], low nibble = even column) -> MLX mxfp4: the same bytes read as
+    little-endian uint32 [out, in/8], the E8M0 scales as they are (spec §3.3). Pure numpy."""
+    w = np.ascontiguousarray(w).view(np.uint8)
+    return [w.view("<u4"), formats.scales_to_e8m0(scale)]
+
+
+def repack_fp8(w: np.ndarray, scale: np.ndarray, block: int):
+    """FP8 e4m3 [out, in] + block x block scales -> MLX mxfp8: bytes as uint32 [out, in/4] and
+    every block scale repeated per row and per 32 columns (lossless). Pure numpy."""
+    out, inp = w.shape
+    s = formats.scales_to_e8m0(scale)
+    s = np.repeat(np.repeat(s, block, axis=0)[:out], block // 32, axis=1)[:, : inp // 32]
+    return [np.ascontiguousarray(w).view(np.uint8).view("<u4"), np.ascontiguousarray(s)]
+
+
 def convert_item(it: Item, src: Source, block: int) -> List[np.ndarray]:
     """The output arrays of `it`, in the order of `it.outputs`."""
     stacked = len(it.members) > 1
@@ -71,9 +87,9 @@ def convert_item(it: Item, src: Source, block: int) -> List[np.ndarray]:
     outs = [np.empty(shape, dtype=_np_dtype(dt)) for _, dt, shape in it.outputs]
     for e, (m, s) in enumerate(zip(it.members, it.scales)):
         if (it.source, it.fmt) == ("fp4", "mxfp4"):
-            parts = [np.asarray(a) for a in formats.fp4_to_mxfp4(src.get(m), src.get(s))]
+            parts = repack_fp4(src.get(m), src.get(s))
         elif (it.source, it.fmt) == ("fp8", "mxfp8"):
-            parts = [np.asarray(a) for a in formats.fp8_to_mxfp8(src.get(m), src.get(s), block)]
+            parts = repack_fp8(src.get(m), src.get(s), block)
         else:
             dense = _dequant(src, m, s, it.source, block)
             if it.fmt in QUANT:
@@ -223,6 +239,9 @@ def convert(
         raise ConvertError(f"converting needs about {_gib(peak)} of memory at once, more than this machine's {_gib(ram)}")
 
     atomic_write_text(progress_path, json.dumps(record, indent=1))
+    import mlx.core as mx
+
+    mx.set_cache_limit(0)  # re-quantization temporaries must not pile up in MLX's buffer cache
     written = 0
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeRemainingColumn, TransferSpeedColumn, DownloadColumn)

@@ -95,7 +95,7 @@ class Source:
         return {k: self.files[f].info(k) for k, f in self.where.items()}
 
     def get(self, name: str):
-        return self.files[self.where[name]].get(name)
+        return self.files[self.where[name]].read(name)
 
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in self.files)

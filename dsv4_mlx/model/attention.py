@@ -154,12 +154,13 @@ class Attention(nn.Module):
         q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
         q = self.rope(q, offset=s)  # [B, H, T, c]
         kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
+        parts = cache.codec.encode(kv)  # the stored form (fp8 format: FP8 non-RoPE dims)
+        kv = cache.codec.decode(parts)  # attend over exactly what is stored
 
         keys, mask = cache.window_keys(kv)
         sel_keys = sel_valid = None
         if self.ratio:
-            entries = self.compressor(x, cache.comp, s, self.rope)  # [B, N, c]
-            N = entries.shape[1]
+            N = self.compressor(x, cache.comp, s, self.rope)
             if N:
                 visible = (mx.arange(s, s + T) + 1) // self.ratio  # entries query t may see
                 if self.ratio != 4 or N <= self.indexer.topk:
@@ -167,14 +168,12 @@ class Attention(nn.Module):
                     vis = mx.arange(N)[None] < visible[:, None]  # [T, N]
                     if self.ratio == 4:
                         self.indexer.compressor(x, cache.index, s, self.rope)  # keep keys
-                    keys = mx.concatenate([keys, entries], axis=1)
+                    keys = mx.concatenate([keys, cache.comp.entries], axis=1)
                     mask = mx.concatenate([mask, vis], axis=1)
                 else:
                     idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
                     valid = idx >= 0
-                    gathered = mx.take_along_axis(
-                        entries[:, None], mx.maximum(idx, 0)[..., None], axis=2
-                    )  # [B, T, k, c]
+                    gathered = cache.comp.gather(idx)  # [B, T, k, c], only the picks decoded
                     if T == 1:
                         keys = mx.concatenate([keys, gathered[:, 0]], axis=1)
                         mask = mx.concatenate(
@@ -187,7 +186,7 @@ class Attention(nn.Module):
                 self.indexer.compressor(x, cache.index, s, self.rope)
 
         o = sink_attention(q, keys, mask, self.attn_sink, self.scale, sel_keys, sel_valid)
-        cache.update_ring(kv)
+        cache.update_ring(parts)
         cache.advance(T)
 
         o = self.rope(o, offset=s, inverse=True)  # undo the position carried by V

@@ -34,11 +34,11 @@ class Compressor(nn.Module):
         self.ape = mx.zeros((ratio, k * head_dim))
         self.norm = RMSNorm(head_dim, eps)
 
-    def __call__(self, x: mx.array, state: CompressorState, offset: int, rope: RoPE) -> mx.array:
+    def __call__(self, x: mx.array, state: CompressorState, offset: int, rope: RoPE) -> int:
         """Feed the chunk `x` [B, T, D] at absolute positions offset..offset+T-1.
 
-        Emits every window completed by this chunk into `state` and returns all entries
-        emitted so far, [B, N, head_dim] (N may be 0).
+        Emits every window completed by this chunk into `state` (which stores them through its
+        codec) and returns the number of entries emitted so far.
         """
         B, T, _ = x.shape
         m, c = self.ratio, self.head_dim
@@ -74,4 +74,4 @@ class Compressor(nn.Module):
             w0 = (offset - r) // m
             entries = rope(entries, offset=w0, scale=float(m))
             state.append_entries(entries)
-        return state.entries
+        return state.num_entries

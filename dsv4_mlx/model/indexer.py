@@ -40,14 +40,14 @@ class Indexer(nn.Module):
     ):
         """Returns the selected entries [B, T, k] (int32, -1 = none), or None if N == 0."""
         B, T, _ = x.shape
-        keys = self.compressor(x, state, offset, rope)
-        N = keys.shape[1]
+        N = self.compressor(x, state, offset, rope)
         if N == 0:
             return None
         visible = ((mx.arange(offset, offset + T) + 1) // self.ratio).astype(mx.int32)
         # MLX is lazy: when N <= topk the selection is all entries and q/w are never computed
         q = self.wq_b(qr).reshape(B, T, self.n_heads, self.head_dim)
         q = rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
+        q = state.codec.roundtrip(q)  # fp8 format: Hadamard rotation + FP4, as the keys got
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
-        return indexer_topk(q, w, keys, visible, self.topk)
+        return indexer_topk(q, w, state.entries, visible, self.topk)
 

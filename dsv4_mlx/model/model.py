@@ -15,6 +15,7 @@ import mlx.nn as nn
 from ..cache import LayerCache, make_layer_caches, make_mtp_caches
 from .attention import Attention
 from .config import ModelArgs
+from .kv_formats import DEFAULT_KV_FORMAT
 from .layers import RMSNorm
 from .mhc import collapse, expand, hc_head, hc_params
 from .moe import MoE
@@ -147,11 +148,15 @@ class Model(nn.Module):
         return self.mtp[i].predict(streams, next_ids, self.embed, self.lm_head, cache[i])
 
     # -- protocol ----------------------------------------------------------------------------
-    def make_cache(self) -> List[LayerCache]:
-        return make_layer_caches(self.args)
+    #: storage format of the decode state: "fp8" (FP8 KV + FP4 indexer keys, the official
+    #: numerics) or "bf16" (as computed; exact transformers parity). See kv_formats.py.
+    kv_format: str = DEFAULT_KV_FORMAT
 
-    def make_mtp_cache(self) -> List[LayerCache]:
-        return make_mtp_caches(self.args)
+    def make_cache(self, kv_format: Optional[str] = None) -> List[LayerCache]:
+        return make_layer_caches(self.args, kv_format or self.kv_format)
+
+    def make_mtp_cache(self, kv_format: Optional[str] = None) -> List[LayerCache]:
+        return make_mtp_caches(self.args, kv_format or self.kv_format)
 
     def sanitize(self, weights: Dict[str, mx.array]) -> Dict[str, mx.array]:
         """Official-named (dequantized) weights -> this module tree.

@@ -37,7 +37,7 @@ from ..cache import LayerCache
 
 FORMAT = "dsv4-session"
 FORMAT_VERSION = 1
-STATE_FORMAT = "bf16-v1"  # window/compressed KV and indexer keys in the model's dtype
+STATE_VERSION = "v1"  # state_format = f"{kv_format}-{STATE_VERSION}" (model/kv_formats.py)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -122,11 +122,16 @@ class Fingerprints:
     model: str
     tokenizer: str
     encoding: str
-    state_format: str = STATE_FORMAT
+    state_format: str = f"fp8-{STATE_VERSION}"
 
     @classmethod
-    def of(cls, model_dir: Path) -> "Fingerprints":
-        return cls(model_fingerprint(model_dir), tokenizer_fingerprint(model_dir), encoding_fingerprint())
+    def of(cls, model_dir: Path, kv_format: str = "fp8") -> "Fingerprints":
+        return cls(model_fingerprint(model_dir), tokenizer_fingerprint(model_dir), encoding_fingerprint(),
+                   f"{kv_format}-{STATE_VERSION}")
+
+    @property
+    def kv_format(self) -> str:
+        return self.state_format.rsplit("-", 1)[0]
 
     def as_dict(self) -> Dict[str, str]:
         return dict(model=self.model, tokenizer=self.tokenizer, encoding=self.encoding,
@@ -242,6 +247,8 @@ class SessionStore:
         T = len(tokens)
         if any(c.offset != T for c in caches):
             raise SessionError("the caches do not hold exactly the given tokens")
+        if any(c.kv_format != fingerprints.kv_format for c in caches):
+            raise SessionError(f"the caches are not in the {fingerprints.kv_format} state format")
         folder = self.path(name)
         old = None
         if (folder / "manifest.json").is_file():
@@ -261,8 +268,7 @@ class SessionStore:
         folder.mkdir(parents=True, exist_ok=True)
         arrays: Dict[str, mx.array] = {"next_logits": next_logits.reshape(-1).astype(mx.float32)}
         for i, c in enumerate(caches):
-            since = {"comp": prev_T // c.ratio, "index": prev_T // 4} if c.ratio else {}
-            for k, v in c.segment(since).items():
+            for k, v in c.segment(prev_T).items():
                 arrays[f"L{i}.{k}"] = v
         seq = 1 + max([int(s["file"][4:10]) for s in segments] + [0])
         if not segments and old:
@@ -335,7 +341,7 @@ class SessionStore:
         caches = []
         for i, layout in enumerate(m["layers"]):
             per = [{k.split(".", 1)[1]: v for k, v in d.items() if k.startswith(f"L{i}.")} for d in data]
-            caches.append(LayerCache.from_segments(tuple(layout), per, T))
+            caches.append(LayerCache.from_segments(tuple(layout), fingerprints.kv_format, per, T))
         msgs = m.get("messages", []) if T == len(m["tokens"]) else []
         m["last_used"] = time.time()
         try:
