@@ -48,13 +48,22 @@ def _dequant(src: Source, name: str, scale: Optional[str], source: str, block: i
     return np.asarray(w, dtype=np.float32)
 
 
-def _mx_quantize(dense: np.ndarray, fmt: str, group_size: int):
+QUANT_BLOCK = 1 << 24  # elements quantized at once: bounds the memory of large tensors
+
+
+def _mx_quantize(bf16_bits: np.ndarray, fmt: str, group_size: int):
+    """MLX quantization of a bf16 matrix (given as raw uint16 bits), in row blocks."""
     import mlx.core as mx
 
     q = QUANT[fmt]
-    w = mx.array(float32_to_bf16(dense)).view(mx.bfloat16)  # exact for FP8/FP4 sources
-    out = mx.quantize(w, group_size, q["bits"], mode=q["mode"])
-    return [np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a) for a in out]
+    rows = max(1, QUANT_BLOCK // bf16_bits.shape[-1])
+    parts = []
+    for r in range(0, bf16_bits.shape[0], rows):
+        w = mx.array(bf16_bits[r : r + rows]).view(mx.bfloat16)
+        out = mx.quantize(w, group_size, q["bits"], mode=q["mode"])
+        parts.append([np.array(a.view(mx.uint16)) if a.dtype == mx.bfloat16 else np.array(a) for a in out])
+        del w, out
+    return [np.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts)]
 
 
 def repack_fp4(w: np.ndarray, scale: np.ndarray):
@@ -91,11 +100,12 @@ def convert_item(it: Item, src: Source, block: int) -> List[np.ndarray]:
         elif (it.source, it.fmt) == ("fp8", "mxfp8"):
             parts = repack_fp8(src.get(m), src.get(s), block)
         else:
-            dense = _dequant(src, m, s, it.source, block)
+            # bf16 bits: as stored for BF16 sources, exact for FP8/FP4 ones (e4m3/e2m1 x 2^k)
+            bits = src.get(m) if it.source == "bf16" else float32_to_bf16(_dequant(src, m, s, it.source, block))
             if it.fmt in QUANT:
-                parts = _mx_quantize(dense, it.fmt, it.group_size)
+                parts = _mx_quantize(bits, it.fmt, it.group_size)
             else:  # bf16 (or keep of an FP8/FP4 tensor, which means bf16)
-                parts = [float32_to_bf16(dense)]
+                parts = [bits]
         for o, p in zip(outs, parts):
             if stacked:
                 o[e] = p
