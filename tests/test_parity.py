@@ -137,3 +137,9 @@ def test_no_mtp_config_has_no_mtp_weights():
     # an extra mtp.* tensor in the files (e.g. a DSpark stage) is ignored by sanitize
     extra = dict(weights, **{"mtp.0.e_proj.weight": np.zeros((64, 64), np.float32)})
     assert not any(k.startswith("mtp.") for k in model.sanitize({k: mx.array(v) for k, v in extra.items()}))
+
+
+def test_last_only_logits(case):
+    out = np.array(case["model"](mx.array(case["ids"]), last_only=True))
+    assert out.shape[1] == 1
+    np.testing.assert_allclose(out[:, 0], case["ref"][:, -1], atol=ATOL, rtol=0)

@@ -113,12 +113,14 @@ class Model(nn.Module):
         inputs: mx.array,
         cache: Optional[List[LayerCache]] = None,
         return_streams: bool = False,
+        last_only: bool = False,
     ):
         """inputs [B, S] token ids -> logits [B, S, V] (fp32) for every position.
 
         With `cache`, the tokens continue the cached sequence (any chunk size); without, they
         are a whole new sequence. `return_streams=True` also returns the final mHC streams
-        [B, S, n, D] (the MTP block's input).
+        [B, S, n, D] (the MTP block's input). `last_only=True` computes the logits of the last
+        position only ([B, 1, V]): a prefill chunk then skips the S x V head matmul.
         """
         if cache is None:
             cache = self.make_cache()
@@ -131,7 +133,8 @@ class Model(nn.Module):
         for layer, c in zip(self.layers, cache):
             X = layer(X, inputs, c)
         a = self.args
-        y = hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.rms_norm_eps)
+        y = hc_head(X[:, -1:] if last_only else X, self.hc_head_fn, self.hc_head_scale,
+                    self.hc_head_base, a.hc_eps, a.rms_norm_eps)
         logits = self.lm_head(self.norm(y))
         return (logits, X) if return_streams else logits
 

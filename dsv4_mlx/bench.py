@@ -1,0 +1,212 @@
+"""`dsv4 bench`: speed and memory at context frontiers, measured in one run.
+
+One fixed token stream is prefilled incrementally to each frontier (2K, 4K, 8K, ... up to a
+limit). At each frontier: prefill tok/s of the new interval; decode tok/s of a fixed greedy
+probe (the state is copied before and restored after, so the walk continues from the frontier);
+state bytes; peak memory. Once per run: the weight bytes one decode token reads (from the
+loaded layout: every non-expert weight, k of E experts per MoE layer, one embedding row, the
+head), the memory bandwidth measured by a copy in the same process, and the number of
+primitives one decode step dispatches (its MLX graph, `mx.export_to_dot`; a compiled region
+counts once).
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .cache import LayerCache
+
+FRONTIERS = (2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
+_WORDS = ("the model reads a long document about rivers mountains trade and the history of "
+          "maps while the indexer keeps the best compressed entries for every new token").split()
+
+
+def fixed_tokens(n: int, tokenizer=None, vocab_size: int = 129280) -> List[int]:
+    """A deterministic token stream of length n (a fixed text repeated with a counter)."""
+    if tokenizer is None:
+        return [(1000 + 7919 * i) % (vocab_size - 2) + 2 for i in range(n)]
+    out: List[int] = [0]
+    i = 0
+    while len(out) < n:
+        words = " ".join(_WORDS[(i + j) % len(_WORDS)] for j in range(50))
+        out += tokenizer.encode(f" Part {i}: {words}.", add_special_tokens=False)
+        i += 1
+    return out[:n]
+
+
+@dataclass
+class FrontierResult:
+    context: int
+    prefill_tokens: int
+    prefill_s: float
+    prefill_tok_s: float
+    decode_tokens: int
+    decode_tok_s: float
+    decode_ms_median: float
+    state_bytes: int
+    peak_memory_bytes: int
+    weight_bytes_per_token: int
+    bandwidth_gb_s: float
+    bandwidth_fraction: float
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode token reads, from the loaded (quantized) layout."""
+    a = model.args
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        if name.startswith("mtp."):
+            continue
+        n = p.nbytes
+        if ".ffn.experts." in name:
+            n = n * a.num_experts_per_tok // a.n_routed_experts
+        elif name.startswith("embed."):
+            n = n // a.vocab_size
+        total += n
+    return int(total)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """GB/s of `y = x + 0` over a `nbytes` buffer (bytes read + written), best of `repeats`."""
+    x = mx.zeros((nbytes // 4,), dtype=mx.float32)
+    mx.eval(x)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        y = x + 0
+        mx.eval(y)
+        best = min(best, time.perf_counter() - t)
+        del y
+    return 2 * nbytes / best / 1e9
+
+
+def count_primitives(model, cache: List[LayerCache], token: int = 5) -> Dict:
+    """Primitives in one decode step's graph (the logits and the updated state)."""
+    snap = snapshot(cache)
+    logits = model(mx.array([[token]]), cache=cache)
+    outs = [logits] + [a for c in cache for a in c.state]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "step.dot"
+        mx.export_to_dot(str(path), *outs)
+        text = path.read_text()
+    ops = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text)
+    restore(cache, snap)
+    counts: Dict[str, int] = {}
+    for o in ops:
+        counts[o] = counts.get(o, 0) + 1
+    L = len(model.layers)
+    return {"total": len(ops), "per_layer": len(ops) / L, "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+
+
+def snapshot(cache: Sequence[LayerCache]):
+    return [([mx.array(a) for a in c.state], c.meta_state) for c in cache]
+
+
+def restore(cache: List[LayerCache], snap) -> None:
+    for i, (state, meta) in enumerate(snap):
+        cache[i] = LayerCache.from_state([mx.array(a) for a in state], meta)
+
+
+def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequence[int] = FRONTIERS,
+              decode_tokens: int = 32, prefill_chunk: int = 2048,
+              progress: Optional[Callable[[str], None]] = None) -> Dict:
+    say = progress or (lambda s: None)
+    fr = [f for f in frontiers if f <= max_context]
+    if not fr:
+        raise ValueError(f"no frontier <= {max_context}")
+    tokens = fixed_tokens(fr[-1] + decode_tokens + 1, tokenizer, model.args.vocab_size)
+    wbytes = weight_bytes_per_token(model)
+    say("measuring memory bandwidth")
+    bw = copy_bandwidth()
+    cache = model.make_cache()
+    say("counting primitives of one decode step")
+    mx.eval(model(mx.array([tokens[:16]]), cache=cache))
+    prims = count_primitives(model, cache)
+    cache = model.make_cache()
+    results: List[FrontierResult] = []
+    done = 0
+    for f in fr:
+        mx.reset_peak_memory()
+        t = time.perf_counter()
+        while done < f:
+            n = min(prefill_chunk, f - done)
+            logits = model(mx.array([tokens[done : done + n]]), cache=cache, last_only=True)
+            mx.eval(logits, [c.state for c in cache])
+            done += n
+            say(f"prefill {done:,}/{f:,}")
+        pre_s = time.perf_counter() - t
+        interval = f - (results[-1].context if results else 0)
+        snap = snapshot(cache)
+        y = mx.argmax(logits[0, -1])
+        times = []
+        for _ in range(decode_tokens):
+            t = time.perf_counter()
+            logits = model(y.reshape(1, 1), cache=cache)
+            y = mx.argmax(logits[0, -1])
+            mx.eval(y)
+            times.append(time.perf_counter() - t)
+        restore(cache, snap)
+        dec = decode_tokens / sum(times)
+        r = FrontierResult(
+            context=f, prefill_tokens=interval, prefill_s=pre_s, prefill_tok_s=interval / pre_s,
+            decode_tokens=decode_tokens, decode_tok_s=dec, decode_ms_median=1000 * statistics.median(times),
+            state_bytes=int(sum(c.nbytes for c in cache)), peak_memory_bytes=int(mx.get_peak_memory()),
+            weight_bytes_per_token=wbytes, bandwidth_gb_s=bw,
+            bandwidth_fraction=wbytes * dec / (bw * 1e9),
+        )
+        results.append(r)
+        say(f"context {f:,}: prefill {r.prefill_tok_s:,.1f} tok/s, decode {r.decode_tok_s:,.2f} tok/s")
+    return {"frontiers": [asdict(r) for r in results], "primitives": prims,
+            "weight_bytes_per_token": wbytes, "bandwidth_gb_s": bw,
+            "device": str(mx.default_device()), "kv_format": getattr(model, "kv_format", "?"),
+            "layers": len(model.layers)}
+
+
+def write_csv(report: Dict, path: Path) -> None:
+    import csv
+
+    rows = report["frontiers"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["primitives_per_layer"])
+        w.writeheader()
+        for r in rows:
+            w.writerow(dict(r, primitives_per_layer=round(report["primitives"]["per_layer"], 1)))
+
+
+def write_png(report: Dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["frontiers"]
+    ctx = [r["context"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(ctx, [r["prefill_tok_s"] for r in rows], "o-", label="prefill")
+    ax[0].plot(ctx, [r["decode_tok_s"] for r in rows], "s-", label="decode")
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_xlabel("context (tokens)")
+    ax[0].set_ylabel("tokens / s")
+    ax[0].legend()
+    ax[1].plot(ctx, [r["state_bytes"] / 2**20 for r in rows], "o-", label="state")
+    ax[1].plot(ctx, [r["peak_memory_bytes"] / 2**20 for r in rows], "s-", label="peak memory")
+    ax[1].set_xscale("log", base=2)
+    ax[1].set_xlabel("context (tokens)")
+    ax[1].set_ylabel("MiB")
+    ax[1].legend()
+    fig.suptitle(f"dsv4 bench ({report['device']}, {report['layers']} layers, {report['kv_format']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

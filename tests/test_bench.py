@@ -1,0 +1,57 @@
+"""`dsv4 bench` machinery on the tiny model (tiny frontiers: a smoke test of the measurement,
+not a timing test)."""
+
+import csv
+
+import mlx.core as mx
+import numpy as np
+from conftest import FLASH_LIKE
+
+from dsv4_mlx.bench import count_primitives, restore, run_bench, snapshot, weight_bytes_per_token, write_csv
+from dsv4_mlx.model import Model, ModelArgs
+from dsv4_mlx.random_weights import load_random
+
+
+def _model():
+    return load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, num_nextn_predict_layers=0))), seed=1)
+
+
+def test_report_and_csv(tmp_path):
+    model = _model()
+    rep = run_bench(model, None, max_context=64, frontiers=(32, 64), decode_tokens=3, prefill_chunk=20)
+    rows = rep["frontiers"]
+    assert [r["context"] for r in rows] == [32, 64] and rows[1]["prefill_tokens"] == 32
+    assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+    assert rows[1]["state_bytes"] > rows[0]["state_bytes"] > 0
+    assert rep["primitives"]["total"] > len(model.layers)
+    write_csv(rep, tmp_path / "b.csv")
+    head = next(csv.reader(open(tmp_path / "b.csv")))
+    assert {"context", "prefill_tok_s", "decode_tok_s", "state_bytes", "peak_memory_bytes"} <= set(head)
+
+
+def test_weight_bytes_counts_k_of_e_experts():
+    """Every weight once, but k of E routed experts, one embedding row, no MTP."""
+    from mlx.utils import tree_flatten
+
+    model = _model()
+    a = model.args
+    params = dict(tree_flatten(model.parameters()))
+    experts = sum(v.nbytes for k, v in params.items() if ".ffn.experts." in k)
+    embed = params["embed.weight"].nbytes
+    rest = sum(v.nbytes for v in params.values()) - experts - embed
+    expect = rest + experts * a.num_experts_per_tok // a.n_routed_experts + embed // a.vocab_size
+    assert weight_bytes_per_token(model) == expect
+    assert 0 < experts * a.num_experts_per_tok // a.n_routed_experts < experts
+
+
+def test_probe_restores_state():
+    model = _model()
+    cache = model.make_cache()
+    ids = mx.array([list(range(2, 30))])
+    model(ids, cache=cache)
+    snap = snapshot(cache)
+    count_primitives(model, cache)
+    a = np.array(model(mx.array([[7]]), cache=cache))
+    restore(cache, snap)
+    b = np.array(model(mx.array([[7]]), cache=cache))
+    np.testing.assert_array_equal(a, b)
