@@ -155,23 +155,16 @@ class LayerCache(_BaseCache):
     def window_keys(self, new_kv: mx.array) -> Tuple[mx.array, mx.array]:
         """Keys of the window branch for a chunk `new_kv` [B, T, c] at positions offset..
 
-        Returns (keys [B, L, c], mask [T, L] bool). Keys are the ring slots (positions before
-        the chunk) followed by the chunk itself; query t sees key position p iff
-        t - window < p <= t.
+        Returns (keys [B, L, c], positions [L] int32), oldest first: the `window` positions
+        before the chunk (from the ring; positions < 0 were never written) followed by the chunk
+        itself. Query t sees key position p iff t - window < p <= t and p >= 0.
         """
         s, T, W = self.offset, new_kv.shape[1], self.window
-        q_pos = mx.arange(s, s + T)[:, None]
-        new_pos = mx.arange(s, s + T)[None]
         if self.ring is None or s == 0:
-            keys, k_pos = new_kv, new_pos
-        else:
-            slots = mx.arange(W)
-            ring_pos = (s - 1) - ((s - 1 - slots) % W)  # latest position held by each slot
-            ring_pos = mx.where(ring_pos >= 0, ring_pos, -(10**9))  # never written: invisible
-            keys = mx.concatenate([self.codec.decode(self.ring), new_kv], axis=1)
-            k_pos = mx.concatenate([ring_pos[None], new_pos], axis=1)
-        mask = (k_pos <= q_pos) & (k_pos > q_pos - W)
-        return keys, mask
+            return new_kv, mx.arange(s, s + T)
+        order = (mx.arange(W) + s) % W  # slot of position s - W + j
+        ring = self.codec.decode({k: v[:, order] for k, v in self.ring.items()})
+        return mx.concatenate([ring, new_kv], axis=1), mx.arange(s - W, s + T)
 
     def update_ring(self, parts: Dict[str, mx.array]):
         """Write the encoded KV of the chunk at positions offset.. into the ring."""

@@ -157,35 +157,39 @@ class Attention(nn.Module):
         parts = cache.codec.encode(kv)  # the stored form (fp8 format: FP8 non-RoPE dims)
         kv = cache.codec.decode(parts)  # attend over exactly what is stored
 
-        keys, mask = cache.window_keys(kv)
-        sel_keys = sel_valid = None
+        # the compressed branch: dense entries (shared by all queries) or per-query picks
+        dense = dense_vis = sel_keys = sel_valid = None
         if self.ratio:
             N = self.compressor(x, cache.comp, s, self.rope)
-            if N:
-                visible = (mx.arange(s, s + T) + 1) // self.ratio  # entries query t may see
-                if self.ratio != 4 or N <= self.indexer.topk:
-                    # dense: every visible entry (HCA; CSA while N <= top-k selects them all)
-                    vis = mx.arange(N)[None] < visible[:, None]  # [T, N]
-                    if self.ratio == 4:
-                        self.indexer.compressor(x, cache.index, s, self.rope)  # keep keys
-                    keys = mx.concatenate([keys, cache.comp.entries], axis=1)
-                    mask = mx.concatenate([mask, vis], axis=1)
-                else:
-                    idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
-                    valid = idx >= 0
-                    gathered = cache.comp.gather(idx)  # [B, T, k, c], only the picks decoded
-                    if T == 1:
-                        keys = mx.concatenate([keys, gathered[:, 0]], axis=1)
-                        mask = mx.concatenate(
-                            [mx.broadcast_to(mask, (B, 1, T, mask.shape[-1])), valid[:, None]],
-                            axis=-1,
-                        )
-                    else:
-                        sel_keys, sel_valid = gathered, valid
+            if N and (self.ratio != 4 or N <= self.indexer.topk):
+                # HCA, or CSA while N <= top-k (the selection is every visible entry)
+                if self.ratio == 4:
+                    self.indexer.compressor(x, cache.index, s, self.rope)  # keep its keys
+                dense = cache.comp.entries
+                dense_vis = mx.arange(N)[None] < ((mx.arange(s, s + T) + 1) // self.ratio)[:, None]
+            elif N:
+                idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
+                sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
             elif self.ratio == 4:
                 self.indexer.compressor(x, cache.index, s, self.rope)
 
-        o = sink_attention(q, keys, mask, self.attn_sink, self.scale, sel_keys, sel_valid)
+        keys, kpos = cache.window_keys(kv)
+        W = cache.window
+        if T > W:
+            o = blocked_attention(q, keys, kpos, s, W, self.attn_sink, self.scale,
+                                  dense, dense_vis, sel_keys, sel_valid)
+        else:
+            qpos = mx.arange(s, s + T)[:, None]
+            mask = (kpos[None] <= qpos) & (kpos[None] > qpos - W) & (kpos[None] >= 0)
+            if dense is not None:
+                keys = mx.concatenate([keys, dense], axis=1)
+                mask = mx.concatenate([mask, dense_vis], axis=1)
+            if sel_keys is not None and T == 1:  # decode: the picks are one more key set
+                keys = mx.concatenate([keys, sel_keys[:, 0]], axis=1)
+                mask = mx.concatenate(
+                    [mx.broadcast_to(mask, (B, 1, T, mask.shape[-1])), sel_valid[:, None]], axis=-1)
+                sel_keys = None
+            o = sink_attention(q, keys, mask, self.attn_sink, self.scale, sel_keys, sel_valid)
         cache.update_ring(parts)
         cache.advance(T)
 
@@ -193,3 +197,72 @@ class Attention(nn.Module):
         o = o.swapaxes(1, 2).reshape(B, T, self.groups, -1)
         o = self.wo_a(o).reshape(B, T, -1)
         return self.wo_b(o)
+
+
+def blocked_attention(q, keys, kpos, s, W, sinks, scale, dense=None, dense_vis=None,
+                      sel_keys=None, sel_valid=None):
+    """Attention of a long chunk (T > W) with the window branch in query blocks of W.
+
+    Block i (queries s + iW ..) needs only the 2W window keys before and in it, so the window
+    costs T x 2W scores instead of T x (W + T). Dense compressed entries join every block's
+    keys and the blocks run as a batch through the fused SDPA with sinks; per-query picks (CSA
+    past top-k) take a plain-ops joint softmax. q [B, H, T, c]; keys [B, L, c] with positions
+    `kpos` [L] (oldest first, the last T are the chunk).
+    """
+    B, H, T, c = q.shape
+    nb = -(-T // W)
+    Tp = nb * W
+    L = keys.shape[1]
+    lead = W + T - L  # missing history (no ring yet): positions before s that never existed
+    if lead or Tp > T:
+        keys = mx.concatenate([mx.zeros((B, lead, c), keys.dtype), keys,
+                               mx.zeros((B, Tp - T, c), keys.dtype)], axis=1)
+        kpos = mx.concatenate([mx.full((lead,), -(10**9), mx.int32), kpos.astype(mx.int32),
+                               mx.full((Tp - T,), 10**9, mx.int32)])
+    idx = (mx.arange(nb) * W)[:, None] + mx.arange(2 * W)[None]  # [nb, 2W]
+    kb, kbpos = keys[:, idx], kpos[idx]  # [B, nb, 2W, c], [nb, 2W]
+    qbpos = mx.arange(s, s + Tp).reshape(nb, W)
+    band = ((kbpos[:, None, :] <= qbpos[:, :, None]) & (kbpos[:, None, :] > qbpos[:, :, None] - W)
+            & (kbpos[:, None, :] >= 0))  # [nb, W, 2W]
+    if Tp > T:
+        q = mx.concatenate([q, mx.zeros((B, H, Tp - T, c), q.dtype)], axis=2)
+    qb = q.reshape(B, H, nb, W, c)
+
+    if sel_keys is None:
+        kk = kb
+        mask = band
+        if dense is not None:
+            N = dense.shape[1]
+            vis = dense_vis
+            if Tp > T:
+                vis = mx.concatenate([vis, mx.zeros((Tp - T, N), mx.bool_)], axis=0)
+            kk = mx.concatenate([kb, mx.broadcast_to(dense[:, None], (B, nb, N, c))], axis=2)
+            mask = mx.concatenate([band, vis.reshape(nb, W, N)], axis=-1)
+        Lb = kk.shape[2]
+        o = mx.fast.scaled_dot_product_attention(
+            qb.transpose(0, 2, 1, 3, 4).reshape(B * nb, H, W, c),
+            kk.reshape(B * nb, 1, Lb, c), kk.reshape(B * nb, 1, Lb, c), scale=scale,
+            mask=mx.broadcast_to(mask[None], (B, nb, W, Lb)).reshape(B * nb, 1, W, Lb),
+            sinks=sinks.astype(q.dtype))
+        o = o.reshape(B, nb, H, W, c).transpose(0, 2, 1, 3, 4).reshape(B, H, Tp, c)
+        return o[:, :, :T]
+
+    # per-query picks: joint softmax over the block's window keys and the query's picks
+    f32 = mx.float32
+    k = sel_keys.shape[2]
+    if Tp > T:
+        sel_keys = mx.concatenate([sel_keys, mx.zeros((B, Tp - T, k, c), sel_keys.dtype)], axis=1)
+        sel_valid = mx.concatenate([sel_valid, mx.zeros((B, Tp - T, k), mx.bool_)], axis=1)
+    kbf = kb.astype(f32)[:, None]  # [B, 1, nb, 2W, c]
+    lw = (qb.astype(f32) @ kbf.swapaxes(-1, -2)) * scale  # [B, H, nb, W, 2W]
+    lw = mx.where(band, lw, -mx.inf)
+    sk = sel_keys.astype(f32)
+    ls = (q.astype(f32).swapaxes(1, 2) @ sk.swapaxes(-1, -2)).swapaxes(1, 2) * scale  # [B, H, Tp, k]
+    ls = mx.where(sel_valid[:, None], ls, -mx.inf)
+    sink = sinks.astype(f32)[None, :, None]
+    m = mx.maximum(mx.maximum(lw.max(axis=-1).reshape(B, H, Tp), ls.max(axis=-1)), sink)
+    ew = mx.exp(lw - m.reshape(B, H, nb, W)[..., None])
+    es = mx.exp(ls - m[..., None])
+    denom = ew.sum(axis=-1).reshape(B, H, Tp) + es.sum(axis=-1) + mx.exp(sink - m)
+    o = (ew @ kbf).reshape(B, H, Tp, c) + (es.swapaxes(1, 2) @ sk).swapaxes(1, 2)
+    return (o / denom[..., None]).astype(q.dtype)[:, :, :T]
