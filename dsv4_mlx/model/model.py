@@ -21,6 +21,9 @@ from .mhc import collapse, expand, hc_head, hc_params
 from .moe import MoE
 
 
+_FP32_WEIGHTS = (".compressor.wkv.weight", ".compressor.wgate.weight", ".ffn.gate.weight")
+
+
 class WeightsError(ValueError):
     """Weights that cannot be loaded into this model."""
 
@@ -166,8 +169,9 @@ class Model(nn.Module):
 
         Stacks per-expert tensors ``*.ffn.experts.{e}.w1.weight`` into
         ``*.ffn.experts.w1.weight`` [E, out, in], casts ``tid2eid`` to int32, drops the MTP
-        aliases of `embed`/`head` and any `mtp.*` this config does not have. Already-sanitized
-        weights (e.g. a converted MLX folder) pass through unchanged.
+        aliases of `embed`/`head` and any `mtp.*` this config does not have, and makes the
+        router and compressor projections fp32 (what the reference computes with). Already
+        sanitized weights (e.g. a converted MLX folder) pass through otherwise unchanged.
         """
         fp8_scales = [k for k in weights if k.endswith(".scale")]
         if fp8_scales:
@@ -186,6 +190,10 @@ class Model(nn.Module):
                     continue
             if k.endswith("gate.tid2eid"):
                 v = v.astype(mx.int32)
+            elif k.endswith(_FP32_WEIGHTS) and mx.issubdtype(v.dtype, mx.floating):
+                # the reference holds these in fp32 (spec §3.3); upcasting once here saves an
+                # fp32 copy of the weight on every call
+                v = v.astype(mx.float32)
             e = pat.match(k)
             if e:
                 experts.setdefault(f"{e.group(1)}.{e.group(3)}.weight", {})[int(e.group(2))] = v
