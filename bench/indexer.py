@@ -1,0 +1,364 @@
+"""Benchmark: lightning-indexer top-k (spec §4.7), GPU kernels vs the pure-ops path.
+
+    python bench/indexer.py                   # GPU if MLX has one, else CPU (small sizes)
+    python bench/indexer.py --device cpu --entries 1024,4096 --queries 1,512
+
+Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch 1:
+
+* ``ops``: `indexer_topk_ops` (matmul to [T, H, N], relu, weighted head sum, argpartition);
+* ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`);
+* ``kernel+argp``: fused scoring kernel + ``mx.argpartition``.
+
+Median wall time of one evaluated call (ms) and peak memory (``mx.get_peak_memory()`` after
+``mx.reset_peak_memory()``; "extra" is the peak minus what was allocated before the call,
+i.e. the call's own buffers). Queries are bf16, head weights fp32, keys mxfp4 or bf16; the
+visible counts are those of the last prefill chunk of an N-entry context (all visible for
+T=1). Combinations whose ops path would not fit in memory (its [T, H, N] fp32 buffers) or
+exceed ``--max-gflop`` are skipped and listed. Writes ``bench/out/indexer_<device>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv4_mlx.kernels import dispatch  # noqa: E402
+from dsv4_mlx.kernels import indexer as ki  # noqa: E402
+
+MiB = 2**20
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def device_memory() -> int:
+    info = mx.device_info()
+    for k in ("total_memory", "memory_size"):
+        if k in info:
+            return int(info[k])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def make_inputs(T, N, H, D, keys_fmt, seed=0):
+    mx.random.seed(seed)
+    q = mx.random.normal((1, T, H, D)).astype(mx.bfloat16)
+    w = mx.random.normal((1, T, H)) * (1.0 / (D**0.5 * H**0.5))
+    kf = mx.random.normal((1, N, D))
+    if keys_fmt == "fp4":
+        keys = tuple(mx.quantize(kf, group_size=32, bits=4, mode="mxfp4"))
+    else:
+        keys = kf.astype(mx.bfloat16)
+    # last prefill chunk of an N-entry context: query t sees N - (T - 1 - t) // 4 entries
+    t = mx.arange(T)
+    visible = mx.clip(N - (T - 1 - t) // 4, 0, N).astype(mx.int32)
+    mx.eval(q, w, keys, visible)
+    del kf
+    return q, w, keys, visible
+
+
+def timed(fn, budget_s: float, reps_min: int = 3, reps_max: int = 25):
+    """(median ms, reps, peak MiB, extra MiB) of fn() evaluated; the first, untimed call
+    (kernel build, warm-up) gives the peak memory."""
+    mx.synchronize()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    out = fn()
+    mx.eval(out)
+    mx.synchronize()
+    peak = mx.get_peak_memory()
+    del out
+    times = []
+    start = time.perf_counter()
+    while len(times) < reps_max and (len(times) < reps_min
+                                     or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        out = fn()
+        mx.eval(out)
+        mx.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+        del out
+    return statistics.median(times), len(times), peak / MiB, (peak - base) / MiB
+
+
+TUNE_SIZES = ((65536, 1), (262144, 1), (65536, 512))
+
+
+def tune(backend, H, D, K, budget_s, sizes=TUNE_SIZES):
+    """Scoring kernel, top-k kernel and argpartition timed apart, over launch parameters."""
+    print("tune: parts timed apart (ms, one call an eval)")
+    for fmt in ("fp4", "bf16"):
+        for N, T in sizes:
+            q, w, keys, vis = make_inputs(T, N, H, D, fmt)
+            line = [f"  {fmt:4s} N={N:>7d} T={T:>4d} score"]
+            for bn, e in ((64, 1), (128, 1), (128, 2), (256, 1), (128, 4), (128, 8)):
+                ms = timed(lambda: ki.indexer_scores_kernel(q, w, keys, vis, backend=backend,
+                                                            bn=bn, e=e), budget_s)[0]
+                line.append(f"bn{bn}/e{e} {ms:.3f}")
+            dflt = ki.score_launch(1, T, N, H, D)
+            line.append(f"(default bn{dflt[0]}/e{dflt[2]})")
+            print("  ".join(line), flush=True)
+            s = ki.indexer_scores_kernel(q, w, keys, vis, backend=backend)
+            mx.eval(s)
+            TG, U, S = ki.topk_launch(1, T, N, K)
+            line = [f"  {fmt:4s} N={N:>7d} T={T:>4d} top-k"]
+            for tg, u, sl in ((1024, 4, 1), (256, 4, 1), (TG, U, S), (TG, 8, S), (512, 4, S),
+                              (TG, U, max(1, S // 2)), (TG, U, min(128, 2 * S))):
+                ms = timed(lambda: ki.indexer_select_kernel(s, vis, K, backend=backend, tg=tg, u=u,
+                                                            s=sl), budget_s)[0]
+                line.append(f"tg{tg}/u{u}/s{sl} {ms:.3f}")
+
+            def argp():
+                i = mx.argpartition(-s, kth=K - 1, axis=-1)[..., :K].astype(mx.int32)
+                return mx.where(i >= vis[None, :, None], -1, i)
+
+            line.append(f"argpartition {timed(argp, budget_s)[0]:.3f}")
+            line.append(f"(default tg{TG}/u{U}/s{S})")
+            print("  ".join(line), flush=True)
+            del q, w, keys, vis, s
+            mx.clear_cache()
+    print()
+
+
+# ---- GPU time per call from Nsight Compute (CUDA): marker kernels bracket the timed calls
+
+
+def _marker(i: int, what: str):
+    kern = mx.fast.cuda_kernel(name=f"dsv4mark_{i}_{what}", input_names=["x"],
+                               output_names=["y"], source="y[0] = x[0];")
+    x = mx.zeros((1,), mx.float32)
+    mx.eval(kern(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
+                 threadgroup=(1, 1, 1), stream=mx.gpu)[0])
+
+
+PROFILE_CALLS = 3
+
+
+def profile(backend, H, D, K, entries):
+    """Run under ``ncu --metrics gpu__time_duration.sum --csv --log-file F``; then
+    ``--parse-ncu F`` sums the kernel durations between the markers of each case."""
+    cases = []
+    for fmt in ("fp4", "bf16"):
+        for N in entries:
+            for path in ("ops", "kernel"):
+                a = make_inputs(1, N, H, D, fmt)
+                fn = (lambda: ki.indexer_topk_ops(*a, K)) if path == "ops" else \
+                    (lambda: ki.indexer_topk_kernel(*a, K, backend=backend))
+                for _ in range(2):
+                    mx.eval(fn())
+                i = len(cases)
+                cases.append((fmt, N, path))
+                _marker(i, "begin")
+                for _ in range(PROFILE_CALLS):
+                    mx.eval(fn())
+                _marker(i, "end")
+                del a
+    for i, c in enumerate(cases):
+        print(f"case {i}: {c[0]} N={c[1]} {c[2]}")
+
+
+def parse_ncu(path: str):
+    rows = []
+    with open(path) as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    rd = csv.DictReader(lines)
+    for r in rd:
+        if r.get("Metric Name") == "gpu__time_duration.sum":
+            value = float(r["Metric Value"].replace(",", ""))
+            rows.append((int(r["ID"]), r["Kernel Name"], value, r["Metric Unit"]))
+    rows.sort()
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+    cases, cur = {}, None
+    for _, name, val, unit in rows:
+        if "dsv4mark_" in name:
+            tag = name[name.index("dsv4mark_"):].split("_")
+            cur = int(tag[1]) if tag[2].startswith("begin") else None
+            continue
+        if cur is not None:
+            tot, n, names = cases.get(cur, (0.0, 0, []))
+            cases[cur] = (tot + val * scale.get(unit, 1e-3), n + 1,
+                          names + [name.split("(")[0][:40]])
+    return cases
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    ap.add_argument("--entries", type=_ints, default=None,
+                    help="comma list (default GPU: 1024..262144; CPU: 1024,4096,16384,65536)")
+    ap.add_argument("--queries", type=_ints, default=[1, 512, 2048])
+    ap.add_argument("--keys", default="fp4,bf16")
+    ap.add_argument("--heads", type=int, default=64)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--topk", type=int, default=512)
+    ap.add_argument("--max-gflop", type=float, default=None,
+                    help="skip combinations above this many GFLOP a call (default GPU: none; "
+                         "CPU: 10)")
+    ap.add_argument("--budget-s", type=float, default=1.0, help="timing budget a measurement")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    ap.add_argument("--batch-calls", type=int, default=None,
+                    help="for T=1 also time this many calls in one evaluation (per-call time "
+                         "without MLX's per-evaluation overhead; default GPU: 16, CPU: off)")
+    ap.add_argument("--profile", action="store_true",
+                    help="(CUDA, under ncu) decode calls bracketed by marker kernels")
+    ap.add_argument("--parse-ncu", default=None, metavar="CSV",
+                    help="sum the GPU time a call from an ncu --csv log of --profile")
+    ap.add_argument("--tune", action="store_true",
+                    help="first time the two kernels apart over their launch parameters")
+    args = ap.parse_args(argv)
+    if args.parse_ncu:
+        cases = parse_ncu(args.parse_ncu)
+        labels = {}
+        log = Path(args.parse_ncu).with_suffix(".cases")
+        if log.exists():
+            for ln in log.read_text().splitlines():
+                if ln.startswith("case "):
+                    i, rest = ln[5:].split(": ", 1)
+                    labels[int(i)] = rest
+        print(f"GPU time a call (sum of kernel durations, Nsight Compute), T=1, "
+              f"mean of {PROFILE_CALLS} calls")
+        print("| case | us a call | kernels a call |")
+        print("|---|---|---|")
+        for i in sorted(cases):
+            tot, n, names = cases[i]
+            print(f"| {labels.get(i, i)} | {tot / PROFILE_CALLS:.1f} | {n // PROFILE_CALLS} |")
+        for i in sorted(cases):
+            print(f"  {labels.get(i, i)}: {', '.join(cases[i][2][: cases[i][1] // PROFILE_CALLS])}")
+        return
+
+    gpu = bool(dispatch.available_backends()) if args.device == "auto" else args.device == "gpu"
+    mx.set_default_device(mx.gpu if gpu else mx.cpu)
+    backend = dispatch.select_backend() if gpu else "ops"
+    label = backend if backend != "ops" else "cpu"
+    entries = args.entries or ([1024, 4096, 16384, 65536, 262144] if gpu
+                               else [1024, 4096, 16384, 65536])
+    if args.batch_calls is None:
+        args.batch_calls = 16 if gpu else 0
+    max_gflop = args.max_gflop if args.max_gflop is not None else (float("inf") if gpu else 10.0)
+    mem = device_memory()
+    H, D, K = args.heads, args.dim, args.topk
+    info = mx.device_info()
+    print(f"device: {label} ({info.get('device_name', '?')}), memory {mem / 2**30:.0f} GiB, "
+          f"mlx {mx.__version__}; H={H} d={D} topk={K}, batch 1, bf16 queries")
+
+    if args.profile:
+        profile(backend, args.heads, args.dim, args.topk, args.entries or [65536, 262144])
+        return
+    if args.tune and backend != "ops":
+        tune(backend, H, D, K, args.budget_s / 2)
+
+    paths = {"ops": lambda a: ki.indexer_topk_ops(*a, K)}
+    if backend != "ops":
+        paths["kernel"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend)
+        paths["kernel+argp"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend,
+                                                                select="argpartition")
+    rows, skipped = [], []
+    for fmt in args.keys.split(","):
+        for N in entries:
+            for T in args.queries:
+                gflop = 2 * T * N * H * D / 1e9
+                if gflop > max_gflop:
+                    skipped.append((fmt, N, T, "all",
+                                    f"{gflop:.0f} GFLOP > --max-gflop {max_gflop:g}"))
+                    continue
+                a = make_inputs(T, N, H, D, fmt)
+                results = {}
+                for name, fn in paths.items():
+                    need = (3 * T * H * N * 4 + 2 * N * D * 4 + 3 * T * N * 4) if name == "ops" \
+                        else (2 * T * N * 4 + N * D * 2)
+                    if need > 0.8 * mem:
+                        skipped.append((fmt, N, T, name, f"needs ~{need / 2**30:.0f} GiB "
+                                        f"(> 80% of {mem / 2**30:.0f} GiB)"))
+                        continue
+                    try:
+                        ms, reps, peak, extra = timed(lambda: fn(a), args.budget_s)
+                    except Exception as e:  # out of memory and the like: report, go on
+                        skipped.append((fmt, N, T, name, f"{type(e).__name__}: {str(e)[:80]}"))
+                        continue
+                    results[(name, 1)] = ms
+                    rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
+                                     calls_per_eval=1, median_ms=round(ms, 4), reps=reps,
+                                     peak_mib=round(peak, 1), extra_mib=round(extra, 1),
+                                     hn_fp32_mib=round(H * N * 4 / MiB, 1), speedup_vs_ops=""))
+                    print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms:10.3f} ms "
+                          f"(x{reps})  peak {peak:9.1f} MiB  extra {extra:9.1f} MiB", flush=True)
+                    R = args.batch_calls
+                    if T == 1 and R > 1:
+                        qs = [a[0] * (1.0 + 0.01 * i) for i in range(R)]
+                        mx.eval(qs)
+                        ms_b, reps_b, peak_b, extra_b = timed(
+                            lambda: [fn((qi, *a[1:])) for qi in qs], args.budget_s)
+                        del qs
+                        results[(name, R)] = ms_b / R
+                        rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
+                                         calls_per_eval=R, median_ms=round(ms_b / R, 4),
+                                         reps=reps_b, peak_mib=round(peak_b, 1),
+                                         extra_mib=round(extra_b, 1),
+                                         hn_fp32_mib=round(H * N * 4 / MiB, 1),
+                                         speedup_vs_ops=""))
+                        print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms_b / R:10.3f} ms "
+                              f"a call, {R} calls an eval (x{reps_b})", flush=True)
+                for r in rows:
+                    if (r["keys"], r["entries"], r["queries"]) == (fmt, N, T) and \
+                            ("ops", r["calls_per_eval"]) in results:
+                        r["speedup_vs_ops"] = round(results[("ops", r["calls_per_eval"])]
+                                                    / r["median_ms"], 2)
+                del a
+                mx.clear_cache()
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"indexer_{label}.csv"
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["device"])
+        wr.writeheader()
+        wr.writerows(rows)
+
+    names = list(paths)
+    for cpe, title in ((1, "one call an evaluation (latency, includes MLX's per-evaluation "
+                           "overhead)"),
+                       (args.batch_calls, f"T=1, {args.batch_calls} calls an evaluation "
+                                          f"(time a call, without that overhead)")):
+        sel = [r for r in rows if r["calls_per_eval"] == cpe]
+        if not sel or (cpe == args.batch_calls and cpe <= 1):
+            continue
+        print(f"\n{label}: {title}; median ms")
+        hdr = "| keys | entries | queries | " + " | ".join(f"{n} ms" for n in names)
+        if len(names) > 1:
+            hdr += " | " + " | ".join(f"{n} vs ops" for n in names[1:])
+        hdr += " | " + " | ".join(f"{n} extra MiB" for n in names) + " |"
+        print(hdr)
+        print("|" + "---|" * (hdr.count("|") - 1))
+        seen = []
+        for r in sel:
+            key = (r["keys"], r["entries"], r["queries"])
+            if key not in seen:
+                seen.append(key)
+        for key in seen:
+            by = {r["path"]: r for r in sel if (r["keys"], r["entries"], r["queries"]) == key}
+            cells = [key[0], str(key[1]), str(key[2])]
+            cells += [f"{by[n]['median_ms']:.3f}" if n in by else "skip" for n in names]
+            if len(names) > 1:
+                cells += [f"{by[n]['speedup_vs_ops']}x" if n in by and by[n]["speedup_vs_ops"] != ""
+                          else "-" for n in names[1:]]
+            cells += [f"{by[n]['extra_mib']:.1f}" if n in by else "-" for n in names]
+            print("| " + " | ".join(cells) + " |")
+    if skipped:
+        print("\nskipped:")
+        for fmt, N, T, name, why in skipped:
+            print(f"  {fmt} N={N} T={T} {name}: {why}")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

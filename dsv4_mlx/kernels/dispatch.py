@@ -1,0 +1,118 @@
+"""Which implementation of a kernelised op runs: device selection, override, fallback.
+
+``DSV4_INDEXER_KERNEL=auto|metal|cuda|ops`` (default ``auto``):
+
+* ``auto``: the GPU kernels when MLX's default device is the GPU (Metal on Apple silicon,
+  CUDA with MLX's CUDA backend), the pure-ops path otherwise (CPU);
+* ``metal`` / ``cuda``: that kernel whatever the default device (it runs on the GPU
+  stream); an error if this MLX has no such backend;
+* ``ops``: the pure-MLX-ops path.
+
+A kernel that fails to build at run time (its first use is a probe on tiny inputs,
+evaluated at once, since MLX compiles lazily) is reported once with a warning and the
+ops path is used for it from then on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import mlx.core as mx
+
+ENV_VAR = "DSV4_INDEXER_KERNEL"
+CHOICES = ("auto", "metal", "cuda", "ops")
+
+
+def requested(env_var: str = ENV_VAR) -> str:
+    """The value of the override variable, validated (``auto`` when unset or empty)."""
+    value = os.environ.get(env_var, "").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{env_var}={value!r}: expected one of {', '.join(CHOICES)}")
+    return value
+
+
+def metal_available() -> bool:
+    try:
+        return bool(mx.metal.is_available())
+    except Exception:  # pragma: no cover - very old MLX
+        return False
+
+
+def cuda_available() -> bool:
+    try:
+        return bool(mx.cuda.is_available())
+    except Exception:  # pragma: no cover - MLX without the cuda module
+        return False
+
+
+def available_backends() -> tuple[str, ...]:
+    out = []
+    if metal_available():
+        out.append("metal")
+    if cuda_available():
+        out.append("cuda")
+    return tuple(out)
+
+
+def select_backend(env_var: str = ENV_VAR) -> str:
+    """``"metal"``, ``"cuda"`` or ``"ops"`` for the next call."""
+    req = requested(env_var)
+    if req == "ops":
+        return "ops"
+    if req in ("metal", "cuda"):
+        if req not in available_backends():
+            raise RuntimeError(
+                f"{env_var}={req} but this MLX ({mx.__version__}) has no {req} backend "
+                f"(available: {', '.join(available_backends()) or 'none'}); "
+                f"use {env_var}=auto or ops"
+            )
+        return req
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return "ops"
+    if metal_available():
+        return "metal"
+    if cuda_available():
+        return "cuda"
+    return "ops"
+
+
+# --------------------------------------------------------------------------------------------
+# warn-once fallback
+
+_warned: set[str] = set()
+_broken: dict[str, str] = {}  # variant key -> reason
+_ok: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def kernel_usable(key: str, probe: Callable[[], None], what: str) -> bool:
+    """True if the kernel variant `key` builds and runs; probes it once (`probe` builds and
+    evaluates it on tiny inputs). On failure: one warning, then False for good."""
+    if key in _ok:
+        return True
+    if key in _broken:
+        return False
+    try:
+        probe()
+    except Exception as e:  # compile errors surface as RuntimeError / ValueError
+        _broken[key] = f"{type(e).__name__}: {e}"
+        warn_once(key, f"{what}: the kernel failed to build or run ({_broken[key]}); "
+                       f"falling back to the pure-ops path")
+        return False
+    _ok.add(key)
+    return True
+
+
+def reset() -> None:
+    """Forget probes and warnings (tests)."""
+    _warned.clear()
+    _broken.clear()
+    _ok.clear()

@@ -1,0 +1,674 @@
+"""Kernel source of the lightning indexer (spec §4.7): one body, three dialects.
+
+The two kernels (scoring and top-k selection) are written once, in the common subset of
+Metal Shading Language, CUDA C++ and C++, against a handful of ``KI_*`` macros and three
+index variables (``ki_tid``, ``ki_gx/gy/gz``). A dialect is a header (the macros) plus a
+prologue (the index variables) put in front of the body:
+
+* ``metal`` for ``mx.fast.metal_kernel``,
+* ``cuda`` for ``mx.fast.cuda_kernel``,
+* ``cpp`` a CPU emulation used by the tests (threadgroups run one after the other, their
+  threads as fibers that switch at each barrier), so the body's logic is checked on any
+  machine.
+
+Rules the bodies keep, so that the same text is valid everywhere:
+
+* inputs are indexed directly (``q[i]``), never through local pointers: newer MLX passes
+  inputs of fewer than 8 elements in Metal's ``constant`` address space, and a local
+  ``device`` pointer to them would not compile; local pointers exist only to outputs;
+* no warp/SIMD intrinsics in the bodies; the one place where the CUDA dialect uses them
+  (a warp-aggregated histogram increment) hides behind ``KI_HIST_ADD``;
+* every barrier is reached by all threads of a group or by none (early exits are uniform);
+* runtime sizes come from ``<input>_shape`` (MLX adds those parameters when the body names
+  them); sizes that shape the code (head dim, heads, block sizes, k) are template constants.
+
+`render_metal`, `render_cuda` and `render_cpp` reproduce the full source that MLX compiles
+(`mlx/backend/common/metal_kernel.cpp` ``write_signature`` and
+`mlx/backend/cuda/custom_kernel.cpp` ``build_kernel``, mlx 0.32); the tests compile them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# --------------------------------------------------------------------------------------------
+# dialects
+
+_METAL_DIALECT = r"""
+// ---- dialect: Metal (MLX prepends <metal_stdlib>, `using namespace metal`, bfloat16_t) ----
+#define KI_FN inline
+#define KI_SHARED threadgroup
+#define KI_DEVICE device
+#define KI_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define KI_ATOMIC_UINT atomic_uint
+#define KI_ATOMIC_ADD(a, v) atomic_fetch_add_explicit(&(a), (v), memory_order_relaxed)
+#define KI_ATOMIC_LOAD(a) atomic_load_explicit(&(a), memory_order_relaxed)
+#define KI_ATOMIC_STORE(a, v) atomic_store_explicit(&(a), (v), memory_order_relaxed)
+#define KI_HIST_ADD(h, bin) atomic_fetch_add_explicit(&(h)[(bin)], 1u, memory_order_relaxed)
+#define KI_FLOAT4(a, b, c, d) float4((a), (b), (c), (d))
+#define KI_LOAD4F(p, i) float4((p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3])
+#define KI_LOAD4U(p, i) uint4((p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3])
+#define KI_AS_FLOAT(u) as_type<float>((uint)(u))
+#define KI_AS_UINT(f) as_type<uint>((float)(f))
+#define KI_NEG_INF (-INFINITY)
+#define KI_UNROLL _Pragma("clang loop unroll(full)")
+template <typename U>
+inline float ki_to_float(U x) {
+  return static_cast<float>(x);
+}
+"""
+
+_CUDA_DIALECT = r"""
+// ---- dialect: CUDA (MLX includes mlx/backend/cuda/device/utils.cuh: cuda_bf16/fp16) ----
+#define KI_FN __device__ __forceinline__
+#define KI_SHARED __shared__
+#define KI_DEVICE
+#define KI_BARRIER() __syncthreads()
+#define KI_ATOMIC_UINT unsigned int
+#define KI_ATOMIC_ADD(a, v) atomicAdd(&(a), (v))
+#define KI_ATOMIC_LOAD(a) (a)
+#define KI_ATOMIC_STORE(a, v) ((a) = (v))
+// Warp-aggregated histogram increment: the lanes holding the same bin add once. In the
+// first radix pass nearly all scores share their top bits, and plain shared atomics would
+// serialise 32-fold on one address.
+#define KI_HIST_ADD(h, bin)                                                   \
+  do {                                                                        \
+    const unsigned int ki_b_ = (bin);                                         \
+    const unsigned int ki_peers_ = __match_any_sync(__activemask(), ki_b_);   \
+    if ((int)(threadIdx.x & 31u) == __ffs(ki_peers_) - 1)                     \
+      atomicAdd(&(h)[ki_b_], (unsigned int)__popc(ki_peers_));                \
+  } while (0)
+#define KI_FLOAT4(a, b, c, d) make_float4((a), (b), (c), (d))
+#define KI_LOAD4F(p, i) (reinterpret_cast<const float4*>(p)[(i)])
+#define KI_LOAD4U(p, i) (reinterpret_cast<const uint4*>(p)[(i)])
+#define KI_AS_FLOAT(u) __uint_as_float((unsigned int)(u))
+#define KI_AS_UINT(f) __float_as_uint((float)(f))
+#define KI_NEG_INF __uint_as_float(0xff800000u)
+#define KI_UNROLL _Pragma("unroll")
+__device__ __forceinline__ float ki_to_float(float x) { return x; }
+__device__ __forceinline__ float ki_to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float ki_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+"""
+
+# CPU emulation: threadgroups run one after the other; the threads of a group are fibers
+# (ucontext) that yield to a scheduler at every barrier, so "all threads reach the barrier
+# before any passes it" holds exactly. `static` locals play the part of shared memory (one
+# group at a time). A barrier reached by some threads while others have returned aborts.
+_CPP_DIALECT = r"""
+// ---- dialect: C++ CPU emulation (tests only) ----
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <ucontext.h>
+#include <vector>
+
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned int x, y, z, w; };
+
+namespace ki_emu {
+inline ucontext_t sched_ctx;
+inline std::vector<ucontext_t> ctxs;
+inline std::vector<std::vector<char>> stacks;
+inline std::vector<int> state;  // 0 running, 1 at barrier, 2 returned
+inline int cur = 0;
+inline int group[3] = {0, 0, 0};
+inline std::function<void()>* job = nullptr;
+
+inline void entry() {
+  (*job)();
+  state[cur] = 2;  // uc_link returns to the scheduler
+}
+inline void barrier() {
+  state[cur] = 1;
+  swapcontext(&ctxs[cur], &sched_ctx);
+}
+// Runs `f` once per thread of each threadgroup of a (gx, gy, gz) grid of groups of `tg`.
+inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
+  job = &f;
+  const size_t stack_size = 1 << 16;
+  ctxs.resize(tg);
+  stacks.resize(tg);
+  state.assign(tg, 0);
+  for (auto& s : stacks) s.resize(stack_size);
+  for (int z = 0; z < gz; ++z)
+    for (int y = 0; y < gy; ++y)
+      for (int x = 0; x < gx; ++x) {
+        group[0] = x; group[1] = y; group[2] = z;
+        for (int i = 0; i < tg; ++i) {
+          getcontext(&ctxs[i]);
+          ctxs[i].uc_stack.ss_sp = stacks[i].data();
+          ctxs[i].uc_stack.ss_size = stack_size;
+          ctxs[i].uc_link = &sched_ctx;
+          makecontext(&ctxs[i], (void (*)())entry, 0);
+          state[i] = 0;
+        }
+        for (;;) {
+          int at_barrier = 0, returned = 0;
+          for (int i = 0; i < tg; ++i) {
+            if (state[i] == 2) { ++returned; continue; }
+            cur = i;
+            state[i] = 0;
+            swapcontext(&sched_ctx, &ctxs[i]);
+            if (state[i] == 1) ++at_barrier; else ++returned;
+          }
+          if (at_barrier == 0) break;
+          if (returned != 0) {
+            std::fprintf(stderr, "ki_emu: non-uniform barrier in group (%d, %d, %d)\n", x, y, z);
+            std::abort();
+          }
+        }
+      }
+}
+}  // namespace ki_emu
+
+#define KI_FN inline
+#define KI_SHARED static
+#define KI_DEVICE
+#define KI_BARRIER() ki_emu::barrier()
+#define KI_ATOMIC_UINT std::atomic<unsigned int>
+#define KI_ATOMIC_ADD(a, v) (a).fetch_add((v))
+#define KI_ATOMIC_LOAD(a) (a).load()
+#define KI_ATOMIC_STORE(a, v) (a).store((v))
+#define KI_HIST_ADD(h, bin) (h)[(bin)].fetch_add(1u)
+#define KI_FLOAT4(a, b, c, d) float4{(a), (b), (c), (d)}
+#define KI_LOAD4F(p, i) float4{(p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3]}
+#define KI_LOAD4U(p, i) uint4{(p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3]}
+inline float ki_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned int ki_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
+#define KI_AS_FLOAT(u) ki_as_float((unsigned int)(u))
+#define KI_AS_UINT(f) ki_as_uint((float)(f))
+#define KI_NEG_INF (-INFINITY)
+#define KI_UNROLL
+inline float ki_to_float(float x) { return x; }
+"""
+
+_DIALECTS = {"metal": _METAL_DIALECT, "cuda": _CUDA_DIALECT, "cpp": _CPP_DIALECT}
+
+# The prologue is part of the *body*: mx.fast.metal_kernel adds the Metal attributes
+# ([[thread_position_in_threadgroup]], ...) to the signature only if the body names them.
+_PROLOGUES = {
+    "metal": """\
+  const int ki_tid = (int)thread_position_in_threadgroup.x;
+  const int ki_gx = (int)threadgroup_position_in_grid.x;
+  const int ki_gy = (int)threadgroup_position_in_grid.y;
+  const int ki_gz = (int)threadgroup_position_in_grid.z;
+  (void)ki_tid; (void)ki_gx; (void)ki_gy; (void)ki_gz;
+""",
+    "cuda": """\
+  const int ki_tid = (int)threadIdx.x;
+  const int ki_gx = (int)blockIdx.x;
+  const int ki_gy = (int)blockIdx.y;
+  const int ki_gz = (int)blockIdx.z;
+  (void)ki_tid; (void)ki_gx; (void)ki_gy; (void)ki_gz;
+""",
+    "cpp": """\
+  const int ki_tid = ki_emu::cur;
+  const int ki_gx = ki_emu::group[0];
+  const int ki_gy = ki_emu::group[1];
+  const int ki_gz = ki_emu::group[2];
+  (void)ki_tid; (void)ki_gx; (void)ki_gy; (void)ki_gz;
+""",
+}
+
+# Helpers shared by all dialects (after the dialect macros).
+_COMMON_HEADER = r"""
+// ---- common helpers (spec §3.3 FP4 / UE8M0 decoding) ----
+// e2m1 code -> value: bit 3 sign, bits 1-2 exponent, bit 0 mantissa:
+// [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+KI_FN float ki_e2m1(unsigned int c) {
+  const unsigned int e = (c >> 1) & 3u;
+  const unsigned int m = c & 1u;
+  const float mag = 0.5f * (float)(e == 0u ? m : ((2u + m) << (e - 1u)));
+  return (c & 8u) ? -mag : mag;
+}
+// UE8M0 byte s -> 2^(s - 127), built from the fp32 bits (s = 0 is the subnormal 2^-127)
+KI_FN float ki_e8m0(unsigned int s) {
+  return KI_AS_FLOAT(s == 0u ? 0x00400000u : (s << 23));
+}
+// Order-preserving map of fp32 to uint32: a > b  <=>  key(a) > key(b) (for non-NaN)
+KI_FN unsigned int ki_order_key(float f) {
+  const unsigned int u = KI_AS_UINT(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+"""
+
+# --------------------------------------------------------------------------------------------
+# scoring kernel (spec §4.7)
+
+# Key layouts. "f32": keys float32 [B, N, D]. "bf16": keys bfloat16 [B, N, D] passed as
+# their uint32 view [B, N, D/2] (element 2i in the low half of word i). "fp4": MLX mxfp4,
+# packed uint32 [B, N, D/8] (element j in byte j/2 of the row, low nibble = even j) plus
+# UE8M0 scales uint8 [B, N, D/32].
+KEY_MODES = ("f32", "bf16", "fp4")
+
+_KEY_INPUTS = {"f32": ["k"], "bf16": ["k"], "fp4": ["kq", "ks"]}
+
+_KEY_LOAD = {
+    "f32": """\
+      KI_UNROLL
+      for (int j = 0; j < D / 4; ++j) {
+        const float4 v = KI_LOAD4F(k + row * D, j);
+        kr[4 * j + 0] = v.x; kr[4 * j + 1] = v.y; kr[4 * j + 2] = v.z; kr[4 * j + 3] = v.w;
+      }
+""",
+    "bf16": """\
+      // bf16 -> fp32 is the 16 bits moved to the top of the word
+      KI_UNROLL
+      for (int j = 0; j < D / 8; ++j) {
+        const uint4 v = KI_LOAD4U(k + row * (D / 2), j);
+        kr[8 * j + 0] = KI_AS_FLOAT(v.x << 16); kr[8 * j + 1] = KI_AS_FLOAT(v.x & 0xffff0000u);
+        kr[8 * j + 2] = KI_AS_FLOAT(v.y << 16); kr[8 * j + 3] = KI_AS_FLOAT(v.y & 0xffff0000u);
+        kr[8 * j + 4] = KI_AS_FLOAT(v.z << 16); kr[8 * j + 5] = KI_AS_FLOAT(v.z & 0xffff0000u);
+        kr[8 * j + 6] = KI_AS_FLOAT(v.w << 16); kr[8 * j + 7] = KI_AS_FLOAT(v.w & 0xffff0000u);
+      }
+""",
+    "fp4": """\
+      // mxfp4: one UE8M0 scale per 32 elements = per 4 words; the FP4 keys of the
+      // reference (spec §4.13 item 3) are read packed and decoded into registers
+      KI_UNROLL
+      for (int g = 0; g < D / 32; ++g) {
+        const float s = ki_e8m0((unsigned int)ks[row * (D / 32) + g]);
+        const uint4 v = KI_LOAD4U(kq + row * (D / 8), g);
+        KI_UNROLL
+        for (int i = 0; i < 8; ++i) {
+          kr[32 * g + 0 + i] = ki_e2m1((v.x >> (4 * i)) & 15u) * s;
+          kr[32 * g + 8 + i] = ki_e2m1((v.y >> (4 * i)) & 15u) * s;
+          kr[32 * g + 16 + i] = ki_e2m1((v.z >> (4 * i)) & 15u) * s;
+          kr[32 * g + 24 + i] = ki_e2m1((v.w >> (4 * i)) & 15u) * s;
+        }
+      }
+""",
+}
+
+_SCORE_BODY = """\
+  // ---- lightning-indexer scores (spec §4.7) ----
+  //   score[b, t, n] = sum_h w[b, t, h] * relu(q[b, t, h, :] . K[b, n, :])   n < visible[t]
+  //                  = -inf                                                 otherwise
+  // A thread owns one key row at a time (E rows, BN apart), decoded to fp32 registers;
+  // the queries of (b, t) sit in shared memory, HC heads at a time; the weighted ReLU sum
+  // over heads accumulates in one register, so no [heads x entries] buffer ever exists.
+  // Grid: (ceil(N / (BN * E)) * BN, T, B) threads in threadgroups of (BN, 1, 1).
+  // Template constants: QT (query dtype), D, H, HC (heads per shared chunk), BN, E.
+  constexpr int NCHUNK = (H + HC - 1) / HC;
+  KI_SHARED float4 ki_qs[HC * (D / 4)];
+  const int T = q_shape[1];
+  const int N = @KEYS@_shape[1];
+  const int t = ki_gy;
+  const int b = ki_gz;
+  int vis = visible[t];
+  vis = vis < 0 ? 0 : (vis > N ? N : vis);
+  const int64_t bt = (int64_t)b * T + t;
+  KI_DEVICE float* out = scores + bt * N;
+  const int n_first = ki_gx * (BN * E);
+
+  if (n_first >= vis) {
+    // the whole threadgroup lies past the visible prefix (uniform exit: no barrier skipped)
+    for (int e = 0; e < E; ++e) {
+      const int n = n_first + e * BN + ki_tid;
+      if (n < N) out[n] = KI_NEG_INF;
+    }
+    return;
+  }
+
+  float kr[D];
+  for (int e = 0; e < E; ++e) {
+    const int n = n_first + e * BN + ki_tid;
+    const bool active = n < vis;
+    if (active) {
+      const int64_t row = (int64_t)b * N + n;
+@KEY_LOAD@    }
+    float acc = 0.0f;
+    for (int h0 = 0; h0 < H; h0 += HC) {
+      if (NCHUNK > 1 || e == 0) {
+        // (re)load queries h0 .. h0 + HC of (b, t) into shared memory, as fp32
+        KI_BARRIER();
+        for (int i = ki_tid; i < HC * (D / 4); i += BN) {
+          const int hh = h0 + i / (D / 4);
+          if (hh < H) {
+            const int64_t src = (bt * H + hh) * D + 4 * (i % (D / 4));
+            ki_qs[i] = KI_FLOAT4(ki_to_float(q[src]), ki_to_float(q[src + 1]),
+                                 ki_to_float(q[src + 2]), ki_to_float(q[src + 3]));
+          }
+        }
+        KI_BARRIER();
+      }
+      if (active) {
+        const int hn = (H - h0) < HC ? (H - h0) : HC;
+        for (int hc = 0; hc < hn; ++hc) {
+          float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+          KI_UNROLL
+          for (int j = 0; j < D / 4; ++j) {
+            const float4 qv = ki_qs[hc * (D / 4) + j];
+            d0 += qv.x * kr[4 * j + 0];
+            d1 += qv.y * kr[4 * j + 1];
+            d2 += qv.z * kr[4 * j + 2];
+            d3 += qv.w * kr[4 * j + 3];
+          }
+          const float dot = (d0 + d1) + (d2 + d3);
+          acc += w[bt * H + h0 + hc] * (dot > 0.0f ? dot : 0.0f);
+        }
+      }
+    }
+    if (n < N) out[n] = active ? acc : KI_NEG_INF;
+  }
+"""
+
+# --------------------------------------------------------------------------------------------
+# top-k selection kernel (spec §4.7)
+
+_TOPK_BODY = """\
+  // ---- top-k selection (spec §4.7) ----
+  // One threadgroup a (row, segment): the K largest of its slice of scores[b, t, 0:vis) by
+  // a radix select on an order-preserving 32-bit key, 8 bits a pass, most significant
+  // first (at most 4 passes; it stops once the bin holding the K-th key is taken whole);
+  // a last pass writes the entries above that bin and as many entries of it as are needed
+  // (ties: any of them, §4.7). A slice of at most K entries is written whole, the rest of
+  // its K slots as (-1, -inf). The order of the picks is unspecified.
+  // S > 1 splits each row in S slices (rows few and long: decode); a second launch with
+  // MAPPED = true and S = 1 then selects among the S * K candidates (all "visible"),
+  // reading the entry numbers from `cidx`. With S = 1 and MAPPED = false one launch does it:
+  // while vis > K every pick is visible; when vis <= K the picks are 0 .. vis-1 and -1.
+  // Grid: (S * TG, T, B) threads in threadgroups of (TG, 1, 1); TG >= 256.
+  // Template: K, TG, U (loads in flight a thread), S, MAPPED. Outputs idx, val [B, T, S, K].
+  KI_SHARED KI_ATOMIC_UINT ki_hist[256];
+  KI_SHARED unsigned int ki_scan[256];
+  KI_SHARED unsigned int ki_sel[3];
+  KI_SHARED KI_ATOMIC_UINT ki_cnt[2];
+  const int T = scores_shape[1];
+  const int M = scores_shape[2];
+  const int t = ki_gy;
+  const int b = ki_gz;
+  const int sg = ki_gx;
+  int vis = MAPPED ? M : visible[t];
+  vis = vis < 0 ? 0 : (vis > M ? M : vis);
+  const int seg = (vis + S - 1) / S;
+  const int lo = sg * seg;
+  const int hi = lo + seg < vis ? lo + seg : vis;
+  const int nseg = hi > lo ? hi - lo : 0;
+  const int64_t bt = (int64_t)b * T + t;
+  const int64_t base = bt * M;
+  KI_DEVICE int32_t* out = idx + (bt * S + sg) * K;
+  KI_DEVICE float* oval = val + (bt * S + sg) * K;
+
+  if (nseg <= K) {
+    for (int i = ki_tid; i < K; i += TG) {
+      if (i < nseg) {
+        out[i] = MAPPED ? cidx[base + lo + i] : lo + i;
+        oval[i] = scores[base + lo + i];
+      } else {
+        out[i] = -1;
+        oval[i] = KI_NEG_INF;
+      }
+    }
+    return;
+  }
+
+  unsigned int prefix = 0u;  // key bits fixed so far
+  unsigned int mask = 0u;    // which bits of the key are fixed
+  int krem = K;              // how many picks remain among the keys matching `prefix`
+  for (int pass = 0; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    if (ki_tid < 256) KI_ATOMIC_STORE(ki_hist[ki_tid], 0u);
+    KI_BARRIER();
+    for (int i0 = lo + ki_tid; i0 < hi; i0 += TG * U) {
+      unsigned int uk[U];
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        const int i = i0 + j * TG;
+        uk[j] = i < hi ? ki_order_key(scores[base + i]) : 0u;
+      }
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        if (i0 + j * TG < hi && (uk[j] & mask) == prefix) {
+          KI_HIST_ADD(ki_hist, (uk[j] >> shift) & 255u);
+        }
+      }
+    }
+    KI_BARRIER();
+    // suffix sums: ki_scan[i] = number of matching keys whose digit is >= i
+    if (ki_tid < 256) ki_scan[ki_tid] = KI_ATOMIC_LOAD(ki_hist[ki_tid]);
+    KI_BARRIER();
+    for (int off = 1; off < 256; off <<= 1) {
+      unsigned int v = 0u;
+      if (ki_tid < 256) v = ki_scan[ki_tid] + (ki_tid + off < 256 ? ki_scan[ki_tid + off] : 0u);
+      KI_BARRIER();
+      if (ki_tid < 256) ki_scan[ki_tid] = v;
+      KI_BARRIER();
+    }
+    // the digit whose bin holds the krem-th largest matching key (exactly one thread)
+    if (ki_tid < 256) {
+      const unsigned int above = ki_tid < 255 ? ki_scan[ki_tid + 1] : 0u;
+      if (above < (unsigned int)krem && ki_scan[ki_tid] >= (unsigned int)krem) {
+        ki_sel[0] = (unsigned int)ki_tid;
+        ki_sel[1] = (unsigned int)krem - above;
+        ki_sel[2] = ki_scan[ki_tid] - above;  // keys in that bin
+      }
+    }
+    KI_BARRIER();
+    prefix |= ki_sel[0] << shift;
+    mask |= 255u << shift;
+    krem = (int)ki_sel[1];
+    if (ki_sel[2] == (unsigned int)krem) break;  // the whole bin is taken (uniform)
+  }
+  // keys above the bin `prefix` (under `mask`) are all taken, and krem keys of the bin
+  if (ki_tid < 2) KI_ATOMIC_STORE(ki_cnt[ki_tid], 0u);
+  KI_BARRIER();
+  const int n_above = K - krem;
+  for (int i0 = lo + ki_tid; i0 < hi; i0 += TG * U) {
+    float sv[U];
+    KI_UNROLL
+    for (int j = 0; j < U; ++j) {
+      const int i = i0 + j * TG;
+      sv[j] = i < hi ? scores[base + i] : 0.0f;
+    }
+    KI_UNROLL
+    for (int j = 0; j < U; ++j) {
+      const int i = i0 + j * TG;
+      const unsigned int um = ki_order_key(sv[j]) & mask;
+      int p = -1;
+      if (i < hi) {
+        if (um > prefix) {
+          p = (int)KI_ATOMIC_ADD(ki_cnt[0], 1u);
+        } else if (um == prefix) {
+          const int q2 = (int)KI_ATOMIC_ADD(ki_cnt[1], 1u);
+          if (q2 < krem) p = n_above + q2;
+        }
+      }
+      if (p >= 0) {
+        out[p] = MAPPED ? cidx[base + i] : i;
+        oval[p] = sv[j];
+      }
+    }
+  }
+"""
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """What ``mx.fast.{metal,cuda}_kernel`` takes, for one kernel in one dialect."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    header: str
+    source: str
+
+
+def _header(dialect: str) -> str:
+    if dialect not in _DIALECTS:
+        raise ValueError(f"unknown dialect {dialect!r}; expected one of {sorted(_DIALECTS)}")
+    return _DIALECTS[dialect] + _COMMON_HEADER
+
+
+def score_source(dialect: str, key_mode: str) -> KernelSource:
+    """Scoring kernel. Inputs: q [B,T,H,D] (QT), w [B,T,H] f32, keys (per `key_mode`),
+    visible [T] int32; output scores [B,T,N] f32. Template: QT, D, H, HC, BN, E."""
+    if key_mode not in KEY_MODES:
+        raise ValueError(f"unknown key mode {key_mode!r}; expected one of {KEY_MODES}")
+    keys = _KEY_INPUTS[key_mode]
+    body = _SCORE_BODY.replace("@KEYS@", keys[0]).replace("@KEY_LOAD@", _KEY_LOAD[key_mode])
+    return KernelSource(
+        name=f"dsv4_indexer_score_{key_mode}",
+        input_names=("q", "w", *keys, "visible"),
+        output_names=("scores",),
+        header=_header(dialect),
+        source=_PROLOGUES[dialect] + body,
+    )
+
+
+def topk_source(dialect: str) -> KernelSource:
+    """Top-k kernel. Inputs: scores [B,T,M] f32, visible [T] int32, cidx [B,T,M] int32
+    (read only when MAPPED); outputs idx [B,T,S,K] int32, val [B,T,S,K] f32.
+    Template: K, TG, U, S, MAPPED."""
+    return KernelSource(
+        name="dsv4_indexer_topk",
+        input_names=("scores", "visible", "cidx"),
+        output_names=("idx", "val"),
+        header=_header(dialect),
+        source=_PROLOGUES[dialect] + _TOPK_BODY,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# full-source renderers (what MLX compiles), for the compile and emulation tests
+
+# dtype name (mx.Dtype str without the "mlx.core." prefix) -> type spelled in each dialect
+METAL_TYPES = {
+    "float32": "float", "float16": "float16_t", "bfloat16": "bfloat16_t", "int32": "int32_t",
+    "int64": "int64_t", "uint8": "uint8_t", "uint32": "uint32_t",
+}
+CUDA_TYPES = {
+    "float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int32_t",
+    "int64": "int64_t", "uint8": "uint8_t", "uint32": "uint32_t",
+}
+CPP_TYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t", "uint32": "uint32_t"}
+
+_METAL_ATTRIBUTES = [  # mlx metal_kernel: (name, type), added when the body names them
+    ("dispatch_quadgroups_per_threadgroup", "uint"),
+    ("dispatch_simdgroups_per_threadgroup", "uint"),
+    ("dispatch_threads_per_threadgroup", "uint3"),
+    ("grid_origin", "uint3"),
+    ("grid_size", "uint3"),
+    ("quadgroup_index_in_threadgroup", "uint"),
+    ("quadgroups_per_threadgroup", "uint"),
+    ("simdgroup_index_in_threadgroup", "uint"),
+    ("simdgroups_per_threadgroup", "uint"),
+    ("thread_execution_width", "uint"),
+    ("thread_index_in_quadgroup", "uint"),
+    ("thread_index_in_simdgroup", "uint"),
+    ("thread_index_in_threadgroup", "uint"),
+    ("thread_position_in_grid", "uint3"),
+    ("thread_position_in_threadgroup", "uint3"),
+    ("threadgroup_position_in_grid", "uint3"),
+    ("threadgroups_per_grid", "uint3"),
+    ("threads_per_grid", "uint3"),
+    ("threads_per_simdgroup", "uint"),
+    ("threads_per_threadgroup", "uint3"),
+]
+
+
+def _tmpl_value(v, types) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    return types[v]
+
+
+def render_metal(ks: KernelSource, inputs, output_dtypes, template) -> str:
+    """Full Metal source as mx.fast.metal_kernel builds it (less MLX's utils prelude).
+
+    ``inputs``: [(dtype_name, ndim, size)] per input; ``template``: [(name, int|bool|dtype)].
+    """
+    name = "custom_kernel_" + ks.name
+    out = [ks.header]
+    if template:
+        kinds = ["bool" if isinstance(v, bool) else "int" if isinstance(v, int) else "typename"
+                 for _, v in template]
+        params = ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template))
+        out.append(f"template <{params}>\n")
+    params = []
+    idx = 0
+    for n, (dt, ndim, size) in zip(ks.input_names, inputs):
+        loc = "constant" if size < 8 else "device"
+        ref = "&" if ndim == 0 else "*"
+        params.append(f"  const {loc} {METAL_TYPES[dt]}{ref} {n} [[buffer({idx})]]")
+        idx += 1
+        if ndim > 0:
+            if n + "_shape" in ks.source:
+                params.append(f"  const constant int* {n}_shape [[buffer({idx})]]")
+                idx += 1
+            if n + "_strides" in ks.source:
+                params.append(f"  const constant int64_t* {n}_strides [[buffer({idx})]]")
+                idx += 1
+            if n + "_ndim" in ks.source:
+                params.append(f"  const constant int& {n}_ndim [[buffer({idx})]]")
+                idx += 1
+    for n, dt in zip(ks.output_names, output_dtypes):
+        params.append(f"  device {METAL_TYPES[dt]}* {n} [[buffer({idx})]]")
+        idx += 1
+    for attr, ty in _METAL_ATTRIBUTES:
+        if attr in ks.source:
+            params.append(f"  {ty} {attr} [[{attr}]]")
+    out.append(f"[[kernel]] void {name}(\n" + ",\n".join(params) + ") {\n")
+    out.append(ks.source + "\n}\n")
+    if template:
+        targs = "<" + ", ".join(_tmpl_value(v, METAL_TYPES) for _, v in template) + ">"
+        out.append(f'\ntemplate [[host_name("{name}")]] [[kernel]] decltype({name}{targs}) '
+                   f"{name}{targs};\n")
+    return "".join(out)
+
+
+def render_cuda(ks: KernelSource, inputs, output_dtypes, template) -> str:
+    """Full CUDA source as mx.fast.cuda_kernel builds it."""
+    name = "custom_kernel_" + ks.name
+    out = ['\n#include "mlx/backend/cuda/device/utils.cuh"\n\n#include <cooperative_groups.h>\n\n',
+           ks.header, "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n",
+           f"__global__ void {name}(\n"]
+    params = []
+    for n, (dt, ndim, _size) in zip(ks.input_names, inputs):
+        params.append(f"    const {CUDA_TYPES[dt]}* {n}")
+        if ndim > 0:
+            if n + "_shape" in ks.source:
+                params.append(f"    const __grid_constant__ Shape {n}_shape")
+            if n + "_strides" in ks.source:
+                params.append(f"    const __grid_constant__ Strides {n}_strides")
+            if n + "_ndim" in ks.source:
+                params.append(f"    const __grid_constant__ int {n}_ndim")
+    for n, dt in zip(ks.output_names, output_dtypes):
+        params.append(f"    {CUDA_TYPES[dt]}* {n}")
+    out.append(",\n".join(params) + ") {\n")
+    for n, v in template:
+        if isinstance(v, bool):
+            out.append(f"  constexpr bool {n} = {_tmpl_value(v, CUDA_TYPES)};\n")
+        elif isinstance(v, int):
+            out.append(f"  constexpr int {n} = {v};\n")
+        else:
+            out.append(f"  using {n} = {CUDA_TYPES[v]};\n")
+    out.append("\n" + ks.source + "\n}\n\n} // namespace mlx::core::cu\n")
+    return "".join(out)
+
+
+def render_cpp_kernel(ks: KernelSource, inputs, output_dtypes, template, fn_name: str) -> str:
+    """The body as a plain C++ function for the CPU emulation (shapes as ``const int*``)."""
+    params = []
+    for n, (dt, ndim, _size) in zip(ks.input_names, inputs):
+        params.append(f"const {CPP_TYPES[dt]}* {n}")
+        if ndim > 0 and n + "_shape" in ks.source:
+            params.append(f"const int* {n}_shape")
+    for n, dt in zip(ks.output_names, output_dtypes):
+        params.append(f"{CPP_TYPES[dt]}* {n}")
+    consts = []
+    for n, v in template:
+        if isinstance(v, bool):
+            consts.append(f"  constexpr bool {n} = {_tmpl_value(v, CPP_TYPES)};\n")
+        elif isinstance(v, int):
+            consts.append(f"  constexpr int {n} = {v};\n")
+        else:
+            consts.append(f"  using {n} = {CPP_TYPES[v]};\n")
+    return (f"static void {fn_name}(" + ", ".join(params) + ") {\n" + "".join(consts) + "\n"
+            + ks.source + "\n}\n")

@@ -1,0 +1,741 @@
+"""Lightning-indexer kernels (spec §4.7): ops path, shared kernel body, Metal/CUDA sources.
+
+On any machine (CI):
+
+* the pure-ops path against a numpy float64 reference of the scoring, and its FP4-keys
+  path against dequantize-then-score (`convert.formats.dequant_fp4`);
+* the kernel body itself, compiled as C++ with the CPU-emulation dialect (threadgroups as
+  fibers, exact barrier semantics) and run against the same reference: every key layout,
+  the visibility edge cases, ties, block-size remainders, several entries a thread and
+  several head chunks;
+* the Metal source as `mx.fast.metal_kernel` would build it, compiled as C++ against a
+  stand-in <metal_stdlib> (tests/data/metal_stub) with ``g++ -fsyntax-only``;
+* the CUDA source as `mx.fast.cuda_kernel` builds it, compiled with nvcc (skipped without
+  nvcc and MLX's CUDA device headers);
+* the dispatch: DSV4_INDEXER_KERNEL, device choice, warn-once fallback.
+
+On a GPU (MLX with Metal or CUDA): the kernels against the ops path and the reference over
+the same matrix, and the absence of a [heads x entries] buffer (peak memory).
+
+Top-k selections are compared modulo ties: the multiset of reference scores of the picks
+must equal the k largest visible reference scores (within a tolerance), the picks must be
+distinct and visible, and the number of -1 must be k - min(visible, k).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from dsv4_mlx.convert.formats import dequant_fp4, fp4_to_mxfp4, quantize_fp4
+from dsv4_mlx.kernels import dispatch
+from dsv4_mlx.kernels import indexer as ki
+from dsv4_mlx.kernels import indexer_source as src
+
+# the ops path is compared with an fp64 reference: keep MLX's CUDA matmuls in full fp32
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+HERE = Path(__file__).parent
+METAL_STUB = HERE / "data" / "metal_stub"
+CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+
+# --------------------------------------------------------------------------------------------
+# data and reference
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 (round to nearest even), returned as fp32 values."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return (u.astype(np.uint32) << 16).view(np.float32)
+
+
+def bf16_words(x: np.ndarray) -> np.ndarray:
+    """fp32 values exactly representable in bf16 -> their uint32 view (pairs, low = even)."""
+    hi = (np.ascontiguousarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return hi.view(np.uint32)
+
+
+def make_case(rng, B, T, H, D, N, kind="random"):
+    """q [B,T,H,D], w [B,T,H], keys [B,N,D] fp32.
+
+    kinds: "random"; "zeros" (most dot products negative, so relu kills them: most scores
+    are exactly 0 and tie); "allzero" (w = 0: every score is 0); "negw" (negative head
+    weights: negative scores).
+    """
+    q = rng.standard_normal((B, T, H, D)).astype(np.float32)
+    keys = rng.standard_normal((B, N, D)).astype(np.float32)
+    w = (rng.standard_normal((B, T, H)) / np.sqrt(H * D)).astype(np.float32)
+    if kind == "zeros":
+        q = -np.abs(q)
+        keys = np.abs(keys)
+        flip = rng.random((B, N)) < 0.05  # a few entries get positive dots
+        keys[flip] = -keys[flip]
+        w = np.abs(w)
+    elif kind == "allzero":
+        w = np.zeros_like(w)
+    elif kind == "negw":
+        w = -np.abs(w)
+    return q, w, keys
+
+
+def fp4_keys(keys: np.ndarray):
+    """fp32 keys [B,N,D] -> (mxfp4 pair as mx arrays, dequantized fp32 keys, packed np)."""
+    B, N, D = keys.shape
+    packed, scales = quantize_fp4(keys.reshape(B * N, D))
+    wq, sc = fp4_to_mxfp4(packed, scales)
+    deq = dequant_fp4(packed, scales).reshape(B, N, D)
+    pair = (wq.reshape(B, N, D // 8), sc.reshape(B, N, D // 32))
+    raw = (np.array(wq).reshape(B, N, D // 8), np.array(sc).reshape(B, N, D // 32))
+    return pair, deq, raw
+
+
+def ref_scores(q, w, keys) -> np.ndarray:
+    """numpy float64 reference of spec §4.7 (no mask): [B, T, N]."""
+    dots = q.astype(np.float64) @ keys.astype(np.float64)[:, None].swapaxes(-1, -2)
+    return (np.maximum(dots, 0.0) * w.astype(np.float64)[..., None]).sum(axis=2)
+
+
+def visibles(rng, T, N, k):
+    """Per-query visible counts covering the edges 0, 1, k-1, k, k+1, N-1, N."""
+    edges = [0, 1, k - 1, k, k + 1, N - 1, N]
+    v = list(edges) + list(rng.integers(0, N + 1, size=max(0, T - len(edges))))
+    return np.clip(np.array(v[:T], np.int32), 0, N)
+
+
+def check_topk(idx, ref, visible, k, what=""):
+    """Selection modulo ties (see module docstring)."""
+    idx = np.asarray(idx)
+    B, T, N = ref.shape
+    assert idx.shape == (B, T, k), (what, idx.shape, (B, T, k))
+    for b in range(B):
+        for t in range(T):
+            vis = int(min(max(visible[t], 0), N))
+            row = idx[b, t]
+            picks = row[row >= 0]
+            want = min(vis, k)
+            assert (row == -1).sum() == k - want, (what, b, t, vis, row)
+            assert len(picks) == want and len(set(picks.tolist())) == want, (what, b, t, row)
+            assert (picks < vis).all(), (what, b, t, vis, row)
+            if vis > k:
+                r = ref[b, t, :vis]
+                tol = 1e-4 * (np.abs(r).max() + 1e-6)
+                got = np.sort(r[picks])
+                exp = np.sort(r)[-k:]
+                np.testing.assert_allclose(got, exp, rtol=0, atol=tol,
+                                           err_msg=f"{what} b={b} t={t}")
+
+
+# --------------------------------------------------------------------------------------------
+# the pure-ops path against numpy (CPU)
+
+SHAPES = [(B, T, H, D) for B in (1, 2) for T in (1, 37) for H in (8, 64) for D in (128, 32)]
+
+
+@pytest.mark.parametrize("B,T,H,D", SHAPES)
+@pytest.mark.parametrize("key_dtype", ["f32", "bf16"])
+def test_scores_ops_vs_numpy(B, T, H, D, key_dtype):
+    rng = np.random.default_rng(B * 1000 + T * 10 + H + D)
+    q, w, keys = make_case(rng, B, T, H, D, 300)
+    if key_dtype == "bf16":
+        keys = to_bf16(keys)
+        km = mx.array(keys).astype(mx.bfloat16)
+    else:
+        km = mx.array(keys)
+    got = np.array(ki.indexer_scores_ops(mx.array(q), mx.array(w), km))
+    ref = ref_scores(q, w, keys)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("B,T,H,D", SHAPES[::3])
+def test_scores_ops_fp4_vs_dequantize(B, T, H, D):
+    rng = np.random.default_rng(7 + B + T + H + D)
+    q, w, keys = make_case(rng, B, T, H, D, 257)
+    pair, deq, _ = fp4_keys(keys)
+    # the mxfp4 pair dequantizes to exactly the checkpoint-format decoding
+    np.testing.assert_array_equal(np.array(ki.dequantize_keys(pair)), deq)
+    got = np.array(ki.indexer_scores_ops(mx.array(q), mx.array(w), pair))
+    ref = ref_scores(q, w, deq)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    # the same through dense keys
+    dense = np.array(ki.indexer_scores_ops(mx.array(q), mx.array(w), mx.array(deq)))
+    np.testing.assert_allclose(got, dense, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("B,T,H,D", SHAPES)
+@pytest.mark.parametrize("kind", ["random", "zeros", "negw"])
+def test_topk_ops_vs_numpy(B, T, H, D, kind):
+    rng = np.random.default_rng(B + T + H + D + len(kind))
+    N, topk = 300, 64
+    q, w, keys = make_case(rng, B, T, H, D, N, kind)
+    vis = visibles(rng, T, N, topk) if T > 1 else np.array([N - 1], np.int32)
+    idx = ki.indexer_topk_ops(mx.array(q), mx.array(w), mx.array(keys), mx.array(vis), topk)
+    check_topk(idx, ref_scores(q, w, keys), vis, topk, f"ops {kind}")
+
+
+@pytest.mark.parametrize("vis0", [0, 1, 299, 300])
+def test_topk_ops_visibility_t1(vis0):
+    rng = np.random.default_rng(vis0)
+    q, w, keys = make_case(rng, 2, 1, 8, 32, 300)
+    vis = np.array([vis0], np.int32)
+    idx = ki.indexer_topk_ops(mx.array(q), mx.array(w), mx.array(keys), mx.array(vis), 64)
+    check_topk(idx, ref_scores(q, w, keys), vis, 64, "ops t1")
+
+
+def test_topk_ops_fewer_entries_than_k():
+    rng = np.random.default_rng(3)
+    q, w, keys = make_case(rng, 2, 5, 8, 32, 10)
+    vis = np.array([0, 1, 5, 9, 10], np.int32)
+    idx = np.array(ki.indexer_topk_ops(mx.array(q), mx.array(w), mx.array(keys), mx.array(vis), 64))
+    assert idx.shape == (2, 5, 10)
+    want = np.where(np.arange(10)[None, :] < vis[:, None], np.arange(10)[None, :], -1)
+    np.testing.assert_array_equal(idx, np.broadcast_to(want, (2, 5, 10)))
+
+
+def test_topk_ops_fp4_keys():
+    rng = np.random.default_rng(11)
+    q, w, keys = make_case(rng, 2, 37, 8, 128, 300)
+    pair, deq, _ = fp4_keys(keys)
+    vis = visibles(rng, 37, 300, 64)
+    idx = ki.indexer_topk_ops(mx.array(q), mx.array(w), pair, mx.array(vis), 64)
+    check_topk(idx, ref_scores(q, w, deq), vis, 64, "ops fp4")
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel body on the CPU (C++ emulation dialect)
+
+_EMU_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32",
+               np.dtype(np.uint32): "uint32", np.dtype(np.uint8): "uint8"}
+
+
+class Emulator:
+    """Compiles a kernel body with the `cpp` dialect into a shared library and runs it."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.libs: dict[str, ctypes.CDLL] = {}
+
+    def _lib(self, ks, inputs, out_dtypes, template):
+        fn = "ki_kernel"
+        code = src.render_cpp_kernel(ks, inputs, out_dtypes, template, fn)
+        args = []
+        for i, (n, (dt, ndim, _)) in enumerate(zip(ks.input_names, inputs)):
+            args.append(f"(const {src.CPP_TYPES[dt]}*)in[{i}]")
+            if ndim > 0 and n + "_shape" in ks.source:
+                args.append(f"shp[{i}]")
+        for j, dt in enumerate(out_dtypes):
+            args.append(f"({src.CPP_TYPES[dt]}*)out[{j}]")
+        full = (ks.header + code +
+                'extern "C" void ki_launch(void** in, int** shp, void** out, int gx, int gy, '
+                "int gz, int tg) {\n  ki_emu::run(gx, gy, gz, tg, [&]() { " + fn + "("
+                + ", ".join(args) + "); });\n}\n")
+        h = hashlib.sha1(full.encode()).hexdigest()[:16]
+        if h not in self.libs:
+            cpp, so = self.dir / f"k_{h}.cpp", self.dir / f"k_{h}.so"
+            cpp.write_text(full)
+            r = subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-o", str(so),
+                                str(cpp)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-4000:]
+            self.libs[h] = ctypes.CDLL(str(so))
+        return self.libs[h]
+
+    def run(self, ks, arrays, out_shapes, out_dtypes, template, grid, tg):
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        inputs = [(_EMU_DTYPES[a.dtype], a.ndim, a.size) for a in arrays]
+        lib = self._lib(ks, inputs, out_dtypes, template)
+        outs = [np.zeros(s, {"float32": np.float32, "int32": np.int32}[d])
+                for s, d in zip(out_shapes, out_dtypes)]
+        shapes = [np.array(a.shape, np.int32) for a in arrays]
+        in_p = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+        shp_p = (ctypes.POINTER(ctypes.c_int) * len(arrays))(
+            *[s.ctypes.data_as(ctypes.POINTER(ctypes.c_int)) for s in shapes])
+        out_p = (ctypes.c_void_p * len(outs))(*[o.ctypes.data for o in outs])
+        gx, gy, gz = grid
+        lib.ki_launch(in_p, shp_p, out_p, gx // tg, gy, gz, tg)
+        return outs
+
+    def score(self, q, w, key_arrays, key_mode, visible, bn=None, hc=None, e=None):
+        B, T, H, D = q.shape
+        N = key_arrays[0].shape[1]
+        BN, HC, E = ki.score_launch(B, T, N, H, D)
+        BN, HC, E = bn or BN, hc or HC, e or E
+        ks = src.score_source("cpp", key_mode)
+        nblk = -(-N // (BN * E))
+        (s,) = self.run(ks, [q, w, *key_arrays, visible], [(B, T, N)], ["float32"],
+                        [("QT", "float32"), ("D", D), ("H", H), ("HC", HC), ("BN", BN), ("E", E)],
+                        (nblk * BN, T, B), BN)
+        return s
+
+    def _select(self, scores, visible, cidx, k, tg, u, s, mapped):
+        B, T, M = scores.shape
+        ks = src.topk_source("cpp")
+        idx, val = self.run(ks, [scores, visible, cidx], [(B, T, s, k)] * 2, ["int32", "float32"],
+                            [("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped)],
+                            (s * tg, T, B), tg)
+        return idx.reshape(B, T, s * k), val.reshape(B, T, s * k)
+
+    def topk(self, scores, visible, k, tg=256, u=4, s=1):
+        """As `indexer.indexer_select_kernel` chains the launches."""
+        idx, val = self._select(scores, visible, np.zeros(1, np.int32), k, tg, u, s, False)
+        if s > 1:
+            idx, _ = self._select(val, visible, idx, k, tg, u, 1, True)
+        return idx
+
+
+needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++/clang++) on PATH")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
+    return Emulator(tmp_path_factory.mktemp("ki_emu"))
+
+
+def _key_arrays(mode, keys):
+    """(kernel inputs as numpy, keys as the kernel sees them in fp32)."""
+    if mode == "f32":
+        return [keys], keys
+    if mode == "bf16":
+        kb = to_bf16(keys)
+        return [bf16_words(kb)], kb
+    _, deq, raw = fp4_keys(keys)
+    return list(raw), deq
+
+
+def _masked(ref, vis):
+    N = ref.shape[-1]
+    return np.where(np.arange(N)[None, None, :] < vis[None, :, None], ref, -np.inf)
+
+
+EMU_SHAPES = [(B, T, H, D) for B in (1, 2) for T in (1, 37) for H in (8, 64) for D in (128, 32)]
+
+
+@needs_cxx
+@pytest.mark.parametrize("B,T,H,D", EMU_SHAPES)
+@pytest.mark.parametrize("mode", src.KEY_MODES)
+def test_emulated_scores(emu, B, T, H, D, mode):
+    rng = np.random.default_rng(B * 7 + T + H + D + len(mode))
+    N = 300  # not a multiple of the block size (128)
+    q, w, keys = make_case(rng, B, T, H, D, N, "zeros" if (B + T) % 2 else "random")
+    key_in, kf = _key_arrays(mode, keys)
+    vis = visibles(rng, T, N, 64) if T > 1 else np.array([N - 1], np.int32)
+    got = emu.score(q, w, key_in, mode, vis)
+    ref = _masked(ref_scores(q, w, kf), vis)
+    assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5 * np.abs(ref[fin]).max())
+
+
+@needs_cxx
+@pytest.mark.parametrize("bn,hc,e", [(32, 3, 1), (64, 8, 2), (32, 5, 4), (128, 64, 8)])
+@pytest.mark.parametrize("mode", src.KEY_MODES)
+def test_emulated_scores_launch_variants(emu, bn, hc, e, mode):
+    """Several entries a thread (E), head chunks that do not divide H (HC), small groups."""
+    rng = np.random.default_rng(bn + hc + e)
+    B, T, H, D, N = 2, 5, 8, 32, 333
+    q, w, keys = make_case(rng, B, T, H, D, N)
+    key_in, kf = _key_arrays(mode, keys)
+    vis = np.array([0, 1, 100, N - 1, N], np.int32)
+    got = emu.score(q, w, key_in, mode, vis, bn=bn, hc=min(hc, H), e=e)
+    ref = _masked(ref_scores(q, w, kf), vis)
+    assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5 * np.abs(ref[fin]).max())
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", ["random", "ties", "allequal", "negative", "fewvisible", "dups",
+                                  "perm"])
+@pytest.mark.parametrize("k,u,nslice", [(1, 4, 1), (7, 1, 1), (64, 4, 1), (64, 3, 1), (7, 4, 3),
+                                        (64, 2, 8), (1, 4, 16)])
+def test_emulated_topk(emu, case, k, u, nslice):
+    rng = np.random.default_rng(len(case) * 10 + k)
+    B, T, N = 2, 9, 700
+    s = rng.standard_normal((B, T, N)).astype(np.float32)
+    if case == "ties":  # relu-killed rows: most scores exactly 0
+        s = np.where(rng.random((B, T, N)) < 0.9, 0.0, np.abs(s)).astype(np.float32)
+    elif case == "allequal":
+        s[:] = 0.25
+    elif case == "negative":
+        s = -np.abs(s) - 1.0
+    elif case == "dups":  # few distinct values, many equal to the k-th
+        s = rng.integers(0, 4, (B, T, N)).astype(np.float32)
+    elif case == "perm":  # distinct values spread over many bins (early exit of the select)
+        s = np.stack([rng.permutation(N) for _ in range(B * T)]).reshape(B, T, N)
+        s = (s.astype(np.float32) - 300.0) * 1e3
+    vis = np.array([0, 1, k - 1, k, k + 1, N - 1, N, 350, 512], np.int32)
+    if case == "fewvisible":
+        vis = np.minimum(vis, k + 2)
+    vis = np.clip(vis, 0, N)
+    s = _masked(s.astype(np.float64), vis).astype(np.float32)  # what the score kernel writes
+    idx = emu.topk(s, vis, k, u=u, s=nslice)
+    check_topk(idx, np.where(np.isfinite(s), s, -1e30), vis, k, f"emu topk {case}")
+
+
+@needs_cxx
+@pytest.mark.parametrize("mode", src.KEY_MODES)
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 64, 128), (2, 37, 8, 32), (2, 3, 64, 32)])
+def test_emulated_end_to_end(emu, mode, B, T, H, D):
+    """Score kernel then top-k kernel, as the GPU path chains them, vs the reference."""
+    rng = np.random.default_rng(T + H + D + len(mode))
+    N, k = 450, 64
+    q, w, keys = make_case(rng, B, T, H, D, N, "zeros" if T == 37 else "random")
+    key_in, kf = _key_arrays(mode, keys)
+    vis = visibles(rng, T, N, k) if T > 1 else np.array([N], np.int32)
+    scores = emu.score(q, w, key_in, mode, vis)
+    idx = emu.topk(scores, vis, k)
+    check_topk(idx, ref_scores(q, w, kf), vis, k, f"emu e2e {mode}")
+
+
+# --------------------------------------------------------------------------------------------
+# Metal source: compiled as C++ against the stand-in <metal_stdlib>
+
+# what MLX's metal::utils() puts in front of every custom kernel (the parts the body uses)
+_MLX_METAL_PRELUDE = """#include <metal_stdlib>
+using namespace metal;
+typedef bfloat bfloat16_t;
+typedef half float16_t;
+"""
+
+
+def _metal_variants():
+    out = []
+    for mode in src.KEY_MODES:
+        keyin = {"f32": [("float32", 3, 4096)], "bf16": [("uint32", 3, 2048)],
+                 "fp4": [("uint32", 3, 512), ("uint8", 3, 4)]}[mode]
+        for qt in ("float32", "bfloat16", "float16"):
+            for D, H, HC, E in ((128, 64, 64, 1), (32, 8, 3, 4)):
+                inputs = [(qt, 4, 4096), ("float32", 3, 64 if H == 64 else 5), *keyin,
+                          ("int32", 1, 1)]
+                tmpl = [("QT", qt), ("D", D), ("H", H), ("HC", HC), ("BN", 128), ("E", E)]
+                out.append((f"score-{mode}-{qt}-D{D}", src.score_source("metal", mode), inputs,
+                            ["float32"], tmpl))
+    for K, TG, U, S, MAPPED in ((512, 1024, 4, 1, False), (3, 256, 1, 16, True)):
+        out.append((f"topk-K{K}-S{S}", src.topk_source("metal"),
+                    [("float32", 3, 5), ("int32", 1, 37), ("int32", 1, 1)],
+                    ["int32", "float32"],
+                    [("K", K), ("TG", TG), ("U", U), ("S", S), ("MAPPED", MAPPED)]))
+    return out
+
+
+def _gxx_syntax(code: str, tmp: Path, name: str):
+    f = tmp / f"{name}.metal.cpp"
+    f.write_text(_MLX_METAL_PRELUDE + code)
+    return subprocess.run(
+        [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-attributes",
+         "-Wno-unknown-pragmas", "-Wno-unused-variable", "-I", str(METAL_STUB), "-x", "c++",
+         str(f)], capture_output=True, text=True)
+
+
+@needs_cxx
+@pytest.mark.parametrize("variant", _metal_variants(), ids=lambda v: v[0])
+def test_metal_source_compiles_as_cpp(variant, tmp_path):
+    name, ks, inputs, outs, tmpl = variant
+    code = src.render_metal(ks, inputs, outs, tmpl)
+    # the Metal attributes come from the prologue (MLX only adds those the body names)
+    assert "[[thread_position_in_threadgroup]]" in code
+    assert "[[threadgroup_position_in_grid]]" in code
+    r = _gxx_syntax(code, tmp_path, name)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+@needs_cxx
+def test_metal_stub_catches_errors(tmp_path):
+    """The harness is not vacuous: a plain read of an atomic, an undeclared name and an
+    as_type between different sizes each fail to compile."""
+    name, ks, inputs, outs, tmpl = _metal_variants()[-1]
+    good = src.render_metal(ks, inputs, outs, tmpl)
+    for bad in (good.replace("KI_ATOMIC_LOAD(ki_hist[ki_tid])", "ki_hist[ki_tid]"),
+                good.replace("krem = (int)ki_sel[1];", "krem = (int)ki_sel[1] + undeclared;"),
+                good.replace("#define KI_AS_UINT(f) as_type<uint>((float)(f))",
+                             "#define KI_AS_UINT(f) as_type<uint>((half)(f))")):
+        assert bad != good
+        assert _gxx_syntax(bad, tmp_path, "bad").returncode != 0
+
+
+def test_kernel_bodies_stay_in_the_common_subset():
+    """Constructs that C++ accepts but Metal or the shared-body rules do not."""
+    for ks in (src.score_source("metal", m) for m in src.KEY_MODES):
+        body = ks.source
+        for bad in (r"\bdouble\b", r"\bprintf\b", r"\bnew\b", r"\bgoto\b", r"\bstd::",
+                    r"__syncthreads", r"threadIdx", r"simd_", r"__shfl"):
+            assert not re.search(bad, body), bad
+    for ks in (src.topk_source("metal"),):
+        for bad in (r"\bdouble\b", r"\bstd::", r"__syncthreads", r"threadIdx", r"simd_"):
+            assert not re.search(bad, ks.source), bad
+    # inputs are never bound to local pointers (Metal 'constant' vs 'device' inputs)
+    for ks in [src.score_source("metal", m) for m in src.KEY_MODES] + [src.topk_source("metal")]:
+        for n in ks.input_names:
+            assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA source: compiled with nvcc against MLX's CUDA device headers
+
+
+def _mlx_cuda_include():
+    cands = [os.environ.get("DSV4_MLX_CUDA_INCLUDE", "")]
+    cands.append(str(Path(mx.__file__).parent / "include"))
+    for c in cands:
+        if c and (Path(c) / "mlx/backend/cuda/device/utils.cuh").exists():
+            return c
+    return None
+
+
+def _cccl_include(nvcc):
+    root = Path(nvcc).resolve().parent.parent
+    for c in (root / "include" / "cccl", root / "targets" / "x86_64-linux" / "include" / "cccl"):
+        if (c / "cuda" / "std" / "array").exists():
+            return str(c)
+    return None
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("mode", src.KEY_MODES)
+def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
+    inc = _mlx_cuda_include()
+    if inc is None:
+        pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
+    extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
+    keyin = {"f32": [("float32", 3, 4096)], "bf16": [("uint32", 3, 2048)],
+             "fp4": [("uint32", 3, 512), ("uint8", 3, 4)]}[mode]
+    jobs = [
+        ("score", src.score_source("cuda", mode),
+         [("bfloat16", 4, 8192), ("float32", 3, 64), *keyin, ("int32", 1, 1)], ["float32"],
+         [("QT", "bfloat16"), ("D", 128), ("H", 64), ("HC", 64), ("BN", 128), ("E", 2)]),
+        ("topk", src.topk_source("cuda"), [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
+         ["int32", "float32"], [("K", 512), ("TG", 1024), ("U", 4), ("S", 1), ("MAPPED", False)]),
+    ]
+    for name, ks, inputs, outs, tmpl in jobs:
+        f = tmp_path / f"{name}.cu"
+        f.write_text(src.render_cuda(ks, inputs, outs, tmpl))
+        r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra,
+                            "-Xptxas", "-v", str(f), "-o", str(tmp_path / f"{name}.o")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+        # the key row lives in registers: no spills
+        assert " 0 bytes spill stores" in r.stderr, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+@pytest.fixture
+def clean_dispatch(monkeypatch):
+    dispatch.reset()
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    yield monkeypatch
+    dispatch.reset()
+
+
+def test_env_var_values(clean_dispatch):
+    for v in ("auto", "ops", "AUTO", " ops ", ""):
+        clean_dispatch.setenv(dispatch.ENV_VAR, v)
+        assert dispatch.requested() in dispatch.CHOICES
+    clean_dispatch.setenv(dispatch.ENV_VAR, "vulkan")
+    with pytest.raises(ValueError, match="DSV4_INDEXER_KERNEL"):
+        dispatch.select_backend()
+    clean_dispatch.setenv(dispatch.ENV_VAR, "ops")
+    assert dispatch.select_backend() == "ops"
+
+
+def test_auto_on_cpu_is_ops(clean_dispatch):
+    old = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        assert dispatch.select_backend() == "ops"
+    finally:
+        mx.set_default_device(old)
+
+
+@pytest.mark.parametrize("name", ["metal", "cuda"])
+def test_forcing_a_missing_backend_raises(clean_dispatch, name):
+    if name in dispatch.available_backends():
+        pytest.skip(f"{name} is available here")
+    clean_dispatch.setenv(dispatch.ENV_VAR, name)
+    with pytest.raises(RuntimeError, match=name):
+        dispatch.select_backend()
+
+
+def test_dispatch_cpu_matches_ops(clean_dispatch):
+    rng = np.random.default_rng(5)
+    q, w, keys = make_case(rng, 2, 37, 8, 32, 300)
+    vis = visibles(rng, 37, 300, 16)
+    a = ki.indexer_topk(mx.array(q), mx.array(w), mx.array(keys), mx.array(vis), 16)
+    check_topk(a, ref_scores(q, w, keys), vis, 16, "dispatch")
+    pair, deq, _ = fp4_keys(keys)
+    b = ki.indexer_topk(mx.array(q), mx.array(w), pair, mx.array(vis), 16)
+    check_topk(b, ref_scores(q, w, deq), vis, 16, "dispatch fp4")
+
+
+def test_failed_kernel_warns_once_and_falls_back(clean_dispatch):
+    """A kernel that does not build: one RuntimeWarning, then the ops path, silently."""
+    clean_dispatch.setattr(dispatch, "select_backend", lambda env_var=dispatch.ENV_VAR: "metal")
+
+    def broken(backend, ks):
+        raise RuntimeError("[metal_kernel] Unable to build metal library from source (stub)")
+
+    clean_dispatch.setattr(ki, "_kernel", broken)
+    rng = np.random.default_rng(1)
+    q, w, keys = make_case(rng, 1, 4, 8, 32, 100)
+    vis = np.array([0, 10, 99, 100], np.int32)
+    args = (mx.array(q), mx.array(w), mx.array(keys), mx.array(vis), 16)
+    with pytest.warns(RuntimeWarning, match="falling back to the pure-ops path"):
+        a = ki.indexer_topk(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = ki.indexer_topk(*args)
+    ref = ref_scores(q, w, keys)
+    check_topk(a, ref, vis, 16, "fallback 1")
+    check_topk(b, ref, vis, 16, "fallback 2")
+
+
+# --------------------------------------------------------------------------------------------
+# on the GPU: kernels vs the ops path and the reference
+
+GPU_BACKENDS = dispatch.available_backends()
+needs_gpu = pytest.mark.skipif(not GPU_BACKENDS, reason="no Metal or CUDA backend in this MLX")
+
+
+@pytest.fixture
+def gpu(clean_dispatch):
+    old = mx.default_device()
+    mx.set_default_device(mx.gpu)
+    yield GPU_BACKENDS[0]
+    mx.set_default_device(old)
+
+
+def _mx_keys(mode, keys):
+    """(keys for the kernel / ops path, keys as fp32 numpy for the reference)."""
+    if mode == "f32":
+        return mx.array(keys), keys
+    if mode == "bf16":
+        kb = mx.array(keys).astype(mx.bfloat16)
+        return kb, np.array(kb.astype(mx.float32))
+    pair, deq, _ = fp4_keys(keys)
+    return pair, deq
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,T,H,D", SHAPES)
+@pytest.mark.parametrize("mode", src.KEY_MODES)
+def test_gpu_kernel_vs_ops(gpu, B, T, H, D, mode):
+    rng = np.random.default_rng(B * 3 + T + H + D + len(mode))
+    N, topk = 1000, 64  # 1000 = 7 * 128 + 104
+    for kind in ("random", "zeros", "allzero"):
+        q, w, keys = make_case(rng, B, T, H, D, N, kind)
+        km, kf = _mx_keys(mode, keys)
+        ref = ref_scores(q, w, kf)
+        vis_sets = ([np.array([v], np.int32) for v in (0, 1, N - 1, N)] if T == 1
+                    else [visibles(rng, T, N, topk)])
+        for vis in vis_sets:
+            qa, wa, va = mx.array(q), mx.array(w), mx.array(vis)
+            sk = ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu)
+            want = _masked(ref, vis)
+            got = np.array(sk)
+            assert np.array_equal(np.isneginf(got), np.isneginf(want))
+            fin = np.isfinite(want)
+            if fin.any():
+                np.testing.assert_allclose(got[fin], want[fin], rtol=1e-4,
+                                           atol=1e-5 * (np.abs(want[fin]).max() + 1e-6))
+            a = ki.indexer_topk_kernel(qa, wa, km, va, topk, backend=gpu)
+            b = ki.indexer_topk_ops(qa, wa, km, va, topk)
+            c = ki.indexer_topk(qa, wa, km, va, topk)  # the dispatch point
+            for name, idx in (("kernel", a), ("ops", b), ("dispatch", c)):
+                check_topk(idx, ref, vis, topk, f"{name} {mode} {kind} {B}x{T}x{H}x{D}")
+
+
+@needs_gpu
+def test_gpu_bf16_queries_and_argpartition(gpu):
+    rng = np.random.default_rng(2)
+    q, w, keys = make_case(rng, 2, 37, 64, 128, 3000)
+    qb = mx.array(q).astype(mx.bfloat16)
+    qf = np.array(qb.astype(mx.float32))
+    vis = visibles(rng, 37, 3000, 512)
+    for mode in src.KEY_MODES:
+        km, kf = _mx_keys(mode, keys)
+        ref = ref_scores(qf, w, kf)
+        for select in ("kernel", "argpartition"):
+            idx = ki.indexer_topk_kernel(qb, mx.array(w), km, mx.array(vis), 512, backend=gpu,
+                                         select=select)
+            check_topk(idx, ref, vis, 512, f"bf16 q {mode} {select}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["fp4", "bf16"])
+def test_gpu_sliced_topk(gpu, mode):
+    """Few long rows: the two-launch top-k (S slices, then the S * k candidates)."""
+    rng = np.random.default_rng(12)
+    B, T, H, D, N, k = 1, 3, 64, 128, 140000, 512
+    assert ki.topk_launch(B, T, N, k)[2] > 1
+    for kind in ("random", "zeros"):
+        q, w, keys = make_case(rng, B, T, H, D, N, kind)
+        km, kf = _mx_keys(mode, keys)
+        ref = ref_scores(q, w, kf)
+        vis = np.array([N, 700, 100], np.int32)
+        qa, wa, va = mx.array(q), mx.array(w), mx.array(vis)
+        for s in (None, 1, 4, 32, 77):
+            idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu,
+                                         launch={} if s is None else {"s": s})
+            check_topk(idx, ref, vis, k, f"sliced {mode} {kind} s={s}")
+        check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, va[:1], k), ref[:, :1], vis[:1], k,
+                   f"dispatch decode {mode} {kind}")
+
+
+@needs_gpu
+def test_gpu_fewer_entries_than_k(gpu):
+    rng = np.random.default_rng(4)
+    q, w, keys = make_case(rng, 2, 5, 8, 32, 40)
+    vis = np.array([0, 1, 20, 39, 40], np.int32)
+    a = ki.indexer_topk(mx.array(q), mx.array(w), mx.array(keys), mx.array(vis), 64)
+    check_topk(a, ref_scores(q, w, keys), vis, 40, "N < k")
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["fp4", "bf16"])
+def test_gpu_no_heads_by_entries_buffer(gpu, mode):
+    """Decode at 64K entries, 64 heads: the kernel path allocates far less than one
+    [heads x entries] fp32 buffer (16 MiB); the ops path needs several."""
+    rng = np.random.default_rng(9)
+    B, T, H, D, N, k = 1, 1, 64, 128, 65536, 512
+    q = mx.array(rng.standard_normal((B, T, H, D)).astype(np.float32)).astype(mx.bfloat16)
+    w = mx.array(rng.standard_normal((B, T, H)).astype(np.float32))
+    kf = mx.random.normal((B, N, D))
+    keys = tuple(mx.quantize(kf, group_size=32, bits=4, mode="mxfp4")) if mode == "fp4" \
+        else kf.astype(mx.bfloat16)
+    vis = mx.array([N], mx.int32)
+    mx.eval(q, w, keys, vis)
+    ki.indexer_topk(q, w, keys, vis, k)  # build the kernels first
+    mx.eval(ki.indexer_topk(q, w, keys, vis, k))
+    hn = H * N * 4
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    mx.eval(ki.indexer_topk_kernel(q, w, keys, vis, k, backend=gpu))
+    extra_kernel = mx.get_peak_memory() - base
+    mx.reset_peak_memory()
+    mx.eval(ki.indexer_topk_ops(q, w, keys, vis, k))
+    extra_ops = mx.get_peak_memory() - base
+    print(f"\n{mode}: extra peak kernel {extra_kernel / 2**20:.1f} MiB, "
+          f"ops {extra_ops / 2**20:.1f} MiB, [H x N] fp32 = {hn / 2**20:.0f} MiB")
+    assert extra_kernel < hn / 4
+    assert extra_ops >= hn
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
