@@ -29,6 +29,14 @@ tokens; when it does not (thinking dropped from the previous turn, a reply re-to
 differently, an edited system prompt), the Generator restores the checkpoint if it is a
 prefix of the new prompt, and otherwise starts from an empty cache. Either way the cache holds
 exactly the tokens of the new prompt, as if it had been computed in one go.
+
+On-disk sessions (``dsv4_mlx.sessions.runtime``) plug in through three attributes:
+``prefix_source`` (called before a prefill computes anything: it may install a stored state
+holding a longer prefix of the tokens, see :meth:`Generator.install`), ``track_logits`` (keep
+the next-token logits of the state, ``Generator.next_logits``, computed for the last position
+only) and ``boundary_every`` / ``on_boundary`` (split the prefill at every multiple of
+``boundary_every`` positions, and at the positions in ``boundary_at``, and call
+``on_boundary(generator)`` there: checkpoints).
 """
 
 from __future__ import annotations
@@ -322,6 +330,7 @@ class ReplyStats:
     context_used: int = 0
     context_limit: int = 0
     finish_reason: str = ""  # stop | length | context | interrupted
+    reused_from: str = ""  # where the reused prompt tokens came from ("" = this process's cache)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -345,6 +354,32 @@ class Reply:
 class _Checkpoint:
     tokens: List[int]
     layers: list  # [(state arrays, meta_state)] per layer
+    logits: object = None  # the next-token logits there [V], when known
+
+
+@dataclass
+class StoredState:
+    """A decode state from elsewhere (an on-disk session) for :meth:`Generator.install`."""
+
+    caches: list
+    tokens: List[int]
+    next_logits: object = None
+    source: str = ""
+
+
+class _Recorder:
+    """The model as generate_step sees it: remembers the logits of the last call."""
+
+    def __init__(self, model):
+        self.model = model
+        self.out = None
+        self.fed = 0
+
+    def __call__(self, inputs, cache=None, **kw):
+        out = self.model(inputs, cache=cache, **kw)
+        self.out = out
+        self.fed += int(inputs.shape[1])
+        return out
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -370,8 +405,16 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, max_context: Optional[int] = None,
-                 prefill_step_size: int = DEFAULT_PREFILL_STEP, keep_checkpoint: bool = True):
+                 prefill_step_size: int = DEFAULT_PREFILL_STEP, keep_checkpoint: bool = True,
+                 track_logits: bool = False):
         self.model = model
+        self.track_logits = track_logits
+        # sessions: a callable (tokens, have) -> StoredState holding more than `have` tokens of
+        # `tokens`, or None; checkpoints every `boundary_every` positions during a prefill
+        self.prefix_source: Optional[Callable[[List[int], int], Optional[StoredState]]] = None
+        self.boundary_every = 0
+        self.boundary_at: set = set()  # more checkpoint positions (absolute)
+        self.on_boundary: Optional[Callable[["Generator"], None]] = None
         self.tokenizer = tokenizer
         self.max_context = int(max_context or model.args.max_position_embeddings)
         self.prefill_step_size = int(prefill_step_size)
@@ -382,6 +425,7 @@ class Generator:
         self.last_stats: Optional[ReplyStats] = None
         self.total_prefill_tokens = 0
         self.total_generation_tokens = 0
+        self.reused_from = ""  # the stored state the last prefill started from ("" = none)
         self.reset()
 
     # -- state -------------------------------------------------------------------------------
@@ -390,10 +434,42 @@ class Generator:
         self.cache = self.model.make_cache()
         self.tokens: List[int] = []
         self._checkpoint: Optional[_Checkpoint] = None
+        self._logits = None  # (number of tokens, logits [V] or the model output [1, S, V])
+
+    def _set_logits(self, value):
+        self._logits = None if value is None else (len(self.tokens), value)
+
+    @property
+    def next_logits(self):
+        """The next-token logits [V] (fp32) of the state, when known (see `track_logits`)."""
+        if self._logits is None or self._logits[0] != len(self.tokens):
+            return None
+        v = self._logits[1]
+        return v[0, -1] if v.ndim == 3 else v
+
+    def install(self, state: StoredState):
+        """Make the cache hold a state computed elsewhere (an on-disk session); the checkpoint
+        is dropped."""
+        if any(c.offset != len(state.tokens) for c in state.caches):
+            raise ValueError("the caches do not hold exactly the given tokens")
+        self.cache = list(state.caches)
+        self.tokens = [int(t) for t in state.tokens]
+        self._checkpoint = None
+        self._set_logits(state.next_logits)
+
+    def checkpoint_state(self) -> Optional[StoredState]:
+        """The checkpoint (the state at the end of the last prompt minus its last token)."""
+        from .cache import LayerCache
+
+        ck = self._checkpoint
+        if ck is None:
+            return None
+        caches = [LayerCache.from_state(_views(s), m) for s, m in ck.layers]
+        return StoredState(caches, list(ck.tokens), ck.logits)
 
     def _save_checkpoint(self):
         self._checkpoint = _Checkpoint(
-            list(self.tokens), [(_views(c.state), c.meta_state) for c in self.cache])
+            list(self.tokens), [(_views(c.state), c.meta_state) for c in self.cache], self.next_logits)
 
     def _restore_checkpoint(self):
         from .cache import LayerCache
@@ -401,6 +477,16 @@ class Generator:
         ck = self._checkpoint
         self.cache = [LayerCache.from_state(_views(s), m) for s, m in ck.layers]
         self.tokens = list(ck.tokens)
+        self._set_logits(ck.logits)
+
+    def _last_logits(self, streams):
+        """Logits [V] of the last position from the final mHC streams [B, S, n, D]: the head runs
+        on one position, not the whole chunk."""
+        from .model.mhc import hc_head
+
+        m, a = self.model, self.model.args
+        y = hc_head(streams[:, -1:], m.hc_head_fn, m.hc_head_scale, m.hc_head_base, a.hc_eps, a.rms_norm_eps)
+        return m.lm_head(m.norm(y))[0, -1]
 
     def _recover(self):
         """After an exception in the middle of a model call: back to a state known to be right."""
@@ -421,6 +507,10 @@ class Generator:
         generate_step does), calling `progress(done, total)` at the start and after each chunk.
         If `should_stop()` turns true between chunks, stops early: the cache then holds a
         prefix of `tokens` (`len(self.tokens)` says how much).
+
+        With `prefix_source`, a stored state holding a longer prefix of `tokens` than the cache
+        is installed first (`self.reused_from` names it). With `boundary_every`, chunks also end
+        at every multiple of it, where `on_boundary(self)` is called.
         """
         import mlx.core as mx
         from mlx_lm.generate import generation_stream
@@ -433,9 +523,18 @@ class Generator:
                 self._restore_checkpoint()
             else:
                 self.reset()
+        self.reused_from = ""
+        if self.prefix_source is not None and len(tokens) > len(self.tokens):
+            got = self.prefix_source(tokens, len(self.tokens))
+            if got is not None and len(self.tokens) < len(got.tokens) <= len(tokens) \
+                    and list(got.tokens) == tokens[: len(got.tokens)]:
+                self.install(got)
+                self.reused_from = got.source
         reused = len(self.tokens)
         todo = tokens[reused:]
         total, done = len(todo), 0
+        every = int(self.boundary_every or 0)
+        stops = sorted(p - reused for p in self.boundary_at if reused < p <= len(tokens))
         if progress:
             progress(0, total)
         ok = False
@@ -444,12 +543,29 @@ class Generator:
                 while done < total:
                     if should_stop is not None and should_stop():
                         break
-                    chunk = todo[done : done + self.prefill_step_size]
-                    self.model(mx.array(chunk)[None], cache=self.cache)
-                    mx.eval([c.state for c in self.cache])
+                    end = min(total, done + self.prefill_step_size)
+                    if every:
+                        end = min(end, ((reused + done) // every + 1) * every - reused)
+                    end = min([end] + [p for p in stops if p > done])
+                    chunk = todo[done:end]
+                    at_boundary = bool(every) and (reused + end) % every == 0 or end in stops
+                    want = self.track_logits and (end == total or at_boundary)
+                    if want:
+                        full, streams = self.model(mx.array(chunk)[None], cache=self.cache, return_streams=True)
+                        del full  # never evaluated: the head runs on the last position only
+                        last = self._last_logits(streams)
+                        mx.eval([c.state for c in self.cache] + [last])
+                        del streams
+                    else:
+                        self.model(mx.array(chunk)[None], cache=self.cache)
+                        mx.eval([c.state for c in self.cache])
+                        last = None
                     self.tokens.extend(chunk)
+                    self._set_logits(last)
                     done += len(chunk)
                     self.total_prefill_tokens += len(chunk)
+                    if at_boundary and self.on_boundary is not None:
+                        self.on_boundary(self)
                     if progress:
                         progress(done, total)
                     mx.clear_cache()
@@ -473,13 +589,16 @@ class Generator:
                max_tokens: Optional[int] = None,
                progress: Optional[Callable[[int, int], None]] = None,
                should_stop: Optional[Callable[[], bool]] = None,
-               logits_processors: Optional[list] = None) -> Iterator[Chunk]:
+               logits_processors: Optional[list] = None,
+               after_prefill: Optional[Callable[["Generator"], None]] = None) -> Iterator[Chunk]:
         """Prefill `prompt` (token ids; the cache is reused where it holds a prefix) and stream
         the reply as :class:`Chunk` s. A prompt ending with ``<think>`` makes a thinking reply:
         the text before ``</think>`` is "reasoning", the rest "answer". Stops at EOS, after
         `max_tokens`, when the context is full, or when `should_stop()` turns true (checked
         between tokens and between prefill chunks). The stats are in `self.last_stats`
-        when the iterator ends (also when it is closed early).
+        when the iterator ends (also when it is closed early). `after_prefill(self)` runs once
+        the cache holds the prompt but its last token (e.g. to save a snapshot); its time is
+        not counted in the stats.
         """
         import mlx.core as mx
         from mlx_lm.generate import generate_step
@@ -495,11 +614,16 @@ class Generator:
         self.last_stats = st
         t0 = time.perf_counter()
         st.reused_tokens = self.prefill(prompt[:-1], progress=progress, should_stop=should_stop)
+        st.reused_from = self.reused_from
         st.prefill_tokens = len(self.tokens) - st.reused_tokens
         if len(self.tokens) < len(prompt) - 1 or limit == 0:
             st.finish_reason = "interrupted" if limit else "length"
             self._finish(st, t0, None, None, 0)
             return
+        if after_prefill is not None:
+            t_cb = time.perf_counter()
+            after_prefill(self)
+            t0 += time.perf_counter() - t_cb
         st.prefill_tokens += 1  # the last prompt token goes through generate_step
 
         if sampling.seed is not None:
@@ -512,7 +636,9 @@ class Generator:
 
         in_reasoning = prompt[-1] == self.think_start_id
         detok = self.tokenizer.detokenizer
-        steps = generate_step(mx.array(prompt[-1:]), self.model, max_tokens=limit,
+        base = len(self.tokens)
+        rec = _Recorder(self.model)
+        steps = generate_step(mx.array(prompt[-1:]), rec, max_tokens=limit,
                               sampler=sampling.sampler(), logits_processors=processors or None,
                               prompt_cache=self.cache)
         n = 0
@@ -562,6 +688,10 @@ class Generator:
             if not (ok and self._consistent()):
                 self._recover()
                 st.finish_reason = "interrupted"
+            elif rec.out is not None and len(self.tokens) == base + rec.fed:
+                self._set_logits(rec.out)  # the logits after the last token fed
+            else:
+                self._set_logits(None)
             self._finish(st, t0, t_first, t_last, n)
 
     def _finish(self, st: ReplyStats, t0, t_first, t_last, n):

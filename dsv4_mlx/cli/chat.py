@@ -13,9 +13,21 @@ Line editing and history (in `$DSV4_HOME/chat_history`) come from prompt_toolkit
 terminal. With NO_COLOR, TERM=dumb, --no-color, or when stdin/stdout is not a terminal, the
 REPL reads plain lines and writes no escape codes at all.
 
+Sessions (docs/SESSIONS.md). `--session NAME` keeps the conversation on disk: a new NAME is
+created at the first reply, an existing one is resumed - fingerprints and segment hashes are
+checked before the model is loaded, then the decode state, transcript, think mode and sampler
+settings are restored with no prefill at all (options given on the command line override the
+stored settings). After every turn one segment is appended: the state every next prompt starts
+from (see `dsv4_mlx.sessions.runtime.turn_state`), O(new tokens). Without MODEL, a resumed
+session runs on the model it was made with. In the REPL: /save [NAME], /load NAME, /fork NAME,
+/sessions. With prefix reuse on (`--reuse-prefix`, the default when the sessions folder exists)
+a prompt that starts like any stored session resumes from its longest valid boundary.
+
 Exit codes: 0 normal end (/quit, Ctrl+D, end of input); 1 unexpected failure; 2 bad input
 (model folder, options); 3 not enough memory for the weights and the decode state at
---max-context; 130 interrupted while loading.
+--max-context; 4 session error (bad name, disk full); 5 the session was made with another
+model, tokenizer, encoding or state format; 6 the session has no intact segment; 130
+interrupted while loading.
 """
 
 from __future__ import annotations
@@ -36,12 +48,17 @@ from .generate_cmd import (
     StopFlag,
     color_enabled,
     context_warning,
+    check_kv_format,
     fail,
     fmt_bytes,
     format_stats,
     make_console,
     open_session,
+    reuse_enabled,
+    reuse_line,
     sampling_from,
+    session_fail,
+    session_model,
     stream_reply,
 )
 from .main import app
@@ -54,6 +71,10 @@ HELP = """commands:
   /system TEXT        set the system prompt (/system alone removes it)
   /read FILE [TEXT]   send the contents of FILE (then TEXT) as your message
   /clear              forget the conversation and its decode state
+  /save [NAME]        save the conversation now (as NAME, then keep saving there)
+  /load NAME          resume session NAME (replaces this conversation)
+  /fork NAME          copy the conversation to session NAME (copy-on-write); stay here
+  /sessions           list the stored sessions
   /stats              speed, context and memory: last reply and session
   /set KEY VALUE      temp, top_p, top_k, min_p, seed, max_tokens, repetition_penalty
                       (/set alone shows them; VALUE 'none' unsets seed / repetition_penalty)
@@ -164,13 +185,17 @@ class PromptReader:
 
 
 class ChatREPL:
-    def __init__(self, session, gen, conv, sampling, max_tokens: int, color: bool):
+    def __init__(self, session, gen, conv, sampling, max_tokens: int, color: bool,
+                 store=None, rt=None, name: Optional[str] = None, kv_format: str = "fp8"):
         self.s, self.gen, self.conv, self.sampling = session, gen, conv, sampling
         self.max_tokens = max_tokens
         self.color = color
         self.out = make_console(False, color)
         self.err = make_console(True, color)
         self.turns = 0
+        # on-disk sessions: the store, the runtime (created on first use), the attached session
+        self.store, self.rt, self.name, self.kv_format = store, rt, name, kv_format
+        self.notices = []  # said after the banner (resume, damaged sessions)
 
     # -- output helpers ------------------------------------------------------------------------
     def say(self, text: str, style: Optional[str] = None):
@@ -188,6 +213,9 @@ class ChatREPL:
         self.say(self.settings(), style="dim")
         if self.s.demo:
             self.say(f"note: {DEMO_NOTICE}.", style="yellow")
+        for text, style in self.notices:
+            self.say(text, style=style)
+        self.notices = []
         self.say("/help for commands · Enter sends · Ctrl+C stops a reply · /quit or Ctrl+D leaves",
                  style="dim")
 
@@ -217,6 +245,17 @@ class ChatREPL:
             self.conv.clear()
             self.gen.reset()
             self.say("conversation cleared", style="dim")
+            if self.name:
+                self.say(f"(session '{self.name}' will hold the new conversation from the next reply; "
+                         "/fork NAME first to keep the old one)", style="dim")
+        elif name == "/save":
+            self.save_as(rest or None)
+        elif name == "/load":
+            self.load(rest)
+        elif name == "/fork":
+            self.fork(rest)
+        elif name == "/sessions":
+            self.list_sessions()
         elif name == "/stats":
             self.stats()
         elif name == "/set":
@@ -232,6 +271,8 @@ class ChatREPL:
         lim = self.s.max_context
         self.say(f"model {self.s.folder}" + (" (demo: random weights)" if self.s.demo else ""))
         self.say(f"mode {self.conv.mode} · {self.settings()}")
+        if self.name:
+            self.say(f"session '{self.name}' in {self.store.root}")
         self.say(f"context {used:,}/{lim:,} tokens ({100 * used / lim:.1f}%) · {self.turns} turns · "
                  f"prefilled {self.gen.total_prefill_tokens:,} tokens · generated "
                  f"{self.gen.total_generation_tokens:,} tokens")
@@ -302,6 +343,169 @@ class ChatREPL:
         self.say(f"read {path} ({len(content):,} characters)", style="dim")
         self.ask(content.rstrip("\n") + ("\n\n" + extra if extra else ""))
 
+    # -- sessions ------------------------------------------------------------------------------
+    def runtime(self):
+        """The session runtime (fingerprints computed on first use)."""
+        if self.rt is None:
+            from ..sessions import SessionStore
+            from ..sessions.runtime import SessionRuntime
+
+            self.store = self.store or SessionStore()
+            self.rt = SessionRuntime(self.store, self.s.fingerprints(self.kv_format),
+                                     warn=lambda t: self.say(f"warning: {t}", style="yellow"))
+            self.gen.prefix_source = self.rt
+            self.gen.track_logits = True
+        return self.rt
+
+    def settings_dict(self) -> dict:
+        from ..sessions.runtime import make_settings
+
+        return make_settings("chat", self.s.folder, self.conv, self.sampling, self.max_tokens)
+
+    def _save(self, name: str):
+        """Save the conversation as `name`; returns the manifest, None when there is nothing
+        to save yet. SessionError passes."""
+        from ..sessions.runtime import conversation_messages, stable_prefix
+
+        rt = self.runtime()
+        history = stable_prefix(self.s.tokenizer, self.conv)
+        return rt.save_turn(name, self.gen, history, conversation_messages(self.conv), self.settings_dict())
+
+    def autosave(self):
+        from ..sessions import SessionError
+
+        try:
+            self._save(self.name)
+        except SessionError as e:
+            self.say(f"warning: {e}", style="yellow")
+
+    def _new_name(self, name: str) -> bool:
+        from ..sessions import SessionError
+
+        self.runtime()
+        try:
+            self.store.path(name)
+        except SessionError as e:
+            self.say(str(e), style="red")
+            return False
+        if self.store.exists(name):
+            self.say(f"session '{name}' already exists: /load it, or pick another name", style="red")
+            return False
+        return True
+
+    def _copy_to(self, name: str):
+        """Make session `name` hold this conversation (a copy-on-write fork when attached)."""
+        if self.name and self.store.exists(self.name):
+            self.rt.fork_from(self.name, name)
+        m = self._save(name)
+        if m is None and self.store.exists(name):
+            m = self.store.manifest(name)
+        return m
+
+    def _said(self, what: str, name: str, m):
+        size = sum(x["bytes"] for x in m["segments"])
+        self.say(f"{what} session '{name}': {len(m['tokens']):,} tokens, {len(m['segments'])} segments, "
+                 f"{fmt_bytes(size)}", style="dim")
+
+    def save_as(self, name: Optional[str]):
+        from ..sessions import SessionError
+
+        if name is None or name == self.name:
+            if not self.name:
+                self.say("usage: /save NAME (this conversation has no session yet)", style="red")
+                return
+            name = self.name
+        elif not self._new_name(name):
+            return
+        try:
+            m = self._copy_to(name) if name != self.name else self._save(name)
+        except SessionError as e:
+            self.say(str(e), style="red")
+            return
+        if m is None:
+            self.say("nothing to save yet: send a message first", style="red")
+            return
+        self.name = name
+        self.rt.own = name
+        self._said("saved", name, m)
+
+    def fork(self, name: str):
+        from ..sessions import SessionError
+
+        if not name:
+            self.say("usage: /fork NAME", style="red")
+            return
+        if not self._new_name(name):
+            return
+        try:
+            m = self._copy_to(name)
+        except SessionError as e:
+            self.say(str(e), style="red")
+            return
+        if m is None:
+            self.say("nothing to fork yet: send a message first", style="red")
+            return
+        self._said("forked to", name, m)
+        self.say(f"still in {'session ' + repr(self.name) if self.name else 'this conversation'}; "
+                 f"/load {name} switches", style="dim")
+
+    def load(self, name: str):
+        from ..sessions import SessionError
+
+        if not name:
+            self.say("usage: /load NAME", style="red")
+            return
+        import copy
+
+        from ..generate import Conversation
+
+        rt = self.runtime()
+        conv, sampling = Conversation(), copy.copy(self.sampling)
+        try:
+            m = self.store.manifest(name)
+            self.store._check(m, rt.fp, name)
+            turns = restore_conversation(m, conv, sampling)
+            state = load_state(rt, name, self.s.tokenizer, conv, self.s.max_context)
+        except SessionError as e:
+            self.say(str(e), style="red")
+            return
+        self.conv.system, self.conv.messages = conv.system, conv.messages
+        self.conv.thinking, self.conv.max_effort = conv.thinking, conv.max_effort
+        self.sampling.__dict__.update(sampling.__dict__)
+        self.turns = turns
+        st_max = (m.get("settings") or {}).get("max_tokens")
+        if isinstance(st_max, int) and st_max > 0:
+            self.max_tokens = st_max
+        if state is not None:
+            self.gen.install(state)
+        else:
+            self.gen.reset()
+        self.name = name
+        rt.own = name
+        self.say(f"loaded session '{name}': {len(self.gen.tokens):,} tokens restored (no prefill), "
+                 f"{self.turns} turns, mode {self.conv.mode}", style="dim")
+        self.show_last()
+
+    def show_last(self):
+        for msg in self.conv.messages[-2:]:
+            text = (msg.get("content") or "").strip().replace("\n", " ")
+            if len(text) > 200:
+                text = text[:200] + "…"
+            self.say(f"  {msg.get('role')}: {text}", style="dim")
+
+    def list_sessions(self):
+        from ..sessions import SessionStore
+
+        store = self.store or SessionStore()
+        rows = store.list()
+        if not rows:
+            self.say(f"no sessions in {store.root}", style="dim")
+            return
+        for r in rows:
+            mark = "*" if r["name"] == self.name else " "
+            self.say(f"{mark} {r['name']:<24} {r['tokens']:>9,} tokens {r['segments']:>4} segments "
+                     f"{fmt_bytes(r['bytes']):>9}", style=None)
+
     # -- one turn ------------------------------------------------------------------------------
     def ask(self, text: str):
         from ..generate import encode_prompt
@@ -350,7 +554,11 @@ class ChatREPL:
             self.say("[stopped]", style="yellow")
         self.conv.add_turn(text, r)
         self.turns += 1
+        if st.reused_from:
+            self.say(reuse_line(st, st.prompt_tokens), style="dim")
         self.say(format_stats(st), style="dim")
+        if self.name:
+            self.autosave()
         w = context_warning(st)
         if w:
             self.say(f"warning: {w}" + ("; /clear to start over" if st.finish_reason != "context" else ""),
@@ -380,7 +588,7 @@ class ChatREPL:
 @app.command("chat", epilog=EXIT_CODES_HELP)
 def chat(
     model: Optional[Path] = MODEL_ARG,
-    think: bool = typer.Option(False, "--think/--no-think", help="Start in Think High mode (/think, /nothink switch)."),
+    think: Optional[bool] = typer.Option(None, "--think/--no-think", help="Start in Think High mode (/think, /nothink switch; default: no thinking, or the session's mode)."),
     think_max: bool = typer.Option(False, "--think-max", help="Start in Think Max mode."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Most tokens per reply (default 8192; 100 for the demo model)."),
@@ -392,26 +600,127 @@ def chat(
     prefill_step: int = typer.Option(2048, "--prefill-step", help="Prompt tokens per prefill chunk."),
     no_color: bool = typer.Option(False, "--no-color", help="No colors or escape codes, plain line input (also NO_COLOR, TERM=dumb)."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Run even if the memory preflight says it will not fit."),
+    session: Optional[str] = typer.Option(None, "--session", help="Keep the conversation on disk as session NAME: created at the first reply, resumed if it exists (no prefill)."),
+    kv_format: Optional[str] = typer.Option(None, "--kv-format", help="Decode-state storage: fp8 (default) or bf16 (default for a resumed session: its own)."),
+    reuse_prefix: Optional[bool] = typer.Option(None, "--reuse-prefix/--no-reuse-prefix", help="Start prompts from the longest prefix any stored session holds (default: on when the sessions folder exists)."),
 ):
     """Chat with a model: multi-turn, the decode state reused across turns."""
     from ..generate import DEFAULT_MAX_TOKENS, DEMO_MAX_TOKENS, Conversation, dsv4_home
+    from ..sessions import SessionError, SessionStore
 
     color = color_enabled(no_color)
     err = make_console(True, color)
     if max_tokens is not None and max_tokens < 1:
         fail(f"--max-tokens must be positive (got {max_tokens})")
+    kv = check_kv_format(kv_format)
+    max_tokens_opt = max_tokens
+    store = SessionStore()
+    manifest = None
+    if session is not None:
+        try:
+            store.path(session)
+            manifest = store.manifest(session) if store.exists(session) else None
+        except SessionError as e:
+            session_fail(e)
+        if manifest is not None:
+            model = session_model(model, manifest)
+            kv = kv or manifest["fingerprints"]["state_format"].rsplit("-", 1)[0]
+    kv = kv or "fp8"
+    reuse = reuse_enabled(reuse_prefix, store)
+    notices = []
+
+    def warn(text):
+        notices.append((f"warning: {text}", "yellow"))
+
     try:
         s = open_session(model, max_context, prefill_step, err)
         sampling = sampling_from(s.folder, temp, top_p, seed, repetition_penalty)
+        conv = Conversation(system=system, thinking=bool(think) or think_max, max_effort=think_max)
+        if max_tokens is None:
+            max_tokens = DEMO_MAX_TOKENS if s.demo else DEFAULT_MAX_TOKENS
+        rt = state = None
+        if session is not None or reuse:
+            from ..sessions.runtime import SessionRuntime
+
+            rt = SessionRuntime(store, s.fingerprints(kv), own=session, search_all=reuse, warn=warn)
+        turns = 0
+        if manifest is not None:
+            # fingerprints and hashes are checked here, before the model is loaded
+            try:
+                store._check(manifest, rt.fp, session)
+                given = [k for k, v in (("temperature", temp), ("top_p", top_p), ("seed", seed),
+                                        ("repetition_penalty", repetition_penalty)) if v is not None]
+                turns = restore_conversation(manifest, conv, sampling, given=given,
+                                             keep_system=system is not None,
+                                             keep_mode=think is not None or think_max)
+                st_max = (manifest.get("settings") or {}).get("max_tokens")
+                if max_tokens_opt is None and isinstance(st_max, int) and st_max > 0:
+                    max_tokens = st_max
+                state = load_state(rt, session, s.tokenizer, conv, s.max_context)
+            except SessionError as e:
+                session_fail(e)
         s.preflight(state_copies=2, skip=no_memory_check)  # the live state and the turn checkpoint
-        s.load()
+        s.load(kv)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
-    gen = s.generator(keep_checkpoint=True)
-    conv = Conversation(system=system, thinking=think or think_max, max_effort=think_max)
-    if max_tokens is None:
-        max_tokens = DEMO_MAX_TOKENS if s.demo else DEFAULT_MAX_TOKENS
-    repl = ChatREPL(s, gen, conv, sampling, max_tokens, color)
+    gen = s.generator(keep_checkpoint=True, track_logits=True)  # /save needs the logits (last position only: cheap)
+    if rt is not None:
+        gen.prefix_source = rt
+    if state is not None:
+        gen.install(state)
+    repl = ChatREPL(s, gen, conv, sampling, max_tokens, color, store=store, rt=rt, name=session, kv_format=kv)
+    repl.turns = turns
+    if manifest is not None:
+        load = rt.loads[-1] if rt.loads else None
+        took = f" from {fmt_bytes(load.bytes)} in {load.seconds:.2f}s" if load else ""
+        stored, have = len(manifest["tokens"]), len(gen.tokens)
+        rest = ("(no prefill)" if have >= stored else
+                f"of {stored:,}; the other {stored - have:,} are prefilled with your next message")
+        repl.notices.append((f"resumed session '{session}': {have:,} tokens restored{took} {rest}, "
+                             f"{turns} turns", "bold"))
+    elif session is not None:
+        repl.notices.append((f"new session '{session}': saved in {store.root} after every reply", "dim"))
+    repl.notices = notices + repl.notices
+    if rt is not None:
+        rt.warn = lambda text: repl.say(f"warning: {text}", style="yellow")
     interactive = color and sys.stdin.isatty() and sys.stdout.isatty()
     reader = PromptReader(dsv4_home() / "chat_history") if interactive else PlainReader(sys.stdout)
     repl.run(reader)
+
+
+def restore_conversation(manifest, conv, sampling, given=(), keep_system=False,
+                         keep_mode=False) -> int:
+    """Transcript, think mode and sampler settings of a stored session into `conv` and
+    `sampling` (except those `given` on the command line); returns the number of turns."""
+    from ..sessions.runtime import apply_mode, apply_sampler, split_messages
+
+    settings = manifest.get("settings") or {}
+    system, messages = split_messages(manifest.get("messages", []))
+    if not keep_system:
+        conv.system = system
+    conv.messages = messages
+    if not keep_mode:
+        apply_mode(conv, settings.get("mode"))
+    apply_sampler(sampling, settings, given)
+    return sum(1 for m in messages if m.get("role") == "assistant")
+
+
+def load_state(rt, name: str, tokenizer, conv, max_context: int):
+    """The stored state of session `name` that every next prompt of `conv` starts with (its
+    longest such boundary), loaded and hash-checked; None when it holds none."""
+    from ..sessions import SessionError
+    from ..sessions.runtime import stable_prefix
+
+    history = stable_prefix(tokenizer, conv)
+    saved = rt.own, rt.search_all
+    rt.own, rt.search_all = name, False
+    try:
+        found = rt.best(history)
+    finally:
+        rt.own, rt.search_all = saved
+    if found is None:
+        return None
+    if found[1] >= max_context:
+        raise SessionError(f"session '{name}' holds {found[1]:,} tokens, more than the context of "
+                           f"{max_context:,} (--max-context)")
+    return rt.state_of(rt.load(found[0], upto=found[1]), found[0])

@@ -8,6 +8,19 @@ reasoning (thinking modes), notices and stats on stderr, so stdout stays clean w
 Output honours `NO_COLOR`, `TERM=dumb` and `--no-color`: no escape codes at all (no colors,
 no styles, no live progress bar; long prefills report plain lines on stderr instead).
 
+Sessions (docs/SESSIONS.md). With `--reuse-prefix` (the default when the sessions folder,
+`$DSV4_SESSIONS` or `~/.cache/dsv4-mlx/sessions`, exists) a prompt that starts like a stored
+snapshot resumes from its longest valid boundary and prefills only the rest; a prompt of at
+least `--auto-snapshot-min` tokens is saved as an automatic snapshot `auto-<hash>` (boundaries
+every 16,384 tokens, so an interrupted prefill resumes too), and automatic snapshots are kept
+under `--sessions-budget` (`$DSV4_SESSIONS_BUDGET`, default 20G) by evicting the least recently
+used. How many prompt tokens were reused and prefilled goes to stderr. `--doc FILE` sends
+documents first, framed as `dsv4 doc` frames them, so `generate --doc F -p Q` and
+`doc F --session S` + `ask --session S Q` see the same conversation.
+
+`DSV4_COMPUTE_DTYPE=float32|bfloat16|float16` overrides the compute dtype (tests, debugging:
+in float32 results do not depend on how a prompt is split into chunks).
+
 Exit codes (generate, demo and chat):
 
 * 0   success (also when a reply stops at --max-tokens or at the end of the context)
@@ -15,6 +28,8 @@ Exit codes (generate, demo and chat):
 * 2   bad input: missing or invalid model folder, bad option, no prompt, or a prompt longer
       than the context (--max-context)
 * 3   not enough memory for the weights and the decode state at --max-context
+* 4   session error (not found, bad name, disk full), 5 incompatible session (another model,
+      tokenizer, encoding, state format or format version), 6 corrupt session
 * 130 interrupted with Ctrl+C (generate, demo; in chat Ctrl+C stops the reply only)
 """
 
@@ -27,7 +42,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
@@ -39,8 +54,11 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success; 1 unexpected failure; 2 bad input (model folder, options, no prompt, "
-    "prompt longer than the context); 3 not enough memory; 130 interrupted."
+    "prompt longer than the context); 3 not enough memory; 4 session error (not found, bad name, "
+    "disk full); 5 incompatible session; 6 corrupt session; 130 interrupted."
 )
+KV_FORMATS = ("fp8", "bf16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 DEMO_NOTICE = ("this is the built-in demo model: a tiny DeepSeek-V4 with random weights, so its "
                "output is gibberish; pass a converted model folder (dsv4 convert) for real answers")
@@ -198,27 +216,92 @@ class Session:
                 fail(chk.message + " (--no-memory-check runs anyway)", EXIT_MEMORY)
         return chk
 
-    def load(self):
+    def load(self, kv_format: Optional[str] = None):
         from ..generate import set_wired_limit
         from ..loader import load_model
 
+        dtype = os.environ.get("DSV4_COMPUTE_DTYPE")
+        if dtype and dtype not in COMPUTE_DTYPES:
+            fail(f"DSV4_COMPUTE_DTYPE must be one of {', '.join(COMPUTE_DTYPES)}, not {dtype!r}")
         set_wired_limit()
         try:
             self.model = load_model(self.folder)
         except (ValueError, KeyError, OSError) as e:
             fail(f"could not load the weights of {self.folder}: {e}")
+        if dtype:
+            import mlx.core as mx
+
+            self.model.set_dtype(getattr(mx, dtype))
+        if kv_format:
+            self.model.kv_format = kv_format
         return self.model
 
-    def generator(self, keep_checkpoint: bool):
+    def fingerprints(self, kv_format: str):
+        """The session fingerprints of this model; a DSV4_COMPUTE_DTYPE override computes other
+        states, so it makes another model fingerprint."""
+        import hashlib
+
+        from ..sessions import Fingerprints
+
+        fp = Fingerprints.of(self.folder, kv_format)
+        dtype = os.environ.get("DSV4_COMPUTE_DTYPE")
+        if dtype:
+            fp.model = hashlib.sha256(f"{fp.model}:{dtype}".encode()).hexdigest()[:32]
+        return fp
+
+    def generator(self, keep_checkpoint: bool, track_logits: bool = False):
         from ..generate import Generator
 
         return Generator(self.model, self.tokenizer, max_context=self.max_context,
-                         prefill_step_size=self.prefill_step, keep_checkpoint=keep_checkpoint)
+                         prefill_step_size=self.prefill_step, keep_checkpoint=keep_checkpoint,
+                         track_logits=track_logits)
 
 
 def open_session(model: Optional[Path], max_context: Optional[int], prefill_step: int, err: Console) -> Session:
     folder, cfg, demo = resolve_model(model, err)
     return Session(folder, cfg, demo, max_context, prefill_step, err)
+
+
+def check_kv_format(kv_format: Optional[str]) -> Optional[str]:
+    if kv_format is not None and kv_format not in KV_FORMATS:
+        fail(f"--kv-format must be fp8 or bf16, not {kv_format!r}")
+    return kv_format
+
+
+def session_fail(e) -> None:
+    """A SessionError as one sentence, with its exit code (4, 5 or 6)."""
+    fail(str(e), getattr(e, "exit_code", 4))
+
+
+def session_model(model: Optional[Path], manifest) -> Optional[Path]:
+    """MODEL, else the folder a stored session was made with (None: the demo model)."""
+    if model is not None or manifest is None:
+        return model
+    stored = (manifest.get("settings") or {}).get("model")
+    if stored and (Path(stored) / "config.json").is_file():
+        return Path(stored)
+    if stored and not Path(stored).name.startswith("demo-"):
+        fail(f"the session was made with {stored}, which is gone; pass the model folder")
+    return None
+
+
+def sessions_budget(text: Optional[str]) -> int:
+    from ..sessions.runtime import DEFAULT_BUDGET
+    from .main import _size
+
+    return _size(text or os.environ.get("DSV4_SESSIONS_BUDGET") or DEFAULT_BUDGET)
+
+
+def reuse_enabled(flag: Optional[bool], store) -> bool:
+    """--reuse-prefix / --no-reuse-prefix; by default on when the sessions folder exists."""
+    return store.root.is_dir() if flag is None else bool(flag)
+
+
+def reuse_line(st, prompt_tokens: int) -> str:
+    src = f" from session '{st.reused_from}'" if st.reused_from else (" from this process's cache"
+                                                                       if st.reused_tokens else "")
+    return (f"prompt {prompt_tokens:,} tokens: {st.reused_tokens:,} reused{src}, "
+            f"{st.prefill_tokens:,} prefilled")
 
 
 def sampling_from(folder: Path, temp, top_p, seed, repetition_penalty=None, demo=False):
@@ -330,7 +413,7 @@ class PrefillProgress:
 
 def stream_reply(gen, prompt_ids, *, sampling, max_tokens, answer_out: Callable[[str], None],
                  reasoning_out: Callable[[str], None], progress=None, should_stop=None,
-                 on_answer_start: Optional[Callable[[], None]] = None):
+                 on_answer_start: Optional[Callable[[], None]] = None, after_prefill=None):
     """Run `gen.stream` and route the chunks; returns a `Reply`."""
     from ..generate import Reply
 
@@ -338,7 +421,7 @@ def stream_reply(gen, prompt_ids, *, sampling, max_tokens, answer_out: Callable[
     started = False
     try:
         for c in gen.stream(prompt_ids, sampling=sampling, max_tokens=max_tokens, progress=progress,
-                            should_stop=should_stop):
+                            should_stop=should_stop, after_prefill=after_prefill):
             if c.kind == "reasoning":
                 r.reasoning += c.text
                 reasoning_out(c.text)
@@ -393,20 +476,30 @@ def _mode(think: bool, think_max: bool) -> tuple:
 def run_once(model: Optional[Path], text: str, *, thinking: bool, max_effort: bool, system: Optional[str],
              max_tokens: Optional[int], temp, top_p, seed, max_context, repetition_penalty,
              prefill_step: int, no_color: bool, no_memory_check: bool, show_stats: bool,
-             echo_prompt: bool = False):
+             echo_prompt: bool = False, kv_format: Optional[str] = None, reuse_prefix: Optional[bool] = False,
+             auto_snapshot_min: Optional[int] = None, budget: Optional[str] = None, docs=()):
     """Shared by `generate` and `demo`: one prompt, one streamed reply."""
-    from ..generate import DEFAULT_MAX_TOKENS, DEMO_MAX_TOKENS, ContextError, Conversation, encode_prompt
+    from ..generate import DEFAULT_MAX_TOKENS, DEMO_MAX_TOKENS, Conversation, encode_prompt
 
     color = color_enabled(no_color)
     err = make_console(True, color)
     if max_tokens is not None and max_tokens < 1:
         fail(f"--max-tokens must be positive (got {max_tokens})")
+    kv = check_kv_format(kv_format) or "fp8"
     s = open_session(model, max_context, prefill_step, err)
     sampling = sampling_from(s.folder, temp, top_p, seed, repetition_penalty)
     if s.demo:
         err.print(f"note: {DEMO_NOTICE}.", markup=False, style="yellow")
     conv = Conversation(system=system, thinking=thinking, max_effort=max_effort)
-    ids = encode_prompt(s.tokenizer, conv.encode(text))
+    if docs:
+        from ..sessions.runtime import document_message, read_documents
+
+        try:
+            conv.messages.append({"role": "user", "content": document_message(read_documents(docs))})
+        except OSError as e:
+            fail(f"cannot read {e.filename} ({e.strerror or e})")
+    prompt_text = conv.encode(text)
+    ids = encode_prompt(s.tokenizer, prompt_text)
     if len(ids) >= s.max_context:
         fail(f"the prompt has {len(ids):,} tokens but the context is {s.max_context:,} "
              "(--max-context); shorten the prompt or raise --max-context")
@@ -416,11 +509,84 @@ def run_once(model: Optional[Path], text: str, *, thinking: bool, max_effort: bo
     if max_tokens > room:
         err.print(f"warning: the reply can use only {room:,} tokens before the context "
                   f"({s.max_context:,}) is full", markup=False, style="yellow")
+    store = None
+    if reuse_prefix is not False:
+        from ..sessions import SessionStore
+
+        store = SessionStore()
+        if not reuse_enabled(reuse_prefix, store):
+            store = None
+    if auto_snapshot_min is not None and auto_snapshot_min < 1:
+        fail(f"--auto-snapshot-min must be positive (got {auto_snapshot_min})")
+    limit = sessions_budget(budget) if store is not None else 0
     s.preflight(state_copies=1, skip=no_memory_check)
-    s.load()
-    gen = s.generator(keep_checkpoint=False)
+    s.load(kv)
+    gen = s.generator(keep_checkpoint=False, track_logits=store is not None)
+    after = None
+    if store is not None:
+        after = attach_reuse(gen, s, store, kv, err, ids, conv, sampling, max_tokens, limit,
+                             auto_snapshot_min, prompt_text=prompt_text)
     if echo_prompt:
         err.print(f"prompt: {text}", markup=False, style="bold")
+    return emit_reply(gen, ids, s, sampling, max_tokens, err, color, thinking, show_stats, after_prefill=after)
+
+
+def attach_reuse(gen, s, store, kv, err, ids, conv, sampling, max_tokens, budget_bytes,
+                 auto_snapshot_min, own=None, touch=True, prompt_text: Optional[str] = None):
+    """Prefix reuse from every compatible session and, for a long prompt, an automatic snapshot
+    (resume points: every 16,384 tokens, the end of the user's text - so a prompt that adds to
+    it starts there - and the whole prompt); returns the `after_prefill` callback (prints how
+    many prompt tokens were reused)."""
+    from ..sessions import SessionError
+    from ..sessions.runtime import (DEFAULT_AUTO_SNAPSHOT_MIN, DEFAULT_CHECKPOINT_EVERY, AutoSnapshot,
+                                    SessionRuntime, conversation_messages, make_settings,
+                                    stable_text_prefix)
+
+    def warn(text):
+        err.print(f"warning: {text}", markup=False, style="yellow")
+
+    try:
+        fp = s.fingerprints(kv)
+    except (OSError, ValueError) as e:
+        warn(f"prefix reuse is off: cannot fingerprint {s.folder} ({e})")
+        return None
+    rt = SessionRuntime(store, fp, own=own, search_all=True, touch=touch, warn=warn)
+    gen.prefix_source = rt
+    snap = None
+    if len(ids) >= (auto_snapshot_min or DEFAULT_AUTO_SNAPSHOT_MIN):
+        msgs = conversation_messages(conv)
+        snap = AutoSnapshot(rt, ids[:-1], msgs, make_settings("auto", s.folder, conv, sampling, max_tokens),
+                            budget_bytes, warn)
+        gen.boundary_every = DEFAULT_CHECKPOINT_EVERY
+        gen.on_boundary = snap.on_boundary
+        if prompt_text is not None:
+            b = len(stable_text_prefix(s.tokenizer, prompt_text))
+            if 0 < b < len(ids) - 1:
+                gen.boundary_at = {b}
+
+    def after(g):
+        st = g.last_stats
+        src = f" from session '{g.reused_from}'" if g.reused_from else ""
+        err.print(f"prompt {len(ids):,} tokens: {st.reused_tokens:,} reused{src}, "
+                  f"{len(ids) - st.reused_tokens:,} prefilled", markup=False, style="dim")
+        if snap is not None:
+            try:
+                snap.finish(g)
+            except SessionError as e:
+                warn(str(e))
+            if snap.saved:
+                err.print(f"saved the prompt's state as session {snap.name} ({snap.saved:,} tokens)",
+                          markup=False, style="dim")
+            if snap.evicted:
+                err.print(f"evicted {len(snap.evicted)} automatic snapshot(s) to stay under the sessions "
+                          f"budget: {', '.join(snap.evicted)}", markup=False, style="dim")
+
+    return after
+
+
+def emit_reply(gen, ids, s, sampling, max_tokens, err, color, thinking, show_stats, after_prefill=None):
+    """Stream one reply: the answer on stdout, reasoning and stats on stderr; Ctrl+C exits 130."""
+    from ..generate import ContextError
 
     out = sys.stdout
     tail = {"answer": "", "reasoning": False}
@@ -448,13 +614,20 @@ def run_once(model: Optional[Path], text: str, *, thinking: bool, max_effort: bo
         with flag:
             r = stream_reply(gen, ids, sampling=sampling, max_tokens=max_tokens, answer_out=answer_out,
                              reasoning_out=reasoning_out, on_answer_start=answer_start,
-                             progress=PrefillProgress(err, color, s.prefill_step), should_stop=flag)
+                             progress=PrefillProgress(err, color, s.prefill_step), should_stop=flag,
+                             after_prefill=after_prefill)
     except ContextError as e:
         fail(str(e))
     except KeyboardInterrupt:
         out.write("\n")
         out.flush()
         fail("interrupted", EXIT_INTERRUPTED)
+    except Exception as e:  # noqa: BLE001 - session faults inside the prefill
+        from ..sessions import SessionError
+
+        if isinstance(e, SessionError):
+            session_fail(e)
+        raise
     if tail.get("broken"):
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
@@ -507,6 +680,11 @@ def generate(
     no_color: bool = typer.Option(False, "--no-color", help="No colors or escape codes (also NO_COLOR, TERM=dumb)."),
     no_memory_check: bool = typer.Option(False, "--no-memory-check", help="Run even if the memory preflight says it will not fit."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Print speed and memory on stderr."),
+    doc: List[Path] = typer.Option([], "--doc", help="A document sent before the prompt (repeatable), framed as `dsv4 doc` frames it."),
+    kv_format: Optional[str] = typer.Option(None, "--kv-format", help="Decode-state storage: fp8 (default) or bf16."),
+    reuse_prefix: Optional[bool] = typer.Option(None, "--reuse-prefix/--no-reuse-prefix", help="Resume from the longest stored session prefix and snapshot long prompts (default: on when the sessions folder exists)."),
+    auto_snapshot_min: int = typer.Option(4096, "--auto-snapshot-min", help="Save prompts of at least this many tokens as automatic snapshots (auto-<hash>)."),
+    budget: Optional[str] = typer.Option(None, "--sessions-budget", help="Disk budget of the automatic snapshots, least recently used evicted first (default $DSV4_SESSIONS_BUDGET or 20G)."),
 ):
     """Generate one reply: the answer on stdout; reasoning and stats on stderr."""
     thinking, max_effort = _mode(think, think_max)
@@ -514,7 +692,8 @@ def generate(
     _guard(run_once, model, text, thinking=thinking, max_effort=max_effort, system=system, max_tokens=max_tokens,
              temp=temp, top_p=top_p, seed=seed, max_context=max_context,
              repetition_penalty=repetition_penalty, prefill_step=prefill_step, no_color=no_color,
-             no_memory_check=no_memory_check, show_stats=stats)
+             no_memory_check=no_memory_check, show_stats=stats, kv_format=kv_format,
+             reuse_prefix=reuse_prefix, auto_snapshot_min=auto_snapshot_min, budget=budget, docs=doc)
 
 
 DEMO_PROMPT = "In two sentences, what is DeepSeek-V4?"

@@ -225,7 +225,7 @@ def run():  # pragma: no cover - console entry point
 
 
 # -- generate, demo and chat: their modules register on `app` when imported ---------------------
-from . import chat as _chat, generate_cmd as _generate_cmd  # noqa: E402,F401
+from . import chat as _chat, generate_cmd as _generate_cmd, sessions_cmd as _sessions_cmd  # noqa: E402,F401
 
 from . import bench_cmd as _bench_cmd  # noqa: E402,F401
 

@@ -240,8 +240,9 @@ class SessionStore:
         """Append one segment with what the caches hold beyond the stored session.
 
         If the stored tokens are not a prefix of `tokens` (the conversation changed), the
-        session is rewritten from scratch; the old segments go only after the new manifest is
-        in place.
+        session is cut back to its longest boundary that is a prefix of `tokens` (from scratch
+        when there is none) and the rest is written as one new segment; the segments dropped
+        go only after the new manifest is in place.
         """
         tokens = [int(t) for t in tokens]
         T = len(tokens)
@@ -257,22 +258,27 @@ class SessionStore:
         segments: List[Dict] = []
         prev_T = 0
         if old and old["segments"]:
-            last_T = old["segments"][-1]["tokens"]
-            if last_T <= T and old["tokens"][:last_T] == tokens[:last_T]:
-                segments, prev_T = list(old["segments"]), last_T
+            # keep the stored segments up to the longest boundary that is a prefix of `tokens`
+            # (all of them when the conversation only grew)
+            for k, s in enumerate(old["segments"]):
+                Tk = s["tokens"]
+                if Tk > T or old["tokens"][:Tk] != tokens[:Tk]:
+                    break
+                segments, prev_T = list(old["segments"][: k + 1]), Tk
         if segments and prev_T == T:
-            manifest = dict(old, messages=list(messages), settings=settings or old.get("settings", {}),
+            manifest = dict(old, tokens=tokens, segments=segments, messages=list(messages),
+                            settings=settings or old.get("settings", {}),
                             updated=time.time(), last_used=time.time())
             _atomic_json(folder / "manifest.json", manifest)
+            self._sweep(folder, manifest)
             return manifest
         folder.mkdir(parents=True, exist_ok=True)
         arrays: Dict[str, mx.array] = {"next_logits": next_logits.reshape(-1).astype(mx.float32)}
         for i, c in enumerate(caches):
             for k, v in c.segment(prev_T).items():
                 arrays[f"L{i}.{k}"] = v
-        seq = 1 + max([int(s["file"][4:10]) for s in segments] + [0])
-        if not segments and old:
-            seq = 1 + max([int(s["file"][4:10]) for s in old["segments"]] + [0])
+        # a new file name: never one that the current manifest names (crash safety)
+        seq = 1 + max([int(s["file"][4:10]) for s in (old or {}).get("segments", [])] + [0])
         fname = f"seg-{seq:06d}.safetensors"
         tmp = folder / f"seg-{seq:06d}.tmp.safetensors"
         try:
@@ -319,8 +325,11 @@ class SessionStore:
                 raise IncompatibleSession(
                     f"session {name!r} was saved with another {what}; refusing to load it")
 
-    def load(self, name: str, fingerprints: Fingerprints, upto_tokens: Optional[int] = None) -> Loaded:
-        """Rebuild the caches at the last intact boundary (or the last one <= `upto_tokens`)."""
+    def load(self, name: str, fingerprints: Fingerprints, upto_tokens: Optional[int] = None,
+             touch: bool = True) -> Loaded:
+        """Rebuild the caches at the last intact boundary (or the last one <= `upto_tokens`).
+
+        `touch=False` leaves the folder byte for byte as it was (no `last_used` update)."""
         m = self.manifest(name)
         self._check(m, fingerprints, name)
         folder = self.path(name)
@@ -343,11 +352,12 @@ class SessionStore:
             per = [{k.split(".", 1)[1]: v for k, v in d.items() if k.startswith(f"L{i}.")} for d in data]
             caches.append(LayerCache.from_segments(tuple(layout), fingerprints.kv_format, per, T))
         msgs = m.get("messages", []) if T == len(m["tokens"]) else []
-        m["last_used"] = time.time()
-        try:
-            _atomic_json(folder / "manifest.json", m)
-        except OSError:
-            pass
+        if touch:
+            m["last_used"] = time.time()
+            try:
+                _atomic_json(folder / "manifest.json", m)
+            except OSError:
+                pass
         return Loaded(caches, m["tokens"][:T], data[-1]["next_logits"], msgs, m.get("settings", {}),
                       len(segs), len(m["segments"]), warning, m)
 
@@ -389,6 +399,91 @@ class SessionStore:
     def remove(self, name: str) -> None:
         self.manifest(name)  # raises when missing
         shutil.rmtree(self.path(name))
+
+    def truncate(self, name: str, segments: int) -> Dict:
+        """Keep only the first `segments` segments (after damage was found beyond them)."""
+        m = self.manifest(name)
+        if segments >= len(m["segments"]):
+            return m
+        if segments < 1:
+            raise CorruptSession(f"session {name!r} has no intact segment to keep")
+        keep = m["segments"][:segments]
+        m = dict(m, segments=keep, tokens=m["tokens"][: keep[-1]["tokens"]], updated=time.time())
+        _atomic_json(self.path(name) / "manifest.json", m)
+        self._sweep(self.path(name), m)
+        return m
+
+    def update_meta(self, name: str, messages: Optional[Sequence[Dict]] = None,
+                    settings: Optional[Dict] = None) -> Dict:
+        """Replace the transcript and/or settings, leaving the segments as they are."""
+        m = self.manifest(name)
+        if messages is not None:
+            m["messages"] = list(messages)
+        if settings is not None:
+            m["settings"] = dict(settings)
+        m["updated"] = m["last_used"] = time.time()
+        _atomic_json(self.path(name) / "manifest.json", m)
+        return m
+
+    def verify(self, name: str) -> Tuple[int, Optional[str]]:
+        """(intact segments, the first problem or None): sizes and SHA-256s, nothing modified."""
+        m = self.manifest(name)
+        for i, s in enumerate(m["segments"]):
+            p = self.path(name) / s["file"]
+            if not p.is_file():
+                return i, f"segment {s['file']} is missing"
+            if p.stat().st_size != s["bytes"]:
+                return i, f"segment {s['file']} has {p.stat().st_size:,} bytes instead of {s['bytes']:,}"
+            if _file_sha(p) != s["sha256"]:
+                return i, f"segment {s['file']} does not match its SHA-256"
+        return len(m["segments"]), None
+
+    def import_archive(self, file: Path, name: Optional[str] = None) -> str:
+        """Unpack an archive written by `export` as session `name` (default: its own name)."""
+        file = Path(file)
+        try:
+            tar = tarfile.open(file, "r")
+        except (OSError, tarfile.TarError) as e:
+            raise SessionError(f"{file} is not a session archive ({e})") from None
+        with tar:
+            members = tar.getmembers()
+            tops = {mem.name.split("/", 1)[0] for mem in members}
+            if len(tops) != 1:
+                raise SessionError(f"{file} is not a session archive (one folder expected)")
+            src = tops.pop()
+            name = name or src
+            dest = self.path(name)
+            if dest.exists():
+                raise SessionError(f"session {name!r} already exists")
+            files = {}
+            for mem in members:
+                rel = mem.name[len(src) + 1:]
+                if not mem.isfile() or not (rel == "manifest.json" or re.match(r"^seg-\d{6}\.safetensors$", rel)):
+                    raise SessionError(f"{file} holds {mem.name!r}, which a session archive never holds")
+                files[rel] = mem
+            if "manifest.json" not in files:
+                raise SessionError(f"{file} has no manifest.json")
+            tmp = self.root / f".{name}.importing"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            try:
+                for rel, mem in files.items():
+                    with tar.extractfile(mem) as fin, open(tmp / rel, "wb") as fout:
+                        shutil.copyfileobj(fin, fout)
+                m = json.loads((tmp / "manifest.json").read_text())
+                if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
+                    raise IncompatibleSession(f"{file} holds a session of another format or version")
+                for s in m["segments"]:
+                    p = tmp / s["file"]
+                    if not p.is_file() or p.stat().st_size != s["bytes"] or _file_sha(p) != s["sha256"]:
+                        raise CorruptSession(f"segment {s['file']} in {file} is damaged")
+                _fsync_dir(tmp)
+                os.replace(tmp, dest)
+            except (OSError, ValueError) as e:
+                raise SessionError(f"could not import {file} ({e})") from None
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return name
 
     def export(self, name: str, file: Path) -> Path:
         """One portable archive (tar) holding the manifest and the segments."""
