@@ -127,6 +127,17 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
     wbytes = weight_bytes_per_token(model)
     say("measuring memory bandwidth")
     bw = copy_bandwidth()
+    # warm-up on a throwaway state: the first use of each kernel compiles it (MLX's JIT on CUDA,
+    # Metal's pipeline compilation), which must not count as prefill or decode time. Long
+    # enough that CSA layers pass top-k (the sparse path) and with full-size chunks.
+    say("warming up (kernel compilation)")
+    warm = model.make_cache()
+    n_warm = min(fr[-1], max(2 * prefill_chunk, 4 * model.args.index_topk + prefill_chunk))
+    for p in range(0, n_warm, prefill_chunk):
+        mx.eval(model(mx.array([tokens[p : p + prefill_chunk]]), cache=warm, last_only=True), [c.state for c in warm])
+    for t in range(3):
+        mx.eval(model(mx.array([[tokens[t]]]), cache=warm))
+    del warm
     cache = model.make_cache()
     say("counting primitives of one decode step")
     mx.eval(model(mx.array([tokens[:16]]), cache=cache))

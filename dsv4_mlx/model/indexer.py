@@ -49,5 +49,10 @@ class Indexer(nn.Module):
         q = rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         q = state.codec.roundtrip(q)  # fp8 format: Hadamard rotation + FP4, as the keys got
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
-        return indexer_topk(q, w, state.entries, visible, self.topk)
+        if getattr(state.codec, "mxfp4", False):  # fp8 format: the kernels read packed FP4 keys
+            parts = state.parts()
+            keys = (parts["packed"], parts["scale"])
+        else:
+            keys = state.entries
+        return indexer_topk(q, w, keys, visible, self.topk)
 
