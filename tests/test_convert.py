@@ -279,3 +279,24 @@ def test_cli_convert_and_demo_model(tmp_path):
     assert r.exit_code == 2 and "PATTERN=FORMAT" in r.output
     r = runner.invoke(app, ["demo-model", str(tmp_path / "mlx")])
     assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_hub_repo_id_from_a_complete_cache_needs_no_network(source, tmp_path, monkeypatch):
+    """A repo id whose snapshot is complete in HF_HUB_CACHE converts offline; the card names it."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-v4"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source, repo / "snapshots" / rev)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    convert("acme/tiny-v4", tmp_path / "out", show_progress=False)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: acme/tiny-v4" in card
+    with pytest.raises(PlanError, match="not in the Hugging Face cache"):
+        convert("acme/missing", tmp_path / "out2", show_progress=False)

@@ -293,7 +293,7 @@ def convert(
             if _after_shard:
                 _after_shard(s)
 
-    _write_metadata(out, plan, names, src, recipe, keep_mtp)
+    _write_metadata(out, plan, names, src, recipe, keep_mtp, source)
     record["complete"] = True
     atomic_write_text(progress_path, json.dumps(record, indent=1))
     return Summary(out, plan, written, len(done), time.time() - t0)
@@ -308,7 +308,8 @@ def _clear_outputs(out: Path) -> None:
             p.unlink()
 
 
-def _write_metadata(out: Path, plan: Plan, names: List[str], src: Source, recipe: str, keep_mtp: bool):
+def _write_metadata(out: Path, plan: Plan, names: List[str], src: Source, recipe: str, keep_mtp: bool,
+                    source: str = ""):
     weight_map = {o[0]: n for n, idx in zip(names, plan.shards) for i in idx for o in plan.items[i].outputs}
     index = {"metadata": {"total_size": plan.out_bytes, "format": "mlx"}, "weight_map": weight_map}
     atomic_write_text(out / "model.safetensors.index.json", json.dumps(index, indent=1))
@@ -329,17 +330,19 @@ def _write_metadata(out: Path, plan: Plan, names: List[str], src: Source, recipe
 
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copyfile(tokenizer_files_dir() / f, out / f)
-    atomic_write_text(out / "README.md", _model_card(plan, src, recipe))
+    atomic_write_text(out / "README.md", _model_card(plan, src, recipe, source))
 
 
-def _model_card(plan: Plan, src: Source, recipe: str) -> str:
+def _model_card(plan: Plan, src: Source, recipe: str, source: str = "") -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
-    base = src.config.get("_name_or_path") or src.folder.name
+    # a Hub source is named by its repo id (its local folder is a snapshot hash)
+    hub_id = source if source and not Path(source).expanduser().exists() and source.count("/") == 1 else None
+    base = hub_id or src.config.get("_name_or_path") or src.folder.name
     data = ModelCardData(library_name="mlx", base_model=base if "/" in str(base) else None,
                          tags=["mlx", "deepseek_v4", "dsv4-mlx"], license="mit")
     body = (
-        f"# {src.folder.name} ({recipe}, MLX)\n\n"
+        f"# {hub_id or src.folder.name} ({recipe}, MLX)\n\n"
         f"Converted with dsv4-mlx {__version__} from the published checkpoint.\n\n"
         f"- recipe: `{recipe}`\n- bits per weight: {plan.bits_per_weight():.2f}\n"
         f"- size: {plan.out_bytes / 2**30:.2f} GiB in {len(plan.shards)} shards\n\n"
