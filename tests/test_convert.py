@@ -300,3 +300,42 @@ def test_hub_repo_id_from_a_complete_cache_needs_no_network(source, tmp_path, mo
     assert "base_model: acme/tiny-v4" in card
     with pytest.raises(PlanError, match="not in the Hugging Face cache"):
         convert("acme/missing", tmp_path / "out2", show_progress=False)
+
+
+def test_base_checkpoint_fp8_experts_and_f32_scales(tmp_path):
+    """Base variants: FP8 experts (re-quantized to mxfp4 by mixed-4-8, exact under bf16) and
+    scales stored as F32 powers of two."""
+    cfg = preset_config("tiny", layers=3, experts=4)
+    cfg["expert_dtype"] = "fp8"
+    src = tmp_path / "src"
+    write_source_checkpoint(src, cfg, seed=5, shards=2)
+    for f in src.glob("model-*.safetensors"):  # every F8_E8M0 scale -> F32 2^(b-127)
+        _rewrite(src, f.name, lambda t: t.update({k: ("F32", np.ldexp(np.float32(1), v.astype(np.int32) - 127).astype(np.float32))
+                                                   for k, (dt, v) in list(t.items()) if dt == "F8_E8M0"}))
+    get, idx = _src_tensors(src)
+    assert get("layers.1.ffn.experts.0.w1.weight").dtype == np.uint8  # FP8 experts
+    assert get("layers.1.ffn.experts.0.w1.scale").dtype == np.float32
+    convert(str(src), tmp_path / "bf16", recipe="bf16", show_progress=False)
+    out = _out_tensors(tmp_path / "bf16")
+    w = np.array(out["layers.1.ffn.experts.w1.weight"][0].astype(mx.float32))
+    np.testing.assert_array_equal(w, formats.dequant_fp8(get("layers.1.ffn.experts.0.w1.weight"),
+                                                          get("layers.1.ffn.experts.0.w1.scale")))
+    s = convert(str(src), tmp_path / "mixed", show_progress=False)
+    fmt = {it.path: (it.source, it.fmt, it.exact) for it in s.plan.items}
+    assert fmt["layers.1.ffn.experts.w1"] == ("fp8", "mxfp4", False)  # re-quantized, said so
+    assert fmt["layers.1.attn.wq_a"] == ("fp8", "mxfp8", True)
+    model, _ = dsv4_mlx.load(tmp_path / "mixed")
+    assert np.isfinite(np.array(model(mx.array([[0, 5, 6, 7]])))).all()
+
+
+def test_dspark_drafter_is_skipped_with_a_warning(source, tmp_path):
+    """V4-Flash-0731: same backbone, its mtp.* stages are a DSpark drafter: skipped, warned."""
+    src = _copy(source, tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(dspark_block_size=5, dspark_target_layer_ids=[1, 2, 3])
+    (src / "config.json").write_text(json.dumps(cfg))
+    s = convert(str(src), tmp_path / "out", show_progress=False)
+    assert any("DSpark" in w for w in s.plan.warnings)
+    assert not any(it.path.startswith("mtp.") for it in s.plan.items)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    dsv4_mlx.load(tmp_path / "out")
