@@ -88,8 +88,9 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
+def atomic_write_text(path: Path, text: str, tmp_suffix: str = ".partial") -> None:
+    """Write `text` to a temporary name, fsync, rename over `path`, fsync the folder."""
+    tmp = path.with_name(path.name + tmp_suffix)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -34,6 +34,7 @@ import mlx.core as mx
 
 from .. import __version__
 from ..cache import LayerCache
+from ..convert.writer import atomic_write_text, fsync_dir, sha256_file
 
 FORMAT = "dsv4-session"
 FORMAT_VERSION = 1
@@ -153,32 +154,12 @@ class Loaded:
     manifest: Dict = field(default_factory=dict)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+_fsync_dir = fsync_dir
+_file_sha = sha256_file
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 24):
-            h.update(b)
-    return h.hexdigest()
+    atomic_write_text(path, json.dumps(obj, indent=1), tmp_suffix=".tmp")
 
 
 def default_root() -> Path:
