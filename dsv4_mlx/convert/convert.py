@@ -66,22 +66,6 @@ def _mx_quantize(bf16_bits: np.ndarray, fmt: str, group_size: int):
     return [np.concatenate(p) if len(parts) > 1 else p[0] for p in zip(*parts)]
 
 
-def repack_fp4(w: np.ndarray, scale: np.ndarray):
-    """FP4 (packed [out, in/2], low nibble = even column) -> MLX mxfp4: the same bytes read as
-    little-endian uint32 [out, in/8], the E8M0 scales as they are (spec §3.3). Pure numpy."""
-    w = np.ascontiguousarray(w).view(np.uint8)
-    return [w.view("<u4"), formats.scales_to_e8m0(scale)]
-
-
-def repack_fp8(w: np.ndarray, scale: np.ndarray, block: int):
-    """FP8 e4m3 [out, in] + block x block scales -> MLX mxfp8: bytes as uint32 [out, in/4] and
-    every block scale repeated per row and per 32 columns (lossless). Pure numpy."""
-    out, inp = w.shape
-    s = formats.scales_to_e8m0(scale)
-    s = np.repeat(np.repeat(s, block, axis=0)[:out], block // 32, axis=1)[:, : inp // 32]
-    return [np.ascontiguousarray(w).view(np.uint8).view("<u4"), np.ascontiguousarray(s)]
-
-
 def convert_item(it: Item, src: Source, block: int) -> List[np.ndarray]:
     """The output arrays of `it`, in the order of `it.outputs`."""
     stacked = len(it.members) > 1
@@ -96,9 +80,9 @@ def convert_item(it: Item, src: Source, block: int) -> List[np.ndarray]:
     outs = [np.empty(shape, dtype=_np_dtype(dt)) for _, dt, shape in it.outputs]
     for e, (m, s) in enumerate(zip(it.members, it.scales)):
         if (it.source, it.fmt) == ("fp4", "mxfp4"):
-            parts = repack_fp4(src.get(m), src.get(s))
+            parts = formats.fp4_repack(src.get(m), src.get(s))  # the same bytes, in numpy
         elif (it.source, it.fmt) == ("fp8", "mxfp8"):
-            parts = repack_fp8(src.get(m), src.get(s), block)
+            parts = formats.fp8_repack(src.get(m), src.get(s), block)
         else:
             # bf16 bits: as stored for BF16 sources, exact for FP8/FP4 ones (e4m3/e2m1 x 2^k)
             bits = src.get(m) if it.source == "bf16" else float32_to_bf16(_dequant(src, m, s, it.source, block))

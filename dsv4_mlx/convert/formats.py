@@ -36,7 +36,9 @@ __all__ = [
     "dequant_fp4",
     "quantize_fp8_block",
     "quantize_fp4",
+    "fp4_repack",
     "fp4_to_mxfp4",
+    "fp8_repack",
     "fp8_to_mxfp8",
 ]
 
@@ -344,15 +346,10 @@ def quantize_fp4(w) -> tuple[np.ndarray, np.ndarray]:
 # mx.quantize(..., mode="mxfp4"/"mxfp8") on mlx 0.32.4 and in tests/test_formats.py.)
 
 
-def fp4_to_mxfp4(w_packed, scale):
-    """Checkpoint FP4 (packed [..., out, in/2] + [..., out, in/32] scales) -> MLX mxfp4 arrays.
-
-    Returns ``(weight mx.uint32 [..., out, in/8], scales mx.uint8 [..., out, in/32])`` such that
-    ``mx.dequantize(weight, scales, group_size=32, bits=4, mode="mxfp4")`` equals
-    :func:`dequant_fp4` bit for bit.
-    """
-    import mlx.core as mx
-
+def fp4_repack(w_packed, scale):
+    """Checkpoint FP4 (packed [..., out, in/2] + [..., out, in/32] scales) -> the numpy arrays of
+    MLX's mxfp4 layout: ``(weight uint32 [..., out, in/8], scales uint8 [..., out, in/32])``,
+    the same bytes read as little-endian words (no re-quantization)."""
     w = np.asarray(w_packed)
     if w.dtype == np.int8:
         w = w.view(np.uint8)
@@ -361,21 +358,23 @@ def fp4_to_mxfp4(w_packed, scale):
     s = scales_to_e8m0(scale)
     if w.shape[-1] % 16 or s.shape != (*w.shape[:-1], w.shape[-1] // 16):
         raise ValueError(f"FP4 weight {w.shape} / scale {s.shape} do not match (in % 32 == 0)")
-    w32 = np.ascontiguousarray(w).view("<u4")
-    return mx.array(w32, dtype=mx.uint32), mx.array(np.ascontiguousarray(s), dtype=mx.uint8)
+    return np.ascontiguousarray(w).view("<u4"), np.ascontiguousarray(s)
 
 
-def fp8_to_mxfp8(w_u8, scale, block: int = 128):
-    """Checkpoint FP8 (e4m3 [..., out, in] + block x block scales) -> MLX mxfp8 arrays.
-
-    Each block scale is repeated to every row and every 32-column group it covers
-    (``S'[i, g] = S[i // 128, g // 4]``, lossless). Returns ``(weight mx.uint32
-    [..., out, in/4], scales mx.uint8 [..., out, in/32])`` such that
-    ``mx.dequantize(weight, scales, group_size=32, bits=8, mode="mxfp8")`` equals
-    :func:`dequant_fp8` bit for bit.
-    """
+def fp4_to_mxfp4(w_packed, scale):
+    """:func:`fp4_repack` as MLX arrays: ``mx.dequantize(weight, scales, group_size=32, bits=4,
+    mode="mxfp4")`` equals :func:`dequant_fp4` bit for bit."""
     import mlx.core as mx
 
+    w32, s = fp4_repack(w_packed, scale)
+    return mx.array(w32, dtype=mx.uint32), mx.array(s, dtype=mx.uint8)
+
+
+def fp8_repack(w_u8, scale, block: int = 128):
+    """Checkpoint FP8 (e4m3 [..., out, in] + block x block scales) -> the numpy arrays of MLX's
+    mxfp8 layout: ``(weight uint32 [..., out, in/4], scales uint8 [..., out, in/32])``. Each block
+    scale is repeated to every row and every 32-column group it covers
+    (``S'[i, g] = S[i // 128, g // 4]``, lossless)."""
     w = np.asarray(w_u8)
     if w.dtype == np.int8:
         w = w.view(np.uint8)
@@ -392,5 +391,13 @@ def fp8_to_mxfp8(w_u8, scale, block: int = 128):
         raise ValueError(f"FP8 scale shape {s.shape} does not match weight {w.shape}")
     s_rows = np.repeat(s, block, axis=-2)[..., :out, :]
     s_full = np.repeat(s_rows, block // 32, axis=-1)[..., : inp // 32]
-    w32 = np.ascontiguousarray(w).view("<u4")
-    return mx.array(w32, dtype=mx.uint32), mx.array(np.ascontiguousarray(s_full), dtype=mx.uint8)
+    return np.ascontiguousarray(w).view("<u4"), np.ascontiguousarray(s_full)
+
+
+def fp8_to_mxfp8(w_u8, scale, block: int = 128):
+    """:func:`fp8_repack` as MLX arrays: ``mx.dequantize(weight, scales, group_size=32, bits=8,
+    mode="mxfp8")`` equals :func:`dequant_fp8` bit for bit."""
+    import mlx.core as mx
+
+    w32, s = fp8_repack(w_u8, scale, block)
+    return mx.array(w32, dtype=mx.uint32), mx.array(s, dtype=mx.uint8)
