@@ -4,8 +4,26 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
 
 mx.set_default_device(mx.cpu)
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory):
+    """A DSV4_HOME holding the built-in demo model, built once per test run: (root, folder)."""
+    from dsv4_mlx import generate as G
+
+    root = tmp_path_factory.mktemp("dsv4home")
+    old = os.environ.get("DSV4_HOME")
+    os.environ["DSV4_HOME"] = str(root)
+    try:
+        yield root, G.ensure_demo_model()
+    finally:
+        if old is None:
+            os.environ.pop("DSV4_HOME", None)
+        else:
+            os.environ["DSV4_HOME"] = old
 
 YARN = dict(type="yarn", factor=16, original_max_position_embeddings=65536, beta_fast=32, beta_slow=1)
 

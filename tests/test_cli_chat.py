@@ -24,18 +24,8 @@ ESC = "\x1b"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dsv4home")
-    old = os.environ.get("DSV4_HOME")
-    os.environ["DSV4_HOME"] = str(root)
-    try:
-        folder = G.ensure_demo_model()
-        yield root, folder
-    finally:
-        if old is None:
-            os.environ.pop("DSV4_HOME", None)
-        else:
-            os.environ["DSV4_HOME"] = old
+def home(demo_home):
+    return demo_home
 
 
 def invoke(args, **kw):

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dsv4_mlx import generate as G
 from dsv4_mlx.cli.main import app
 
 runner = CliRunner()
@@ -36,17 +35,8 @@ def num(s):
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dsv4home")
-    old = os.environ.get("DSV4_HOME")
-    os.environ["DSV4_HOME"] = str(root)
-    try:
-        yield G.ensure_demo_model()
-    finally:
-        if old is None:
-            os.environ.pop("DSV4_HOME", None)
-        else:
-            os.environ["DSV4_HOME"] = old
+def home(demo_home):
+    return demo_home[1]
 
 
 @pytest.fixture
