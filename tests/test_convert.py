@@ -1,7 +1,6 @@
 """`dsv4 convert` on tiny checkpoints written in exactly the published layout."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

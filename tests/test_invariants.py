@@ -10,7 +10,7 @@ from dsv4_mlx.model import Model, ModelArgs
 from dsv4_mlx.model.mhc import hc_params
 from dsv4_mlx.model.moe import Gate
 from dsv4_mlx.model.rope import inv_freq_plain, inv_freq_yarn
-from dsv4_mlx.random_weights import load_random, random_weights
+from dsv4_mlx.random_weights import load_random
 
 
 def test_sinkhorn_rows_and_columns_sum_to_one():

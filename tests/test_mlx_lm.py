@@ -2,7 +2,6 @@
 on a tiny random model with the real V4 vocabulary and tokenizer."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from conftest import tiny_config
 from mlx_lm.generate import stream_generate

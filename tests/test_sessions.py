@@ -3,8 +3,6 @@ prefix reuse, bytes per turn."""
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
 from pathlib import Path

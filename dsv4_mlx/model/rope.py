@@ -9,7 +9,6 @@ queries, window KV, compressed KV, indexer queries and indexer keys alike.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import mlx.core as mx
 import numpy as np
