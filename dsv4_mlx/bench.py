@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import LayerCache
+from .cache import LayerCache, restore, snapshot
 
 FRONTIERS = (2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576)
 _WORDS = ("the model reads a long document about rivers mountains trade and the history of "
@@ -99,21 +99,12 @@ def count_primitives(model, cache: List[LayerCache], token: int = 5) -> Dict:
         mx.export_to_dot(str(path), *outs)
         text = path.read_text()
     ops = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text)
-    restore(cache, snap)
+    cache[:] = restore(snap)
     counts: Dict[str, int] = {}
     for o in ops:
         counts[o] = counts.get(o, 0) + 1
     L = len(model.layers)
     return {"total": len(ops), "per_layer": len(ops) / L, "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
-
-
-def snapshot(cache: Sequence[LayerCache]):
-    return [([mx.array(a) for a in c.state], c.meta_state) for c in cache]
-
-
-def restore(cache: List[LayerCache], snap) -> None:
-    for i, (state, meta) in enumerate(snap):
-        cache[i] = LayerCache.from_state([mx.array(a) for a in state], meta)
 
 
 def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequence[int] = FRONTIERS,
@@ -165,7 +156,7 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
             y = mx.argmax(logits[0, -1])
             mx.eval(y)
             times.append(time.perf_counter() - t)
-        restore(cache, snap)
+        cache[:] = restore(snap)
         dec = decode_tokens / sum(times)
         r = FrontierResult(
             context=f, prefill_tokens=interval, prefill_s=pre_s, prefill_tok_s=interval / pre_s,

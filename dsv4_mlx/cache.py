@@ -297,6 +297,18 @@ class LayerCache(_BaseCache):
         return obj
 
 
+def snapshot(caches: List[LayerCache]) -> list:
+    """A copy-on-write snapshot of `caches`: new array objects on the same data. A cache updates
+    its buffers in place (`ring[...] = x` rebinds the cache's own objects, copying on write), so
+    the snapshot keeps the old contents without copying anything up front."""
+    return [([a[...] for a in c.state], c.meta_state) for c in caches]
+
+
+def restore(snap: list) -> List[LayerCache]:
+    """Caches rebuilt from `snapshot` output; the snapshot stays reusable."""
+    return [LayerCache.from_state([a[...] for a in state], meta) for state, meta in snap]
+
+
 def make_layer_caches(args, kv_format: str = DEFAULT_KV_FORMAT) -> List[LayerCache]:
     """Fresh caches for the main layers of `args` (a ModelArgs)."""
     return [

@@ -390,12 +390,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _views(arrays):
-    # New array objects on the same data: the cache's in-place updates (`ring[...] = x`) rebind
-    # the cache's own objects and copy on write, so the views keep the old contents.
-    return [a if a is None else a[...] for a in arrays]
-
-
 class Generator:
     """Model + tokenizer + decode state + the tokens the state holds.
 
@@ -459,23 +453,25 @@ class Generator:
 
     def checkpoint_state(self) -> Optional[StoredState]:
         """The checkpoint (the state at the end of the last prompt minus its last token)."""
-        from .cache import LayerCache
+        from .cache import restore as restore_caches
 
         ck = self._checkpoint
         if ck is None:
             return None
-        caches = [LayerCache.from_state(_views(s), m) for s, m in ck.layers]
+        caches = restore_caches(ck.layers)
         return StoredState(caches, list(ck.tokens), ck.logits)
 
     def _save_checkpoint(self):
+        from .cache import snapshot as snapshot_caches
+
         self._checkpoint = _Checkpoint(
-            list(self.tokens), [(_views(c.state), c.meta_state) for c in self.cache], self.next_logits)
+            list(self.tokens), snapshot_caches(self.cache), self.next_logits)
 
     def _restore_checkpoint(self):
-        from .cache import LayerCache
+        from .cache import restore as restore_caches
 
         ck = self._checkpoint
-        self.cache = [LayerCache.from_state(_views(s), m) for s, m in ck.layers]
+        self.cache = restore_caches(ck.layers)
         self.tokens = list(ck.tokens)
         self._set_logits(ck.logits)
 

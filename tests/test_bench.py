@@ -7,7 +7,8 @@ import mlx.core as mx
 import numpy as np
 from conftest import FLASH_LIKE
 
-from dsv4_mlx.bench import count_primitives, restore, run_bench, snapshot, weight_bytes_per_token, write_csv
+from dsv4_mlx.bench import count_primitives, run_bench, weight_bytes_per_token, write_csv
+from dsv4_mlx.cache import restore, snapshot
 from dsv4_mlx.model import Model, ModelArgs
 from dsv4_mlx.random_weights import load_random
 
@@ -52,6 +53,6 @@ def test_probe_restores_state():
     snap = snapshot(cache)
     count_primitives(model, cache)
     a = np.array(model(mx.array([[7]]), cache=cache))
-    restore(cache, snap)
+    cache[:] = restore(snap)
     b = np.array(model(mx.array([[7]]), cache=cache))
     np.testing.assert_array_equal(a, b)
