@@ -79,47 +79,15 @@ class QuantizedGroupedLinear(nn.Module):
         return y.swapaxes(0, 1).reshape(*lead, G, -1)
 
 
-def sink_attention(
-    q: mx.array,
-    keys: mx.array,
-    mask: Optional[mx.array],
-    sinks: mx.array,
-    scale: float,
-    sel_keys: Optional[mx.array] = None,
-    sel_valid: Optional[mx.array] = None,
-) -> mx.array:
-    """Attention with a sink in the denominator (spec §4.8); K = V.
+def sink_attention(q: mx.array, keys: mx.array, mask: Optional[mx.array], sinks: mx.array,
+                   scale: float) -> mx.array:
+    """Attention with a sink in the denominator (spec §4.8); K = V; fused SDPA.
 
-    q [B, H, T, c]; keys [B, L, c] shared by all queries with `mask` ([T, L] or
-    [B, 1, T, L], True = visible); optional per-query keys `sel_keys` [B, T, k, c] with
-    `sel_valid` [B, T, k]. Returns [B, H, T, c] in q's dtype.
+    q [B, H, T, c]; keys [B, L, c] shared by all queries, `mask` ([T, L] or [B, 1, T, L], True =
+    visible). Returns [B, H, T, c] in q's dtype.
     """
-    if sel_keys is None:
-        k = keys[:, None]
-        return mx.fast.scaled_dot_product_attention(
-            q, k, k, scale=scale, mask=mask, sinks=sinks.astype(q.dtype)
-        )
-    return _sink_attention_ops(q, keys, mask, sinks, scale, sel_keys, sel_valid)
-
-
-def _sink_attention_ops(q, keys, mask, sinks, scale, sel_keys, sel_valid):
-    """Plain-ops path: fp32 logits and accumulation, shared keys plus per-query keys."""
-    f32 = mx.float32
-    qf = q.astype(f32)
-    lw = (qf @ keys[:, None].astype(f32).swapaxes(-1, -2)) * scale  # [B, H, T, L]
-    if mask is not None:
-        lw = mx.where(mask, lw, -mx.inf)
-    sk = sel_keys.astype(f32)
-    ls = (qf.swapaxes(1, 2) @ sk.swapaxes(-1, -2)).swapaxes(1, 2) * scale  # [B, H, T, k]
-    ls = mx.where(sel_valid[:, None], ls, -mx.inf)
-    sink = sinks.astype(f32)[None, :, None]
-    m = mx.maximum(mx.maximum(lw.max(axis=-1), ls.max(axis=-1)), sink)  # [B, H, T]
-    ew = mx.exp(lw - m[..., None])
-    es = mx.exp(ls - m[..., None])
-    denom = ew.sum(axis=-1) + es.sum(axis=-1) + mx.exp(sink - m)
-    o = ew @ keys[:, None].astype(f32)
-    o = o + (es.swapaxes(1, 2) @ sk).swapaxes(1, 2)  # [B, T, H, k] @ [B, T, k, c]
-    return (o / denom[..., None]).astype(q.dtype)
+    k = keys[:, None]
+    return mx.fast.scaled_dot_product_attention(q, k, k, scale=scale, mask=mask, sinks=sinks.astype(q.dtype))
 
 
 class Attention(nn.Module):
@@ -175,7 +143,7 @@ class Attention(nn.Module):
 
         keys, kpos = cache.window_keys(kv)
         W = cache.window
-        if T > W:
+        if T > W or (sel_keys is not None and T > 1):  # long chunk, or per-query picks
             o = blocked_attention(q, keys, kpos, s, W, self.attn_sink, self.scale,
                                   dense, dense_vis, sel_keys, sel_valid)
         else:
@@ -184,12 +152,11 @@ class Attention(nn.Module):
             if dense is not None:
                 keys = mx.concatenate([keys, dense], axis=1)
                 mask = mx.concatenate([mask, dense_vis], axis=1)
-            if sel_keys is not None and T == 1:  # decode: the picks are one more key set
+            if sel_keys is not None:  # decode: the picks are one more key set
                 keys = mx.concatenate([keys, sel_keys[:, 0]], axis=1)
                 mask = mx.concatenate(
                     [mx.broadcast_to(mask, (B, 1, T, mask.shape[-1])), sel_valid[:, None]], axis=-1)
-                sel_keys = None
-            o = sink_attention(q, keys, mask, self.attn_sink, self.scale, sel_keys, sel_valid)
+            o = sink_attention(q, keys, mask, self.attn_sink, self.scale)
         cache.update_ring(parts)
         cache.advance(T)
 
@@ -201,7 +168,8 @@ class Attention(nn.Module):
 
 def blocked_attention(q, keys, kpos, s, W, sinks, scale, dense=None, dense_vis=None,
                       sel_keys=None, sel_valid=None):
-    """Attention of a long chunk (T > W) with the window branch in query blocks of W.
+    """Attention of a chunk with the window branch in query blocks of W (used for T > W, and
+    for any chunk of T > 1 queries with per-query picks).
 
     Block i (queries s + iW ..) needs only the 2W window keys before and in it, so the window
     costs T x 2W scores instead of T x (W + T). Dense compressed entries join every block's
