@@ -52,9 +52,15 @@ _METAL_DIALECT = r"""
 #define KI_AS_UINT(f) as_type<uint>((float)(f))
 #define KI_NEG_INF (-INFINITY)
 #define KI_UNROLL _Pragma("clang loop unroll(full)")
+#define KI_EXP(x) metal::precise::exp((float)(x))
+#define KI_RSQRT(x) metal::precise::rsqrt((float)(x))
 template <typename U>
 inline float ki_to_float(U x) {
   return static_cast<float>(x);
+}
+template <typename T>
+inline T ki_from_float(float x) {
+  return static_cast<T>(x);
 }
 """
 
@@ -85,9 +91,21 @@ _CUDA_DIALECT = r"""
 #define KI_AS_UINT(f) __float_as_uint((float)(f))
 #define KI_NEG_INF __uint_as_float(0xff800000u)
 #define KI_UNROLL _Pragma("unroll")
+#define KI_EXP(x) expf((float)(x))
+#define KI_RSQRT(x) rsqrtf((float)(x))
 __device__ __forceinline__ float ki_to_float(float x) { return x; }
 __device__ __forceinline__ float ki_to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ki_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T ki_from_float(float x);
+template <>
+__device__ __forceinline__ float ki_from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half ki_from_float<__half>(float x) { return __float2half(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 ki_from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
 """
 
 # CPU emulation: threadgroups run one after the other; the threads of a group are fibers
@@ -183,7 +201,11 @@ inline unsigned int ki_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4)
 #define KI_AS_UINT(f) ki_as_uint((float)(f))
 #define KI_NEG_INF (-INFINITY)
 #define KI_UNROLL
+#define KI_EXP(x) std::exp((float)(x))
+#define KI_RSQRT(x) (1.0f / std::sqrt((float)(x)))
 inline float ki_to_float(float x) { return x; }
+template <typename T>
+inline T ki_from_float(float x) { return static_cast<T>(x); }
 """
 
 _DIALECTS = {"metal": _METAL_DIALECT, "cuda": _CUDA_DIALECT, "cpp": _CPP_DIALECT}

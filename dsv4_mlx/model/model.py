@@ -17,7 +17,8 @@ from .attention import Attention
 from .config import ModelArgs
 from .kv_formats import DEFAULT_KV_FORMAT
 from .layers import RMSNorm
-from .mhc import collapse, expand, hc_head, hc_params
+from ..kernels.mhc import hc_post, hc_pre
+from .mhc import hc_head
 from .moe import MoE
 
 
@@ -48,16 +49,15 @@ class Block(nn.Module):
         self.ffn = MoE(args, hash_routed)
 
     def _hc(self, X, fn, scale, base):
+        """(collapsed input h, post, comb) of one mHC site (fused kernel on the GPU)."""
         a = self.args
-        return hc_params(X, fn, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps)
+        return hc_pre(X, fn, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps)
 
     def __call__(self, X: mx.array, input_ids: mx.array, cache: LayerCache) -> mx.array:
-        pre, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        a = self.attn(self.attn_norm(collapse(X, pre)), cache)
-        X = expand(X, a, post, comb)
-        pre, post, comb = self._hc(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        f = self.ffn(self.ffn_norm(collapse(X, pre)), input_ids)
-        return expand(X, f, post, comb)
+        h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
+        X = hc_post(X, self.attn(self.attn_norm(h), cache), post, comb)
+        h, post, comb = self._hc(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
+        return hc_post(X, self.ffn(self.ffn_norm(h), input_ids), post, comb)
 
 
 class MTPBlock(Block):

@@ -1,0 +1,118 @@
+"""Fused mHC steps (spec §4.2, §4.3): a Metal kernel with a CUDA twin, and the ops path.
+
+``hc_pre(X, ...)`` -> (h, post, comb): parameter generation with Sinkhorn and the collapse;
+``hc_post(X, F, post, comb)`` -> X': expand and mix. On the GPU each is one kernel launch
+(plus the `fn` projection matmul for `hc_pre`) instead of the ~250 primitives of the ops
+path; on the CPU, or with ``DSV4_MHC_KERNEL=ops``, they are `model.mhc`'s ops.
+
+``DSV4_MHC_KERNEL=auto|metal|cuda|ops`` chooses, as ``DSV4_INDEXER_KERNEL`` does for the
+indexer (`dispatch`); a kernel that fails to build warns once and falls back.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ..model import mhc as ops
+from . import dispatch
+from . import mhc_source as src
+
+ENV_VAR = "DSV4_MHC_KERNEL"
+PRE_TG = 256
+POST_TG = 256
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+_kernels: dict = {}
+
+
+def _kernel(backend: str, ks: src.KernelSource):
+    key = (backend, ks.name)
+    kern = _kernels.get(key)
+    if kern is None:
+        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+        kern = make(name=ks.name, input_names=list(ks.input_names),
+                    output_names=list(ks.output_names), source=ks.source, header=ks.header,
+                    ensure_row_contiguous=True)
+        _kernels[key] = kern
+    return kern
+
+
+def _source(backend: str, which: str) -> src.KernelSource:
+    return src.pre_source(backend) if which == "pre" else src.post_source(backend)
+
+
+def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str):
+    """Kernel path of `hc_pre`. X [B, S, n, D]; fn [(2+n)n, nD] f32."""
+    B, S, n, D = X.shape
+    N = B * S
+    M = (2 + n) * n
+    x = X.reshape(N, n, D)
+    mixraw = x.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T
+    eps = mx.array([hc_eps, norm_eps], mx.float32)
+    with mx.stream(mx.gpu):
+        h, post, comb = _kernel(backend, _source(backend, "pre"))(
+            inputs=[x, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps],
+            template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG)],
+            grid=(N * PRE_TG, 1, 1), threadgroup=(PRE_TG, 1, 1),
+            output_shapes=[(N, D), (N, n), (N, n, n)],
+            output_dtypes=[X.dtype, mx.float32, mx.float32],
+        )
+    assert M == mixraw.shape[-1]
+    return h.reshape(B, S, D), post.reshape(B, S, n), comb.reshape(B, S, n, n)
+
+
+def hc_post_kernel(X, F, post, comb, *, backend: str):
+    """Kernel path of `hc_post`. X [B, S, n, D], F [B, S, D]."""
+    B, S, n, D = X.shape
+    N = B * S
+    with mx.stream(mx.gpu):
+        (Y,) = _kernel(backend, _source(backend, "post"))(
+            inputs=[X.reshape(N, n, D), F.reshape(N, D), post.reshape(N, n),
+                    comb.reshape(N, n, n)],
+            template=[("XT", X.dtype), ("FT", F.dtype), ("NS", n), ("D", D), ("TG", POST_TG)],
+            grid=(-(-D // POST_TG) * POST_TG, N, 1), threadgroup=(POST_TG, 1, 1),
+            output_shapes=[(N, n, D)], output_dtypes=[X.dtype],
+        )
+    return Y.reshape(B, S, n, D)
+
+
+def _backend(X) -> str:
+    backend = dispatch.select_backend(ENV_VAR)
+    if backend == "ops" or X.dtype not in _FLOATS:
+        return "ops"
+    return backend
+
+
+def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None) -> bool:
+    key = f"{backend}/mhc/{X.dtype}/{F_dtype}/n{n}/D{D}/I{iters}"
+
+    def probe():
+        x = mx.zeros((1, 1, n, D), X.dtype)
+        fn = mx.zeros(((2 + n) * n, n * D), mx.float32)
+        h, post, comb = hc_pre_kernel(x, fn, mx.ones((3,)), mx.zeros(((2 + n) * n,)), iters,
+                                      1e-6, 1e-6, backend=backend)
+        y = hc_post_kernel(x, mx.zeros((1, 1, D), F_dtype or X.dtype), post, comb, backend=backend)
+        mx.eval(h, y)
+
+    return dispatch.kernel_usable(key, probe, f"mHC ({backend})")
+
+
+def hc_pre(X, fn, scale, base, n: int, iters: int, hc_eps: float, norm_eps: float):
+    """(h [B,S,D] in X's dtype, post [B,S,n] f32, comb [B,S,n,n] f32): the parameters of
+    §4.3 from the streams X [B,S,n,D] and the collapse ``h = sum_j pre_j X_j``."""
+    backend = _backend(X)
+    if backend != "ops" and _usable(backend, X, n, X.shape[-1], iters):
+        return hc_pre_kernel(X, fn, scale, base, iters, hc_eps, norm_eps, backend=backend)
+    pre, post, comb = ops.hc_params(X, fn, scale, base, n, iters, hc_eps, norm_eps)
+    return ops.collapse(X, pre), post, comb
+
+
+def hc_post(X, F, post, comb):
+    """``X'_k = post_k F + sum_j comb[j, k] X_j`` in fp32, in X's dtype."""
+    backend = _backend(X)
+    if (backend != "ops" and F.dtype in _FLOATS
+            and _usable(backend, X, X.shape[2], X.shape[-1], 1, F.dtype)):
+        return hc_post_kernel(X, F, post, comb, backend=backend)
+    return ops.expand(X, F, post, comb)
+
+
+__all__ = ["hc_pre", "hc_post", "hc_pre_kernel", "hc_post_kernel", "ENV_VAR"]

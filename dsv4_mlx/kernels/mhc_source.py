@@ -1,0 +1,128 @@
+"""Kernel source of the fused mHC steps (spec §4.2, §4.3): one body, three dialects.
+
+The bodies use the dialect layer of `indexer_source` (the ``KI_*`` macros, ``ki_tid`` and
+``ki_gx/gy/gz``, Metal / CUDA / C++ emulation) and keep its rules: inputs indexed directly,
+barriers reached by every thread of a group, sizes that shape the code as template constants.
+
+* ``hc_pre``: one threadgroup a token. The sum of squares of the flattened streams (the
+  RMSNorm_0 of §4.3), the mixing parameters from the projected logits, the Sinkhorn
+  normalisation of `comb`, and the collapse ``h = sum_j pre_j X_j``, in one launch. The
+  projection itself (``flatten(X) . fn^T``, 24 outputs of n*D inputs a token) stays an MLX
+  matmul: it reads `fn` once spread over the whole GPU, where one group a token would read it
+  from a single core.
+* ``hc_post``: one thread a (token, feature): ``X'_k = post_k F + sum_j comb[j, k] X_j``.
+"""
+
+from __future__ import annotations
+
+from .indexer_source import _PROLOGUES, KernelSource, _header
+
+# Inputs: X [N, NS, D] (XT), mixraw [N, M] f32 (= flatten(X) . fn^T, M = (2 + NS) NS),
+# scale [3] f32, base [M] f32, eps [2] f32 (hc_eps, norm_eps).
+# Outputs: h [N, D] (XT), post [N, NS] f32, comb [N, NS, NS] f32 (row j = source stream j).
+# Template: XT, NS, D, ITERS, TG (a power of two). Grid (N * TG, 1, 1), groups of TG.
+_PRE_BODY = r"""
+  constexpr int M = (2 + NS) * NS;
+  const int t = ki_gx;
+  KI_SHARED float ki_red[TG];
+  KI_SHARED float ki_pre[NS];
+  const int xbase = t * NS * D;
+  float ss = 0.0f;
+  for (int i = ki_tid; i < NS * D; i += TG) {
+    const float v = ki_to_float(X[xbase + i]);
+    ss += v * v;
+  }
+  ki_red[ki_tid] = ss;
+  KI_BARRIER();
+  for (int s = TG / 2; s > 0; s >>= 1) {
+    if (ki_tid < s) ki_red[ki_tid] += ki_red[ki_tid + s];
+    KI_BARRIER();
+  }
+  if (ki_tid == 0) {
+    const float rs = KI_RSQRT(ki_red[0] / (float)(NS * D) + eps[1]);
+    const float hc_eps = eps[0];
+    float mix[M];
+    for (int i = 0; i < M; ++i) mix[i] = mixraw[t * M + i] * rs;
+    for (int j = 0; j < NS; ++j) {
+      const float a = mix[j] * scale[0] + base[j];
+      ki_pre[j] = 1.0f / (1.0f + KI_EXP(-a)) + hc_eps;
+      const float b = mix[NS + j] * scale[1] + base[NS + j];
+      post[t * NS + j] = 2.0f / (1.0f + KI_EXP(-b));
+    }
+    float c[NS][NS];
+    for (int j = 0; j < NS; ++j) {  // row softmax (max-subtracted) + eps
+      float mx = KI_NEG_INF;
+      for (int k = 0; k < NS; ++k) {
+        c[j][k] = mix[2 * NS + j * NS + k] * scale[2] + base[2 * NS + j * NS + k];
+        mx = c[j][k] > mx ? c[j][k] : mx;
+      }
+      float sum = 0.0f;
+      for (int k = 0; k < NS; ++k) {
+        c[j][k] = KI_EXP(c[j][k] - mx);
+        sum += c[j][k];
+      }
+      for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / sum + hc_eps;
+    }
+    for (int it = 0; it < ITERS; ++it) {
+      if (it > 0) {  // row normalisation (the first iteration has only the column one)
+        for (int j = 0; j < NS; ++j) {
+          float sum = 0.0f;
+          for (int k = 0; k < NS; ++k) sum += c[j][k];
+          for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / (sum + hc_eps);
+        }
+      }
+      for (int k = 0; k < NS; ++k) {
+        float sum = 0.0f;
+        for (int j = 0; j < NS; ++j) sum += c[j][k];
+        for (int j = 0; j < NS; ++j) c[j][k] = c[j][k] / (sum + hc_eps);
+      }
+    }
+    for (int j = 0; j < NS; ++j)
+      for (int k = 0; k < NS; ++k) comb[(t * NS + j) * NS + k] = c[j][k];
+  }
+  KI_BARRIER();
+  for (int d = ki_tid; d < D; d += TG) {
+    float acc = 0.0f;
+    for (int j = 0; j < NS; ++j) acc += ki_pre[j] * ki_to_float(X[xbase + j * D + d]);
+    h[t * D + d] = ki_from_float<XT>(acc);
+  }
+"""
+
+# Inputs: X [N, NS, D] (XT), F [N, D] (FT), post [N, NS] f32, comb [N, NS, NS] f32.
+# Output: Y [N, NS, D] (XT). Template: XT, FT, NS, D, TG. Grid (ceil(D / TG) * TG, N, 1).
+_POST_BODY = r"""
+  const int t = ki_gy;
+  const int d = ki_gx * TG + ki_tid;
+  if (d < D) {
+    const float f = ki_to_float(F[t * D + d]);
+    float x[NS];
+    for (int j = 0; j < NS; ++j) x[j] = ki_to_float(X[(t * NS + j) * D + d]);
+    for (int k = 0; k < NS; ++k) {
+      float m = 0.0f;
+      for (int j = 0; j < NS; ++j) m += comb[(t * NS + j) * NS + k] * x[j];
+      Y[(t * NS + k) * D + d] = ki_from_float<XT>(post[t * NS + k] * f + m);
+    }
+  }
+"""
+
+
+def pre_source(dialect: str) -> KernelSource:
+    """hc_pre kernel (see `_PRE_BODY`)."""
+    return KernelSource(
+        name="dsv4_mhc_pre",
+        input_names=("X", "mixraw", "scale", "base", "eps"),
+        output_names=("h", "post", "comb"),
+        header=_header(dialect),
+        source=_PROLOGUES[dialect] + _PRE_BODY,
+    )
+
+
+def post_source(dialect: str) -> KernelSource:
+    """hc_post kernel (see `_POST_BODY`)."""
+    return KernelSource(
+        name="dsv4_mhc_post",
+        input_names=("X", "F", "post", "comb"),
+        output_names=("Y",),
+        header=_header(dialect),
+        source=_PROLOGUES[dialect] + _POST_BODY,
+    )

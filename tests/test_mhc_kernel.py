@@ -1,0 +1,217 @@
+"""Fused mHC kernels (spec §4.2, §4.3): the shared body against the ops path.
+
+On any machine: the body compiled as C++ with the CPU-emulation dialect and run against
+`model.mhc`'s ops (parameters, Sinkhorn, collapse, expand); the Metal source compiled as C++
+against the stand-in <metal_stdlib>; the CUDA source with nvcc where there is one; the
+dispatch. On a GPU: the kernels against the ops path, and a whole model with the kernels
+against the same model with ``DSV4_MHC_KERNEL=ops``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_indexer_kernel import (CXX, NVCC, Emulator, _cccl_include, _gxx_syntax,
+                                 _mlx_cuda_include)
+
+from dsv4_mlx.kernels import dispatch
+from dsv4_mlx.kernels import mhc as km
+from dsv4_mlx.kernels import mhc_source as src
+from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
+from dsv4_mlx.model import mhc as ops
+
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def _case(rng, N, n, D, sharp=1.0):
+    X = rng.standard_normal((N, n, D)).astype(np.float32)
+    fn = (rng.standard_normal(((2 + n) * n, n * D)) * sharp / np.sqrt(n * D)).astype(np.float32)
+    scale = (rng.uniform(0.5, 2.0, 3) * sharp).astype(np.float32)
+    base = rng.standard_normal((2 + n) * n).astype(np.float32)
+    return X, fn, scale, base
+
+
+def _ops_pre(X, fn, scale, base, iters, hc_eps=1e-6, norm_eps=1e-6):
+    Xm = mx.array(X)[None]
+    n = X.shape[1]
+    pre, post, comb = ops.hc_params(Xm, mx.array(fn), mx.array(scale), mx.array(base), n, iters,
+                                    hc_eps, norm_eps)
+    h = ops.collapse(Xm, pre)
+    return [np.array(a[0]) for a in (h, post, comb)]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
+    return Emulator(tmp_path_factory.mktemp("mhc_emu"))
+
+
+def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6):
+    N, n, D = X.shape
+    mixraw = (X.reshape(N, n * D).astype(np.float64) @ fn.T.astype(np.float64)).astype(np.float32)
+    eps = np.array([hc_eps, norm_eps], np.float32)
+    return emu.run(src.pre_source("cpp"), [X, mixraw, scale, base, eps],
+                   [(N, D), (N, n), (N, n, n)], ["float32"] * 3,
+                   [("XT", "float32"), ("NS", n), ("D", D), ("ITERS", iters), ("TG", tg)],
+                   (N * tg, 1, 1), tg)
+
+
+@pytest.mark.parametrize("N,n,D,iters,tg", [(3, 4, 64, 20, 32), (5, 4, 72, 20, 16),
+                                            (2, 2, 40, 3, 64), (1, 4, 256, 1, 256)])
+def test_emulated_pre_matches_ops(emu, N, n, D, iters, tg):
+    rng = np.random.default_rng(N * 100 + D)
+    X, fn, scale, base = _case(rng, N, n, D)
+    got = _emu_pre(emu, X, fn, scale, base, iters, tg)
+    want = _ops_pre(X, fn, scale, base, iters)
+    for name, g, w in zip(("h", "post", "comb"), got, want):
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
+    # comb is doubly stochastic up to the Sinkhorn residual after `iters` rounds
+    np.testing.assert_allclose(got[2].sum(axis=-2), 1.0, atol=1e-5)
+
+
+def test_emulated_pre_sharp_logits(emu):
+    """Large logits (softmax saturates; the max subtraction matters)."""
+    rng = np.random.default_rng(7)
+    X, fn, scale, base = _case(rng, 4, 4, 64, sharp=30.0)
+    got = _emu_pre(emu, X, fn, scale, base, 20, 64)
+    want = _ops_pre(X, fn, scale, base, 20)
+    assert np.isfinite(got[2]).all()
+    for name, g, w in zip(("h", "post", "comb"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_emulated_pre_can_fail(emu):
+    """The comparison is not vacuous: one Sinkhorn round fewer is caught."""
+    rng = np.random.default_rng(3)
+    X, fn, scale, base = _case(rng, 3, 4, 64, sharp=4.0)
+    got = _emu_pre(emu, X, fn, scale, base, 2, 32)
+    want = _ops_pre(X, fn, scale, base, 3)
+    assert np.abs(got[2] - want[2]).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("N,n,D,tg", [(3, 4, 64, 32), (2, 4, 70, 32), (1, 2, 16, 256)])
+def test_emulated_post_matches_ops(emu, N, n, D, tg):
+    rng = np.random.default_rng(D)
+    X = rng.standard_normal((N, n, D)).astype(np.float32)
+    F = rng.standard_normal((N, D)).astype(np.float32)
+    post = rng.uniform(0, 2, (N, n)).astype(np.float32)
+    comb = rng.uniform(0, 1, (N, n, n)).astype(np.float32)
+    (Y,) = emu.run(src.post_source("cpp"), [X, F, post, comb], [(N, n, D)], ["float32"],
+                   [("XT", "float32"), ("FT", "float32"), ("NS", n), ("D", D), ("TG", tg)],
+                   (-(-D // tg) * tg, N, 1), tg)
+    want = ops.expand(mx.array(X)[None], mx.array(F)[None], mx.array(post)[None],
+                      mx.array(comb)[None])
+    np.testing.assert_allclose(Y, np.array(want[0]), rtol=RTOL, atol=ATOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Metal and CUDA sources
+
+_VARIANTS = [(xt, ft) for xt in ("float32", "bfloat16", "float16") for ft in (xt, "float32")]
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+@pytest.mark.parametrize("xt,ft", _VARIANTS)
+def test_metal_sources_compile_as_cpp(xt, ft, tmp_path):
+    pre = render_metal(src.pre_source("metal"),
+                       [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3),
+                        ("float32", 1, 24), ("float32", 1, 2)],
+                       [xt, "float32", "float32"],
+                       [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 256)])
+    post = render_metal(src.post_source("metal"),
+                        [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16)],
+                        [xt], [("XT", xt), ("FT", ft), ("NS", 4), ("D", 4096), ("TG", 256)])
+    for name, code in (("pre", pre), ("post", post)):
+        assert "[[threadgroup_position_in_grid]]" in code
+        r = _gxx_syntax(code, tmp_path, f"mhc_{name}_{xt}_{ft}")
+        assert r.returncode == 0, r.stderr[-4000:]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    inc = _mlx_cuda_include()
+    if inc is None:
+        pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
+    extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
+    jobs = [("pre", render_cuda(src.pre_source("cuda"),
+                                [("bfloat16", 3, 65536), ("float32", 2, 24), ("float32", 1, 3),
+                                 ("float32", 1, 24), ("float32", 1, 2)],
+                                ["bfloat16", "float32", "float32"],
+                                [("XT", "bfloat16"), ("NS", 4), ("D", 4096), ("ITERS", 20),
+                                 ("TG", 256)])),
+            ("post", render_cuda(src.post_source("cuda"),
+                                 [("bfloat16", 3, 65536), ("bfloat16", 2, 4096),
+                                  ("float32", 2, 4), ("float32", 3, 16)], ["bfloat16"],
+                                 [("XT", "bfloat16"), ("FT", "bfloat16"), ("NS", 4),
+                                  ("D", 4096), ("TG", 256)]))]
+    for name, code in jobs:
+        f = tmp_path / f"{name}.cu"
+        f.write_text(code)
+        r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, str(f),
+                            "-o", str(tmp_path / f"{name}.o")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+@pytest.fixture
+def clean_dispatch(monkeypatch):
+    dispatch.reset()
+    monkeypatch.delenv(km.ENV_VAR, raising=False)
+    yield monkeypatch
+    dispatch.reset()
+
+
+def test_cpu_uses_ops(clean_dispatch):
+    rng = np.random.default_rng(0)
+    X, fn, scale, base = _case(rng, 2, 4, 32)
+    Xm = mx.array(X)[None]
+    h, post, comb = km.hc_pre(Xm, mx.array(fn), mx.array(scale), mx.array(base), 4, 20, 1e-6, 1e-6)
+    want = _ops_pre(X, fn, scale, base, 20)
+    for g, w in zip((h, post, comb), want):
+        np.testing.assert_array_equal(np.array(g[0]), w)  # the very same ops
+
+
+def test_env_var_validated(clean_dispatch):
+    clean_dispatch.setenv(km.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match=km.ENV_VAR):
+        km.hc_post(mx.zeros((1, 1, 4, 8)), mx.zeros((1, 1, 8)), mx.zeros((1, 1, 4)),
+                   mx.zeros((1, 1, 4, 4)))
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU
+
+GPU = dispatch.available_backends()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no Metal or CUDA backend in this MLX")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("N,D", [(1, 4096), (7, 4096), (3, 1000)])
+def test_gpu_kernels_match_ops(clean_dispatch, dtype, N, D):
+    backend = GPU[0]
+    dt = getattr(mx, dtype)
+    rng = np.random.default_rng(N + D)
+    X, fn, scale, base = _case(rng, N, 4, D)
+    with mx.stream(mx.gpu):
+        Xm = mx.array(X)[None].astype(dt)
+        args = (mx.array(fn), mx.array(scale), mx.array(base))
+        got = km.hc_pre_kernel(Xm, *args, 20, 1e-6, 1e-6, backend=backend)
+        pre, post, comb = ops.hc_params(Xm, *args, 4, 20, 1e-6, 1e-6)
+        want = (ops.collapse(Xm, pre), post, comb)
+        tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+        for name, g, w in zip(("h", "post", "comb"), got, want):
+            np.testing.assert_allclose(np.array(g.astype(mx.float32)),
+                                       np.array(w.astype(mx.float32)), err_msg=name, **tol)
+        F = mx.array(rng.standard_normal((1, N, D)).astype(np.float32)).astype(dt)
+        y = km.hc_post_kernel(Xm, F, post, comb, backend=backend)
+        w = ops.expand(Xm, F, post, comb)
+        np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(w.astype(mx.float32)),
+                                   **tol)
