@@ -141,8 +141,12 @@ class Attention(nn.Module):
             elif self.ratio == 4:
                 self.indexer.compressor(x, cache.index, s, self.rope)
 
-        keys, kpos = cache.window_keys(kv)
         W = cache.window
+        if T == 1 and s > 0:
+            o = self._decode_attention(q, parts, cache, dense, sel_keys)
+            cache.advance(1)
+            return self._output(o, s)
+        keys, kpos = cache.window_keys(kv)
         if T > W or (sel_keys is not None and T > 1):  # long chunk, or per-query picks
             o = blocked_attention(q, keys, kpos, s, W, self.attn_sink, self.scale,
                                   dense, dense_vis, sel_keys, sel_valid)
@@ -159,11 +163,38 @@ class Attention(nn.Module):
             o = sink_attention(q, keys, mask, self.attn_sink, self.scale)
         cache.update_ring(parts)
         cache.advance(T)
+        return self._output(o, s)
 
-        o = self.rope(o, offset=s, inverse=True)  # undo the position carried by V
+    def _output(self, o: mx.array, s: int) -> mx.array:
+        """Inverse RoPE at the query positions (undo the position carried by V), then the
+        grouped projection `wo_a` and `wo_b`. o [B, H, T, c] -> [B, T, D]."""
+        B, _, T, _ = o.shape
+        o = self.rope(o, offset=s, inverse=True)
         o = o.swapaxes(1, 2).reshape(B, T, self.groups, -1)
         o = self.wo_a(o).reshape(B, T, -1)
         return self.wo_b(o)
+
+    def _decode_attention(self, q, parts, cache: LayerCache, dense, sel_keys) -> mx.array:
+        """One query at position s > 0: the new KV goes into the ring first, then one fused
+        SDPA over the ring's slots (any order: softmax does not care) and the compressed keys.
+
+        Every compressed key is visible here: the dense entries emitted so far are exactly those
+        with (w+1)m <= s+1, and past top-k the indexer's k picks are all visible entries. Only
+        ring slots not yet written (s < window - 1) need a mask.
+        """
+        s, W = cache.offset, cache.window
+        cache.update_ring(parts)
+        keys = cache.codec.decode(cache.ring)  # [B, W, c]; slot j holds position s - (s - j) mod W
+        extra = dense if dense is not None else None if sel_keys is None else sel_keys[:, 0]
+        mask = None
+        if s < W - 1:
+            mask = mx.arange(W) <= s
+            if extra is not None:
+                mask = mx.concatenate([mask, mx.ones((extra.shape[1],), mx.bool_)])
+            mask = mask[None]
+        if extra is not None:
+            keys = mx.concatenate([keys, extra], axis=1)
+        return sink_attention(q, keys, mask, self.attn_sink, self.scale)
 
 
 def blocked_attention(q, keys, kpos, s, W, sinks, scale, dense=None, dense_vis=None,

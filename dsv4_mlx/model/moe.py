@@ -13,6 +13,8 @@ through mlx-lm's `SwitchLinear` (`gather_mm`, or `gather_qmm` once quantized).
 
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
@@ -22,6 +24,28 @@ def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
     g = mx.minimum(gate.astype(mx.float32), limit)
     u = mx.clip(up.astype(mx.float32), -limit, limit)
     return nn.silu(g) * u
+
+
+# fused elementwise chains (mx.compile: one launch each instead of 5-10)
+@partial(mx.compile, shapeless=True)
+def _swiglu_out(gate, up, limit, dtype_like):
+    return clamped_swiglu(gate, up, limit).astype(dtype_like.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _weighted_swiglu(gate, up, w, limit, dtype_like):
+    return (clamped_swiglu(gate, up, limit) * w[..., None, None]).astype(dtype_like.dtype)
+
+
+@partial(mx.compile, shapeless=True)
+def _router_scores(logits):
+    return mx.sqrt(nn.softplus(logits))
+
+
+@partial(mx.compile, shapeless=True)
+def _route_weights(scores, idx, scale):
+    w = mx.take_along_axis(scores, idx, axis=-1)
+    return w / w.sum(axis=-1, keepdims=True) * scale
 
 
 class Gate(nn.Module):
@@ -39,16 +63,14 @@ class Gate(nn.Module):
     def __call__(self, x: mx.array, input_ids: mx.array):
         """x [..., D] -> (indices [..., k] int32, weights [..., k] fp32)."""
         logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        scores = mx.sqrt(nn.softplus(logits))
+        scores = _router_scores(logits)
         if self.hash_routed:
             idx = self.tid2eid[input_ids].astype(mx.int32)
         else:
             biased = scores + self.bias.astype(mx.float32)
             idx = mx.argpartition(-biased, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
             idx = idx.astype(mx.int32)
-        w = mx.take_along_axis(scores, idx, axis=-1)
-        w = w / w.sum(axis=-1, keepdims=True) * self.scale
-        return idx, w
+        return idx, _route_weights(scores, idx, mx.array(self.scale, mx.float32))
 
 
 def _switch(layer, x, inds, sorted_indices):
@@ -87,7 +109,7 @@ class RoutedExperts(nn.Module):
             inds, w = idx.flatten()[order], weights.flatten()[order]
         g = _switch(self.w1, x, inds, do_sort)
         u = _switch(self.w3, x, inds, do_sort)
-        h = (clamped_swiglu(g, u, self.limit) * w[..., None, None]).astype(x.dtype)
+        h = _weighted_swiglu(g, u, w, mx.array(self.limit, mx.float32), x)
         y = _switch(self.w2, h, inds, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)
@@ -103,7 +125,7 @@ class SharedExpert(nn.Module):
         self.w2 = nn.Linear(inter, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = clamped_swiglu(self.w1(x), self.w3(x), self.limit).astype(x.dtype)
+        h = _swiglu_out(self.w1(x), self.w3(x), mx.array(self.limit, mx.float32), x)
         return self.w2(h)
 
 

@@ -52,18 +52,24 @@ class RoPE:
         self.dims = dims
         self.inv_freq = inv_freq.astype(np.float32)
         # mx.fast.rope takes periods ("freqs"): angle = position / freqs.
-        self._freqs = mx.array((1.0 / inv_freq).astype(np.float32))
-        self._neg_freqs = -self._freqs
+        self._periods32 = (1.0 / inv_freq).astype(np.float32)
+        self._wide: dict = {}
+
+    def _periods(self, width: int, inverse: bool) -> mx.array:
+        """Periods for a rotation over all `width` features: the leading (non-RoPE) pairs get
+        an infinite period, i.e. angle 0 at every position: cos 1, sin 0, the identity exactly.
+        One rope launch then covers the whole head (no slice and concatenate)."""
+        key = (width, inverse)
+        if key not in self._wide:
+            lead = np.full(((width - self.dims) // 2,), np.inf, np.float32)
+            p = np.concatenate([lead, self._periods32])
+            self._wide[key] = mx.array(-p if inverse else p)
+        return self._wide[key]
 
     def __call__(self, x: mx.array, offset=0, scale: float = 1.0, inverse: bool = False) -> mx.array:
-        d = self.dims
-        freqs = self._neg_freqs if inverse else self._freqs
-        tail = mx.fast.rope(
-            x[..., -d:], d, traditional=True, base=None, scale=scale, offset=offset, freqs=freqs
-        )
-        if x.shape[-1] == d:
-            return tail
-        return mx.concatenate([x[..., :-d], tail], axis=-1)
+        w = x.shape[-1]
+        return mx.fast.rope(x, w, traditional=True, base=None, scale=scale, offset=offset,
+                            freqs=self._periods(w, inverse))
 
 
 def make_rope(args, ratio: int) -> RoPE:
