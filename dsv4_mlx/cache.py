@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
 from .model.kv_formats import DEFAULT_KV_FORMAT, index_codec, kv_codec
@@ -173,7 +174,12 @@ class LayerCache(_BaseCache):
         if self.ring is None:
             self.ring = {k: mx.zeros((v.shape[0], W, *v.shape[2:]), dtype=v.dtype) for k, v in parts.items()}
         n = min(T, W)
-        slots = (mx.arange(s + T - n, s + T) % W).astype(mx.int32)
+        first = (s + T - n) % W
+        if first + n <= W:  # one contiguous run of slots: a slice update
+            for k, v in parts.items():
+                self.ring[k][:, first : first + n] = v if n == T else v[:, T - n :]
+            return
+        slots = mx.array((np.arange(s + T - n, s + T) % W).astype(np.int32))
         for k, v in parts.items():
             self.ring[k][:, slots] = v[:, T - n :]
 

@@ -19,12 +19,23 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import LayerCache
 from .compressor import Compressor
 from .indexer import Indexer
 from .layers import RMSNorm, rms_norm_0
 from .rope import make_rope
+
+
+_GROUP_IDS: dict = {}
+
+
+def _group_ids(G: int) -> mx.array:
+    """`arange(G)` as a materialised constant (no launch per call)."""
+    if G not in _GROUP_IDS:
+        _GROUP_IDS[G] = mx.array(np.arange(G, dtype=np.int32))
+    return _GROUP_IDS[G]
 
 
 class GroupedLinear(nn.Module):
@@ -73,7 +84,7 @@ class QuantizedGroupedLinear(nn.Module):
         split = lambda a: None if a is None else a.reshape(G, -1, a.shape[-1])  # noqa: E731
         y = mx.gather_qmm(
             xg, split(self.weight), split(self.scales), split(self.biases),
-            rhs_indices=mx.arange(G), transpose=True,
+            rhs_indices=_group_ids(G), transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode,
         )
         return y.swapaxes(0, 1).reshape(*lead, G, -1)
@@ -134,7 +145,7 @@ class Attention(nn.Module):
                 if self.ratio == 4:
                     self.indexer.compressor(x, cache.index, s, self.rope)  # keep its keys
                 dense = cache.comp.entries
-                dense_vis = mx.arange(N)[None] < ((mx.arange(s, s + T) + 1) // self.ratio)[:, None]
+                dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
             elif N:
                 idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
                 sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import CompressorState
 from .layers import RMSNorm, linear_f32
@@ -47,8 +48,12 @@ class Compressor(nn.Module):
         assert r == offset % m, "compressor state out of step with the position"
 
         kv = linear_f32(self.wkv, x)
-        pos = (mx.arange(offset, offset + T) % m).astype(mx.int32)
-        gate = linear_f32(self.wgate, x) + self.ape.astype(mx.float32)[pos]
+        ape = self.ape.astype(mx.float32)
+        if T == 1:
+            ape = ape[offset % m : offset % m + 1]
+        else:
+            ape = ape[mx.array(np.arange(offset, offset + T) % m, mx.int32)]
+        gate = linear_f32(self.wgate, x) + ape
         if r:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             gate = mx.concatenate([state.pending_gate, gate], axis=1)

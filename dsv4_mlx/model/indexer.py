@@ -14,6 +14,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..cache import CompressorState
 from ..kernels.indexer import indexer_topk
@@ -43,7 +44,7 @@ class Indexer(nn.Module):
         N = self.compressor(x, state, offset, rope)
         if N == 0:
             return None
-        visible = ((mx.arange(offset, offset + T) + 1) // self.ratio).astype(mx.int32)
+        visible = mx.array((np.arange(offset, offset + T) + 1) // self.ratio, mx.int32)
         # MLX is lazy: when N <= topk the selection is all entries and q/w are never computed
         q = self.wq_b(qr).reshape(B, T, self.n_heads, self.head_dim)
         q = rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
