@@ -130,10 +130,7 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
         mx.eval(model(mx.array([[tokens[t]]]), cache=warm))
     del warm
     cache = model.make_cache()
-    say("counting primitives of one decode step")
-    mx.eval(model(mx.array([tokens[:16]]), cache=cache))
-    prims = count_primitives(model, cache)
-    cache = model.make_cache()
+    prims = None
     results: List[FrontierResult] = []
     done = 0
     for f in fr:
@@ -147,6 +144,9 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
             say(f"prefill {done:,}/{f:,}")
         pre_s = time.perf_counter() - t
         interval = f - (results[-1].context if results else 0)
+        if prims is None:  # the graph of one decode step at the first frontier (steady state)
+            say("counting primitives of one decode step")
+            prims = count_primitives(model, cache)
         snap = snapshot(cache)
         y0 = mx.argmax(logits[0, -1])
         # two discarded steps at this context first: a new shape (the compressed-entry count)

@@ -199,10 +199,9 @@ class Attention(nn.Module):
         extra = dense if dense is not None else None if sel_keys is None else sel_keys[:, 0]
         mask = None
         if s < W - 1:
-            mask = mx.arange(W) <= s
-            if extra is not None:
-                mask = mx.concatenate([mask, mx.ones((extra.shape[1],), mx.bool_)])
-            mask = mask[None]
+            m = np.arange(W + (0 if extra is None else extra.shape[1])) <= s
+            m[W:] = True
+            mask = mx.array(m[None])
         if extra is not None:
             keys = mx.concatenate([keys, extra], axis=1)
         return sink_attention(q, keys, mask, self.attn_sink, self.scale)
