@@ -41,38 +41,35 @@ def _source(backend: str, which: str) -> src.KernelSource:
 
 
 def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str):
-    """Kernel path of `hc_pre`. X [B, S, n, D]; fn [(2+n)n, nD] f32."""
+    """Kernel path of `hc_pre`. X [B, S, n, D]; fn [(2+n)n, nD] f32. The kernel indexes its
+    (row-contiguous) arrays flat, so they go in and out in the model's shapes (no reshapes)."""
     B, S, n, D = X.shape
     N = B * S
-    M = (2 + n) * n
-    x = X.reshape(N, n, D)
-    mixraw = x.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T
+    mixraw = X.reshape(B, S, n * D).astype(mx.float32) @ fn.astype(mx.float32).T
     eps = mx.array([hc_eps, norm_eps], mx.float32)
     with mx.stream(mx.gpu):
         h, post, comb = _kernel(backend, _source(backend, "pre"))(
-            inputs=[x, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps],
+            inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps],
             template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG)],
             grid=(N * PRE_TG, 1, 1), threadgroup=(PRE_TG, 1, 1),
-            output_shapes=[(N, D), (N, n), (N, n, n)],
+            output_shapes=[(B, S, D), (B, S, n), (B, S, n, n)],
             output_dtypes=[X.dtype, mx.float32, mx.float32],
         )
-    assert M == mixraw.shape[-1]
-    return h.reshape(B, S, D), post.reshape(B, S, n), comb.reshape(B, S, n, n)
+    return h, post, comb
 
 
 def hc_post_kernel(X, F, post, comb, *, backend: str):
-    """Kernel path of `hc_post`. X [B, S, n, D], F [B, S, D]."""
+    """Kernel path of `hc_post`. X [B, S, n, D], F [B, S, D], post [B, S, n], comb [B, S, n, n]."""
     B, S, n, D = X.shape
     N = B * S
     with mx.stream(mx.gpu):
         (Y,) = _kernel(backend, _source(backend, "post"))(
-            inputs=[X.reshape(N, n, D), F.reshape(N, D), post.reshape(N, n),
-                    comb.reshape(N, n, n)],
+            inputs=[X, F, post, comb],
             template=[("XT", X.dtype), ("FT", F.dtype), ("NS", n), ("D", D), ("TG", POST_TG)],
             grid=(-(-D // POST_TG) * POST_TG, N, 1), threadgroup=(POST_TG, 1, 1),
-            output_shapes=[(N, n, D)], output_dtypes=[X.dtype],
+            output_shapes=[(B, S, n, D)], output_dtypes=[X.dtype],
         )
-    return Y.reshape(B, S, n, D)
+    return Y
 
 
 def _backend(X) -> str:
