@@ -9,6 +9,18 @@ import pytest  # noqa: E402
 mx.set_default_device(mx.cpu)
 
 
+@pytest.fixture
+def clean_dispatch(monkeypatch):
+    """Kernel dispatch with no override variables and no remembered probes (yields monkeypatch)."""
+    from dsv4_mlx.kernels import dispatch, mhc
+
+    dispatch.reset()
+    for var in (dispatch.ENV_VAR, mhc.ENV_VAR):
+        monkeypatch.delenv(var, raising=False)
+    yield monkeypatch
+    dispatch.reset()
+
+
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory):
     """A DSV4_HOME holding the built-in demo model, built once per test run: (root, folder)."""

@@ -536,14 +536,6 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
 # dispatch
 
 
-@pytest.fixture
-def clean_dispatch(monkeypatch):
-    dispatch.reset()
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    yield monkeypatch
-    dispatch.reset()
-
-
 def test_env_var_values(clean_dispatch):
     for v in ("auto", "ops", "AUTO", " ops ", ""):
         clean_dispatch.setenv(dispatch.ENV_VAR, v)

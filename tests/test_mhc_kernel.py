@@ -114,18 +114,24 @@ def test_emulated_post_matches_ops(emu, N, n, D, tg):
 _VARIANTS = [(xt, ft) for xt in ("float32", "bfloat16", "float16") for ft in (xt, "float32")]
 
 
+def _launches(dialect, xt, ft):
+    """(name, source, inputs, output dtypes, template) of both kernels at Flash sizes."""
+    return [
+        ("pre", src.pre_source(dialect),
+         [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3), ("float32", 1, 24),
+          ("float32", 1, 2)], [xt, "float32", "float32"],
+         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 256)]),
+        ("post", src.post_source(dialect),
+         [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16)], [xt],
+         [("XT", xt), ("FT", ft), ("NS", 4), ("D", 4096), ("TG", 256)]),
+    ]
+
+
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 @pytest.mark.parametrize("xt,ft", _VARIANTS)
 def test_metal_sources_compile_as_cpp(xt, ft, tmp_path):
-    pre = render_metal(src.pre_source("metal"),
-                       [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3),
-                        ("float32", 1, 24), ("float32", 1, 2)],
-                       [xt, "float32", "float32"],
-                       [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 256)])
-    post = render_metal(src.post_source("metal"),
-                        [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16)],
-                        [xt], [("XT", xt), ("FT", ft), ("NS", 4), ("D", 4096), ("TG", 256)])
-    for name, code in (("pre", pre), ("post", post)):
+    for name, ks, inputs, outs, tmpl in _launches("metal", xt, ft):
+        code = render_metal(ks, inputs, outs, tmpl)
         assert "[[threadgroup_position_in_grid]]" in code
         r = _gxx_syntax(code, tmp_path, f"mhc_{name}_{xt}_{ft}")
         assert r.returncode == 0, r.stderr[-4000:]
@@ -137,20 +143,9 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     if inc is None:
         pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
     extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
-    jobs = [("pre", render_cuda(src.pre_source("cuda"),
-                                [("bfloat16", 3, 65536), ("float32", 2, 24), ("float32", 1, 3),
-                                 ("float32", 1, 24), ("float32", 1, 2)],
-                                ["bfloat16", "float32", "float32"],
-                                [("XT", "bfloat16"), ("NS", 4), ("D", 4096), ("ITERS", 20),
-                                 ("TG", 256)])),
-            ("post", render_cuda(src.post_source("cuda"),
-                                 [("bfloat16", 3, 65536), ("bfloat16", 2, 4096),
-                                  ("float32", 2, 4), ("float32", 3, 16)], ["bfloat16"],
-                                 [("XT", "bfloat16"), ("FT", "bfloat16"), ("NS", 4),
-                                  ("D", 4096), ("TG", 256)]))]
-    for name, code in jobs:
+    for name, ks, inputs, outs, tmpl in _launches("cuda", "bfloat16", "bfloat16"):
         f = tmp_path / f"{name}.cu"
-        f.write_text(code)
+        f.write_text(render_cuda(ks, inputs, outs, tmpl))
         r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, str(f),
                             "-o", str(tmp_path / f"{name}.o")], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-4000:]
@@ -158,14 +153,6 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # dispatch
-
-
-@pytest.fixture
-def clean_dispatch(monkeypatch):
-    dispatch.reset()
-    monkeypatch.delenv(km.ENV_VAR, raising=False)
-    yield monkeypatch
-    dispatch.reset()
 
 
 def test_cpu_uses_ops(clean_dispatch):

@@ -79,6 +79,26 @@ def select_backend(env_var: str = ENV_VAR) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# kernel objects
+
+_kernels: dict = {}
+
+
+def build_kernel(backend: str, ks):
+    """The `mx.fast.metal_kernel` / `cuda_kernel` object of a `KernelSource`, built once per
+    (backend, kernel name) and shared by every caller."""
+    key = (backend, ks.name)
+    kern = _kernels.get(key)
+    if kern is None:
+        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+        kern = make(name=ks.name, input_names=list(ks.input_names),
+                    output_names=list(ks.output_names), source=ks.source, header=ks.header,
+                    ensure_row_contiguous=True)
+        _kernels[key] = kern
+    return kern
+
+
+# --------------------------------------------------------------------------------------------
 # warn-once fallback
 
 _warned: set[str] = set()

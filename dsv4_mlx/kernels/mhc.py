@@ -21,25 +21,6 @@ ENV_VAR = "DSV4_MHC_KERNEL"
 PRE_TG = 256
 POST_TG = 256
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-_kernels: dict = {}
-
-
-def _kernel(backend: str, ks: src.KernelSource):
-    key = (backend, ks.name)
-    kern = _kernels.get(key)
-    if kern is None:
-        make = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
-        kern = make(name=ks.name, input_names=list(ks.input_names),
-                    output_names=list(ks.output_names), source=ks.source, header=ks.header,
-                    ensure_row_contiguous=True)
-        _kernels[key] = kern
-    return kern
-
-
-def _source(backend: str, which: str) -> src.KernelSource:
-    return src.pre_source(backend) if which == "pre" else src.post_source(backend)
-
-
 def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str):
     """Kernel path of `hc_pre`. X [B, S, n, D]; fn [(2+n)n, nD] f32. The kernel indexes its
     (row-contiguous) arrays flat, so they go in and out in the model's shapes (no reshapes)."""
@@ -48,7 +29,7 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     mixraw = X.reshape(B, S, n * D).astype(mx.float32) @ fn.astype(mx.float32).T
     eps = mx.array([hc_eps, norm_eps], mx.float32)
     with mx.stream(mx.gpu):
-        h, post, comb = _kernel(backend, _source(backend, "pre"))(
+        h, post, comb = dispatch.build_kernel(backend, src.pre_source(backend))(
             inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps],
             template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG)],
             grid=(N * PRE_TG, 1, 1), threadgroup=(PRE_TG, 1, 1),
@@ -63,7 +44,7 @@ def hc_post_kernel(X, F, post, comb, *, backend: str):
     B, S, n, D = X.shape
     N = B * S
     with mx.stream(mx.gpu):
-        (Y,) = _kernel(backend, _source(backend, "post"))(
+        (Y,) = dispatch.build_kernel(backend, src.post_source(backend))(
             inputs=[X, F, post, comb],
             template=[("XT", X.dtype), ("FT", F.dtype), ("NS", n), ("D", D), ("TG", POST_TG)],
             grid=(-(-D // POST_TG) * POST_TG, N, 1), threadgroup=(POST_TG, 1, 1),

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from .indexer_source import _PROLOGUES, KernelSource, _header
 
-# Inputs (row-contiguous, indexed flat; N = batch x tokens): X [N, NS, D] (XT), mixraw [N, M] f32 (= flatten(X) . fn^T, M = (2 + NS) NS),
-# scale [3] f32, base [M] f32, eps [2] f32 (hc_eps, norm_eps).
+# Inputs (row-contiguous, indexed flat; N = batch x tokens): X [N, NS, D] (XT),
+# mixraw [N, M] f32 (= flatten(X) . fn^T, M = (2 + NS) NS), scale [3] f32, base [M] f32,
+# eps [2] f32 (hc_eps, norm_eps).
 # Outputs: h [N, D] (XT), post [N, NS] f32, comb [N, NS, NS] f32 (row j = source stream j).
 # Template: XT, NS, D, ITERS, TG (a power of two). Grid (N * TG, 1, 1), groups of TG.
 _PRE_BODY = r"""
