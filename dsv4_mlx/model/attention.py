@@ -134,8 +134,8 @@ class Attention(nn.Module):
         q = self.rope(q, offset=s)  # [B, H, T, c]
         kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
         parts = cache.codec.encode(kv)  # the stored form (fp8 format: FP8 non-RoPE dims)
-        kv = cache.codec.decode(parts)  # attend over exactly what is stored
 
+        decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
         # the compressed branch: dense entries (shared by all queries) or per-query picks
         dense = dense_vis = sel_keys = sel_valid = None
         if self.ratio:
@@ -145,7 +145,8 @@ class Attention(nn.Module):
                 if self.ratio == 4:
                     self.indexer.compressor(x, cache.index, s, self.rope)  # keep its keys
                 dense = cache.comp.entries
-                dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
+                if not decode:  # a one-query step sees every entry (see _decode_attention)
+                    dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
             elif N:
                 idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
                 sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
@@ -153,10 +154,11 @@ class Attention(nn.Module):
                 self.indexer.compressor(x, cache.index, s, self.rope)
 
         W = cache.window
-        if T == 1 and s > 0:
+        if decode:
             o = self._decode_attention(q, parts, cache, dense, sel_keys)
             cache.advance(1)
             return self._output(o, s)
+        kv = cache.codec.decode(parts)  # attend over exactly what is stored
         keys, kpos = cache.window_keys(kv)
         if T > W or (sel_keys is not None and T > 1):  # long chunk, or per-query picks
             o = blocked_attention(q, keys, kpos, s, W, self.attn_sink, self.scale,

@@ -140,7 +140,7 @@ def _fp4_index_decode(packed, scales, block):
 
 
 def _fp4_index_roundtrip(x, block):
-    return fp4_decode(*fp4_encode(hadamard(x), block), block, x.dtype)
+    return fp4_decode(*_fp4_index_encode(x, block), block, x.dtype)
 
 
 # -- codecs ---------------------------------------------------------------------------------------
