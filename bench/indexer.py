@@ -6,7 +6,9 @@
 Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch 1:
 
 * ``ops``: `indexer_topk_ops` (matmul to [T, H, N], relu, weighted head sum, argpartition);
-* ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`);
+* ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
+  scoring runs on the matrix units (bf16 queries);
+* ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``.
 
 Median wall time of one evaluated call (ms) and peak memory (``mx.get_peak_memory()`` after
@@ -102,8 +104,12 @@ def tune(backend, H, D, K, budget_s, sizes=TUNE_SIZES):
             line = [f"  {fmt:4s} N={N:>7d} T={T:>4d} score"]
             for bn, e in ((64, 1), (128, 1), (128, 2), (256, 1), (128, 4), (128, 8)):
                 ms = timed(lambda: ki.indexer_scores_kernel(q, w, keys, vis, backend=backend,
-                                                            bn=bn, e=e), budget_s)[0]
+                                                            bn=bn, e=e, mma=False), budget_s)[0]
                 line.append(f"bn{bn}/e{e} {ms:.3f}")
+            if ki.mma_usable(backend, q, fmt):
+                ms = timed(lambda: ki.indexer_scores_kernel(q, w, keys, vis, backend=backend,
+                                                            mma=True), budget_s)[0]
+                line.append(f"mma {ms:.3f}")
             dflt = ki.score_launch(1, T, N, H, D)
             line.append(f"(default bn{dflt[0]}/e{dflt[2]})")
             print("  ".join(line), flush=True)
@@ -149,10 +155,11 @@ def profile(backend, H, D, K, entries):
     cases = []
     for fmt in ("fp4", "bf16"):
         for N in entries:
-            for path in ("ops", "kernel"):
+            for path in ("ops", "kernel", "kernel-fp32"):
                 a = make_inputs(1, N, H, D, fmt)
                 fn = (lambda: ki.indexer_topk_ops(*a, K)) if path == "ops" else \
-                    (lambda: ki.indexer_topk_kernel(*a, K, backend=backend))
+                    (lambda: ki.indexer_topk_kernel(*a, K, backend=backend,
+                                                    mma=None if path == "kernel" else False))
                 for _ in range(2):
                     mx.eval(fn())
                 i = len(cases)
@@ -260,6 +267,8 @@ def main(argv=None):
     paths = {"ops": lambda a: ki.indexer_topk_ops(*a, K)}
     if backend != "ops":
         paths["kernel"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend)
+        paths["kernel-fp32"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend,
+                                                                mma=False)
         paths["kernel+argp"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend,
                                                                 select="argpartition")
     rows, skipped = [], []

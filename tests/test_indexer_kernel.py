@@ -277,6 +277,22 @@ class Emulator:
                         (nblk * BN, T, B), BN)
         return s
 
+    def score_mma(self, q, w, key_arrays, key_mode, visible, kc=None):
+        """The matrix-unit scoring kernel (`indexer_source.score_mma_source`)."""
+        B, T, H, D = q.shape
+        N = key_arrays[0].shape[1]
+        KC, SMEM4 = src.mma_layout("cpp", H, D, ki.MMA_WARPS)
+        if kc is not None:  # a smaller chunk of dims (more chunks, same tile area)
+            KC = kc
+        ks = src.score_mma_source("cpp", key_mode)
+        tpg = 32 * ki.MMA_WARPS
+        nblk = -(-N // (16 * ki.MMA_WARPS))
+        (s,) = self.run(ks, [q, w, *key_arrays, visible], [(B, T, N)], ["float32"],
+                        [("QT", "float32"), ("D", D), ("H", H), ("NW", ki.MMA_WARPS),
+                         ("KC", KC), ("SMEM4", SMEM4)],
+                        (nblk * tpg, T, B), tpg)
+        return s
+
     def _select(self, scores, visible, cidx, k, tg, u, s, mapped):
         B, T, M = scores.shape
         ks = src.topk_source("cpp")
@@ -356,6 +372,37 @@ def test_emulated_scores_launch_variants(emu, bn, hc, e, mode):
 
 
 @needs_cxx
+@pytest.mark.parametrize("B,T,H,D,kc", [(1, 1, 64, 128, None), (2, 5, 16, 32, None),
+                                        (1, 3, 32, 128, 32), (2, 1, 48, 64, None)])
+@pytest.mark.parametrize("mode", src.MMA_KEY_MODES)
+def test_emulated_scores_mma(emu, B, T, H, D, kc, mode):
+    """The matrix-unit kernel (16x16 tiles, chunks of KC dims, 64 entries a group): bf16
+    queries, N not a multiple of 64, every visibility edge."""
+    rng = np.random.default_rng(B + T + H + D + len(mode))
+    N = 200
+    q, w, keys = make_case(rng, B, T, H, D, N, "zeros" if T == 5 else "random")
+    q = to_bf16(q)  # the kernel takes bf16 queries (exact products)
+    key_in, kf = _key_arrays(mode, keys)
+    vis = np.array([N - 1, 0, 1, 63, 64, N][:T] if T > 1 else [N - 1], np.int32)
+    got = emu.score_mma(q, w, key_in, mode, vis, kc=kc)
+    ref = _masked(ref_scores(q, w, kf), vis)
+    assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5 * np.abs(ref[fin]).max())
+
+
+def test_mma_layout_fits():
+    """Flash/Pro indexer shapes (H = 64, d = 128) fit Metal's 32 KiB (fp32 tiles, 32 dims a
+    chunk) and CUDA's 48 KiB (bf16 tiles, all 128 dims at once)."""
+    assert src.mma_layout("metal", 64, 128) == (32, (128 * 40 * 4) // 16)
+    assert src.mma_layout("cuda", 64, 128) == (128, (128 * 136 * 2) // 16)
+    for dialect in ("metal", "cuda"):
+        kc, smem4 = src.mma_layout(dialect, 64, 128)
+        assert 16 * smem4 + 4 * 128 <= src.MMA_SHARED_BYTES[dialect]
+        assert 16 * smem4 >= 64 * 68 * 4  # the fp32 [H x 64] block fits the same area
+
+
+@needs_cxx
 @pytest.mark.parametrize("case", ["random", "ties", "allequal", "negative", "fewvisible", "dups",
                                   "perm"])
 @pytest.mark.parametrize("k,u,nslice", [(1, 4, 1), (7, 1, 1), (64, 4, 1), (64, 3, 1), (7, 4, 3),
@@ -422,6 +469,15 @@ def _metal_variants():
                 tmpl = [("QT", qt), ("D", D), ("H", H), ("HC", HC), ("BN", 128), ("E", E)]
                 out.append((f"score-{mode}-{qt}-D{D}", src.score_source("metal", mode), inputs,
                             ["float32"], tmpl))
+    for mode in src.MMA_KEY_MODES:
+        keyin = {"bf16": [("uint32", 3, 2048)], "fp4": [("uint32", 3, 512), ("uint8", 3, 4)]}[mode]
+        for D, H in ((128, 64), (32, 16)):
+            kc, smem4 = src.mma_layout("metal", H, D)
+            inputs = [("bfloat16", 4, 4096), ("float32", 3, 64), *keyin, ("int32", 1, 1)]
+            tmpl = [("QT", "bfloat16"), ("D", D), ("H", H), ("NW", 4), ("KC", kc),
+                    ("SMEM4", smem4)]
+            out.append((f"score-mma-{mode}-D{D}", src.score_mma_source("metal", mode), inputs,
+                        ["float32"], tmpl))
     for K, TG, U, S, MAPPED in ((512, 1024, 4, 1, False), (3, 256, 1, 16, True)):
         out.append((f"topk-K{K}-S{S}", src.topk_source("metal"),
                     [("float32", 3, 5), ("int32", 1, 37), ("int32", 1, 1)],
@@ -467,7 +523,8 @@ def test_metal_stub_catches_errors(tmp_path):
 
 def test_kernel_bodies_stay_in_the_common_subset():
     """Constructs that C++ accepts but Metal or the shared-body rules do not."""
-    for ks in (src.score_source("metal", m) for m in src.KEY_MODES):
+    for ks in ([src.score_source("metal", m) for m in src.KEY_MODES]
+               + [src.score_mma_source("metal", m) for m in src.MMA_KEY_MODES]):
         body = ks.source
         for bad in (r"\bdouble\b", r"\bprintf\b", r"\bnew\b", r"\bgoto\b", r"\bstd::",
                     r"__syncthreads", r"threadIdx", r"simd_", r"__shfl"):
@@ -476,7 +533,8 @@ def test_kernel_bodies_stay_in_the_common_subset():
         for bad in (r"\bdouble\b", r"\bstd::", r"__syncthreads", r"threadIdx", r"simd_"):
             assert not re.search(bad, ks.source), bad
     # inputs are never bound to local pointers (Metal 'constant' vs 'device' inputs)
-    for ks in [src.score_source("metal", m) for m in src.KEY_MODES] + [src.topk_source("metal")]:
+    for ks in ([src.score_source("metal", m) for m in src.KEY_MODES] + [src.topk_source("metal")]
+               + [src.score_mma_source("metal", m) for m in src.MMA_KEY_MODES]):
         for n in ks.input_names:
             assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n
 
@@ -521,6 +579,12 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
         ("topk", src.topk_source("cuda"), [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
          ["int32", "float32"], [("K", 512), ("TG", 1024), ("U", 4), ("S", 1), ("MAPPED", False)]),
     ]
+    if mode in src.MMA_KEY_MODES:
+        kc, smem4 = src.mma_layout("cuda", 64, 128)
+        jobs.append(("score_mma", src.score_mma_source("cuda", mode),
+                     [("bfloat16", 4, 8192), ("float32", 3, 64), *keyin, ("int32", 1, 1)],
+                     ["float32"], [("QT", "bfloat16"), ("D", 128), ("H", 64), ("NW", 4),
+                                   ("KC", kc), ("SMEM4", smem4)]))
     for name, ks, inputs, outs, tmpl in jobs:
         f = tmp_path / f"{name}.cu"
         f.write_text(src.render_cuda(ks, inputs, outs, tmpl))
@@ -667,6 +731,36 @@ def test_gpu_bf16_queries_and_argpartition(gpu):
             idx = ki.indexer_topk_kernel(qb, mx.array(w), km, mx.array(vis), 512, backend=gpu,
                                          select=select)
             check_topk(idx, ref, vis, 512, f"bf16 q {mode} {select}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 64, 128), (2, 37, 64, 128), (2, 3, 16, 32),
+                                     (1, 5, 48, 64)])
+@pytest.mark.parametrize("mode", src.MMA_KEY_MODES)
+def test_gpu_mma_scores(gpu, B, T, H, D, mode):
+    """The matrix-unit scoring kernel (bf16 queries) and the fp32 one, forced, against the
+    reference with the same bf16 queries; then the top-k through each."""
+    rng = np.random.default_rng(B + T + H + D + len(mode))
+    N, topk = 1000, 64
+    for kind in ("random", "zeros", "negw"):
+        q, w, keys = make_case(rng, B, T, H, D, N, kind)
+        qb = mx.array(q).astype(mx.bfloat16)
+        qf = np.array(qb.astype(mx.float32))
+        km, kf = _mx_keys(mode, keys)
+        ref = ref_scores(qf, w, kf)
+        vis = visibles(rng, T, N, topk) if T > 1 else np.array([N - 3], np.int32)
+        want = _masked(ref, vis)
+        fin = np.isfinite(want)
+        wa, va = mx.array(w), mx.array(vis)
+        assert ki.mma_usable(gpu, qb, mode)
+        for mma in (True, False):
+            got = np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=mma))
+            assert np.array_equal(np.isneginf(got), np.isneginf(want)), (mma, kind)
+            np.testing.assert_allclose(got[fin], want[fin], rtol=1e-4,
+                                       atol=1e-5 * (np.abs(want[fin]).max() + 1e-6),
+                                       err_msg=f"mma={mma} {kind}")
+            idx = ki.indexer_topk_kernel(qb, wa, km, va, topk, backend=gpu, mma=mma)
+            check_topk(idx, ref, vis, topk, f"mma={mma} {mode} {kind} {B}x{T}x{H}x{D}")
 
 
 @needs_gpu

@@ -144,11 +144,44 @@ def _q_ready(q):
     return q if q.dtype in (mx.float32, mx.bfloat16, mx.float16) else q.astype(mx.float32)
 
 
-def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None):
-    """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries."""
+MMA_WARPS = 4  # warps (simdgroups) a threadgroup of the matrix-unit kernel: 64 entries
+
+
+def mma_usable(backend: str, q, key_mode: str) -> bool:
+    """Whether the matrix-unit scoring kernel takes these inputs: bf16 queries (their
+    products with FP4 or bf16 keys are exact in the fp32 accumulator), H a multiple of 16,
+    and shared tiles that fit."""
+    B, T, H, D = q.shape
+    return (q.dtype == mx.bfloat16 and key_mode in src.MMA_KEY_MODES and H % 16 == 0
+            and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
+
+
+def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
+                          mma=None):
+    """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries.
+
+    ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
+    True / False force one (True raises where it does not apply)."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
+    use_mma = mma_usable(backend, q, key_mode) if mma is None else mma
+    if use_mma:
+        if not mma_usable(backend, q, key_mode):
+            raise ValueError(f"the matrix-unit kernel does not take q {q.dtype} {q.shape} "
+                             f"with {key_mode} keys")
+        kc, smem4 = src.mma_layout(backend, H, D, MMA_WARPS)
+        kern = _kernel(backend, src.score_mma_source(backend, key_mode))
+        tpg = 32 * MMA_WARPS
+        nblk = -(-N // (16 * MMA_WARPS))
+        (scores,) = kern(
+            inputs=[q, _f32(w), *key_in, _i32(visible)],
+            template=[("QT", q.dtype), ("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc),
+                      ("SMEM4", smem4)],
+            grid=(nblk * tpg, T, B), threadgroup=(tpg, 1, 1),
+            output_shapes=[(B, T, N)], output_dtypes=[mx.float32], stream=mx.gpu,
+        )
+        return scores
     BN, HC, E = score_launch(B, T, N, H, D)
     BN, HC, E = bn or BN, hc or HC, e or E
     kern = _kernel(backend, src.score_source(backend, key_mode))
@@ -207,7 +240,8 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
 
 
 def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
-                        select: str = "kernel", launch: dict | None = None) -> mx.array:
+                        select: str = "kernel", launch: dict | None = None,
+                        mma=None) -> mx.array:
     """`indexer_topk_ops` through the kernels (no probe, no fallback: see `indexer_topk`).
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
@@ -221,7 +255,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     if k == N:
         return indexer_topk_ops(q, w, keys, visible, topk)
     visible = _i32(visible)
-    scores = indexer_scores_kernel(q, w, keys, visible, backend=backend,
+    scores = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma,
                                    **pick(("bn", "hc", "e")))
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend,
@@ -240,7 +274,9 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     key_mode, key_in, N, d = _key_inputs(keys)
     BN, HC, E = score_launch(B, T, N, H, D)
     TG, U, S = topk_launch(B, T, N, k)
-    key = f"{backend}/{key_mode}/{q.dtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
+    mma = mma_usable(backend, q, key_mode)
+    key = (f"{backend}/{key_mode}/{q.dtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
+           f"/mma{int(mma)}")
 
     def probe():
         n = max(2 * k + 2, S * (k + 1))  # more entries than k a slice: the radix path runs
@@ -251,7 +287,7 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
         else:
             kk = mx.zeros((1, n, D), mx.bfloat16 if key_mode == "bf16" else mx.float32)
         vis = mx.array([n], mx.int32)
-        s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E)
+        s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E, mma=mma)
         i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S)
         mx.eval(s, i)
 
@@ -278,5 +314,5 @@ def indexer_topk(q, w, keys, visible, topk):
 __all__ = [
     "dequantize_keys", "indexer_scores_ops", "indexer_topk_ops", "indexer_scores_kernel",
     "indexer_select_kernel", "indexer_topk_kernel", "indexer_topk", "score_launch",
-    "topk_launch", "kernel_supported",
+    "topk_launch", "kernel_supported", "mma_usable",
 ]

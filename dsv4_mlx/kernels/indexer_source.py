@@ -62,10 +62,41 @@ template <typename T>
 inline T ki_from_float(float x) {
   return static_cast<T>(x);
 }
+// matrix units: a 16x16 fp32 accumulator tile of one simdgroup, as 2 x 2 8x8 matrices,
+// fed from threadgroup tiles of float (simdgroup matrices load their own element type)
+#define KI_TG threadgroup
+#define KI_ALIGN32
+typedef float ki_mma_t;
+struct ki_mma_acc {
+  simdgroup_float8x8 m[2][2];
+};
+inline void ki_mma_zero(thread ki_mma_acc& c) {
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) c.m[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+}
+// c += A B: A 16x16 row-major at a (row stride lda); B 16x16 with B(k, n) at b[n * ldb + k]
+inline void ki_mma(thread ki_mma_acc& c, const threadgroup float* a, int lda,
+                   const threadgroup float* b, int ldb) {
+  for (int kk = 0; kk < 16; kk += 8) {
+    simdgroup_float8x8 fa[2];
+    simdgroup_float8x8 fb[2];
+    for (int i = 0; i < 2; ++i) simdgroup_load(fa[i], a + 8 * i * lda + kk, (ulong)lda);
+    for (int j = 0; j < 2; ++j)
+      simdgroup_load(fb[j], b + 8 * j * ldb + kk, (ulong)ldb, ulong2(0, 0), true);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) simdgroup_multiply_accumulate(c.m[i][j], fa[i], fb[j], c.m[i][j]);
+  }
+}
+// the tile, row-major, at d (row stride ldd)
+inline void ki_mma_store(threadgroup float* d, int ldd, thread const ki_mma_acc& c) {
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) simdgroup_store(c.m[i][j], d + 8 * i * ldd + 8 * j, (ulong)ldd);
+}
 """
 
 _CUDA_DIALECT = r"""
 // ---- dialect: CUDA (MLX includes mlx/backend/cuda/device/utils.cuh: cuda_bf16/fp16) ----
+#include <mma.h>
 #define KI_FN __device__ __forceinline__
 #define KI_SHARED __shared__
 #define KI_DEVICE
@@ -105,6 +136,30 @@ __device__ __forceinline__ __half ki_from_float<__half>(float x) { return __floa
 template <>
 __device__ __forceinline__ __nv_bfloat16 ki_from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16(x);
+}
+// matrix units: a 16x16 fp32 accumulator tile of one warp (wmma m16n16k16), fed from
+// shared tiles of bf16 (bf16 x bf16 products are exact in the fp32 accumulator)
+#define KI_TG
+#define KI_ALIGN32 __align__(32)
+typedef __nv_bfloat16 ki_mma_t;
+struct ki_mma_acc {
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+};
+__device__ __forceinline__ void ki_mma_zero(ki_mma_acc& c) { nvcuda::wmma::fill_fragment(c.f, 0.0f); }
+// c += A B: A 16x16 row-major at a (row stride lda); B 16x16 with B(k, n) at b[n * ldb + k]
+__device__ __forceinline__ void ki_mma(ki_mma_acc& c, const ki_mma_t* a, int lda,
+                                       const ki_mma_t* b, int ldb) {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16,
+                         nvcuda::wmma::row_major> fa;
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
+                         nvcuda::wmma::col_major> fb;
+  nvcuda::wmma::load_matrix_sync(fa, a, lda);
+  nvcuda::wmma::load_matrix_sync(fb, b, ldb);
+  nvcuda::wmma::mma_sync(c.f, fa, fb, c.f);
+}
+// the tile, row-major, at d (row stride ldd)
+__device__ __forceinline__ void ki_mma_store(float* d, int ldd, const ki_mma_acc& c) {
+  nvcuda::wmma::store_matrix_sync(d, c.f, ldd, nvcuda::wmma::mem_row_major);
 }
 """
 
@@ -206,6 +261,27 @@ inline unsigned int ki_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4)
 inline float ki_to_float(float x) { return x; }
 template <typename T>
 inline T ki_from_float(float x) { return static_cast<T>(x); }
+// matrix units, emulated: lane 0 of each 32-thread warp computes and stores the whole tile
+// (the other lanes' calls do nothing; the tile is only read after a barrier)
+#define KI_TG
+#define KI_ALIGN32 __attribute__((aligned(32)))
+typedef float ki_mma_t;
+struct ki_mma_acc { float v[256]; };
+inline void ki_mma_zero(ki_mma_acc& c) { for (int i = 0; i < 256; ++i) c.v[i] = 0.0f; }
+inline void ki_mma(ki_mma_acc& c, const float* a, int lda, const float* b, int ldb) {
+  if (ki_emu::cur % 32 != 0) return;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) {
+      float s = c.v[m * 16 + n];
+      for (int k = 0; k < 16; ++k) s += a[m * lda + k] * b[n * ldb + k];
+      c.v[m * 16 + n] = s;
+    }
+}
+inline void ki_mma_store(float* d, int ldd, const ki_mma_acc& c) {
+  if (ki_emu::cur % 32 != 0) return;
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 16; ++n) d[m * ldd + n] = c.v[m * 16 + n];
+}
 """
 
 _DIALECTS = {"metal": _METAL_DIALECT, "cuda": _CUDA_DIALECT, "cpp": _CPP_DIALECT}
@@ -552,6 +628,182 @@ def topk_source(dialect: str) -> KernelSource:
         output_names=("idx", "val"),
         header=_header(dialect),
         source=_PROLOGUES[dialect] + _TOPK_BODY,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# scoring on the matrix units (tensor cores / simdgroup matrices), spec §4.7
+
+# Key tile loaders: entries n0 .. n0+NB, dims kc .. kc+KC of the keys -> kb (ki_mma_t),
+# rows past N as zeros. Only exact-in-bf16 key layouts: FP4 (e2m1 x 2^k) and bf16.
+_KEY_TILE = {
+    "bf16": """\
+    for (int i = ki_tid; i < NB * (KC / 8); i += TPG) {
+      const int r = i / (KC / 8);
+      const int g = i % (KC / 8);
+      const int n = n0 + r;
+      KI_TG ki_mma_t* dst = kb + r * LDK + 8 * g;
+      if (n < N) {
+        const int64_t row = (int64_t)b * N + n;
+        const uint4 v = KI_LOAD4U(k + row * (D / 2), kc / 8 + g);
+        dst[0] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.x << 16));
+        dst[1] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.x & 0xffff0000u));
+        dst[2] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.y << 16));
+        dst[3] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.y & 0xffff0000u));
+        dst[4] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.z << 16));
+        dst[5] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.z & 0xffff0000u));
+        dst[6] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.w << 16));
+        dst[7] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.w & 0xffff0000u));
+      } else {
+        for (int j = 0; j < 8; ++j) dst[j] = ki_from_float<ki_mma_t>(0.0f);
+      }
+    }
+""",
+    "fp4": """\
+    // one (entry, 32-value scale group) a thread: 4 packed words and one UE8M0 scale
+    for (int i = ki_tid; i < NB * (KC / 32); i += TPG) {
+      const int r = i / (KC / 32);
+      const int g = i % (KC / 32);
+      const int n = n0 + r;
+      KI_TG ki_mma_t* dst = kb + r * LDK + 32 * g;
+      if (n < N) {
+        const int64_t row = (int64_t)b * N + n;
+        const int gg = kc / 32 + g;
+        const float s = ki_e8m0((unsigned int)ks[row * (D / 32) + gg]);
+        const uint4 v = KI_LOAD4U(kq + row * (D / 8), gg);
+        KI_UNROLL
+        for (int j = 0; j < 8; ++j) {
+          dst[j] = ki_from_float<ki_mma_t>(ki_e2m1((v.x >> (4 * j)) & 15u) * s);
+          dst[8 + j] = ki_from_float<ki_mma_t>(ki_e2m1((v.y >> (4 * j)) & 15u) * s);
+          dst[16 + j] = ki_from_float<ki_mma_t>(ki_e2m1((v.z >> (4 * j)) & 15u) * s);
+          dst[24 + j] = ki_from_float<ki_mma_t>(ki_e2m1((v.w >> (4 * j)) & 15u) * s);
+        }
+      } else {
+        for (int j = 0; j < 32; ++j) dst[j] = ki_from_float<ki_mma_t>(0.0f);
+      }
+    }
+""",
+}
+MMA_KEY_MODES = tuple(_KEY_TILE)
+
+_SCORE_MMA_BODY = """\
+  // ---- lightning-indexer scores on the matrix units (spec §4.7) ----
+  //   score[b, t, n] = sum_h w[b, t, h] * relu(q[b, t, h, :] . K[b, n, :])   n < visible[t]
+  // One threadgroup of NW warps (simdgroups) takes query (b, t) against NB = 16 NW entries:
+  // the [H x NB] dot products are a small matrix product, Q [H x D] times K^T [D x NB],
+  // computed in 16x16 tiles (warp w: entries 16w .. 16w+16, all H / 16 head tiles) from
+  // shared tiles of KC dims at a time, then stored (fp32) to shared memory, where the
+  // weighted ReLU sum over heads is taken. The [H x NB] block is the only intermediate: no
+  // [heads x entries] buffer. Exact products need bf16-exact inputs (bf16 queries; FP4 or
+  // bf16 keys); the sums are fp32 in another order than the ops path.
+  // Grid: (ceil(N / NB) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
+  // Template: QT (query dtype), D, H (multiple of 16), NW, KC (multiple of 32 dividing D),
+  // SMEM4 (float4 words of the shared tile area).
+  constexpr int NB = 16 * NW;
+  constexpr int TPG = 32 * NW;
+  constexpr int MT = H / 16;
+  constexpr int LDQ = KC + 8;  // row strides: 16 bytes more than a row (bank spread)
+  constexpr int LDK = KC + 8;
+  constexpr int LDC = NB + 4;
+  KI_SHARED KI_ALIGN32 float4 ki_smem[SMEM4];
+  KI_SHARED float ki_part[TPG];
+  KI_TG ki_mma_t* qs = (KI_TG ki_mma_t*)ki_smem;  // [H][LDQ]
+  KI_TG ki_mma_t* kb = qs + H * LDQ;              // [NB][LDK]
+  KI_TG float* cs = (KI_TG float*)ki_smem;        // [H][LDC], after the products
+  const int T = q_shape[1];
+  const int N = @KEYS@_shape[1];
+  const int t = ki_gy;
+  const int b = ki_gz;
+  int vis = visible[t];
+  vis = vis < 0 ? 0 : (vis > N ? N : vis);
+  const int64_t bt = (int64_t)b * T + t;
+  KI_DEVICE float* out = scores + bt * N;
+  const int n0 = ki_gx * NB;
+
+  if (n0 >= vis) {
+    // the whole threadgroup lies past the visible prefix (uniform exit: no barrier skipped)
+    for (int i = ki_tid; i < NB; i += TPG) {
+      if (n0 + i < N) out[n0 + i] = KI_NEG_INF;
+    }
+    return;
+  }
+
+  const int warp = ki_tid / 32;
+  ki_mma_acc acc[MT];
+  for (int m = 0; m < MT; ++m) ki_mma_zero(acc[m]);
+  for (int kc = 0; kc < D; kc += KC) {
+    if (kc > 0) KI_BARRIER();  // the previous chunk's tiles are consumed
+    // queries (b, t, 0..H, kc..kc+KC) -> qs
+    for (int i = ki_tid; i < H * KC; i += TPG) {
+      const int h = i / KC;
+      const int j = i % KC;
+      qs[h * LDQ + j] = ki_from_float<ki_mma_t>(ki_to_float(q[(bt * H + h) * D + kc + j]));
+    }
+@KEY_TILE@    KI_BARRIER();
+    for (int kk = 0; kk < KC; kk += 16) {
+      for (int m = 0; m < MT; ++m) {
+        ki_mma(acc[m], qs + 16 * m * LDQ + kk, LDQ, kb + 16 * warp * LDK + kk, LDK);
+      }
+    }
+  }
+  KI_BARRIER();  // every warp is done with qs / kb: cs takes their place
+  for (int m = 0; m < MT; ++m) ki_mma_store(cs + 16 * m * LDC + 16 * warp, LDC, acc[m]);
+  KI_BARRIER();
+  {
+    // thread (entry c, head slice sl): the weighted ReLU sum over heads sl, sl + 2, ...
+    const int c = ki_tid % NB;
+    const int sl = ki_tid / NB;
+    float a = 0.0f;
+    for (int h = sl; h < H; h += 2) {
+      const float v = cs[h * LDC + c];
+      a += w[bt * H + h] * (v > 0.0f ? v : 0.0f);
+    }
+    ki_part[ki_tid] = a;
+  }
+  KI_BARRIER();
+  if (ki_tid < NB) {
+    const int n = n0 + ki_tid;
+    if (n < N) out[n] = n < vis ? ki_part[ki_tid] + ki_part[NB + ki_tid] : KI_NEG_INF;
+  }
+"""
+
+# bytes of one ki_mma_t element per dialect (the shared tiles' element type)
+MMA_ELEM_BYTES = {"metal": 4, "cuda": 2, "cpp": 4}
+# static shared-memory budget a threadgroup (Metal: 32 KiB; CUDA: 48 KiB static)
+MMA_SHARED_BYTES = {"metal": 32768, "cuda": 49152, "cpp": 49152}
+
+
+def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int] | None:
+    """(KC, SMEM4) for the matrix-unit scoring kernel: the largest chunk of dims (a multiple
+    of 32 dividing D) whose shared tiles fit the dialect's budget; None if none fits."""
+    nb = 16 * NW
+    eb = MMA_ELEM_BYTES[dialect]
+    for kc in range(D, 0, -32):
+        if D % kc:
+            continue
+        tiles = (H + nb) * (kc + 8) * eb
+        area = max(tiles, H * (nb + 4) * 4)
+        area = -(-area // 16) * 16
+        if area + 4 * 32 * NW <= MMA_SHARED_BYTES[dialect]:
+            return kc, area // 16
+    return None
+
+
+def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
+    """Matrix-unit scoring kernel. Inputs: q [B,T,H,D] (QT), w [B,T,H] f32, keys (per
+    `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N] f32.
+    Template: QT, D, H, NW, KC, SMEM4 (see `mma_layout`)."""
+    if key_mode not in _KEY_TILE:
+        raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
+                         f"expected one of {MMA_KEY_MODES}")
+    keys = _KEY_INPUTS[key_mode]
+    body = _SCORE_MMA_BODY.replace("@KEYS@", keys[0]).replace("@KEY_TILE@", _KEY_TILE[key_mode])
+    return KernelSource(
+        name=f"dsv4_indexer_score_mma_{key_mode}",
+        input_names=("q", "w", *keys, "visible"),
+        output_names=("scores",),
+        header=_header(dialect),
+        source=_PROLOGUES[dialect] + body,
     )
 
 
