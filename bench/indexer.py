@@ -173,6 +173,37 @@ def profile(backend, H, D, K, entries):
         print(f"case {i}: {c[0]} N={c[1]} {c[2]}")
 
 
+SELECT_VARIANTS = ((1024, 4, 1), (1024, 8, 1), (512, 4, 4), (512, 4, 8), (512, 4, 16),
+                   (256, 4, 16), (512, 8, 16), (256, 4, 32), (256, 8, 32))
+
+
+def profile_parts(backend, H, D, K, entries):
+    """Like `profile`, the scoring kernels and top-k launch variants apart (fp4 keys, T=1)."""
+    cases = []
+    for N in entries:
+        a = make_inputs(1, N, H, D, "fp4")
+        s = ki.indexer_scores_kernel(*a[:3], a[3], backend=backend)
+        mx.eval(s)
+        fns = [("score mma", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=True)),
+               ("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=False))]
+        for tg, u, sl in SELECT_VARIANTS:
+            fns.append((f"select tg{tg}/u{u}/s{sl}",
+                        lambda tg=tg, u=u, sl=sl: ki.indexer_select_kernel(
+                            s, a[3], K, backend=backend, tg=tg, u=u, s=sl)))
+        for name, fn in fns:
+            for _ in range(2):
+                mx.eval(fn())
+            i = len(cases)
+            cases.append(f"N={N} {name}")
+            _marker(i, "begin")
+            for _ in range(PROFILE_CALLS):
+                mx.eval(fn())
+            _marker(i, "end")
+        del a, s
+    for i, c in enumerate(cases):
+        print(f"case {i}: {c}")
+
+
 def parse_ncu(path: str):
     rows = []
     with open(path) as f:
@@ -218,6 +249,8 @@ def main(argv=None):
                          "without MLX's per-evaluation overhead; default GPU: 16, CPU: off)")
     ap.add_argument("--profile", action="store_true",
                     help="(CUDA, under ncu) decode calls bracketed by marker kernels")
+    ap.add_argument("--profile-parts", action="store_true",
+                    help="(CUDA, under ncu) scoring kernels and top-k launch variants apart")
     ap.add_argument("--parse-ncu", default=None, metavar="CSV",
                     help="sum the GPU time a call from an ncu --csv log of --profile")
     ap.add_argument("--tune", action="store_true",
@@ -258,6 +291,9 @@ def main(argv=None):
     print(f"device: {label} ({info.get('device_name', '?')}), memory {mem / 2**30:.0f} GiB, "
           f"mlx {mx.__version__}; H={H} d={D} topk={K}, batch 1, bf16 queries")
 
+    if args.profile_parts:
+        profile_parts(backend, args.heads, args.dim, args.topk, args.entries or [65536, 262144])
+        return
     if args.profile:
         profile(backend, args.heads, args.dim, args.topk, args.entries or [65536, 262144])
         return

@@ -287,9 +287,10 @@ class Emulator:
         ks = src.score_mma_source("cpp", key_mode)
         tpg = 32 * ki.MMA_WARPS
         nblk = -(-N // (16 * ki.MMA_WARPS))
-        (s,) = self.run(ks, [q, w, *key_arrays, visible], [(B, T, N)], ["float32"],
-                        [("QT", "float32"), ("D", D), ("H", H), ("NW", ki.MMA_WARPS),
-                         ("KC", KC), ("SMEM4", SMEM4)],
+        qw = bf16_words(q)  # bf16 queries as uint32 pairs (q must be bf16-exact)
+        (s,) = self.run(ks, [qw, w, *key_arrays, visible], [(B, T, N)], ["float32"],
+                        [("D", D), ("H", H), ("NW", ki.MMA_WARPS), ("KC", KC),
+                         ("SMEM4", SMEM4)],
                         (nblk * tpg, T, B), tpg)
         return s
 
@@ -473,9 +474,8 @@ def _metal_variants():
         keyin = {"bf16": [("uint32", 3, 2048)], "fp4": [("uint32", 3, 512), ("uint8", 3, 4)]}[mode]
         for D, H in ((128, 64), (32, 16)):
             kc, smem4 = src.mma_layout("metal", H, D)
-            inputs = [("bfloat16", 4, 4096), ("float32", 3, 64), *keyin, ("int32", 1, 1)]
-            tmpl = [("QT", "bfloat16"), ("D", D), ("H", H), ("NW", 4), ("KC", kc),
-                    ("SMEM4", smem4)]
+            inputs = [("uint32", 4, 2048), ("float32", 3, 64), *keyin, ("int32", 1, 1)]
+            tmpl = [("D", D), ("H", H), ("NW", 4), ("KC", kc), ("SMEM4", smem4)]
             out.append((f"score-mma-{mode}-D{D}", src.score_mma_source("metal", mode), inputs,
                         ["float32"], tmpl))
     for K, TG, U, S, MAPPED in ((512, 1024, 4, 1, False), (3, 256, 1, 16, True)):
@@ -513,7 +513,7 @@ def test_metal_stub_catches_errors(tmp_path):
     as_type between different sizes each fail to compile."""
     name, ks, inputs, outs, tmpl = _metal_variants()[-1]
     good = src.render_metal(ks, inputs, outs, tmpl)
-    for bad in (good.replace("KI_ATOMIC_LOAD(ki_hist[ki_tid])", "ki_hist[ki_tid]"),
+    for bad in (good.replace("KI_ATOMIC_LOAD(ki_hist[d])", "ki_hist[d]"),
                 good.replace("krem = (int)ki_sel[1];", "krem = (int)ki_sel[1] + undeclared;"),
                 good.replace("#define KI_AS_UINT(f) as_type<uint>((float)(f))",
                              "#define KI_AS_UINT(f) as_type<uint>((half)(f))")):
@@ -582,9 +582,9 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
     if mode in src.MMA_KEY_MODES:
         kc, smem4 = src.mma_layout("cuda", 64, 128)
         jobs.append(("score_mma", src.score_mma_source("cuda", mode),
-                     [("bfloat16", 4, 8192), ("float32", 3, 64), *keyin, ("int32", 1, 1)],
-                     ["float32"], [("QT", "bfloat16"), ("D", 128), ("H", 64), ("NW", 4),
-                                   ("KC", kc), ("SMEM4", smem4)]))
+                     [("uint32", 4, 4096), ("float32", 3, 64), *keyin, ("int32", 1, 1)],
+                     ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
+                                   ("SMEM4", smem4)]))
     for name, ks, inputs, outs, tmpl in jobs:
         f = tmp_path / f"{name}.cu"
         f.write_text(src.render_cuda(ks, inputs, outs, tmpl))
@@ -821,6 +821,36 @@ def test_gpu_no_heads_by_entries_buffer(gpu, mode):
           f"ops {extra_ops / 2**20:.1f} MiB, [H x N] fp32 = {hn / 2**20:.0f} MiB")
     assert extra_kernel < hn / 4
     assert extra_ops >= hn
+
+
+@needs_gpu
+def test_gpu_model_with_indexer_kernels_matches_ops(clean_dispatch):
+    """A whole tiny model (fp32, FP4 indexer keys, 16 indexer heads of 32 dims so the
+    matrix-unit kernel applies; top-k 3 of up to 8 entries): prefill then decode with the
+    indexer kernels against DSV4_INDEXER_KERNEL=ops."""
+    from conftest import tiny_config
+
+    from dsv4_mlx.model import Model, ModelArgs
+    from dsv4_mlx.random_weights import load_random
+
+    cfg = tiny_config(index_n_heads=16, index_head_dim=32, num_nextn_predict_layers=0)
+    ids = mx.array([[(7 * i + 3) % 97 for i in range(34)]])
+    mx.set_default_device(mx.gpu)
+    try:
+        model = load_random(Model(ModelArgs.from_dict(cfg)), seed=3)
+
+        def run():
+            cache = model.make_cache()
+            a = model(ids[:, :26], cache=cache)
+            b = [model(ids[:, i:i + 1], cache=cache) for i in range(26, ids.shape[1])]
+            return np.array(mx.concatenate([a] + b, axis=1))
+
+        got = run()
+        clean_dispatch.setenv(dispatch.ENV_VAR, "ops")
+        want = run()
+    finally:
+        mx.set_default_device(mx.cpu)
+    assert np.abs(got - want).max() < 1e-3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -116,15 +116,17 @@ def topk_launch(B: int, T: int, N: int, k: int) -> tuple[int, int, int]:
     """(TG threads a group, U loads in flight a thread, S slices a row) of the top-k kernel.
 
     Many rows (prefill): a group of 256 a row. Few rows (decode): one group of 1024 a row,
-    and from 128K entries on each row in S slices of >= 4096 entries selected apart by
-    groups of 512, then the S * k candidates by one group of 1024 (H100, one call an
-    evaluation: 0.24 ms instead of 0.42 ms at 256K entries; no gain at 64K)."""
+    and from 32K entries on each row in S <= 16 slices of >= 4096 entries selected apart
+    by groups of 512, then the S * k candidates by one group of 1024. H100, GPU time of
+    one row (Nsight Compute, `bench/indexer.py --profile-parts`), S = 1 vs the S chosen:
+    34.5 vs 27.8 us at 32K (S = 8), 59.4 vs 34.0 us at 64K, 202.5 vs 56.2 us at 256K
+    (S = 16); at 16K S = 1 is best (23.2 us)."""
     rows = B * T
     if rows >= 132:
         return 256, 4, 1
     s = 1
-    if N >= 131072:
-        while s < 64 and N // (2 * s) >= max(4096, 4 * k) and rows * 2 * s <= 528:
+    if N >= 32768:
+        while s < 16 and N // (2 * s) >= max(4096, 4 * k) and rows * 2 * s <= 528:
             s *= 2
     return (512 if s > 1 else 1024), 4, s
 
@@ -175,9 +177,8 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
         tpg = 32 * MMA_WARPS
         nblk = -(-N // (16 * MMA_WARPS))
         (scores,) = kern(
-            inputs=[q, _f32(w), *key_in, _i32(visible)],
-            template=[("QT", q.dtype), ("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc),
-                      ("SMEM4", smem4)],
+            inputs=[q.view(mx.uint32), _f32(w), *key_in, _i32(visible)],
+            template=[("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4)],
             grid=(nblk * tpg, T, B), threadgroup=(tpg, 1, 1),
             output_shapes=[(B, T, N)], output_dtypes=[mx.float32], stream=mx.gpu,
         )
@@ -294,16 +295,20 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     return key, probe
 
 
-def indexer_topk(q, w, keys, visible, topk):
+def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
     """Dispatch point (signature of `indexer_topk_ops`): the GPU kernels where the backend
     allows (`dispatch.select_backend`), the pure-ops path otherwise.
 
     `keys`: float array [B, N, d] or mxfp4 pair (packed uint32 [B, N, d/8], scales uint8
-    [B, N, d/32]).
+    [B, N, d/32]). ``q_exact_bf16``: the caller vouches that q's values are bf16 numbers
+    (FP4-rounded queries are), so a float32 q may go to the matrix-unit kernel as bf16
+    without any rounding.
     """
     backend = dispatch.select_backend()
     N = _num_entries(keys)
     k = min(topk, N)
+    if backend != "ops" and q_exact_bf16 and q.dtype == mx.float32:
+        q = q.astype(mx.bfloat16)  # exact (see above)
     if backend != "ops" and k < N and kernel_supported(q, keys):
         key, probe = _variant_key(backend, q, keys, k)
         if dispatch.kernel_usable(key, probe, f"lightning indexer ({backend})"):

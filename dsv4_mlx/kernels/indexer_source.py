@@ -46,6 +46,7 @@ _METAL_DIALECT = r"""
 #define KI_ATOMIC_STORE(a, v) atomic_store_explicit(&(a), (v), memory_order_relaxed)
 #define KI_HIST_ADD(h, bin) atomic_fetch_add_explicit(&(h)[(bin)], 1u, memory_order_relaxed)
 #define KI_FLOAT4(a, b, c, d) float4((a), (b), (c), (d))
+#define KI_UINT4(a, b, c, d) uint4((a), (b), (c), (d))
 #define KI_LOAD4F(p, i) float4((p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3])
 #define KI_LOAD4U(p, i) uint4((p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3])
 #define KI_AS_FLOAT(u) as_type<float>((uint)(u))
@@ -92,6 +93,17 @@ inline void ki_mma_store(threadgroup float* d, int ldd, thread const ki_mma_acc&
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) simdgroup_store(c.m[i][j], d + 8 * i * ldd + 8 * j, (ulong)ldd);
 }
+// 8 tile elements from 8 bf16 (one uint4 of pairs, low half first) / from 8 floats
+inline void ki_put8_bf16(threadgroup float* d, uint4 v) {
+  d[0] = as_type<float>(v.x << 16); d[1] = as_type<float>(v.x & 0xffff0000u);
+  d[2] = as_type<float>(v.y << 16); d[3] = as_type<float>(v.y & 0xffff0000u);
+  d[4] = as_type<float>(v.z << 16); d[5] = as_type<float>(v.z & 0xffff0000u);
+  d[6] = as_type<float>(v.w << 16); d[7] = as_type<float>(v.w & 0xffff0000u);
+}
+inline void ki_put8(threadgroup float* d, float a0, float a1, float a2, float a3, float a4,
+                    float a5, float a6, float a7) {
+  d[0] = a0; d[1] = a1; d[2] = a2; d[3] = a3; d[4] = a4; d[5] = a5; d[6] = a6; d[7] = a7;
+}
 """
 
 _CUDA_DIALECT = r"""
@@ -116,6 +128,7 @@ _CUDA_DIALECT = r"""
       atomicAdd(&(h)[ki_b_], (unsigned int)__popc(ki_peers_));                \
   } while (0)
 #define KI_FLOAT4(a, b, c, d) make_float4((a), (b), (c), (d))
+#define KI_UINT4(a, b, c, d) make_uint4((a), (b), (c), (d))
 #define KI_LOAD4F(p, i) (reinterpret_cast<const float4*>(p)[(i)])
 #define KI_LOAD4U(p, i) (reinterpret_cast<const uint4*>(p)[(i)])
 #define KI_AS_FLOAT(u) __uint_as_float((unsigned int)(u))
@@ -160,6 +173,19 @@ __device__ __forceinline__ void ki_mma(ki_mma_acc& c, const ki_mma_t* a, int lda
 // the tile, row-major, at d (row stride ldd)
 __device__ __forceinline__ void ki_mma_store(float* d, int ldd, const ki_mma_acc& c) {
   nvcuda::wmma::store_matrix_sync(d, c.f, ldd, nvcuda::wmma::mem_row_major);
+}
+// 8 tile elements (16 bytes, one store) from 8 bf16 (a uint4 of pairs) / from 8 floats
+__device__ __forceinline__ void ki_put8_bf16(ki_mma_t* d, uint4 v) {
+  *reinterpret_cast<uint4*>(d) = v;
+}
+__device__ __forceinline__ unsigned int ki_bf16x2(float lo, float hi) {
+  return (unsigned int)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
+         ((unsigned int)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+__device__ __forceinline__ void ki_put8(ki_mma_t* d, float a0, float a1, float a2, float a3,
+                                        float a4, float a5, float a6, float a7) {
+  *reinterpret_cast<uint4*>(d) =
+      make_uint4(ki_bf16x2(a0, a1), ki_bf16x2(a2, a3), ki_bf16x2(a4, a5), ki_bf16x2(a6, a7));
 }
 """
 
@@ -248,6 +274,7 @@ inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
 #define KI_ATOMIC_STORE(a, v) (a).store((v))
 #define KI_HIST_ADD(h, bin) (h)[(bin)].fetch_add(1u)
 #define KI_FLOAT4(a, b, c, d) float4{(a), (b), (c), (d)}
+#define KI_UINT4(a, b, c, d) uint4{(a), (b), (c), (d)}
 #define KI_LOAD4F(p, i) float4{(p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3]}
 #define KI_LOAD4U(p, i) uint4{(p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3]}
 inline float ki_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -281,6 +308,16 @@ inline void ki_mma_store(float* d, int ldd, const ki_mma_acc& c) {
   if (ki_emu::cur % 32 != 0) return;
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 16; ++n) d[m * ldd + n] = c.v[m * 16 + n];
+}
+inline void ki_put8_bf16(float* d, uint4 v) {
+  d[0] = ki_as_float(v.x << 16); d[1] = ki_as_float(v.x & 0xffff0000u);
+  d[2] = ki_as_float(v.y << 16); d[3] = ki_as_float(v.y & 0xffff0000u);
+  d[4] = ki_as_float(v.z << 16); d[5] = ki_as_float(v.z & 0xffff0000u);
+  d[6] = ki_as_float(v.w << 16); d[7] = ki_as_float(v.w & 0xffff0000u);
+}
+inline void ki_put8(float* d, float a0, float a1, float a2, float a3, float a4, float a5,
+                    float a6, float a7) {
+  d[0] = a0; d[1] = a1; d[2] = a2; d[3] = a3; d[4] = a4; d[5] = a5; d[6] = a6; d[7] = a7;
 }
 """
 
@@ -473,7 +510,7 @@ _TOPK_BODY = """\
   // Grid: (S * TG, T, B) threads in threadgroups of (TG, 1, 1); TG >= 256.
   // Template: K, TG, U (loads in flight a thread), S, MAPPED. Outputs idx, val [B, T, S, K].
   KI_SHARED KI_ATOMIC_UINT ki_hist[256];
-  KI_SHARED unsigned int ki_scan[256];
+  KI_SHARED unsigned int ki_scan[16];
   KI_SHARED unsigned int ki_sel[3];
   KI_SHARED KI_ATOMIC_UINT ki_cnt[2];
   const int T = scores_shape[1];
@@ -527,24 +564,34 @@ _TOPK_BODY = """\
       }
     }
     KI_BARRIER();
-    // suffix sums: ki_scan[i] = number of matching keys whose digit is >= i
-    if (ki_tid < 256) ki_scan[ki_tid] = KI_ATOMIC_LOAD(ki_hist[ki_tid]);
-    KI_BARRIER();
-    for (int off = 1; off < 256; off <<= 1) {
-      unsigned int v = 0u;
-      if (ki_tid < 256) v = ki_scan[ki_tid] + (ki_tid + off < 256 ? ki_scan[ki_tid + off] : 0u);
-      KI_BARRIER();
-      if (ki_tid < 256) ki_scan[ki_tid] = v;
-      KI_BARRIER();
+    // the digit whose bin holds the krem-th largest matching key: 16 threads sum 16 bins
+    // each, then one thread walks the chunks from the top, and the bins of its chunk
+    // (3 barriers a pass instead of a 16-barrier parallel scan)
+    if (ki_tid < 16) {
+      unsigned int c = 0u;
+      for (int j = 0; j < 16; ++j) c += KI_ATOMIC_LOAD(ki_hist[16 * ki_tid + j]);
+      ki_scan[ki_tid] = c;
     }
-    // the digit whose bin holds the krem-th largest matching key (exactly one thread)
-    if (ki_tid < 256) {
-      const unsigned int above = ki_tid < 255 ? ki_scan[ki_tid + 1] : 0u;
-      if (above < (unsigned int)krem && ki_scan[ki_tid] >= (unsigned int)krem) {
-        ki_sel[0] = (unsigned int)ki_tid;
-        ki_sel[1] = (unsigned int)krem - above;
-        ki_sel[2] = ki_scan[ki_tid] - above;  // keys in that bin
+    KI_BARRIER();
+    if (ki_tid == 0) {
+      // the matching keys number >= krem, so both walks stop at a bin that holds the
+      // krem-th (the bounds only guard the indices)
+      unsigned int above = 0u;
+      int ch = 15;
+      while (ch > 0 && above + ki_scan[ch] < (unsigned int)krem) {
+        above += ki_scan[ch];
+        --ch;
       }
+      int d = 16 * ch + 15;
+      unsigned int cnt = KI_ATOMIC_LOAD(ki_hist[d]);
+      while (d > 16 * ch && above + cnt < (unsigned int)krem) {
+        above += cnt;
+        --d;
+        cnt = KI_ATOMIC_LOAD(ki_hist[d]);
+      }
+      ki_sel[0] = (unsigned int)d;
+      ki_sel[1] = (unsigned int)krem - above;
+      ki_sel[2] = cnt;  // keys in that bin
     }
     KI_BARRIER();
     prefix |= ki_sel[0] << shift;
@@ -642,21 +689,9 @@ _KEY_TILE = {
       const int r = i / (KC / 8);
       const int g = i % (KC / 8);
       const int n = n0 + r;
-      KI_TG ki_mma_t* dst = kb + r * LDK + 8 * g;
-      if (n < N) {
-        const int64_t row = (int64_t)b * N + n;
-        const uint4 v = KI_LOAD4U(k + row * (D / 2), kc / 8 + g);
-        dst[0] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.x << 16));
-        dst[1] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.x & 0xffff0000u));
-        dst[2] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.y << 16));
-        dst[3] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.y & 0xffff0000u));
-        dst[4] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.z << 16));
-        dst[5] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.z & 0xffff0000u));
-        dst[6] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.w << 16));
-        dst[7] = ki_from_float<ki_mma_t>(KI_AS_FLOAT(v.w & 0xffff0000u));
-      } else {
-        for (int j = 0; j < 8; ++j) dst[j] = ki_from_float<ki_mma_t>(0.0f);
-      }
+      const int64_t row = (int64_t)b * N + (n < N ? n : 0);
+      const uint4 v = KI_LOAD4U(k + row * (D / 2), kc / 8 + g);
+      ki_put8_bf16(kb + r * LDK + 8 * g, n < N ? v : uint4_zero);
     }
 """,
     "fp4": """\
@@ -665,21 +700,19 @@ _KEY_TILE = {
       const int r = i / (KC / 32);
       const int g = i % (KC / 32);
       const int n = n0 + r;
-      KI_TG ki_mma_t* dst = kb + r * LDK + 32 * g;
-      if (n < N) {
-        const int64_t row = (int64_t)b * N + n;
-        const int gg = kc / 32 + g;
-        const float s = ki_e8m0((unsigned int)ks[row * (D / 32) + gg]);
-        const uint4 v = KI_LOAD4U(kq + row * (D / 8), gg);
-        KI_UNROLL
-        for (int j = 0; j < 8; ++j) {
-          dst[j] = ki_from_float<ki_mma_t>(ki_e2m1((v.x >> (4 * j)) & 15u) * s);
-          dst[8 + j] = ki_from_float<ki_mma_t>(ki_e2m1((v.y >> (4 * j)) & 15u) * s);
-          dst[16 + j] = ki_from_float<ki_mma_t>(ki_e2m1((v.z >> (4 * j)) & 15u) * s);
-          dst[24 + j] = ki_from_float<ki_mma_t>(ki_e2m1((v.w >> (4 * j)) & 15u) * s);
-        }
-      } else {
-        for (int j = 0; j < 32; ++j) dst[j] = ki_from_float<ki_mma_t>(0.0f);
+      const int64_t row = (int64_t)b * N + (n < N ? n : 0);
+      const int gg = kc / 32 + g;
+      const float s = n < N ? ki_e8m0((unsigned int)ks[row * (D / 32) + gg]) : 0.0f;
+      const uint4 v = KI_LOAD4U(kq + row * (D / 8), gg);
+      const unsigned int vw[4] = {v.x, v.y, v.z, v.w};
+      KI_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const unsigned int u = vw[j];
+        ki_put8(kb + r * LDK + 32 * g + 8 * j,
+                ki_e2m1(u & 15u) * s, ki_e2m1((u >> 4) & 15u) * s,
+                ki_e2m1((u >> 8) & 15u) * s, ki_e2m1((u >> 12) & 15u) * s,
+                ki_e2m1((u >> 16) & 15u) * s, ki_e2m1((u >> 20) & 15u) * s,
+                ki_e2m1((u >> 24) & 15u) * s, ki_e2m1((u >> 28) & 15u) * s);
       }
     }
 """,
@@ -689,6 +722,7 @@ MMA_KEY_MODES = tuple(_KEY_TILE)
 _SCORE_MMA_BODY = """\
   // ---- lightning-indexer scores on the matrix units (spec §4.7) ----
   //   score[b, t, n] = sum_h w[b, t, h] * relu(q[b, t, h, :] . K[b, n, :])   n < visible[t]
+  // q: bf16 queries as their uint32 view [B, T, H, D / 2] (pairs, low half first).
   // One threadgroup of NW warps (simdgroups) takes query (b, t) against NB = 16 NW entries:
   // the [H x NB] dot products are a small matrix product, Q [H x D] times K^T [D x NB],
   // computed in 16x16 tiles (warp w: entries 16w .. 16w+16, all H / 16 head tiles) from
@@ -697,8 +731,8 @@ _SCORE_MMA_BODY = """\
   // [heads x entries] buffer. Exact products need bf16-exact inputs (bf16 queries; FP4 or
   // bf16 keys); the sums are fp32 in another order than the ops path.
   // Grid: (ceil(N / NB) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
-  // Template: QT (query dtype), D, H (multiple of 16), NW, KC (multiple of 32 dividing D),
-  // SMEM4 (float4 words of the shared tile area).
+  // Template: D, H (multiple of 16), NW, KC (multiple of 32 dividing D), SMEM4 (float4
+  // words of the shared tile area).
   constexpr int NB = 16 * NW;
   constexpr int TPG = 32 * NW;
   constexpr int MT = H / 16;
@@ -719,6 +753,8 @@ _SCORE_MMA_BODY = """\
   const int64_t bt = (int64_t)b * T + t;
   KI_DEVICE float* out = scores + bt * N;
   const int n0 = ki_gx * NB;
+  const uint4 uint4_zero = KI_UINT4(0u, 0u, 0u, 0u);
+  (void)uint4_zero;
 
   if (n0 >= vis) {
     // the whole threadgroup lies past the visible prefix (uniform exit: no barrier skipped)
@@ -729,24 +765,29 @@ _SCORE_MMA_BODY = """\
   }
 
   const int warp = ki_tid / 32;
-  ki_mma_acc acc[MT];
+  ki_mma_acc acc[MT];  // stays in registers: every loop over m is unrolled
+  KI_UNROLL
   for (int m = 0; m < MT; ++m) ki_mma_zero(acc[m]);
+  KI_UNROLL
   for (int kc = 0; kc < D; kc += KC) {
     if (kc > 0) KI_BARRIER();  // the previous chunk's tiles are consumed
-    // queries (b, t, 0..H, kc..kc+KC) -> qs
-    for (int i = ki_tid; i < H * KC; i += TPG) {
-      const int h = i / KC;
-      const int j = i % KC;
-      qs[h * LDQ + j] = ki_from_float<ki_mma_t>(ki_to_float(q[(bt * H + h) * D + kc + j]));
+    // queries (b, t, 0..H, kc..kc+KC) -> qs, 8 bf16 (one uint4 of pairs) at a time
+    for (int i = ki_tid; i < H * (KC / 8); i += TPG) {
+      const int h = i / (KC / 8);
+      const int g = i % (KC / 8);
+      ki_put8_bf16(qs + h * LDQ + 8 * g, KI_LOAD4U(q + (bt * H + h) * (D / 2), kc / 8 + g));
     }
 @KEY_TILE@    KI_BARRIER();
+    KI_UNROLL
     for (int kk = 0; kk < KC; kk += 16) {
+      KI_UNROLL
       for (int m = 0; m < MT; ++m) {
         ki_mma(acc[m], qs + 16 * m * LDQ + kk, LDQ, kb + 16 * warp * LDK + kk, LDK);
       }
     }
   }
   KI_BARRIER();  // every warp is done with qs / kb: cs takes their place
+  KI_UNROLL
   for (int m = 0; m < MT; ++m) ki_mma_store(cs + 16 * m * LDC + 16 * warp, LDC, acc[m]);
   KI_BARRIER();
   {
@@ -754,6 +795,7 @@ _SCORE_MMA_BODY = """\
     const int c = ki_tid % NB;
     const int sl = ki_tid / NB;
     float a = 0.0f;
+    KI_UNROLL
     for (int h = sl; h < H; h += 2) {
       const float v = cs[h * LDC + c];
       a += w[bt * H + h] * (v > 0.0f ? v : 0.0f);
@@ -790,9 +832,9 @@ def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int] | N
 
 
 def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
-    """Matrix-unit scoring kernel. Inputs: q [B,T,H,D] (QT), w [B,T,H] f32, keys (per
-    `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N] f32.
-    Template: QT, D, H, NW, KC, SMEM4 (see `mma_layout`)."""
+    """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
+    f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]
+    f32. Template: D, H, NW, KC, SMEM4 (see `mma_layout`)."""
     if key_mode not in _KEY_TILE:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")

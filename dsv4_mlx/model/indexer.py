@@ -50,10 +50,12 @@ class Indexer(nn.Module):
         q = rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         q = state.codec.roundtrip(q)  # fp8 format: Hadamard rotation + FP4, as the keys got
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
-        if getattr(state.codec, "mxfp4", False):  # fp8 format: the kernels read packed FP4 keys
+        fp4 = getattr(state.codec, "mxfp4", False)
+        if fp4:  # fp8 format: the kernels read packed FP4 keys
             parts = state.parts()
             keys = (parts["packed"], parts["scale"])
         else:
             keys = state.entries
-        return indexer_topk(q, w, keys, visible, self.topk)
+        # FP4-rounded queries are bf16 numbers: the GPU may score them on the matrix units
+        return indexer_topk(q, w, keys, visible, self.topk, q_exact_bf16=fp4)
 
