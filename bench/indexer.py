@@ -182,7 +182,7 @@ def profile_parts(backend, H, D, K, entries):
     cases = []
     for N in entries:
         a = make_inputs(1, N, H, D, "fp4")
-        s = ki.indexer_scores_kernel(*a[:3], a[3], backend=backend)
+        s = ki.indexer_scores_kernel(*a, backend=backend)
         mx.eval(s)
         fns = [("score mma", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=True)),
                ("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=False))]

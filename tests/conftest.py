@@ -70,3 +70,14 @@ PRO_LIKE = tiny_config(
     num_hidden_layers=5, compress_ratios=[8, 8, 4, 8, 4, 0], routed_scaling_factor=2.5,
     swiglu_limit=0.5, num_attention_heads=8, o_groups=4,
 )
+
+
+def prefill_then_decode(model, ids, n_prefill: int):
+    """Logits [B, L, V] (numpy) of `ids` fed as one prefill of `n_prefill` tokens, then one
+    decode step a token, through one fresh cache."""
+    import numpy as np
+
+    cache = model.make_cache()
+    a = model(ids[:, :n_prefill], cache=cache)
+    b = [model(ids[:, i:i + 1], cache=cache) for i in range(n_prefill, ids.shape[1])]
+    return np.array(mx.concatenate([a] + b, axis=1))

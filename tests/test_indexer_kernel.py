@@ -828,7 +828,7 @@ def test_gpu_model_with_indexer_kernels_matches_ops(clean_dispatch):
     """A whole tiny model (fp32, FP4 indexer keys, 16 indexer heads of 32 dims so the
     matrix-unit kernel applies; top-k 3 of up to 8 entries): prefill then decode with the
     indexer kernels against DSV4_INDEXER_KERNEL=ops."""
-    from conftest import tiny_config
+    from conftest import prefill_then_decode, tiny_config
 
     from dsv4_mlx.model import Model, ModelArgs
     from dsv4_mlx.random_weights import load_random
@@ -838,16 +838,9 @@ def test_gpu_model_with_indexer_kernels_matches_ops(clean_dispatch):
     mx.set_default_device(mx.gpu)
     try:
         model = load_random(Model(ModelArgs.from_dict(cfg)), seed=3)
-
-        def run():
-            cache = model.make_cache()
-            a = model(ids[:, :26], cache=cache)
-            b = [model(ids[:, i:i + 1], cache=cache) for i in range(26, ids.shape[1])]
-            return np.array(mx.concatenate([a] + b, axis=1))
-
-        got = run()
+        got = prefill_then_decode(model, ids, 26)
         clean_dispatch.setenv(dispatch.ENV_VAR, "ops")
-        want = run()
+        want = prefill_then_decode(model, ids, 26)
     finally:
         mx.set_default_device(mx.cpu)
     assert np.abs(got - want).max() < 1e-3

@@ -167,9 +167,9 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    use_mma = mma_usable(backend, q, key_mode) if mma is None else mma
-    if use_mma:
-        if not mma_usable(backend, q, key_mode):
+    usable = mma_usable(backend, q, key_mode)
+    if usable if mma is None else mma:
+        if not usable:
             raise ValueError(f"the matrix-unit kernel does not take q {q.dtype} {q.shape} "
                              f"with {key_mode} keys")
         kc, smem4 = src.mma_layout(backend, H, D, MMA_WARPS)

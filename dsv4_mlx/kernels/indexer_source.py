@@ -29,6 +29,7 @@ Rules the bodies keep, so that the same text is valid everywhere:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 # --------------------------------------------------------------------------------------------
@@ -93,18 +94,7 @@ inline void ki_mma_store(threadgroup float* d, int ldd, thread const ki_mma_acc&
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j) simdgroup_store(c.m[i][j], d + 8 * i * ldd + 8 * j, (ulong)ldd);
 }
-// 8 tile elements from 8 bf16 (one uint4 of pairs, low half first) / from 8 floats
-inline void ki_put8_bf16(threadgroup float* d, uint4 v) {
-  d[0] = as_type<float>(v.x << 16); d[1] = as_type<float>(v.x & 0xffff0000u);
-  d[2] = as_type<float>(v.y << 16); d[3] = as_type<float>(v.y & 0xffff0000u);
-  d[4] = as_type<float>(v.z << 16); d[5] = as_type<float>(v.z & 0xffff0000u);
-  d[6] = as_type<float>(v.w << 16); d[7] = as_type<float>(v.w & 0xffff0000u);
-}
-inline void ki_put8(threadgroup float* d, float a0, float a1, float a2, float a3, float a4,
-                    float a5, float a6, float a7) {
-  d[0] = a0; d[1] = a1; d[2] = a2; d[3] = a3; d[4] = a4; d[5] = a5; d[6] = a6; d[7] = a7;
-}
-"""
+@PUT8_FLOAT@"""
 
 _CUDA_DIALECT = r"""
 // ---- dialect: CUDA (MLX includes mlx/backend/cuda/device/utils.cuh: cuda_bf16/fp16) ----
@@ -309,44 +299,44 @@ inline void ki_mma_store(float* d, int ldd, const ki_mma_acc& c) {
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 16; ++n) d[m * ldd + n] = c.v[m * 16 + n];
 }
-inline void ki_put8_bf16(float* d, uint4 v) {
-  d[0] = ki_as_float(v.x << 16); d[1] = ki_as_float(v.x & 0xffff0000u);
-  d[2] = ki_as_float(v.y << 16); d[3] = ki_as_float(v.y & 0xffff0000u);
-  d[4] = ki_as_float(v.z << 16); d[5] = ki_as_float(v.z & 0xffff0000u);
-  d[6] = ki_as_float(v.w << 16); d[7] = ki_as_float(v.w & 0xffff0000u);
+@PUT8_FLOAT@"""
+
+# Metal and the C++ emulation both feed the matrix units from float tiles: one text serves both
+_PUT8_FLOAT = r"""
+// 8 tile elements (float tiles) from 8 bf16 (one uint4 of pairs, low half first) / from 8 floats
+inline void ki_put8_bf16(KI_TG float* d, uint4 v) {
+  d[0] = KI_AS_FLOAT(v.x << 16); d[1] = KI_AS_FLOAT(v.x & 0xffff0000u);
+  d[2] = KI_AS_FLOAT(v.y << 16); d[3] = KI_AS_FLOAT(v.y & 0xffff0000u);
+  d[4] = KI_AS_FLOAT(v.z << 16); d[5] = KI_AS_FLOAT(v.z & 0xffff0000u);
+  d[6] = KI_AS_FLOAT(v.w << 16); d[7] = KI_AS_FLOAT(v.w & 0xffff0000u);
 }
-inline void ki_put8(float* d, float a0, float a1, float a2, float a3, float a4, float a5,
+inline void ki_put8(KI_TG float* d, float a0, float a1, float a2, float a3, float a4, float a5,
                     float a6, float a7) {
   d[0] = a0; d[1] = a1; d[2] = a2; d[3] = a3; d[4] = a4; d[5] = a5; d[6] = a6; d[7] = a7;
 }
 """
+_METAL_DIALECT = _METAL_DIALECT.replace("@PUT8_FLOAT@", _PUT8_FLOAT)
+_CPP_DIALECT = _CPP_DIALECT.replace("@PUT8_FLOAT@", _PUT8_FLOAT)
 
 _DIALECTS = {"metal": _METAL_DIALECT, "cuda": _CUDA_DIALECT, "cpp": _CPP_DIALECT}
+
+
+def _prologue(tid: str, gx: str, gy: str, gz: str) -> str:
+    """The index variables from a dialect's thread index and threadgroup indices."""
+    return (f"  const int ki_tid = (int){tid};\n"
+            f"  const int ki_gx = (int){gx};\n"
+            f"  const int ki_gy = (int){gy};\n"
+            f"  const int ki_gz = (int){gz};\n"
+            "  (void)ki_tid; (void)ki_gx; (void)ki_gy; (void)ki_gz;\n")
+
 
 # The prologue is part of the *body*: mx.fast.metal_kernel adds the Metal attributes
 # ([[thread_position_in_threadgroup]], ...) to the signature only if the body names them.
 _PROLOGUES = {
-    "metal": """\
-  const int ki_tid = (int)thread_position_in_threadgroup.x;
-  const int ki_gx = (int)threadgroup_position_in_grid.x;
-  const int ki_gy = (int)threadgroup_position_in_grid.y;
-  const int ki_gz = (int)threadgroup_position_in_grid.z;
-  (void)ki_tid; (void)ki_gx; (void)ki_gy; (void)ki_gz;
-""",
-    "cuda": """\
-  const int ki_tid = (int)threadIdx.x;
-  const int ki_gx = (int)blockIdx.x;
-  const int ki_gy = (int)blockIdx.y;
-  const int ki_gz = (int)blockIdx.z;
-  (void)ki_tid; (void)ki_gx; (void)ki_gy; (void)ki_gz;
-""",
-    "cpp": """\
-  const int ki_tid = ki_emu::cur;
-  const int ki_gx = ki_emu::group[0];
-  const int ki_gy = ki_emu::group[1];
-  const int ki_gz = ki_emu::group[2];
-  (void)ki_tid; (void)ki_gx; (void)ki_gy; (void)ki_gz;
-""",
+    "metal": _prologue("thread_position_in_threadgroup.x",
+                       *(f"threadgroup_position_in_grid.{c}" for c in "xyz")),
+    "cuda": _prologue("threadIdx.x", *(f"blockIdx.{c}" for c in "xyz")),
+    "cpp": _prologue("ki_emu::cur", *(f"ki_emu::group[{i}]" for i in range(3))),
 }
 
 # Helpers shared by all dialects (after the dialect macros).
@@ -815,6 +805,7 @@ MMA_ELEM_BYTES = {"metal": 4, "cuda": 2, "cpp": 4}
 MMA_SHARED_BYTES = {"metal": 32768, "cuda": 49152, "cpp": 49152}
 
 
+@functools.lru_cache(maxsize=None)  # asked on every call of the dispatch point
 def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int] | None:
     """(KC, SMEM4) for the matrix-unit scoring kernel: the largest chunk of dims (a multiple
     of 32 dividing D) whose shared tiles fit the dialect's budget; None if none fits."""
