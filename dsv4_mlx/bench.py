@@ -5,9 +5,9 @@ limit). At each frontier: prefill tok/s of the new interval; decode tok/s of a f
 probe (the state is copied before and restored after, so the walk continues from the frontier);
 state bytes; peak memory. Once per run: the weight bytes one decode token reads (from the
 loaded layout: every non-expert weight, k of E experts per MoE layer, one embedding row, the
-head), the memory bandwidth measured by a copy in the same process, and the number of
-primitives one decode step dispatches (its MLX graph, `mx.export_to_dot`; a compiled region
-counts once).
+head), the memory bandwidth measured by a copy in the same process. At each frontier also the number
+of primitives one decode step dispatches (its MLX graph, `mx.export_to_dot`; a compiled region
+counts once); the report's headline count is the last frontier's.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class FrontierResult:
     peak_memory_bytes: int
     weight_bytes_per_token: int
     bandwidth_gb_s: float
+    primitives_per_layer: float
     bandwidth_fraction: float
 
 
@@ -90,16 +91,17 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def count_primitives(model, cache: List[LayerCache], token: int = 5) -> Dict:
-    """Primitives in one decode step's graph (the logits and the updated state)."""
-    snap = snapshot(cache)
-    logits = model(mx.array([[token]]), cache=cache)
-    outs = [logits] + [a for c in cache for a in c.state]
+    """Primitives in one decode step's graph (the logits and the updated state), taken on an
+    evaluated copy of `cache` (which is left as it is)."""
+    work = restore(snapshot(cache))
+    mx.eval([c.state for c in work])
+    logits = model(mx.array([[token]]), cache=work)
+    outs = [logits] + [a for c in work for a in c.state]
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "step.dot"
         mx.export_to_dot(str(path), *outs)
         text = path.read_text()
     ops = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text)
-    cache[:] = restore(snap)
     counts: Dict[str, int] = {}
     for o in ops:
         counts[o] = counts.get(o, 0) + 1
@@ -144,9 +146,10 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
             say(f"prefill {done:,}/{f:,}")
         pre_s = time.perf_counter() - t
         interval = f - (results[-1].context if results else 0)
-        if prims is None:  # the graph of one decode step at the first frontier (steady state)
-            say("counting primitives of one decode step")
-            prims = count_primitives(model, cache)
+        # the graph of one decode step at this frontier (it grows once a CSA layer passes
+        # top-k: the indexer runs from then on)
+        say("counting primitives of one decode step")
+        prims = count_primitives(model, cache)
         snap = snapshot(cache)
         y0 = mx.argmax(logits[0, -1])
         # two discarded steps at this context first: a new shape (the compressed-entry count)
@@ -172,10 +175,12 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
             state_bytes=int(sum(c.nbytes for c in cache)), peak_memory_bytes=int(mx.get_peak_memory()),
             weight_bytes_per_token=wbytes, bandwidth_gb_s=bw,
             bandwidth_fraction=wbytes * dec / (bw * 1e9),
+            primitives_per_layer=prims["per_layer"],
         )
         results.append(r)
         say(f"context {f:,}: prefill {r.prefill_tok_s:,.1f} tok/s, decode {r.decode_tok_s:,.2f} tok/s")
-    return {"frontiers": [asdict(r) for r in results], "primitives": prims,
+    # the report's count: the last frontier's (every layer type in its long-context path)
+    return {"frontiers": [asdict(r) for r in results], "primitives": dict(prims, context=fr[-1]),
             "weight_bytes_per_token": wbytes, "bandwidth_gb_s": bw,
             "device": str(mx.default_device()), "kv_format": getattr(model, "kv_format", "?"),
             "layers": len(model.layers)}
@@ -186,10 +191,10 @@ def write_csv(report: Dict, path: Path) -> None:
 
     rows = report["frontiers"]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["primitives_per_layer"])
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
-            w.writerow(dict(r, primitives_per_layer=round(report["primitives"]["per_layer"], 1)))
+            w.writerow(dict(r, primitives_per_layer=round(r["primitives_per_layer"], 1)))
 
 
 def write_png(report: Dict, path: Path) -> bool:

@@ -73,6 +73,12 @@ class CompressorState:
         return {k: v[:, start:end] for k, v in self._parts.items()}
 
     @property
+    def buffers(self) -> Dict[str, mx.array]:
+        """The stored (encoded) entry buffers, full capacity: [B, capacity, ...]; the first
+        `num_entries` rows are the entries."""
+        return self._parts
+
+    @property
     def entries(self) -> mx.array:
         """All entries, decoded: [B, N, head_dim]."""
         return self.codec.decode(self.parts())

@@ -27,7 +27,10 @@ def test_report_and_csv(tmp_path):
     assert rep["primitives"]["total"] > len(model.layers)
     write_csv(rep, tmp_path / "b.csv")
     head = next(csv.reader(open(tmp_path / "b.csv")))
-    assert {"context", "prefill_tok_s", "decode_tok_s", "state_bytes", "peak_memory_bytes"} <= set(head)
+    assert {"context", "prefill_tok_s", "decode_tok_s", "state_bytes", "peak_memory_bytes",
+            "primitives_per_layer"} <= set(head)
+    assert rep["primitives"]["context"] == 64
+    assert rep["primitives"]["per_layer"] == rows[-1]["primitives_per_layer"]
 
 
 def test_weight_bytes_counts_k_of_e_experts():

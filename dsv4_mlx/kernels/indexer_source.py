@@ -341,7 +341,7 @@ _PROLOGUES = {
 
 # Helpers shared by all dialects (after the dialect macros).
 _COMMON_HEADER = r"""
-// ---- common helpers (spec §3.3 FP4 / UE8M0 decoding) ----
+// ---- common helpers (spec §3.3 FP4 / FP8 / UE8M0 decoding) ----
 // e2m1 code -> value: bit 3 sign, bits 1-2 exponent, bit 0 mantissa:
 // [0, 0.5, 1, 1.5, 2, 3, 4, 6]
 KI_FN float ki_e2m1(unsigned int c) {
@@ -349,6 +349,14 @@ KI_FN float ki_e2m1(unsigned int c) {
   const unsigned int m = c & 1u;
   const float mag = 0.5f * (float)(e == 0u ? m : ((2u + m) << (e - 1u)));
   return (c & 8u) ? -mag : mag;
+}
+// e4m3 (fn) code -> value: bit 7 sign, bits 3-6 exponent (bias 7), bits 0-2 mantissa;
+// exponent 0 is subnormal (m x 2^-9). 0x7f / 0xff (NaN) never occur in stored KV.
+KI_FN float ki_e4m3(unsigned int c) {
+  const unsigned int e = (c >> 3) & 15u;
+  const unsigned int m = c & 7u;
+  const float mag = e == 0u ? (float)m * 0.001953125f : KI_AS_FLOAT(((e + 120u) << 23) | (m << 20));
+  return (c & 128u) ? -mag : mag;
 }
 // UE8M0 byte s -> 2^(s - 127), built from the fp32 bits (s = 0 is the subnormal 2^-127)
 KI_FN float ki_e8m0(unsigned int s) {

@@ -22,6 +22,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import LayerCache
+from ..kernels import attention as kattn
 from .compressor import Compressor
 from .indexer import Indexer
 from .layers import RMSNorm, rms_norm_0
@@ -137,25 +138,28 @@ class Attention(nn.Module):
 
         decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
         # the compressed branch: dense entries (shared by all queries) or per-query picks
-        dense = dense_vis = sel_keys = sel_valid = None
+        dense = dense_vis = sel_keys = sel_valid = idx = None
+        n_dense = 0
         if self.ratio:
             N = self.compressor(x, cache.comp, s, self.rope)
             if N and (self.ratio != 4 or N <= self.indexer.topk):
                 # HCA, or CSA while N <= top-k (the selection is every visible entry)
                 if self.ratio == 4:
                     self.indexer.compressor(x, cache.index, s, self.rope)  # keep its keys
-                dense = cache.comp.entries
+                n_dense = N
                 if not decode:  # a one-query step sees every entry (see _decode_attention)
+                    dense = cache.comp.entries
                     dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
             elif N:
                 idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
-                sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
+                if not decode:
+                    sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
             elif self.ratio == 4:
                 self.indexer.compressor(x, cache.index, s, self.rope)
 
         W = cache.window
         if decode:
-            o = self._decode_attention(q, parts, cache, dense, sel_keys)
+            o = self._decode_attention(q, parts, cache, n_dense, idx)
             cache.advance(1)
             return self._output(o, s)
         kv = cache.codec.decode(parts)  # attend over exactly what is stored
@@ -187,18 +191,32 @@ class Attention(nn.Module):
         o = self.wo_a(o).reshape(B, T, -1)
         return self.wo_b(o)
 
-    def _decode_attention(self, q, parts, cache: LayerCache, dense, sel_keys) -> mx.array:
-        """One query at position s > 0: the new KV goes into the ring first, then one fused
-        SDPA over the ring's slots (any order: softmax does not care) and the compressed keys.
+    def _decode_attention(self, q, parts, cache: LayerCache, n_dense: int, idx) -> mx.array:
+        """One query at position s > 0: the new KV goes into the ring first, then one softmax
+        over the ring's slots (any order: softmax does not care) and the compressed keys:
+        the first `n_dense` entries, or the indexer's picks `idx` [B, 1, k].
 
         Every compressed key is visible here: the dense entries emitted so far are exactly those
         with (w+1)m <= s+1, and past top-k the indexer's k picks are all visible entries. Only
         ring slots not yet written (s < window - 1) need a mask.
+
+        On a GPU this is one kernel reading the stored form (`kernels.attention`); otherwise
+        the ring is decoded, the picks gathered, and the keys go through the fused SDPA.
         """
         s, W = cache.offset, cache.window
         cache.update_ring(parts)
+        backend = kattn.kernel_backend(q, cache.codec)
+        if backend != "ops":
+            comp = cache.comp.buffers if (n_dense or idx is not None) else None
+            return kattn.sink_decode(q, cache.ring, min(s + 1, W), comp, n_dense,
+                                     None if idx is None else idx[:, 0], self.attn_sink,
+                                     self.scale, cache.codec, backend)
         keys = cache.codec.decode(cache.ring)  # [B, W, c]; slot j holds position s - (s - j) mod W
-        extra = dense if dense is not None else None if sel_keys is None else sel_keys[:, 0]
+        extra = None
+        if n_dense:
+            extra = cache.comp.entries
+        elif idx is not None:
+            extra = cache.comp.gather(idx)[:, 0]
         mask = None
         if s < W - 1:
             m = np.arange(W + (0 if extra is None else extra.shape[1])) <= s

@@ -1,0 +1,116 @@
+"""One-query attention with sinks over the stored KV (spec §4.8): a Metal kernel with a CUDA
+twin, and the ops path.
+
+A decode step attends from one query to the window ring's slots and the compressed keys
+(every entry of an HCA layer, the indexer's picks of a CSA layer). The ops path decodes the
+ring, gathers and decodes the picks, concatenates them and runs `mx.fast.
+scaled_dot_product_attention` with sinks, which for 512-dim heads has no fused kernel on
+either GPU backend (MLX composes it from ~15 primitives). The kernel reads the stored form
+(FP8 codes and scales, or plain values) and the pick indices directly: one launch.
+
+``DSV4_ATTN_KERNEL=auto|metal|cuda|ops`` chooses, as ``DSV4_INDEXER_KERNEL`` does for the
+indexer (`dispatch`); a kernel that fails to build warns once and falls back.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import mlx.core as mx
+
+from . import attention_source as src
+from . import dispatch
+
+ENV_VAR = "DSV4_ATTN_KERNEL"
+_FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+_consts: dict = {}
+
+
+def _const(key, make):
+    a = _consts.get(key)
+    if a is None:
+        a = _consts[key] = make()
+    return a
+
+
+def kv_mode(codec) -> Optional[str]:
+    """The kernel's layout for a codec's stored parts, or None if it has none."""
+    return {"fp8": "fp8", "bf16": "plain"}.get(codec.name)
+
+
+def _arrays(mode: str, parts: Dict[str, mx.array]):
+    if mode == "fp8":
+        return [parts["nope"], parts["scale"], parts["rope"]]
+    return [parts["kv"]]
+
+
+def threadgroup_size(C: int) -> int:
+    return 256 if C >= 256 else 128
+
+
+def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, *,
+                       mode: str, nope: int, block: int, backend: str):
+    """q [B, H, 1, C]; ring: stored parts [B, W, ...]; comp: stored parts [B, CAP, ...] (or
+    None); idx [B, k] int32 picks (None: the first `ncomp` entries, dense); sinks [H].
+    -> [B, H, 1, C] in q's dtype."""
+    B, H, _, C = q.shape
+    ring_a = _arrays(mode, ring)
+    W = ring_a[0].shape[1]
+    comp_a = _arrays(mode, comp) if comp is not None else ring_a
+    if comp is None:
+        ncomp = 0
+    sparse = idx is not None
+    if sparse:
+        ncomp = idx.shape[-1]
+    else:
+        idx = _const("idx0", lambda: mx.zeros((1,), mx.int32))
+    kvt = ring_a[-1].dtype
+    TG = threadgroup_size(C)
+    meta = mx.array([nring, ncomp], mx.int32)
+    fp = _const(("scale", scale), lambda: mx.array([scale], mx.float32))
+    with mx.stream(mx.gpu):
+        (o,) = dispatch.build_kernel(backend, src.decode_source(backend, mode))(
+            inputs=[q, *ring_a, *comp_a, idx, sinks.astype(mx.float32), meta, fp],
+            template=[("QT", q.dtype), ("KV", kvt), ("C", C), ("NOPE", nope), ("BLK", block),
+                      ("W", W), ("TG", TG), ("SPARSE", sparse)],
+            grid=(H * TG, B, 1), threadgroup=(TG, 1, 1),
+            output_shapes=[(B, H, 1, C)], output_dtypes=[q.dtype],
+        )
+    return o
+
+
+def _codec_consts(codec):
+    if codec.name == "fp8":
+        return codec.nope, codec.block
+    return 0, 1
+
+
+def kernel_backend(q, codec) -> str:
+    """``"metal"``/``"cuda"`` if the kernel serves this query and KV format, else ``"ops"``."""
+    backend = dispatch.select_backend(ENV_VAR)
+    mode = kv_mode(codec)
+    if backend == "ops" or mode is None or q.dtype not in _FLOATS:
+        return "ops"
+    C = q.shape[-1]
+    nope, block = _codec_consts(codec)
+    key = f"{backend}/attn/{mode}/{q.dtype}/C{C}/n{nope}/b{block}"
+
+    def probe():
+        qq = mx.zeros((1, 1, 1, C), q.dtype)
+        ring = codec.encode(mx.ones((1, 2, C), q.dtype))
+        o = sink_decode_kernel(qq, ring, 2, ring, 1, mx.zeros((1, 1), mx.int32), mx.zeros((1,)),
+                               1.0, mode=mode, nope=nope, block=block, backend=backend)
+        mx.eval(o)
+
+    return backend if dispatch.kernel_usable(key, probe, f"decode attention ({backend})") else "ops"
+
+
+def sink_decode(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, codec,
+                backend: str):
+    """The kernel path for a `kernel_backend` result other than ``"ops"``."""
+    nope, block = _codec_consts(codec)
+    return sink_decode_kernel(q, ring, nring, comp, ncomp, idx, sinks, scale, mode=kv_mode(codec),
+                              nope=nope, block=block, backend=backend)
+
+
+__all__ = ["ENV_VAR", "kernel_backend", "sink_decode", "sink_decode_kernel", "kv_mode"]

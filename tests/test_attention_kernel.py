@@ -1,0 +1,308 @@
+"""One-query attention with sinks over the stored KV (`kernels.attention`, spec §4.8).
+
+On any machine: the body compiled as C++ with the CPU-emulation dialect and run against an
+fp64 reference (FP8 and plain stored KV, dense and sparse compressed keys, unwritten ring
+slots, missing picks); the Metal source compiled as C++ against the stand-in <metal_stdlib>;
+the CUDA source with nvcc where there is one; the dispatch. On a GPU: the kernel against the
+reference and the ops path, and a whole model with the kernel against ``DSV4_ATTN_KERNEL=ops``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_indexer_kernel import (CXX, NVCC, Emulator, _cccl_include, _gxx_syntax,
+                                 _mlx_cuda_include)
+
+from dsv4_mlx.kernels import attention as ka
+from dsv4_mlx.kernels import attention_source as src
+from dsv4_mlx.kernels import dispatch
+from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
+from dsv4_mlx.model.attention import sink_attention
+from dsv4_mlx.model.kv_formats import FP8KVCodec, PlainCodec
+
+# fp32 kernel vs fp64 reference: summation order only
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def _codec(mode, C, R):
+    return FP8KVCodec(C, R) if mode == "fp8" else PlainCodec(C)
+
+
+def _stored(codec, x):
+    """Stored parts (numpy) of values x [B, n, C] and the values they decode to (float64)."""
+    parts = codec.encode(mx.array(x))
+    dec = codec.decode(parts)
+    return {k: np.array(v) for k, v in parts.items()}, np.array(dec.astype(mx.float32)).astype(np.float64)
+
+
+def _reference(q, ring, nring, comp, ncomp, idx, sinks, scale):
+    """fp64: q [B, H, C]; ring [B, W, C]; comp [B, CAP, C] decoded; idx [B, k] or None."""
+    B, H, C = q.shape
+    out = np.zeros((B, H, C))
+    for b in range(B):
+        keys = [ring[b, :nring]]
+        if comp is not None:
+            keys.append(comp[b, :ncomp] if idx is None else comp[b, idx[b][idx[b] >= 0]])
+        K = np.concatenate(keys)
+        for h in range(H):
+            lg = K @ q[b, h].astype(np.float64) * scale
+            m = max(lg.max(initial=-np.inf), sinks[h])
+            p = np.exp(lg - m)
+            out[b, h] = p @ K / (p.sum() + np.exp(sinks[h] - m))
+    return out
+
+
+def _case(seed, mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k=0, sharp=1.0):
+    rng = np.random.default_rng(seed)
+    codec = _codec(mode, C, R)
+    ring_parts, ring = _stored(codec, (rng.standard_normal((B, W, C)) * sharp).astype(np.float32))
+    comp_parts = comp = idx = None
+    if CAP:
+        comp_parts, comp = _stored(codec, (rng.standard_normal((B, CAP, C)) * sharp).astype(np.float32))
+    if sparse:
+        idx = np.stack([rng.permutation(CAP)[:k] for _ in range(B)]).astype(np.int32)
+        idx[:, ::3] = -1  # missing picks
+        ncomp = k
+    q = (rng.standard_normal((B, H, C)) * sharp).astype(np.float32)
+    sinks = rng.standard_normal(H).astype(np.float32)
+    return codec, q, ring_parts, ring, nring, comp_parts, comp, ncomp, idx, sinks
+
+
+CASES = [  # mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k
+    ("fp8", 1, 3, 512, 64, 128, 128, 256, 100, False, 0),   # Flash dims, dense (HCA)
+    ("fp8", 2, 3, 128, 32, 16, 5, 40, 0, True, 9),          # sparse picks, ring not yet full
+    ("fp8", 1, 2, 512, 64, 128, 128, 64, 0, True, 64),      # sparse, a full tile of picks
+    ("plain", 1, 2, 64, 8, 8, 8, 0, 0, False, 0),            # window-only layer
+    ("plain", 2, 2, 40, 8, 6, 6, 20, 0, True, 7),            # C not a multiple of 4 x 32
+    ("plain", 1, 4, 32, 8, 6, 3, 12, 11, False, 0),          # dense, ring partly written
+]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
+    return Emulator(tmp_path_factory.mktemp("attn_emu"))
+
+
+def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, scale, codec):
+    B, H, C = q.shape
+    arr = lambda parts: [parts[n] for n in codec.part_names if n in parts] if mode == "plain" else \
+        [parts["nope"], parts["scale"], parts["rope"]]  # noqa: E731
+    ring_a = arr(ring_parts)
+    W = ring_a[0].shape[1]
+    comp_a = arr(comp_parts) if comp_parts is not None else ring_a
+    sparse = idx is not None
+    nope, block = (codec.nope, codec.block) if mode == "fp8" else (0, 1)
+    TG = ka.threadgroup_size(C)
+    (o,) = emu.run(src.decode_source("cpp", mode),
+                   [q, *ring_a, *comp_a, idx if sparse else np.zeros(1, np.int32), sinks,
+                    np.array([nring, ncomp if comp_parts is not None else 0], np.int32),
+                    np.array([scale], np.float32)],
+                   [(B, H, C)], ["float32"],
+                   [("QT", "float32"), ("KV", "float32"), ("C", C), ("NOPE", nope), ("BLK", block),
+                    ("W", W), ("TG", TG), ("SPARSE", sparse)],
+                   (H * TG, B, 1), TG)
+    return o
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_emulated_kernel_matches_reference(emu, case):
+    mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k = case
+    codec, q, rp, ring, nring, cp, comp, ncomp, idx, sinks = _case(len(CASES) + C, *case)
+    scale = C ** -0.5
+    got = _emu_run(emu, mode, q, rp, nring, cp, ncomp, idx, sinks, scale, codec)
+    want = _reference(q, ring, nring, comp, ncomp, idx, sinks, scale)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_emulated_kernel_sharp_logits_and_dominant_sink(emu):
+    """Logits in the hundreds (the running max matters), then a sink far above every logit
+    (the output shrinks towards 0)."""
+    case = ("fp8", 1, 2, 128, 32, 16, 16, 80, 70, False, 0)
+    codec, q, rp, ring, nring, cp, comp, ncomp, idx, sinks = _case(3, *case, sharp=4.0)
+    got = _emu_run(emu, "fp8", q, rp, nring, cp, ncomp, idx, sinks, 1.0, codec)
+    want = _reference(q, ring, nring, comp, ncomp, idx, sinks, 1.0)
+    assert np.abs(want).max() > 1.0
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * 10)
+    sinks = np.full_like(sinks, 60.0)
+    codec, q, rp, ring, nring, cp, comp, ncomp, idx, _ = _case(4, *case)
+    got = _emu_run(emu, "fp8", q, rp, nring, cp, ncomp, idx, sinks, 128 ** -0.5, codec)
+    want = _reference(q, ring, nring, comp, ncomp, idx, sinks, 128 ** -0.5)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-12)
+    assert np.abs(got).max() < 1e-20
+
+
+def test_emulated_kernel_can_fail(emu):
+    """The comparison is not vacuous: a kernel that ignores the sink differs."""
+    case = CASES[1]
+    codec, q, rp, ring, nring, cp, comp, ncomp, idx, sinks = _case(5, *case)
+    got = _emu_run(emu, "fp8", q, rp, nring, cp, ncomp, idx, sinks, 0.1, codec)
+    want = _reference(q, ring, nring, comp, ncomp, idx, np.full_like(sinks, -np.inf), 0.1)
+    assert np.abs(got - want).max() > 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Metal and CUDA sources
+
+_DT = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32")]
+
+
+def _launch(dialect, mode, qt, kv, sparse):
+    """(source, inputs, output dtypes, template) at Flash sizes (H 64, C 512, W 128)."""
+    parts = ([("uint8", 3, 128 * 448), ("uint8", 3, 128 * 7), (kv, 3, 128 * 64)] if mode == "fp8"
+             else [(kv, 3, 128 * 512)])
+    comp = [(dt, nd, n * 4) for dt, nd, n in parts]
+    inputs = [(qt, 4, 64 * 512), *parts, *comp, ("int32", 2, 512) if sparse else ("int32", 1, 1),
+              ("float32", 1, 64), ("int32", 1, 2), ("float32", 1, 1)]
+    tmpl = [("QT", qt), ("KV", kv), ("C", 512), ("NOPE", 448), ("BLK", 64), ("W", 128),
+            ("TG", 256), ("SPARSE", sparse)]
+    return src.decode_source(dialect, mode), inputs, [qt], tmpl
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+@pytest.mark.parametrize("mode", src.KV_MODES)
+@pytest.mark.parametrize("qt,kv", _DT)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_metal_source_compiles_as_cpp(mode, qt, kv, sparse, tmp_path):
+    ks, inputs, outs, tmpl = _launch("metal", mode, qt, kv, sparse)
+    code = render_metal(ks, inputs, outs, tmpl)
+    assert "[[threadgroup_position_in_grid]]" in code
+    r = _gxx_syntax(code, tmp_path, f"attn_{mode}_{qt}_{kv}_{sparse}")
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_body_stays_in_the_common_subset():
+    for mode in src.KV_MODES:
+        body = src.decode_source("metal", mode).source
+        for bad in (r"\bdouble\b", r"\bprintf\b", r"\bstd::", r"__syncthreads", r"threadIdx",
+                    r"simd_", r"__shfl"):
+            assert not re.search(bad, body), bad
+        for n in src.decode_source("metal", mode).input_names:
+            assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", body), n
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("mode", src.KV_MODES)
+def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
+    inc = _mlx_cuda_include()
+    if inc is None:
+        pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
+    extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
+    for sparse in (False, True):
+        ks, inputs, outs, tmpl = _launch("cuda", mode, "bfloat16", "bfloat16", sparse)
+        f = tmp_path / f"attn_{sparse}.cu"
+        f.write_text(render_cuda(ks, inputs, outs, tmpl))
+        r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, str(f),
+                            "-o", str(tmp_path / f"attn_{sparse}.o")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_cpu_uses_ops(clean_dispatch):
+    assert ka.kernel_backend(mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8)) == "ops"
+
+
+def test_env_var_validated(clean_dispatch):
+    clean_dispatch.setenv(ka.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match=ka.ENV_VAR):
+        ka.kernel_backend(mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU
+
+GPU = dispatch.available_backends()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no Metal or CUDA backend in this MLX")
+
+
+def _ops_path(codec, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, scale):
+    """What the model's ops path computes: decode, gather, concatenate, fused SDPA."""
+    keys = codec.decode(ring_parts)
+    W = keys.shape[1]
+    extra = None
+    if comp_parts is not None and idx is None and ncomp:
+        extra = codec.decode({k: v[:, :ncomp] for k, v in comp_parts.items()})
+    elif idx is not None:
+        safe = mx.maximum(idx, 0)
+        extra = codec.decode({k: mx.take_along_axis(v, safe.reshape(*safe.shape, *([1] * (v.ndim - 2))),
+                                                    axis=1) for k, v in comp_parts.items()})
+    m = np.arange(W + (0 if extra is None else extra.shape[1])) < nring
+    m[W:] = True
+    if idx is not None:
+        m = np.broadcast_to(m, (idx.shape[0], m.size)).copy()
+        m[:, W:] = np.array(idx) >= 0
+        mask = mx.array(m[:, None, None])
+    else:
+        mask = mx.array(m[None])
+    if extra is not None:
+        keys = mx.concatenate([keys, extra], axis=1)
+    return sink_attention(q, keys, mask, sinks, scale)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_gpu_kernel_matches_reference_and_ops(clean_dispatch, dtype, case):
+    mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k = case
+    dt = getattr(mx, dtype)
+    rng = np.random.default_rng(C + H)
+    codec = _codec(mode, C, R)
+    with mx.stream(mx.gpu):
+        ring_x = mx.array(rng.standard_normal((B, W, C)).astype(np.float32)).astype(dt)
+        rp = codec.encode(ring_x)
+        ring = np.array(codec.decode(rp).astype(mx.float32)).astype(np.float64)
+        cp = comp = idx = None
+        if CAP:
+            cp = codec.encode(mx.array(rng.standard_normal((B, CAP, C)).astype(np.float32)).astype(dt))
+            comp = np.array(codec.decode(cp).astype(mx.float32)).astype(np.float64)
+        if sparse:
+            idx_np = np.stack([rng.permutation(CAP)[:k] for _ in range(B)]).astype(np.int32)
+            idx_np[:, ::3] = -1
+            idx, ncomp = mx.array(idx_np), k
+        q = mx.array(rng.standard_normal((B, H, 1, C)).astype(np.float32)).astype(dt)
+        sinks = mx.array(rng.standard_normal(H).astype(np.float32))
+        scale = C ** -0.5
+        got = ka.sink_decode(q, rp, nring, cp, ncomp, idx, sinks, scale, codec, GPU[0])
+        ops = _ops_path(codec, q, rp, nring, cp, ncomp, idx, sinks, scale)
+        got, ops = (np.array(a.astype(mx.float32))[:, :, 0] for a in (got, ops))
+    want = _reference(np.array(q.astype(mx.float32))[:, :, 0], ring, nring, comp, ncomp,
+                      None if idx is None else np.array(idx), np.array(sinks), scale)
+    if dtype == "float32":
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ops, want, rtol=1e-4, atol=1e-5)
+    else:  # the kernel rounds once (its output); the ops path rounds logits and weights too
+        np.testing.assert_allclose(got, want, rtol=8e-3, atol=8e-3)
+        assert np.abs(got - want).max() <= np.abs(ops - want).max() + 1e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("kv_format", ["fp8", "bf16"])
+def test_gpu_model_with_attention_kernel_matches_ops(clean_dispatch, kv_format):
+    """A whole tiny model (fp32; window 6, top-k 3 of up to 8 CSA entries, HCA rate 8):
+    prefill then decode with the decode-attention kernel against DSV4_ATTN_KERNEL=ops."""
+    from conftest import prefill_then_decode, tiny_config
+
+    from dsv4_mlx.model import Model, ModelArgs
+    from dsv4_mlx.random_weights import load_random
+
+    cfg = tiny_config(num_nextn_predict_layers=0)
+    ids = mx.array([[(5 * i + 2) % 97 for i in range(34)]])
+    mx.set_default_device(mx.gpu)
+    try:
+        model = load_random(Model(ModelArgs.from_dict(cfg)), seed=4)
+        model.kv_format = kv_format
+        got = prefill_then_decode(model, ids, 3)
+        clean_dispatch.setenv(ka.ENV_VAR, "ops")
+        want = prefill_then_decode(model, ids, 3)
+    finally:
+        mx.set_default_device(mx.cpu)
+    assert np.abs(got - want).max() < 1e-3
