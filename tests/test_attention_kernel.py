@@ -80,6 +80,7 @@ CASES = [  # mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k
     ("plain", 1, 2, 64, 8, 8, 8, 0, 0, False, 0),            # window-only layer
     ("plain", 2, 2, 40, 8, 6, 6, 20, 0, True, 7),            # C not a multiple of 4 x 32
     ("plain", 1, 4, 32, 8, 6, 3, 12, 11, False, 0),          # dense, ring partly written
+    ("fp8", 1, 11, 128, 32, 16, 16, 48, 0, True, 20),       # heads not a multiple of HG
 ]
 
 
@@ -90,24 +91,32 @@ def emu(tmp_path_factory):
     return Emulator(tmp_path_factory.mktemp("attn_emu"))
 
 
-def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, scale, codec):
+def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, scale, codec,
+             spl=None):
+    """Both kernels, emulated: the splits' partials, then their combination."""
     B, H, C = q.shape
-    arr = lambda parts: [parts[n] for n in codec.part_names if n in parts] if mode == "plain" else \
+    arr = lambda parts: [parts["kv"]] if mode == "plain" else \
         [parts["nope"], parts["scale"], parts["rope"]]  # noqa: E731
     ring_a = arr(ring_parts)
     W = ring_a[0].shape[1]
     comp_a = arr(comp_parts) if comp_parts is not None else ring_a
     sparse = idx is not None
+    ncomp = idx.shape[-1] if sparse else (ncomp if comp_parts is not None else 0)
     nope, block = (codec.nope, codec.block) if mode == "fp8" else (0, 1)
-    TG = ka.threadgroup_size(C)
-    (o,) = emu.run(src.decode_source("cpp", mode),
-                   [q, *ring_a, *comp_a, idx if sparse else np.zeros(1, np.int32), sinks,
-                    np.array([nring, ncomp if comp_parts is not None else 0], np.int32),
-                    np.array([scale], np.float32)],
-                   [(B, H, C)], ["float32"],
-                   [("QT", "float32"), ("KV", "float32"), ("C", C), ("NOPE", nope), ("BLK", block),
-                    ("W", W), ("TG", TG), ("SPARSE", sparse)],
-                   (H * TG, B, 1), TG)
+    spl = spl or ka.SPL
+    S = -(-(W + ncomp) // spl)
+    NG = -(-H // ka.HG)
+    pm, pl, pacc = emu.run(
+        src.decode_source("cpp", mode),
+        [q, *ring_a, *comp_a, idx if sparse else np.zeros(1, np.int32),
+         np.array([nring, ncomp, spl, S], np.int32), np.array([scale], np.float32)],
+        [(B, H, S), (B, H, S), (B, H, S, C)], ["float32"] * 3,
+        [("QT", "float32"), ("KV", "float32"), ("C", C), ("NOPE", nope), ("BLK", block),
+         ("W", W), ("TG", ka.TG), ("HG", ka.HG), ("KT", ka.KT), ("SPARSE", sparse)],
+        (NG * S * ka.TG, B, 1), ka.TG)
+    (o,) = emu.run(src.combine_source("cpp"), [pm, pl, pacc, sinks], [(B, H, C)], ["float32"],
+                   [("QT", "float32"), ("C", C), ("TG", ka.COMBINE_TG)],
+                   (H * ka.COMBINE_TG, B, 1), ka.COMBINE_TG)
     return o
 
 
@@ -119,6 +128,22 @@ def test_emulated_kernel_matches_reference(emu, case):
     got = _emu_run(emu, mode, q, rp, nring, cp, ncomp, idx, sinks, scale, codec)
     want = _reference(q, ring, nring, comp, ncomp, idx, sinks, scale)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_emulated_kernel_small_splits(emu):
+    """Many splits of 4 keys, one of them all missing picks (its partials: -inf, 0)."""
+    case = ("fp8", 1, 3, 128, 32, 8, 8, 40, 0, True, 12)
+    codec, q, rp, ring, nring, cp, comp, ncomp, idx, sinks = _case(6, *case)
+    idx[0, 4:8] = -1
+    got = _emu_run(emu, "fp8", q, rp, nring, cp, ncomp, idx, sinks, 0.2, codec, spl=4)
+    want = _reference(q, ring, nring, comp, ncomp, idx, sinks, 0.2)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_shared_memory_fits():
+    """The split kernel's shared memory at Flash / Pro head dims fits Metal's 32 KiB."""
+    assert ka.shared_bytes(512) <= 32768
+    assert ka.TG % (ka.HG * ka.KT) == 0 and ka.SPL % ka.KT == 0
 
 
 def test_emulated_kernel_sharp_logits_and_dominant_sink(emu):
@@ -154,15 +179,18 @@ _DT = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"),
 
 
 def _launch(dialect, mode, qt, kv, sparse):
-    """(source, inputs, output dtypes, template) at Flash sizes (H 64, C 512, W 128)."""
+    """[(source, inputs, output dtypes, template)] of both kernels at Flash sizes (H 64,
+    C 512, W 128, 10 splits)."""
     parts = ([("uint8", 3, 128 * 448), ("uint8", 3, 128 * 7), (kv, 3, 128 * 64)] if mode == "fp8"
              else [(kv, 3, 128 * 512)])
     comp = [(dt, nd, n * 4) for dt, nd, n in parts]
     inputs = [(qt, 4, 64 * 512), *parts, *comp, ("int32", 2, 512) if sparse else ("int32", 1, 1),
-              ("float32", 1, 64), ("int32", 1, 2), ("float32", 1, 1)]
+              ("int32", 1, 4), ("float32", 1, 1)]
     tmpl = [("QT", qt), ("KV", kv), ("C", 512), ("NOPE", 448), ("BLK", 64), ("W", 128),
-            ("TG", 256), ("SPARSE", sparse)]
-    return src.decode_source(dialect, mode), inputs, [qt], tmpl
+            ("TG", ka.TG), ("HG", ka.HG), ("KT", ka.KT), ("SPARSE", sparse)]
+    part = [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512), ("float32", 1, 64)]
+    return [(src.decode_source(dialect, mode), inputs, ["float32"] * 3, tmpl),
+            (src.combine_source(dialect), part, [qt], [("QT", qt), ("C", 512), ("TG", ka.COMBINE_TG)])]
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
@@ -170,20 +198,20 @@ def _launch(dialect, mode, qt, kv, sparse):
 @pytest.mark.parametrize("qt,kv", _DT)
 @pytest.mark.parametrize("sparse", [False, True])
 def test_metal_source_compiles_as_cpp(mode, qt, kv, sparse, tmp_path):
-    ks, inputs, outs, tmpl = _launch("metal", mode, qt, kv, sparse)
-    code = render_metal(ks, inputs, outs, tmpl)
-    assert "[[threadgroup_position_in_grid]]" in code
-    r = _gxx_syntax(code, tmp_path, f"attn_{mode}_{qt}_{kv}_{sparse}")
-    assert r.returncode == 0, r.stderr[-4000:]
+    for i, (ks, inputs, outs, tmpl) in enumerate(_launch("metal", mode, qt, kv, sparse)):
+        code = render_metal(ks, inputs, outs, tmpl)
+        assert "[[threadgroup_position_in_grid]]" in code
+        r = _gxx_syntax(code, tmp_path, f"attn{i}_{mode}_{qt}_{kv}_{sparse}")
+        assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_body_stays_in_the_common_subset():
-    for mode in src.KV_MODES:
-        body = src.decode_source("metal", mode).source
+    for ks in [src.decode_source("metal", m) for m in src.KV_MODES] + [src.combine_source("metal")]:
+        body = ks.source
         for bad in (r"\bdouble\b", r"\bprintf\b", r"\bstd::", r"__syncthreads", r"threadIdx",
                     r"simd_", r"__shfl"):
             assert not re.search(bad, body), bad
-        for n in src.decode_source("metal", mode).input_names:
+        for n in ks.input_names:
             assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", body), n
 
 
@@ -195,12 +223,12 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
         pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
     extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
     for sparse in (False, True):
-        ks, inputs, outs, tmpl = _launch("cuda", mode, "bfloat16", "bfloat16", sparse)
-        f = tmp_path / f"attn_{sparse}.cu"
-        f.write_text(render_cuda(ks, inputs, outs, tmpl))
-        r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, str(f),
-                            "-o", str(tmp_path / f"attn_{sparse}.o")], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-4000:]
+        for i, (ks, inputs, outs, tmpl) in enumerate(_launch("cuda", mode, "bfloat16", "bfloat16", sparse)):
+            f = tmp_path / f"attn{i}_{sparse}.cu"
+            f.write_text(render_cuda(ks, inputs, outs, tmpl))
+            r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, str(f),
+                                "-o", str(tmp_path / f"attn{i}_{sparse}.o")], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-4000:]
 
 
 # --------------------------------------------------------------------------------------------

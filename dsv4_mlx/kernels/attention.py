@@ -44,15 +44,27 @@ def _arrays(mode: str, parts: Dict[str, mx.array]):
     return [parts["kv"]]
 
 
-def threadgroup_size(C: int) -> int:
-    return 256 if C >= 256 else 128
+TG = 256        # threads a group of the split kernel
+HG = 8          # heads a group
+KT = 4          # keys a tile (HG x KT pairs, TG / (HG x KT) threads a dot product)
+SPL = 64        # keys a split
+COMBINE_TG = 128
+
+
+def shared_bytes(C: int) -> int:
+    """Shared (threadgroup) memory of the split kernel for head dim C."""
+    return 4 * ((HG + KT) * C + TG + HG * KT + 3 * HG + KT)
+
+
+def num_splits(nkeys: int) -> int:
+    return max(1, -(-nkeys // SPL))
 
 
 def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, *,
                        mode: str, nope: int, block: int, backend: str):
     """q [B, H, 1, C]; ring: stored parts [B, W, ...]; comp: stored parts [B, CAP, ...] (or
     None); idx [B, k] int32 picks (None: the first `ncomp` entries, dense); sinks [H].
-    -> [B, H, 1, C] in q's dtype."""
+    -> [B, H, 1, C] in q's dtype. Two launches: the splits, then their combination."""
     B, H, _, C = q.shape
     ring_a = _arrays(mode, ring)
     W = ring_a[0].shape[1]
@@ -64,16 +76,24 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
         ncomp = idx.shape[-1]
     else:
         idx = _const("idx0", lambda: mx.zeros((1,), mx.int32))
-    kvt = ring_a[-1].dtype
-    TG = threadgroup_size(C)
-    meta = mx.array([nring, ncomp], mx.int32)
+    S = num_splits(W + ncomp)
+    NG = -(-H // HG)
+    meta = mx.array([nring, ncomp, SPL, S], mx.int32)
     fp = _const(("scale", scale), lambda: mx.array([scale], mx.float32))
     with mx.stream(mx.gpu):
-        (o,) = dispatch.build_kernel(backend, src.decode_source(backend, mode))(
-            inputs=[q, *ring_a, *comp_a, idx, sinks.astype(mx.float32), meta, fp],
-            template=[("QT", q.dtype), ("KV", kvt), ("C", C), ("NOPE", nope), ("BLK", block),
-                      ("W", W), ("TG", TG), ("SPARSE", sparse)],
-            grid=(H * TG, B, 1), threadgroup=(TG, 1, 1),
+        pm, pl, pacc = dispatch.build_kernel(backend, src.decode_source(backend, mode))(
+            inputs=[q, *ring_a, *comp_a, idx, meta, fp],
+            template=[("QT", q.dtype), ("KV", ring_a[-1].dtype), ("C", C), ("NOPE", nope),
+                      ("BLK", block), ("W", W), ("TG", TG), ("HG", HG), ("KT", KT),
+                      ("SPARSE", sparse)],
+            grid=(NG * S * TG, B, 1), threadgroup=(TG, 1, 1),
+            output_shapes=[(B, H, S), (B, H, S), (B, H, S, C)],
+            output_dtypes=[mx.float32] * 3,
+        )
+        (o,) = dispatch.build_kernel(backend, src.combine_source(backend))(
+            inputs=[pm, pl, pacc, sinks.astype(mx.float32)],
+            template=[("QT", q.dtype), ("C", C), ("TG", COMBINE_TG)],
+            grid=(H * COMBINE_TG, B, 1), threadgroup=(COMBINE_TG, 1, 1),
             output_shapes=[(B, H, 1, C)], output_dtypes=[q.dtype],
         )
     return o

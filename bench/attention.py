@@ -1,0 +1,100 @@
+"""The decode attention (one query, sinks, stored FP8 KV) at Flash sizes: the kernel
+(`kernels.attention`, two launches) vs the ops path (decode the ring, gather the picks,
+concatenate, MLX's SDPA with sinks, which composes ~15 primitives for 512-dim heads).
+
+    python bench/attention.py [--calls 16] [--csv bench/out/attention.csv]
+
+Each case: 64 heads x 512 dims, window 128 (full), bf16 queries; `--calls` calls are built
+into one evaluation and the median wall time of an evaluation over 20 is divided by it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dsv4_mlx.kernels import attention as ka  # noqa: E402
+from dsv4_mlx.kernels import dispatch  # noqa: E402
+from dsv4_mlx.model.attention import sink_attention  # noqa: E402
+from dsv4_mlx.model.kv_formats import FP8KVCodec, PlainCodec  # noqa: E402
+
+CASES = [  # name, entries stored, keys used (dense count or picks), sparse
+    ("window only", 0, 0, False),
+    ("HCA 64K ctx (512 dense)", 512, 512, False),
+    ("HCA 1M ctx (8192 dense)", 8192, 8192, False),
+    ("CSA 64K ctx (512 of 16K)", 16384, 512, True),
+    ("CSA 1M ctx (512 of 256K)", 262144, 512, True),
+]
+
+
+def ops_path(codec, q, ring, comp, n, idx, sinks, scale):
+    keys = codec.decode(ring)
+    if idx is not None:
+        picked = {k: mx.take_along_axis(v, idx.reshape(*idx.shape, *([1] * (v.ndim - 2))), axis=1)
+                  for k, v in comp.items()}
+        keys = mx.concatenate([keys, codec.decode(picked)], axis=1)
+    elif n:
+        keys = mx.concatenate([keys, codec.decode({k: v[:, :n] for k, v in comp.items()})], axis=1)
+    return sink_attention(q, keys, None, sinks, scale)
+
+
+def timed(fn, calls, reps=20):
+    mx.eval([fn() for _ in range(calls)])
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval([fn() for _ in range(calls)])
+        ts.append((time.perf_counter() - t) / calls)
+    return 1e3 * statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=16)
+    ap.add_argument("--kv-format", default="fp8", choices=("fp8", "bf16"))
+    ap.add_argument("--csv", default="bench/out/attention.csv")
+    a = ap.parse_args()
+    backend = dispatch.select_backend(ka.ENV_VAR)
+    if backend == "ops":
+        sys.exit("no GPU backend: this benchmark compares the GPU kernel with the ops path")
+    H, C, W = 64, 512, 128
+    codec = FP8KVCodec(C, 64) if a.kv_format == "fp8" else PlainCodec(C)
+    rng = np.random.default_rng(0)
+    scale = C ** -0.5
+    rows = []
+    print(f"{mx.default_device()} ({backend}), H {H}, C {C}, window {W}, {a.kv_format} KV, "
+          f"{a.calls} calls an evaluation")
+    print(f"{'case':>28} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} {'max |diff|':>11}")
+    for name, cap, n, sparse in CASES:
+        ring = codec.encode(mx.array(rng.standard_normal((1, W, C)).astype(np.float32)).astype(mx.bfloat16))
+        comp = codec.encode(mx.array(rng.standard_normal((1, max(cap, 1), C)).astype(np.float32)).astype(mx.bfloat16))
+        idx = mx.array(np.sort(rng.permutation(cap)[:n])[None].astype(np.int32)) if sparse else None
+        q = mx.array(rng.standard_normal((1, H, 1, C)).astype(np.float32)).astype(mx.bfloat16)
+        sinks = mx.array(rng.standard_normal(H).astype(np.float32))
+        mx.eval(ring, comp, q, sinks, *(() if idx is None else (idx,)))
+        f_ops = lambda: ops_path(codec, q, ring, comp, n, idx, sinks, scale)  # noqa: E731
+        f_ker = lambda: ka.sink_decode(q, ring, W, comp if cap else None, n, idx, sinks, scale,  # noqa: E731
+                                       codec, backend)
+        diff = float(mx.abs(f_ops().astype(mx.float32) - f_ker().astype(mx.float32)).max())
+        t_ops, t_ker = timed(f_ops, a.calls), timed(f_ker, a.calls)
+        rows.append(dict(case=name, entries=cap, keys=W + n, ops_ms=t_ops, kernel_ms=t_ker,
+                         ratio=t_ops / t_ker, max_abs_diff=diff))
+        print(f"{name:>28} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
+    out = Path(a.csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
