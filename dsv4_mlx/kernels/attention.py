@@ -53,7 +53,7 @@ COMBINE_TG = 128
 
 def shared_bytes(C: int) -> int:
     """Shared (threadgroup) memory of the split kernel for head dim C."""
-    return 4 * ((HG + KT) * C + TG + HG * KT + 3 * HG + KT)
+    return 4 * ((HG + KT) * (C + 8) + TG + HG * KT + 3 * HG + KT)
 
 
 def num_splits(nkeys: int) -> int:

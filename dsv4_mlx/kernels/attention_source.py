@@ -51,9 +51,9 @@ _BODY = """\
   // Grid (NG * S * TG, B, 1): group x = split s * NG + head group g, NG = ceil(H / HG).
   constexpr int NPT = (C + TG - 1) / TG;
   constexpr int PT = TG / (HG * KT);
-  constexpr int DP = (C + PT - 1) / PT;
-  KI_SHARED float ki_q[HG * C];
-  KI_SHARED float ki_k[KT * C];
+  constexpr int CP = C + 8;  // padded row stride: the rows of one warp's reads in other banks
+  KI_SHARED float ki_q[HG * CP];
+  KI_SHARED float ki_k[KT * CP];
   KI_SHARED float ki_part[TG];
   KI_SHARED float ki_p[HG * KT];
   KI_SHARED float ki_ml[3 * HG];  // running max, running sum, this tile's rescale; per head
@@ -74,7 +74,7 @@ _BODY = """\
   const int j_hi = j_lo + SPL < L ? j_lo + SPL : L;
   for (int i = ki_tid; i < HG * C; i += TG) {
     const int hh = g * HG + i / C;
-    ki_q[i] = hh < H ? ki_to_float(q[((int64_t)b * H + hh) * C + i % C]) * fp[0] : 0.0f;
+    ki_q[(i / C) * CP + i % C] = hh < H ? ki_to_float(q[((int64_t)b * H + hh) * C + i % C]) * fp[0] : 0.0f;
   }
   if (ki_tid < HG) {
     ki_ml[ki_tid] = KI_NEG_INF;
@@ -111,18 +111,16 @@ _BODY = """\
         const int rc = r - B * W;
         v = @CVAL@;
       }
-      ki_k[i] = v;
+      ki_k[(i / C) * CP + d] = v;
     }
     KI_BARRIER();
     {
-      // PT threads share one (head, key) dot product
+      // PT threads share one (head, key) dot product, every PT-th dim each
       const int pair = ki_tid / PT;
       const int hh = pair / KT;
       const int jj = pair % KT;
-      const int d0 = (ki_tid % PT) * DP;
-      const int d1 = d0 + DP < C ? d0 + DP : C;
       float dot = 0.0f;
-      for (int d = d0; d < d1; ++d) dot += ki_q[hh * C + d] * ki_k[jj * C + d];
+      for (int d = ki_tid % PT; d < C; d += PT) dot += ki_q[hh * CP + d] * ki_k[jj * CP + d];
       ki_part[ki_tid] = dot;
     }
     KI_BARRIER();
@@ -156,7 +154,7 @@ _BODY = """\
         const int d = ki_tid + i * TG;
         if (d < C) {
           float a = acc[h][i] * corr;
-          for (int jj = 0; jj < KT; ++jj) a += ki_p[h * KT + jj] * ki_k[jj * C + d];
+          for (int jj = 0; jj < KT; ++jj) a += ki_p[h * KT + jj] * ki_k[jj * CP + d];
           acc[h][i] = a;
         }
       }
