@@ -29,6 +29,7 @@ from dsv4_mlx.model.kv_formats import FP8KVCodec, PlainCodec  # noqa: E402
 CASES = [  # name, entries stored, keys used (dense count or picks), sparse
     ("window only", 0, 0, False),
     ("HCA 64K ctx (512 dense)", 512, 512, False),
+    ("HCA 256K ctx (2048 dense)", 2048, 2048, False),
     ("HCA 1M ctx (8192 dense)", 8192, 8192, False),
     ("CSA 64K ctx (512 of 16K)", 16384, 512, True),
     ("CSA 1M ctx (512 of 256K)", 262144, 512, True),

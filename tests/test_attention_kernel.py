@@ -239,6 +239,15 @@ def test_cpu_uses_ops(clean_dispatch):
     assert ka.kernel_backend(mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8)) == "ops"
 
 
+def test_many_dense_keys_use_ops(clean_dispatch, monkeypatch):
+    """Past MAX_COMPRESSED_KEYS the ops path serves (measured faster there), GPU or not."""
+    monkeypatch.setattr(dispatch, "select_backend", lambda env: "cuda")
+    monkeypatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
+    q, codec = mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8)
+    assert ka.kernel_backend(q, codec, ka.MAX_COMPRESSED_KEYS) == "cuda"
+    assert ka.kernel_backend(q, codec, ka.MAX_COMPRESSED_KEYS + 1) == "ops"
+
+
 def test_env_var_validated(clean_dispatch):
     clean_dispatch.setenv(ka.ENV_VAR, "tpu")
     with pytest.raises(ValueError, match=ka.ENV_VAR):

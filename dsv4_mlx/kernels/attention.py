@@ -49,6 +49,10 @@ HG = 8          # heads a group
 KT = 4          # keys a tile (HG x KT pairs, TG / (HG x KT) threads a dot product)
 SPL = 64        # keys a split
 COMBINE_TG = 128
+# Past this many compressed keys (dense HCA entries, ~256K tokens of context at rate 128) the
+# ops path's matmuls beat the kernel's split loop on an H100 (bench/attention.py: kernel
+# 1.6x faster with 512 dense entries, 2x slower with 8192); the kernel serves up to here.
+MAX_COMPRESSED_KEYS = 2048
 
 
 def shared_bytes(C: int) -> int:
@@ -105,11 +109,12 @@ def _codec_consts(codec):
     return 0, 1
 
 
-def kernel_backend(q, codec) -> str:
-    """``"metal"``/``"cuda"`` if the kernel serves this query and KV format, else ``"ops"``."""
+def kernel_backend(q, codec, ncomp: int = 0) -> str:
+    """``"metal"``/``"cuda"`` if the kernel serves this query, KV format and number of
+    compressed keys, else ``"ops"``."""
     backend = dispatch.select_backend(ENV_VAR)
     mode = kv_mode(codec)
-    if backend == "ops" or mode is None or q.dtype not in _FLOATS:
+    if backend == "ops" or mode is None or q.dtype not in _FLOATS or ncomp > MAX_COMPRESSED_KEYS:
         return "ops"
     C = q.shape[-1]
     nope, block = _codec_consts(codec)

@@ -205,7 +205,7 @@ class Attention(nn.Module):
         """
         s, W = cache.offset, cache.window
         cache.update_ring(parts)
-        backend = kattn.kernel_backend(q, cache.codec)
+        backend = kattn.kernel_backend(q, cache.codec, n_dense or (0 if idx is None else idx.shape[-1]))
         if backend != "ops":
             comp = cache.comp.buffers if (n_dense or idx is not None) else None
             return kattn.sink_decode(q, cache.ring, min(s + 1, W), comp, n_dense,
