@@ -10,13 +10,11 @@ reference and the ops path, and a whole model with the kernel against ``DSV4_ATT
 from __future__ import annotations
 
 import re
-import subprocess
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import (CXX, NVCC, Emulator, _cccl_include, _gxx_syntax,
-                                 _mlx_cuda_include)
+from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, nvcc_compile
 
 from dsv4_mlx.kernels import attention as ka
 from dsv4_mlx.kernels import attention_source as src
@@ -218,16 +216,9 @@ def test_body_stays_in_the_common_subset():
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("mode", src.KV_MODES)
 def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
-    inc = _mlx_cuda_include()
-    if inc is None:
-        pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
-    extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
     for sparse in (False, True):
         for i, (ks, inputs, outs, tmpl) in enumerate(_launch("cuda", mode, "bfloat16", "bfloat16", sparse)):
-            f = tmp_path / f"attn{i}_{sparse}.cu"
-            f.write_text(render_cuda(ks, inputs, outs, tmpl))
-            r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, str(f),
-                                "-o", str(tmp_path / f"attn{i}_{sparse}.o")], capture_output=True, text=True)
+            r = nvcc_compile(render_cuda(ks, inputs, outs, tmpl), tmp_path, f"attn{i}_{sparse}")
             assert r.returncode == 0, r.stderr[-4000:]
 
 

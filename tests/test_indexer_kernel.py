@@ -563,13 +563,22 @@ def _cccl_include(nvcc):
 NVCC = shutil.which("nvcc")
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("mode", src.KEY_MODES)
-def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
+def nvcc_compile(code: str, tmp: Path, name: str, *flags: str):
+    """nvcc -c of a rendered CUDA kernel against MLX's device headers (skips the test when
+    those are not found); the CompletedProcess."""
     inc = _mlx_cuda_include()
     if inc is None:
         pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
     extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
+    f = tmp / f"{name}.cu"
+    f.write_text(code)
+    return subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, *flags,
+                           str(f), "-o", str(tmp / f"{name}.o")], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("mode", src.KEY_MODES)
+def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
     keyin = {"f32": [("float32", 3, 4096)], "bf16": [("uint32", 3, 2048)],
              "fp4": [("uint32", 3, 512), ("uint8", 3, 4)]}[mode]
     jobs = [
@@ -586,11 +595,7 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
                      ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
                                    ("SMEM4", smem4)]))
     for name, ks, inputs, outs, tmpl in jobs:
-        f = tmp_path / f"{name}.cu"
-        f.write_text(src.render_cuda(ks, inputs, outs, tmpl))
-        r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra,
-                            "-Xptxas", "-v", str(f), "-o", str(tmp_path / f"{name}.o")],
-                           capture_output=True, text=True)
+        r = nvcc_compile(src.render_cuda(ks, inputs, outs, tmpl), tmp_path, name, "-Xptxas", "-v")
         assert r.returncode == 0, r.stderr[-4000:]
         # the key row lives in registers: no spills
         assert " 0 bytes spill stores" in r.stderr, r.stderr[-2000:]

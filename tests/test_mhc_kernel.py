@@ -9,13 +9,11 @@ against the same model with ``DSV4_MHC_KERNEL=ops``.
 
 from __future__ import annotations
 
-import subprocess
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import (CXX, NVCC, Emulator, _cccl_include, _gxx_syntax,
-                                 _mlx_cuda_include)
+from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, nvcc_compile
 
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import mhc as km
@@ -139,15 +137,8 @@ def test_metal_sources_compile_as_cpp(xt, ft, tmp_path):
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
-    inc = _mlx_cuda_include()
-    if inc is None:
-        pytest.skip("MLX CUDA device headers not found (set DSV4_MLX_CUDA_INCLUDE)")
-    extra = [f"-I{c}" for c in (_cccl_include(NVCC),) if c]
     for name, ks, inputs, outs, tmpl in _launches("cuda", "bfloat16", "bfloat16"):
-        f = tmp_path / f"{name}.cu"
-        f.write_text(render_cuda(ks, inputs, outs, tmpl))
-        r = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90a", "-c", f"-I{inc}", *extra, str(f),
-                            "-o", str(tmp_path / f"{name}.o")], capture_output=True, text=True)
+        r = nvcc_compile(render_cuda(ks, inputs, outs, tmpl), tmp_path, name)
         assert r.returncode == 0, r.stderr[-4000:]
 
 

@@ -5,8 +5,9 @@ A decode step attends from one query to the window ring's slots and the compress
 (every entry of an HCA layer, the indexer's picks of a CSA layer). The ops path decodes the
 ring, gathers and decodes the picks, concatenates them and runs `mx.fast.
 scaled_dot_product_attention` with sinks, which for 512-dim heads has no fused kernel on
-either GPU backend (MLX composes it from ~15 primitives). The kernel reads the stored form
-(FP8 codes and scales, or plain values) and the pick indices directly: one launch.
+either GPU backend (MLX composes it from ~15 primitives). The kernels read the stored form
+(FP8 codes and scales, or plain values) and the pick indices directly: two launches (the
+key splits, then their combination with the sink).
 
 ``DSV4_ATTN_KERNEL=auto|metal|cuda|ops`` chooses, as ``DSV4_INDEXER_KERNEL`` does for the
 indexer (`dispatch`); a kernel that fails to build warns once and falls back.
@@ -18,6 +19,7 @@ from typing import Dict, Optional
 
 import mlx.core as mx
 
+from ..model.kv_formats import FP8KVCodec, PlainCodec
 from . import attention_source as src
 from . import dispatch
 
@@ -34,8 +36,13 @@ def _const(key, make):
 
 
 def kv_mode(codec) -> Optional[str]:
-    """The kernel's layout for a codec's stored parts, or None if it has none."""
-    return {"fp8": "fp8", "bf16": "plain"}.get(codec.name)
+    """The kernel's layout for a KV codec's stored parts, or None if it has none (the FP4
+    index codec shares the format name "fp8" but not the layout)."""
+    if isinstance(codec, FP8KVCodec):
+        return "fp8"
+    if isinstance(codec, PlainCodec):
+        return "plain"
+    return None
 
 
 def _arrays(mode: str, parts: Dict[str, mx.array]):
@@ -104,7 +111,7 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
 
 
 def _codec_consts(codec):
-    if codec.name == "fp8":
+    if isinstance(codec, FP8KVCodec):
         return codec.nope, codec.block
     return 0, 1
 

@@ -2,10 +2,10 @@
 
 One body, three dialects (the ``KI_*`` layer of `indexer_source`): the softmax over the window
 ring's slots and the compressed keys (all of them, or the indexer's picks) with the head's
-sink in the denominator, K = V, straight from the stored form: FP8 e4m3 codes with power-of-two scales per block for the non-RoPE
-dims plus the RoPE dims in the compute dtype (``fp8`` format), or the plain values (``bf16``
-format). Nothing is decoded into a buffer, gathered or concatenated first, and no
-[heads x keys] score matrix exists.
+sink in the denominator, K = V, straight from the stored form: FP8 e4m3 codes with
+power-of-two scales per block for the non-RoPE dims plus the RoPE dims in the compute dtype
+(``fp8`` format), or the plain values (``bf16`` format). Nothing is decoded into device
+memory, gathered or concatenated first, and no [heads x keys] score matrix exists.
 
 Flash decoding in two launches. The split kernel: one threadgroup a (split of SPL keys, group
 of HG heads, batch row); the keys go through in tiles of KT, each decoded once into shared
@@ -21,7 +21,7 @@ entry e = j - W (dense: every e < n; sparse: entry ``idx[b, e]``, none if negati
 
 from __future__ import annotations
 
-from .indexer_source import _PROLOGUES, KernelSource, _header
+from .indexer_source import KernelSource, make_source
 
 KV_MODES = ("fp8", "plain")
 
@@ -210,21 +210,12 @@ def decode_source(dialect: str, mode: str) -> KernelSource:
     body = (_BODY.replace("@CAPSHAPE@", "c" + parts[0] + "_shape")
             .replace("@RVAL@", _val(mode, "r", "r", "d"))
             .replace("@CVAL@", _val(mode, "c", "rc", "d")))
-    return KernelSource(
-        name=f"dsv4_sink_decode_{mode}",
-        input_names=("q", *("r" + p for p in parts), *("c" + p for p in parts), "idx", "meta", "fp"),
-        output_names=("pm", "pl", "pacc"),
-        header=_header(dialect),
-        source=_PROLOGUES[dialect] + body,
-    )
+    return make_source(dialect, f"dsv4_sink_decode_{mode}",
+                       ("q", *("r" + p for p in parts), *("c" + p for p in parts), "idx", "meta", "fp"),
+                       ("pm", "pl", "pacc"), body)
 
 
 def combine_source(dialect: str) -> KernelSource:
     """The combining kernel: the splits' partials and the sink -> the attention output."""
-    return KernelSource(
-        name="dsv4_sink_decode_combine",
-        input_names=("pm", "pl", "pacc", "sinks"),
-        output_names=("o",),
-        header=_header(dialect),
-        source=_PROLOGUES[dialect] + _COMBINE_BODY,
-    )
+    return make_source(dialect, "dsv4_sink_decode_combine", ("pm", "pl", "pacc", "sinks"), ("o",),
+                       _COMBINE_BODY)

@@ -417,6 +417,18 @@ _KEY_LOAD = {
 """,
 }
 
+# The (query row, visible prefix, output row) of a scoring threadgroup; both scoring kernels.
+_ROW_SETUP = """\
+  const int T = q_shape[1];
+  const int N = @KEYS@_shape[1];
+  const int t = ki_gy;
+  const int b = ki_gz;
+  int vis = visible[t];
+  vis = vis < 0 ? 0 : (vis > N ? N : vis);
+  const int64_t bt = (int64_t)b * T + t;
+  KI_DEVICE float* out = scores + bt * N;
+"""
+
 _SCORE_BODY = """\
   // ---- lightning-indexer scores (spec §4.7) ----
   //   score[b, t, n] = sum_h w[b, t, h] * relu(q[b, t, h, :] . K[b, n, :])   n < visible[t]
@@ -428,15 +440,7 @@ _SCORE_BODY = """\
   // Template constants: QT (query dtype), D, H, HC (heads per shared chunk), BN, E.
   constexpr int NCHUNK = (H + HC - 1) / HC;
   KI_SHARED float4 ki_qs[HC * (D / 4)];
-  const int T = q_shape[1];
-  const int N = @KEYS@_shape[1];
-  const int t = ki_gy;
-  const int b = ki_gz;
-  int vis = visible[t];
-  vis = vis < 0 ? 0 : (vis > N ? N : vis);
-  const int64_t bt = (int64_t)b * T + t;
-  KI_DEVICE float* out = scores + bt * N;
-  const int n_first = ki_gx * (BN * E);
+@ROW@  const int n_first = ki_gx * (BN * E);
 
   if (n_first >= vis) {
     // the whole threadgroup lies past the visible prefix (uniform exit: no barrier skipped)
@@ -647,33 +651,29 @@ def _header(dialect: str) -> str:
     return _DIALECTS[dialect] + _COMMON_HEADER
 
 
+def make_source(dialect: str, name: str, input_names, output_names, body: str) -> KernelSource:
+    """A kernel of `body` in `dialect`: the dialect's header, its prologue before the body."""
+    return KernelSource(name=name, input_names=tuple(input_names), output_names=tuple(output_names),
+                        header=_header(dialect), source=_PROLOGUES[dialect] + body)
+
+
 def score_source(dialect: str, key_mode: str) -> KernelSource:
     """Scoring kernel. Inputs: q [B,T,H,D] (QT), w [B,T,H] f32, keys (per `key_mode`),
     visible [T] int32; output scores [B,T,N] f32. Template: QT, D, H, HC, BN, E."""
     if key_mode not in KEY_MODES:
         raise ValueError(f"unknown key mode {key_mode!r}; expected one of {KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
-    body = _SCORE_BODY.replace("@KEYS@", keys[0]).replace("@KEY_LOAD@", _KEY_LOAD[key_mode])
-    return KernelSource(
-        name=f"dsv4_indexer_score_{key_mode}",
-        input_names=("q", "w", *keys, "visible"),
-        output_names=("scores",),
-        header=_header(dialect),
-        source=_PROLOGUES[dialect] + body,
-    )
+    body = _SCORE_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0]).replace("@KEY_LOAD@", _KEY_LOAD[key_mode])
+    return make_source(dialect, f"dsv4_indexer_score_{key_mode}", ("q", "w", *keys, "visible"),
+                       ("scores",), body)
 
 
 def topk_source(dialect: str) -> KernelSource:
     """Top-k kernel. Inputs: scores [B,T,M] f32, visible [T] int32, cidx [B,T,M] int32
     (read only when MAPPED); outputs idx [B,T,S,K] int32, val [B,T,S,K] f32.
     Template: K, TG, U, S, MAPPED."""
-    return KernelSource(
-        name="dsv4_indexer_topk",
-        input_names=("scores", "visible", "cidx"),
-        output_names=("idx", "val"),
-        header=_header(dialect),
-        source=_PROLOGUES[dialect] + _TOPK_BODY,
-    )
+    return make_source(dialect, "dsv4_indexer_topk", ("scores", "visible", "cidx"), ("idx", "val"),
+                       _TOPK_BODY)
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,15 +742,7 @@ _SCORE_MMA_BODY = """\
   KI_TG ki_mma_t* qs = (KI_TG ki_mma_t*)ki_smem;  // [H][LDQ]
   KI_TG ki_mma_t* kb = qs + H * LDQ;              // [NB][LDK]
   KI_TG float* cs = (KI_TG float*)ki_smem;        // [H][LDC], after the products
-  const int T = q_shape[1];
-  const int N = @KEYS@_shape[1];
-  const int t = ki_gy;
-  const int b = ki_gz;
-  int vis = visible[t];
-  vis = vis < 0 ? 0 : (vis > N ? N : vis);
-  const int64_t bt = (int64_t)b * T + t;
-  KI_DEVICE float* out = scores + bt * N;
-  const int n0 = ki_gx * NB;
+@ROW@  const int n0 = ki_gx * NB;
   const uint4 uint4_zero = KI_UINT4(0u, 0u, 0u, 0u);
   (void)uint4_zero;
 
@@ -838,14 +830,9 @@ def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
-    body = _SCORE_MMA_BODY.replace("@KEYS@", keys[0]).replace("@KEY_TILE@", _KEY_TILE[key_mode])
-    return KernelSource(
-        name=f"dsv4_indexer_score_mma_{key_mode}",
-        input_names=("q", "w", *keys, "visible"),
-        output_names=("scores",),
-        header=_header(dialect),
-        source=_PROLOGUES[dialect] + body,
-    )
+    body = _SCORE_MMA_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0]).replace("@KEY_TILE@", _KEY_TILE[key_mode])
+    return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}", ("q", "w", *keys, "visible"),
+                       ("scores",), body)
 
 
 # --------------------------------------------------------------------------------------------

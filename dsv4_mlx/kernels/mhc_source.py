@@ -15,7 +15,7 @@ barriers reached by every thread of a group, sizes that shape the code as templa
 
 from __future__ import annotations
 
-from .indexer_source import _PROLOGUES, KernelSource, _header
+from .indexer_source import KernelSource, make_source
 
 # Inputs (row-contiguous, indexed flat; N = batch x tokens): X [N, NS, D] (XT),
 # mixraw [N, M] f32 (= flatten(X) . fn^T, M = (2 + NS) NS), scale [3] f32, base [M] f32,
@@ -109,21 +109,10 @@ _POST_BODY = r"""
 
 def pre_source(dialect: str) -> KernelSource:
     """hc_pre kernel (see `_PRE_BODY`)."""
-    return KernelSource(
-        name="dsv4_mhc_pre",
-        input_names=("X", "mixraw", "scale", "base", "eps"),
-        output_names=("h", "post", "comb"),
-        header=_header(dialect),
-        source=_PROLOGUES[dialect] + _PRE_BODY,
-    )
+    return make_source(dialect, "dsv4_mhc_pre", ("X", "mixraw", "scale", "base", "eps"),
+                       ("h", "post", "comb"), _PRE_BODY)
 
 
 def post_source(dialect: str) -> KernelSource:
     """hc_post kernel (see `_POST_BODY`)."""
-    return KernelSource(
-        name="dsv4_mhc_post",
-        input_names=("X", "F", "post", "comb"),
-        output_names=("Y",),
-        header=_header(dialect),
-        source=_PROLOGUES[dialect] + _POST_BODY,
-    )
+    return make_source(dialect, "dsv4_mhc_post", ("X", "F", "post", "comb"), ("Y",), _POST_BODY)
