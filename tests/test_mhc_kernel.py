@@ -98,12 +98,37 @@ def test_emulated_post_matches_ops(emu, N, n, D, tg):
     F = rng.standard_normal((N, D)).astype(np.float32)
     post = rng.uniform(0, 2, (N, n)).astype(np.float32)
     comb = rng.uniform(0, 1, (N, n, n)).astype(np.float32)
-    (Y,) = emu.run(src.post_source("cpp"), [X, F, post, comb], [(N, n, D)], ["float32"],
-                   [("XT", "float32"), ("FT", "float32"), ("NS", n), ("D", D), ("TG", tg)],
+    (Y,) = emu.run(src.post_source("cpp"), [X, F, post, comb, np.zeros(1, np.float32)],
+                   [(N, n, D)], ["float32"],
+                   [("XT", "float32"), ("FT", "float32"), ("RT", "float32"), ("KR", 0), ("NS", n),
+                    ("D", D), ("TG", tg)],
                    (-(-D // tg) * tg, N, 1), tg)
     want = ops.expand(mx.array(X)[None], mx.array(F)[None], mx.array(post)[None],
                       mx.array(comb)[None])
     np.testing.assert_allclose(Y, np.array(want[0]), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("N,n,D,k,tg", [(3, 4, 64, 6, 32), (2, 4, 70, 1, 32), (1, 2, 16, 8, 256)])
+def test_emulated_post_with_moe_parts_matches_ops(emu, N, n, D, k, tg):
+    """After the MoE: F = the shared expert's output, R = the k routed outputs; the kernel
+    combines them as `combine_moe` does, then expands."""
+    rng = np.random.default_rng(D + k)
+    X = rng.standard_normal((N, n, D)).astype(np.float32)
+    F = rng.standard_normal((N, D)).astype(np.float32)
+    R = rng.standard_normal((N, k, 1, D)).astype(np.float32)
+    post = rng.uniform(0, 2, (N, n)).astype(np.float32)
+    comb = rng.uniform(0, 1, (N, n, n)).astype(np.float32)
+    (Y,) = emu.run(src.post_source("cpp"), [X, F, post, comb, R], [(N, n, D)], ["float32"],
+                   [("XT", "float32"), ("FT", "float32"), ("RT", "float32"), ("KR", k), ("NS", n),
+                    ("D", D), ("TG", tg)],
+                   (-(-D // tg) * tg, N, 1), tg)
+    Xm = mx.array(X)[None]
+    want = ops.expand(Xm, km.combine_moe(mx.array(R)[None], mx.array(F)[None], Xm.dtype),
+                      mx.array(post)[None], mx.array(comb)[None])
+    np.testing.assert_allclose(Y, np.array(want[0]), rtol=RTOL, atol=ATOL)
+    # and the routed outputs matter (not vacuous)
+    plain = ops.expand(Xm, mx.array(F)[None], mx.array(post)[None], mx.array(comb)[None])
+    assert np.abs(Y - np.array(plain[0])).max() > 100 * ATOL
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,8 +145,15 @@ def _launches(dialect, xt, ft):
           ("float32", 1, 2)], [xt, "float32", "float32"],
          [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 256)]),
         ("post", src.post_source(dialect),
-         [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16)], [xt],
-         [("XT", xt), ("FT", ft), ("NS", 4), ("D", 4096), ("TG", 256)]),
+         [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16),
+          ("float32", 1, 1)], [xt],
+         [("XT", xt), ("FT", ft), ("RT", "float32"), ("KR", 0), ("NS", 4), ("D", 4096),
+          ("TG", 256)]),
+        ("post_moe", src.post_source(dialect),
+         [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16),
+          (xt, 4, 6 * 4096)], [xt],
+         [("XT", xt), ("FT", ft), ("RT", xt), ("KR", 6), ("NS", 4), ("D", 4096),
+          ("TG", 256)]),
     ]
 
 
@@ -191,6 +223,11 @@ def test_gpu_kernels_match_ops(clean_dispatch, dtype, N, D):
         F = mx.array(rng.standard_normal((1, N, D)).astype(np.float32)).astype(dt)
         y = km.hc_post_kernel(Xm, F, post, comb, backend=backend)
         w = ops.expand(Xm, F, post, comb)
+        np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(w.astype(mx.float32)),
+                                   **tol)
+        R = mx.array(rng.standard_normal((1, N, 6, 1, D)).astype(np.float32)).astype(dt)
+        y = km.hc_post_kernel(Xm, F, post, comb, R, backend=backend)
+        w = ops.expand(Xm, km.combine_moe(R, F, Xm.dtype), post, comb)
         np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(w.astype(mx.float32)),
                                    **tol)
 

@@ -56,6 +56,14 @@ _METAL_DIALECT = r"""
 #define KI_UNROLL _Pragma("clang loop unroll(full)")
 #define KI_EXP(x) metal::precise::exp((float)(x))
 #define KI_RSQRT(x) metal::precise::rsqrt((float)(x))
+#define KI_LOG(x) metal::precise::log((float)(x))
+#define KI_SQRT(x) metal::precise::sqrt((float)(x))
+// log(1 + x) without the cancellation of 1 + x (Metal has no log1p)
+inline float ki_log1p(float x) {
+  const float u = 1.0f + x;
+  return u == 1.0f ? x : metal::precise::log(u) * (x / (u - 1.0f));
+}
+#define KI_LOG1P(x) ki_log1p((float)(x))
 template <typename U>
 inline float ki_to_float(U x) {
   return static_cast<float>(x);
@@ -127,6 +135,9 @@ _CUDA_DIALECT = r"""
 #define KI_UNROLL _Pragma("unroll")
 #define KI_EXP(x) expf((float)(x))
 #define KI_RSQRT(x) rsqrtf((float)(x))
+#define KI_LOG(x) logf((float)(x))
+#define KI_SQRT(x) sqrtf((float)(x))
+#define KI_LOG1P(x) log1pf((float)(x))
 __device__ __forceinline__ float ki_to_float(float x) { return x; }
 __device__ __forceinline__ float ki_to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ki_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -275,6 +286,9 @@ inline unsigned int ki_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4)
 #define KI_UNROLL
 #define KI_EXP(x) std::exp((float)(x))
 #define KI_RSQRT(x) (1.0f / std::sqrt((float)(x)))
+#define KI_LOG(x) std::log((float)(x))
+#define KI_SQRT(x) std::sqrt((float)(x))
+#define KI_LOG1P(x) std::log1p((float)(x))
 inline float ki_to_float(float x) { return x; }
 template <typename T>
 inline T ki_from_float(float x) { return static_cast<T>(x); }

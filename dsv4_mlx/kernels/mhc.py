@@ -26,7 +26,7 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     (row-contiguous) arrays flat, so they go in and out in the model's shapes (no reshapes)."""
     B, S, n, D = X.shape
     N = B * S
-    mixraw = X.reshape(B, S, n * D).astype(mx.float32) @ fn.astype(mx.float32).T
+    mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
     eps = mx.array([hc_eps, norm_eps], mx.float32)
     with mx.stream(mx.gpu):
         h, post, comb = dispatch.build_kernel(backend, src.pre_source(backend))(
@@ -39,14 +39,27 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     return h, post, comb
 
 
-def hc_post_kernel(X, F, post, comb, *, backend: str):
-    """Kernel path of `hc_post`. X [B, S, n, D], F [B, S, D], post [B, S, n], comb [B, S, n, n]."""
+_consts: dict = {}
+
+
+def _no_routed():
+    if "R" not in _consts:
+        _consts["R"] = mx.zeros((1,), mx.float32)
+    return _consts["R"]
+
+
+def hc_post_kernel(X, F, post, comb, routed=None, *, backend: str):
+    """Kernel path of `hc_post`. X [B, S, n, D], F [B, S, D], post [B, S, n], comb [B, S, n, n];
+    routed [B, S, k, 1, D] or None."""
     B, S, n, D = X.shape
     N = B * S
+    R = _no_routed() if routed is None else routed
+    KR = 0 if routed is None else routed.shape[2]
     with mx.stream(mx.gpu):
         (Y,) = dispatch.build_kernel(backend, src.post_source(backend))(
-            inputs=[X, F, post, comb],
-            template=[("XT", X.dtype), ("FT", F.dtype), ("NS", n), ("D", D), ("TG", POST_TG)],
+            inputs=[X, F, post, comb, R],
+            template=[("XT", X.dtype), ("FT", F.dtype), ("RT", R.dtype), ("KR", KR), ("NS", n),
+                      ("D", D), ("TG", POST_TG)],
             grid=(-(-D // POST_TG) * POST_TG, N, 1), threadgroup=(POST_TG, 1, 1),
             output_shapes=[(B, S, n, D)], output_dtypes=[X.dtype],
         )
@@ -84,13 +97,25 @@ def hc_pre(X, fn, scale, base, n: int, iters: int, hc_eps: float, norm_eps: floa
     return ops.collapse(X, pre), post, comb
 
 
-def hc_post(X, F, post, comb):
-    """``X'_k = post_k F + sum_j comb[j, k] X_j`` in fp32, in X's dtype."""
+def combine_moe(routed, shared, dtype):
+    """The MoE's output from its parts (ops): the routed outputs [.., k, 1, D] summed in fp32,
+    plus the shared expert's [.., D], in `dtype`."""
+    y = routed.squeeze(-2).astype(mx.float32).sum(axis=-2) + shared.astype(mx.float32)
+    return y.astype(dtype)
+
+
+def hc_post(X, F, post, comb, routed=None):
+    """``X'_k = post_k F + sum_j comb[j, k] X_j`` in fp32, in X's dtype. With `routed`
+    [B, S, k, 1, D] (the MoE's weighted expert outputs), F is the shared expert's output and
+    the block output is `combine_moe(routed, F)` (fused into the kernel on a GPU)."""
     backend = _backend(X)
     if (backend != "ops" and F.dtype in _FLOATS
+            and (routed is None or routed.dtype in _FLOATS)
             and _usable(backend, X, X.shape[2], X.shape[-1], 1, F.dtype)):
-        return hc_post_kernel(X, F, post, comb, backend=backend)
+        return hc_post_kernel(X, F, post, comb, routed, backend=backend)
+    if routed is not None:
+        F = combine_moe(routed, F, X.dtype)
     return ops.expand(X, F, post, comb)
 
 
-__all__ = ["hc_pre", "hc_post", "hc_pre_kernel", "hc_post_kernel", "ENV_VAR"]
+__all__ = ["hc_pre", "hc_post", "combine_moe", "hc_pre_kernel", "hc_post_kernel", "ENV_VAR"]

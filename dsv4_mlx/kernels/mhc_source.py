@@ -10,7 +10,8 @@ barriers reached by every thread of a group, sizes that shape the code as templa
   projection itself (``flatten(X) . fn^T``, 24 outputs of n*D inputs a token) stays an MLX
   matmul: it reads `fn` once spread over the whole GPU, where one group a token would read it
   from a single core.
-* ``hc_post``: one thread a (token, feature): ``X'_k = post_k F + sum_j comb[j, k] X_j``.
+* ``hc_post``: one thread a (token, feature): ``X'_k = post_k F + sum_j comb[j, k] X_j``;
+  after the MoE, F is first combined from the expert outputs (the MoE's last step).
 """
 
 from __future__ import annotations
@@ -89,13 +90,22 @@ _PRE_BODY = r"""
   }
 """
 
-# Inputs: X [N, NS, D] (XT), F [N, D] (FT), post [N, NS] f32, comb [N, NS, NS] f32.
-# Output: Y [N, NS, D] (XT). Template: XT, FT, NS, D, TG. Grid (ceil(D / TG) * TG, N, 1).
+# Inputs: X [N, NS, D] (XT), F [N, D] (FT), post [N, NS] f32, comb [N, NS, NS] f32,
+# R [N, KR, D] (RT; read when KR > 0).
+# Output: Y [N, NS, D] (XT). Template: XT, FT, RT, KR, NS, D, TG. Grid (ceil(D / TG) * TG, N, 1).
+# With KR > 0 the block's output is the MoE's: F is the shared expert's output and R the KR
+# routed experts' (weighted) outputs, combined as the MoE does (fp32 sum of the routed
+# outputs, plus the shared one, rounded to XT) before the expansion.
 _POST_BODY = r"""
   const int t = ki_gy;
   const int d = ki_gx * TG + ki_tid;
   if (d < D) {
-    const float f = ki_to_float(F[t * D + d]);
+    float f = ki_to_float(F[t * D + d]);
+    if (KR > 0) {
+      float acc = 0.0f;
+      for (int j = 0; j < KR; ++j) acc += ki_to_float(R[(t * KR + j) * D + d]);
+      f = ki_to_float(ki_from_float<XT>(acc + f));
+    }
     float x[NS];
     for (int j = 0; j < NS; ++j) x[j] = ki_to_float(X[(t * NS + j) * D + d]);
     for (int k = 0; k < NS; ++k) {
@@ -115,4 +125,4 @@ def pre_source(dialect: str) -> KernelSource:
 
 def post_source(dialect: str) -> KernelSource:
     """hc_post kernel (see `_POST_BODY`)."""
-    return make_source(dialect, "dsv4_mhc_post", ("X", "F", "post", "comb"), ("Y",), _POST_BODY)
+    return make_source(dialect, "dsv4_mhc_post", ("X", "F", "post", "comb", "R"), ("Y",), _POST_BODY)

@@ -33,9 +33,10 @@ _GROUP_IDS: dict = {}
 
 
 def _group_ids(G: int) -> mx.array:
-    """`arange(G)` as a materialised constant (no launch per call)."""
+    """`arange(G)` (uint32, gather_qmm's index type) as a materialised constant: no launch
+    per call. Group g's rows of x meet group g's weights: it serves as lhs and rhs indices."""
     if G not in _GROUP_IDS:
-        _GROUP_IDS[G] = mx.array(np.arange(G, dtype=np.int32))
+        _GROUP_IDS[G] = mx.array(np.arange(G, dtype=np.uint32))
     return _GROUP_IDS[G]
 
 
@@ -52,11 +53,14 @@ class GroupedLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         G = self.groups
-        w = self.weight.reshape(G, -1, self.weight.shape[-1])  # [G, d_g, in_g]
         lead = x.shape[:-2]
         xg = x.reshape(-1, G, x.shape[-1]).swapaxes(0, 1)  # [G, N, in_g]
-        y = xg @ w.swapaxes(-1, -2)  # [G, N, d_g]
-        return y.swapaxes(0, 1).reshape(*lead, G, -1)
+        return self.grouped(xg).swapaxes(0, 1).reshape(*lead, G, -1)
+
+    def grouped(self, xg: mx.array) -> mx.array:
+        """Group-major form: xg [G, N, in_g] -> [G, N, d_g]."""
+        w = self.weight.reshape(self.groups, -1, self.weight.shape[-1])  # [G, d_g, in_g]
+        return xg @ w.swapaxes(-1, -2)
 
     def to_quantized(self, group_size: int = 32, bits: int = 8, mode: str = "mxfp8", **_):
         q = QuantizedGroupedLinear(self.weight.shape[1], self.weight.shape[0], self.groups,
@@ -82,13 +86,17 @@ class QuantizedGroupedLinear(nn.Module):
         G = self.groups
         lead = x.shape[:-2]
         xg = x.reshape(-1, G, x.shape[-1]).swapaxes(0, 1)  # [G, N, in_g]
+        return self.grouped(xg).swapaxes(0, 1).reshape(*lead, G, -1)
+
+    def grouped(self, xg: mx.array) -> mx.array:
+        """Group-major form: xg [G, N, in_g] -> [G, N, d_g]."""
+        G = self.groups
         split = lambda a: None if a is None else a.reshape(G, -1, a.shape[-1])  # noqa: E731
-        y = mx.gather_qmm(
+        return mx.gather_qmm(
             xg, split(self.weight), split(self.scales), split(self.biases),
-            rhs_indices=_group_ids(G), transpose=True,
+            lhs_indices=_group_ids(G), rhs_indices=_group_ids(G), transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode,
         )
-        return y.swapaxes(0, 1).reshape(*lead, G, -1)
 
 
 def sink_attention(q: mx.array, keys: mx.array, mask: Optional[mx.array], sinks: mx.array,
@@ -141,21 +149,22 @@ class Attention(nn.Module):
         dense = dense_vis = sel_keys = sel_valid = idx = None
         n_dense = 0
         if self.ratio:
-            N = self.compressor(x, cache.comp, s, self.rope)
+            x32 = x.astype(mx.float32)  # the compressors' projections are fp32; cast once
+            N = self.compressor(x, cache.comp, s, self.rope, x32)
             if N and (self.ratio != 4 or N <= self.indexer.topk):
                 # HCA, or CSA while N <= top-k (the selection is every visible entry)
                 if self.ratio == 4:
-                    self.indexer.compressor(x, cache.index, s, self.rope)  # keep its keys
+                    self.indexer.compressor(x, cache.index, s, self.rope, x32)  # keep its keys
                 n_dense = N
                 if not decode:  # a one-query step sees every entry (see _decode_attention)
                     dense = cache.comp.entries
                     dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
             elif N:
-                idx = self.indexer(x, qr, cache.index, s, self.rope)  # [B, T, k]
+                idx = self.indexer(x, qr, cache.index, s, self.rope, x32)  # [B, T, k]
                 if not decode:
                     sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
             elif self.ratio == 4:
-                self.indexer.compressor(x, cache.index, s, self.rope)
+                self.indexer.compressor(x, cache.index, s, self.rope, x32)
 
         W = cache.window
         if decode:
@@ -187,8 +196,10 @@ class Attention(nn.Module):
         grouped projection `wo_a` and `wo_b`. o [B, H, T, c] -> [B, T, D]."""
         B, _, T, _ = o.shape
         o = self.rope(o, offset=s, inverse=True)
-        o = o.swapaxes(1, 2).reshape(B, T, self.groups, -1)
-        o = self.wo_a(o).reshape(B, T, -1)
+        if B * T == 1:  # one token: the heads are already group-major (fewer views)
+            o = self.wo_a.grouped(o.reshape(self.groups, 1, -1)).reshape(1, 1, -1)
+        else:
+            o = self.wo_a(o.swapaxes(1, 2).reshape(B, T, self.groups, -1)).reshape(B, T, -1)
         return self.wo_b(o)
 
     def _decode_attention(self, q, parts, cache: LayerCache, n_dense: int, idx) -> mx.array:

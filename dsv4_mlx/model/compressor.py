@@ -14,6 +14,8 @@ been seen; it is visible to query t iff ``(w+1)*m <= t+1``.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -35,8 +37,10 @@ class Compressor(nn.Module):
         self.ape = mx.zeros((ratio, k * head_dim))
         self.norm = RMSNorm(head_dim, eps)
 
-    def __call__(self, x: mx.array, state: CompressorState, offset: int, rope: RoPE) -> int:
-        """Feed the chunk `x` [B, T, D] at absolute positions offset..offset+T-1.
+    def __call__(self, x: mx.array, state: CompressorState, offset: int, rope: RoPE,
+                 x32: Optional[mx.array] = None) -> int:
+        """Feed the chunk `x` [B, T, D] at absolute positions offset..offset+T-1 (`x32`: x in
+        fp32 when the caller has it).
 
         Emits every window completed by this chunk into `state` (which stores them through its
         codec) and returns the number of entries emitted so far.
@@ -47,13 +51,15 @@ class Compressor(nn.Module):
         r = state.num_pending
         assert r == offset % m, "compressor state out of step with the position"
 
-        kv = linear_f32(self.wkv, x)
+        if x32 is None:
+            x32 = x.astype(mx.float32)
+        kv = linear_f32(self.wkv, x32)
         ape = self.ape.astype(mx.float32)
         if T == 1:
             ape = ape[offset % m : offset % m + 1]
         else:
             ape = ape[mx.array(np.arange(offset, offset + T) % m, mx.int32)]
-        gate = linear_f32(self.wgate, x) + ape
+        gate = linear_f32(self.wgate, x32) + ape
         if r:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             gate = mx.concatenate([state.pending_gate, gate], axis=1)

@@ -37,11 +37,11 @@ class Indexer(nn.Module):
         self.weight_scale = 1.0 / (math.sqrt(self.head_dim) * math.sqrt(self.n_heads))
 
     def __call__(
-        self, x: mx.array, qr: mx.array, state: CompressorState, offset: int, rope: RoPE
+        self, x: mx.array, qr: mx.array, state: CompressorState, offset: int, rope: RoPE, x32=None
     ):
         """Returns the selected entries [B, T, k] (int32, -1 = none), or None if N == 0."""
         B, T, _ = x.shape
-        N = self.compressor(x, state, offset, rope)
+        N = self.compressor(x, state, offset, rope, x32)
         if N == 0:
             return None
         visible = mx.array((np.arange(offset, offset + T) + 1) // self.ratio, mx.int32)

@@ -57,7 +57,8 @@ class Block(nn.Module):
         h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
         X = hc_post(X, self.attn(self.attn_norm(h), cache), post, comb)
         h, post, comb = self._hc(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        return hc_post(X, self.ffn(self.ffn_norm(h), input_ids), post, comb)
+        routed, shared = self.ffn.branches(self.ffn_norm(h), input_ids)
+        return hc_post(X, shared, post, comb, routed)  # the MoE's sum happens in hc_post
 
 
 class MTPBlock(Block):

@@ -13,11 +13,16 @@ through mlx-lm's `SwitchLinear` (`gather_mm`, or `gather_qmm` once quantized).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.switch_layers import SwitchLinear, _scatter_unsort
+import numpy as np
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear, _scatter_unsort
+
+from ..kernels.mhc import combine_moe
+from ..kernels.router import route
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
@@ -37,17 +42,6 @@ def _weighted_swiglu(gate, up, w, limit, dtype_like):
     return (clamped_swiglu(gate, up, limit) * w[..., None, None]).astype(dtype_like.dtype)
 
 
-@partial(mx.compile, shapeless=True)
-def _router_scores(logits):
-    return mx.sqrt(nn.softplus(logits))
-
-
-@partial(mx.compile, shapeless=True)
-def _route_weights(scores, idx, scale):
-    w = mx.take_along_axis(scores, idx, axis=-1)
-    return w / w.sum(axis=-1, keepdims=True) * scale
-
-
 class Gate(nn.Module):
     def __init__(self, args, hash_routed: bool):
         super().__init__()
@@ -61,30 +55,56 @@ class Gate(nn.Module):
             self.bias = mx.zeros((args.n_routed_experts,))
 
     def __call__(self, x: mx.array, input_ids: mx.array):
-        """x [..., D] -> (indices [..., k] int32, weights [..., k] fp32)."""
+        """x [..., D] -> (indices [..., k] uint32, weights [..., k] fp32); the scoring,
+        selection and normalisation are `kernels.router.route` (one kernel on a GPU)."""
         logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
-        scores = _router_scores(logits)
         if self.hash_routed:
-            idx = self.tid2eid[input_ids].astype(mx.int32)
+            return route(logits, None, self.tid2eid[input_ids], self.top_k, self.scale)
+        return route(logits, self.bias, None, self.top_k, self.scale)
+
+
+_LHS: "OrderedDict[tuple, mx.array]" = OrderedDict()
+
+
+def _lhs_indices(shape: tuple, per_row: bool) -> mx.array:
+    """The `lhs_indices` that `gather_*mm` would build, as a materialised constant (no
+    arange/broadcast launches per call): uint32 of `shape` [*lead, k], holding the row of x
+    each pick reads -- r for every pick of row r when x has one row a token (`per_row`, the
+    first projections), or the pick's own row when x has one row a pick (w2)."""
+    key = (shape, per_row)
+    a = _LHS.get(key)
+    if a is None:
+        *lead, k = shape
+        n = int(np.prod(lead)) if lead else 1
+        if per_row:
+            v = np.broadcast_to(np.arange(n, dtype=np.uint32).reshape(*lead, 1), shape)
         else:
-            biased = scores + self.bias.astype(mx.float32)
-            idx = mx.argpartition(-biased, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-            idx = idx.astype(mx.int32)
-        return idx, _route_weights(scores, idx, mx.array(self.scale, mx.float32))
+            v = np.arange(n * k, dtype=np.uint32).reshape(shape)
+        a = _LHS[key] = mx.array(v)
+        if len(_LHS) > 16:
+            _LHS.popitem(last=False)
+    else:
+        _LHS.move_to_end(key)
+    return a
 
 
-def _switch(layer, x, inds, sorted_indices):
-    """`layer(x, inds)`; MLX's CPU backend has gather_mm for float32 only, so unquantized
+def _switch(layer, x, lhs, inds, sorted_indices):
+    """`layer(x, inds)` (mlx-lm's `SwitchLinear` / `QuantizedSwitchLinear`) with explicit
+    `lhs` indices. MLX's CPU backend has gather_mm for float32 only, so unquantized
     half-precision experts are computed in float32 there (tests and demos; GPUs are unaffected)."""
-    if (
-        isinstance(layer, SwitchLinear)
-        and x.dtype != mx.float32
-        and mx.default_device() == mx.cpu
-    ):
-        w = layer.weight.astype(mx.float32).swapaxes(-1, -2)
-        y = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=inds, sorted_indices=sorted_indices)
+    if isinstance(layer, QuantizedSwitchLinear):
+        return mx.gather_qmm(
+            x, layer["weight"], layer["scales"], layer.get("biases"), lhs_indices=lhs,
+            rhs_indices=inds, transpose=True, group_size=layer.group_size, bits=layer.bits,
+            mode=layer.mode, global_scale=getattr(layer, "global_scale", None),
+            sorted_indices=sorted_indices,
+        )
+    w = layer.weight.swapaxes(-1, -2)
+    if x.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), lhs, inds,
+                         sorted_indices=sorted_indices)
         return y.astype(x.dtype)
-    return layer(x, inds, sorted_indices=sorted_indices)
+    return mx.gather_mm(x, w, lhs, inds, sorted_indices=sorted_indices)
 
 
 class RoutedExperts(nn.Module):
@@ -99,6 +119,10 @@ class RoutedExperts(nn.Module):
 
     def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
         """x [..., D], idx/weights [..., k] -> sum_e w_e y_e, [..., D] fp32."""
+        return self.outputs(x, idx, weights).squeeze(-2).astype(mx.float32).sum(axis=-2)
+
+    def outputs(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        """The k weighted expert outputs w_e y_e, unsummed: [..., k, 1, D] in x's dtype."""
         x = mx.expand_dims(x, (-2, -3))
         do_sort = idx.size >= 64
         inds, w = idx, weights
@@ -107,13 +131,16 @@ class RoutedExperts(nn.Module):
             inv = mx.argsort(order)
             x = x.flatten(0, -3)[order // idx.shape[-1]]
             inds, w = idx.flatten()[order], weights.flatten()[order]
-        g = _switch(self.w1, x, inds, do_sort)
-        u = _switch(self.w3, x, inds, do_sort)
+            lhs1 = lhs2 = _lhs_indices((inds.size,), False)  # x has one row a pick already
+        else:
+            lhs1, lhs2 = _lhs_indices(idx.shape, True), _lhs_indices(idx.shape, False)
+        g = _switch(self.w1, x, lhs1, inds, do_sort)
+        u = _switch(self.w3, x, lhs1, inds, do_sort)
         h = _weighted_swiglu(g, u, w, mx.array(self.limit, mx.float32), x)
-        y = _switch(self.w2, h, inds, do_sort)
+        y = _switch(self.w2, h, lhs2, inds, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)
-        return y.squeeze(-2).astype(mx.float32).sum(axis=-2)
+        return y
 
 
 class SharedExpert(nn.Module):
@@ -141,6 +168,11 @@ class MoE(nn.Module):
         )
 
     def __call__(self, x: mx.array, input_ids: mx.array) -> mx.array:
+        return combine_moe(*self.branches(x, input_ids), x.dtype)
+
+    def branches(self, x: mx.array, input_ids: mx.array):
+        """(routed [..., k, 1, D], shared [..., D]): the weighted routed expert outputs and
+        the shared expert's, before `combine_moe` sums them (the decoder block lets the mHC
+        kernel do that)."""
         idx, w = self.gate(x, input_ids)
-        y = self.experts(x, idx, w) + self.shared_experts(x).astype(mx.float32)
-        return y.astype(x.dtype)
+        return self.experts.outputs(x, idx, w), self.shared_experts(x)

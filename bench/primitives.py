@@ -1,0 +1,165 @@
+"""Where the primitives of one decode step come from, section by section.
+
+    python bench/primitives.py --preset tiny --layers 4 --context 4096
+
+Runs one decode step on a copy of a prefilled state, evaluating at every section boundary
+(mHC parameters, norms, attention pieces, router, experts, ...) and counting the primitives of
+each section's graph, split into views (no kernel launch) and the rest. Dimensions do not change
+the counts, so the tiny preset answers for Flash; the device decides which kernels replace ops
+(run it on the GPU machine for the GPU graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_profile import VIEWS  # noqa: E402
+from gpu_decode import build  # noqa: E402
+
+from dsv4_mlx.cache import restore, snapshot  # noqa: E402
+from dsv4_mlx.model import attention as attn_mod  # noqa: E402
+from dsv4_mlx.model import model as model_mod  # noqa: E402
+
+
+def prims(outs):
+    outs = [o for o in outs if isinstance(o, mx.array)]
+    if not outs:
+        return {}
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "g.dot"
+        mx.export_to_dot(str(p), *outs)
+        text = p.read_text()
+    c: dict = defaultdict(int)
+    for o in re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text):
+        c[o] += 1
+    return c
+
+
+def raw_state(c):
+    """The cache's arrays as held (no slicing views, unlike `state`)."""
+    out = list((c.ring or {}).values())
+    for st in (c.comp, c.index):
+        if st is not None:
+            out += list((st.buffers or {}).values())
+            out += [st.pending_kv, st.pending_gate, st.overlap_kv, st.overlap_gate]
+    return [x for x in out if x is not None]
+
+
+TABLE: dict = defaultdict(lambda: defaultdict(int))
+CACHE_REF: list = []
+
+
+def section(name, fn, *a, **k):
+    """Run fn, count what it built (its outputs and every cache array it touched), evaluate."""
+    out = fn(*a, **k)
+    flat = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (tuple, list)) else [out]
+    state = [x for c in CACHE_REF for x in raw_state(c)]
+    cnt = prims(flat + state)
+    for op, n in cnt.items():
+        TABLE[name][op] += n
+    mx.eval(flat, state)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=None)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--detail", action="store_true", help="the ops of every section")
+    a = ap.parse_args()
+    model, args = build(a.preset, a.layers, a.experts or 8)
+    tokens = [(7 * i + 3) % args.vocab_size for i in range(a.context + 1)]
+    cache = model.make_cache()
+    for p in range(0, a.context, 2048):
+        mx.eval(model(mx.array([tokens[p: p + 2048]]), cache=cache, last_only=True), [c.state for c in cache])
+    work = restore(snapshot(cache))
+    mx.eval([c.state for c in work])
+    CACHE_REF[:] = work
+
+    # instrument: Block sections and the pieces of Attention / MoE
+    Block = model_mod.Block
+    orig_block = Block.__call__
+
+    def block_call(self, X, ids, c):
+        h, post, comb = section("mhc pre (attn)", self._hc, X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
+        xn = section("attn_norm", self.attn_norm, h)
+        o = section_attn(self.attn, xn, c)
+        X = section("mhc post (attn)", model_mod.hc_post, X, o, post, comb)
+        h, post, comb = section("mhc pre (ffn)", self._hc, X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
+        xn = section("ffn_norm", self.ffn_norm, h)
+        f = self.ffn
+        idx, w = section("moe router", f.gate, xn, ids)
+        y = section("moe routed experts", f.experts.outputs, xn, idx, w)
+        ys = section("moe shared expert", f.shared_experts, xn)
+        return section("mhc post (ffn, with the MoE sum)", model_mod.hc_post, X, ys, post, comb, y)
+
+    def section_attn(self, x, c):
+        # mirrors Attention.__call__ for one decode token, section by section
+        B, T, _ = x.shape
+        H, hd = self.n_heads, self.head_dim
+        s = c.offset
+        qr = section("attn q_a + q_norm", lambda: self.q_norm(self.wq_a(x)))
+        q = section("attn q_b + norm + rope", lambda: self.rope(
+            attn_mod.rms_norm_0(self.wq_b(qr).reshape(B, T, H, hd), self.eps).swapaxes(1, 2), offset=s))
+        kv = section("attn kv + norm + rope", lambda: self.rope(self.kv_norm(self.wkv(x)), offset=s))
+        parts = section("attn kv encode", c.codec.encode, kv)
+        idx, n_dense = None, 0
+        kind = {0: "window", 4: "csa"}.get(self.ratio, "hca")
+        if self.ratio:
+            N = self.compressor(x, c.comp, s, self.rope)
+            section(f"{kind} compressor", lambda: [])
+            if N and (self.ratio != 4 or N <= self.indexer.topk):
+                if self.ratio == 4:
+                    self.indexer.compressor(x, c.index, s, self.rope)
+                    section("csa indexer compressor", lambda: [])
+                n_dense = N
+            elif N:
+                idx = section("csa indexer (compressor + score + top-k)",
+                              lambda: self.indexer(x, qr, c.index, s, self.rope))
+            elif self.ratio == 4:
+                self.indexer.compressor(x, c.index, s, self.rope)
+                section("csa indexer compressor", lambda: [])
+        o = section(f"{kind} decode attention", self._decode_attention, q, parts, c, n_dense, idx)
+        c.advance(1)
+        return section("attn output (inv rope, wo_a, wo_b)", self._output, o, s)
+
+    Block.__call__ = block_call
+    try:
+        ids = mx.array([[tokens[a.context]]])
+        X = model.embed(ids)
+        B, S, D = X.shape
+        X = section("embed", lambda: mx.broadcast_to(X[:, :, None, :], (B, S, args.hc_mult, D)))
+        for layer, c in zip(model.layers, work):
+            X = layer(X, ids, c)
+        y = section("head (hc_head, norm, lm_head)", lambda: model.lm_head(model.norm(
+            model_mod.hc_head(X, model.hc_head_fn, model.hc_head_scale, model.hc_head_base,
+                              args.hc_eps, args.rms_norm_eps))))
+    finally:
+        Block.__call__ = orig_block
+
+    L = len(model.layers)
+    print(f"device {mx.default_device()}, {a.preset} structure, {L} layers, context {a.context}")
+    print(f"{'section':44s} {'all':>6s} {'views':>6s} {'launch':>7s}   (summed over layers)")
+    tot = tv = 0
+    for name, ops in TABLE.items():
+        n = sum(ops.values())
+        v = sum(k for op, k in ops.items() if op in VIEWS)
+        tot, tv = tot + n, tv + v
+        print(f"{name:44s} {n:6d} {v:6d} {n - v:7d}")
+        if a.detail:
+            print("      " + ", ".join(f"{op} {k}" for op, k in sorted(ops.items(), key=lambda kv: -kv[1])))
+    print(f"{'total':44s} {tot:6d} {tv:6d} {tot - tv:7d}   per layer {tot / L:.1f} ({(tot - tv) / L:.1f} non-view)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""MoE routing (spec §4.10): a Metal kernel with a CUDA twin, and the ops path.
+
+``route(logits, bias, hidx, k, scale)`` -> (idx [..., k] uint32, weights [..., k] fp32) from the
+fp32 router logits: scores ``s = sqrt(softplus(logits))``; picks = top-k of ``s + bias``
+(learned layers) or `hidx` (hash layers, the token's row of ``tid2eid``); weights = the
+unbiased scores of the picks normalised to sum 1, times `scale`. On the GPU one launch
+(`router_source`); on the CPU, or with ``DSV4_ROUTER_KERNEL=ops``, MLX ops. The picks come
+out as uint32, the index type `gather_qmm` takes (no cast before each expert matmul). The
+kernel lists the picks best first; the ops path in argpartition's order (the order of the
+k experts does not matter).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import dispatch
+from . import router_source as src
+
+ENV_VAR = "DSV4_ROUTER_KERNEL"
+TG = 256
+MAX_EXPERTS = 1024  # shared memory: 12 bytes an expert
+
+
+@partial(mx.compile, shapeless=True)
+def _scores(logits):
+    return mx.sqrt(nn.softplus(logits))
+
+
+@partial(mx.compile, shapeless=True)
+def _scores_biased(logits, bias):
+    s = mx.sqrt(nn.softplus(logits))
+    return s, -(s + bias)
+
+
+@partial(mx.compile, shapeless=True)
+def _normalise(w, scale):
+    return w / w.sum(axis=-1, keepdims=True) * scale
+
+
+def route_ops(logits, bias, hidx, k: int, scale: float):
+    """The ops path of `route`."""
+    if hidx is not None:
+        s = _scores(logits)
+        idx = hidx.astype(mx.uint32)
+    else:
+        s, neg = _scores_biased(logits, bias.astype(mx.float32))
+        idx = mx.argpartition(neg, kth=k - 1, axis=-1)[..., :k]
+    w = mx.take_along_axis(s, idx, axis=-1)
+    sc = _const(("scale", scale), lambda: mx.array(scale, mx.float32))
+    if k == 1:  # MLX 0.32's shapeless compile crashes on a size-1 reduced axis
+        return idx, w / w.sum(axis=-1, keepdims=True) * sc
+    return idx, _normalise(w, sc)
+
+
+_consts: dict = {}
+
+
+def _const(key, make):
+    a = _consts.get(key)
+    if a is None:
+        a = _consts[key] = make()
+    return a
+
+
+def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str):
+    """Kernel path of `route`. logits [..., E] f32; bias [E] (None with `hidx`)."""
+    *lead, E = logits.shape
+    N = 1
+    for d in lead:
+        N *= d
+    hashed = hidx is not None
+    dummy = _const("dummy_i", lambda: mx.zeros((1,), mx.int32))
+    with mx.stream(mx.gpu):
+        idx, w = dispatch.build_kernel(backend, src.route_source(backend))(
+            inputs=[logits, _const("dummy_f", lambda: mx.zeros((1,), mx.float32)) if hashed else bias,
+                    hidx if hashed else dummy,
+                    _const(("scale1", scale), lambda: mx.array([scale], mx.float32))],
+            template=[("E", E), ("K", k), ("TG", TG), ("HASH", hashed)],
+            grid=(N * TG, 1, 1), threadgroup=(TG, 1, 1),
+            output_shapes=[(*lead, k), (*lead, k)], output_dtypes=[mx.uint32, mx.float32],
+        )
+    return idx, w
+
+
+def _backend(logits, bias, hidx, k) -> str:
+    backend = dispatch.select_backend(ENV_VAR)
+    if backend == "ops" or logits.dtype != mx.float32 or logits.shape[-1] > MAX_EXPERTS:
+        return "ops"
+    if hidx is None and (bias is None or bias.dtype != mx.float32):
+        return "ops"
+    if hidx is not None and hidx.dtype != mx.int32:
+        return "ops"
+    E = logits.shape[-1]
+    key = f"{backend}/router/E{E}/k{k}/{'hash' if hidx is not None else 'learned'}"
+
+    def probe():
+        lg = mx.zeros((1, E), mx.float32)
+        h = mx.zeros((1, k), mx.int32) if hidx is not None else None
+        mx.eval(route_kernel(lg, None if h is not None else mx.zeros((E,)), h, k, 1.0,
+                             backend=backend))
+
+    return backend if dispatch.kernel_usable(key, probe, f"router ({backend})") else "ops"
+
+
+def route(logits, bias, hidx, k: int, scale: float):
+    """(idx [..., k] uint32, weights [..., k] fp32); see the module docstring."""
+    backend = _backend(logits, bias, hidx, k)
+    if backend != "ops":
+        return route_kernel(logits, bias, hidx, k, scale, backend=backend)
+    return route_ops(logits, bias, hidx, k, scale)
+
+
+__all__ = ["route", "route_ops", "route_kernel", "ENV_VAR"]
