@@ -189,6 +189,18 @@ class LayerCache(_BaseCache):
         for k, v in parts.items():
             self.ring[k][:, slots] = v[:, T - n :]
 
+    def store_token(self, kv: mx.array):
+        """Write one token's KV [B, 1, c] (at position offset) into the ring, encoded: one
+        kernel on a GPU for the fp8 format (`kernels.kv_store`), else encode + slice update."""
+        from .kernels import kv_store
+
+        backend = kv_store.kernel_backend(self.ring, kv, self.codec)
+        if backend == "ops":
+            self.update_ring(self.codec.encode(kv))
+        else:
+            self.ring = kv_store.store_kernel(self.ring, kv, self.offset % self.window, self.codec,
+                                              backend=backend)
+
     # -- protocol ----------------------------------------------------------------------------
     def advance(self, n: int):
         self.offset += n

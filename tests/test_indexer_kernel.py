@@ -254,7 +254,8 @@ class Emulator:
         arrays = [np.ascontiguousarray(a) for a in arrays]
         inputs = [(_EMU_DTYPES[a.dtype], a.ndim, a.size) for a in arrays]
         lib = self._lib(ks, inputs, out_dtypes, template)
-        outs = [np.zeros(s, {"float32": np.float32, "int32": np.int32, "uint32": np.uint32}[d])
+        outs = [np.zeros(s, {"float32": np.float32, "int32": np.int32, "uint32": np.uint32,
+                              "uint8": np.uint8}[d])
                 for s, d in zip(out_shapes, out_dtypes)]
         shapes = [np.array(a.shape, np.int32) for a in arrays]
         in_p = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])

@@ -142,7 +142,6 @@ class Attention(nn.Module):
         q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
         q = self.rope(q, offset=s)  # [B, H, T, c]
         kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
-        parts = cache.codec.encode(kv)  # the stored form (fp8 format: FP8 non-RoPE dims)
 
         decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
         # the compressed branch: dense entries (shared by all queries) or per-query picks
@@ -168,9 +167,10 @@ class Attention(nn.Module):
 
         W = cache.window
         if decode:
-            o = self._decode_attention(q, parts, cache, n_dense, idx)
+            o = self._decode_attention(q, kv, cache, n_dense, idx)
             cache.advance(1)
             return self._output(o, s)
+        parts = cache.codec.encode(kv)  # the stored form (fp8 format: FP8 non-RoPE dims)
         kv = cache.codec.decode(parts)  # attend over exactly what is stored
         keys, kpos = cache.window_keys(kv)
         if T > W or (sel_keys is not None and T > 1):  # long chunk, or per-query picks
@@ -202,8 +202,9 @@ class Attention(nn.Module):
             o = self.wo_a(o.swapaxes(1, 2).reshape(B, T, self.groups, -1)).reshape(B, T, -1)
         return self.wo_b(o)
 
-    def _decode_attention(self, q, parts, cache: LayerCache, n_dense: int, idx) -> mx.array:
-        """One query at position s > 0: the new KV goes into the ring first, then one softmax
+    def _decode_attention(self, q, kv, cache: LayerCache, n_dense: int, idx) -> mx.array:
+        """One query at position s > 0: the new KV [B, 1, c] goes into the ring first (stored
+        form, `LayerCache.store_token`), then one softmax
         over the ring's slots (any order: softmax does not care) and the compressed keys:
         the first `n_dense` entries, or the indexer's picks `idx` [B, 1, k].
 
@@ -215,7 +216,7 @@ class Attention(nn.Module):
         the ring is decoded, the picks gathered, and the keys go through the fused SDPA.
         """
         s, W = cache.offset, cache.window
-        cache.update_ring(parts)
+        cache.store_token(kv)
         backend = kattn.kernel_backend(q, cache.codec, n_dense or (0 if idx is None else idx.shape[-1]))
         if backend != "ops":
             comp = cache.comp.buffers if (n_dense or idx is not None) else None

@@ -1,0 +1,93 @@
+"""Kernel source of the decode step's KV store (spec §4.13 item 2): one body, three dialects.
+
+One token's KV [C] goes into slot `slot` of the window ring in the FP8 layout: the first NOPE
+dims as FP8 e4m3 codes with one power-of-two scale a block of BLK values,
+``k = ceil(log2(max(amax, 1e-4) / 448))`` (computed as MLX's ops do: the maximum times the fp32
+constant 1/448, the exponent from the bits), the values times 2^-k clipped to +-448 and rounded
+to nearest even (subnormals included: bit-identical to ``mx.to_fp8``); the RoPE dims as they
+are. MLX kernels write new arrays, so the ring is copied through (one group a slot: the
+other slots copy their row, the new slot's group encodes); 75 KB a layer for Flash. One
+launch replaces the ops path's encode chain and the three slice updates.
+
+The body uses the dialect layer of `indexer_source` and keeps its rules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .indexer_source import KernelSource, make_source
+
+
+def _f32_bits(x: float) -> str:
+    return f"0x{int(np.array([x], np.float32).view(np.uint32)[0]):08x}u"
+
+
+# Inputs: kv [B, C] (KT), codes [B, W, NOPE] u8, scl [B, W, NOPE / BLK] u8, rope [B, W, C - NOPE]
+# (KT), slot [1] int32. Outputs: ocodes, oscl, orope (the new ring, same shapes).
+# Template: KT, C, NOPE, BLK, W, TG. Grid (W * TG, B, 1), groups of TG.
+_STORE_BODY = r"""
+  constexpr int NB = NOPE / BLK;
+  constexpr int R = C - NOPE;
+  KI_SHARED float ki_amax[NB];
+  const int w = ki_gx;
+  const int b = ki_gy;
+  const int64_t row = (int64_t)b * W + w;
+  if (w != slot[0]) {
+    for (int i = ki_tid; i < NOPE; i += TG) ocodes[row * NOPE + i] = codes[row * NOPE + i];
+    for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
+    for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
+  } else {
+    for (int j = ki_tid; j < NB; j += TG) {
+      float m = 0.0f;
+      for (int i = 0; i < BLK; ++i) {
+        const float v = ki_to_float(kv[b * C + j * BLK + i]);
+        const float a = v < 0.0f ? -v : v;
+        m = a > m ? a : m;
+      }
+      ki_amax[j] = m;
+    }
+    KI_BARRIER();
+    for (int i = ki_tid; i < NOPE; i += TG) {
+      const int j = i / BLK;
+      const float lo = KI_AS_FLOAT(@MIN_AMAX@);      // fp32(1e-4)
+      const float inv = KI_AS_FLOAT(@INV_448@);      // fp32(1 / 448)
+      const float t = (ki_amax[j] > lo ? ki_amax[j] : lo) * inv;
+      const uint32_t tb = KI_AS_UINT(t);
+      const int k = (int)((tb >> 23) & 0xffu) - 127 + ((tb & 0x7fffffu) != 0u ? 1 : 0);
+      float y = ki_to_float(kv[b * C + i]) * KI_AS_FLOAT((uint32_t)(127 - k) << 23);
+      y = y > 448.0f ? 448.0f : (y < -448.0f ? -448.0f : y);
+      // e4m3 (bias 7, 3 mantissa bits), round to nearest even
+      const uint32_t yb = KI_AS_UINT(y);
+      const uint32_t sign = (yb >> 24) & 0x80u;
+      const float a = KI_AS_FLOAT(yb & 0x7fffffffu);
+      uint32_t code;
+      if (a >= 0.015625f) {  // 2^-6: normal
+        int e = (int)((yb >> 23) & 0xffu) - 127;
+        uint32_t r = (yb >> 20) & 7u;
+        const uint32_t rem = yb & 0xfffffu;
+        if (rem > 0x80000u || (rem == 0x80000u && (r & 1u) != 0u)) r += 1u;
+        if (r == 8u) {
+          r = 0u;
+          e += 1;
+        }
+        code = ((uint32_t)(e + 7) << 3) | r;
+      } else {  // subnormal: m 2^-9, m = 0..8 (8 is the smallest normal's code)
+        const float q = a * 512.0f;
+        uint32_t m = (uint32_t)q;
+        const float f = q - (float)m;
+        if (f > 0.5f || (f == 0.5f && (m & 1u) != 0u)) m += 1u;
+        code = m;
+      }
+      ocodes[row * NOPE + i] = (uint8_t)(sign | code);
+      if (i % BLK == 0) oscl[row * NB + j] = (uint8_t)(k + 127);
+    }
+    for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = kv[b * C + NOPE + i];
+  }
+""".replace("@MIN_AMAX@", _f32_bits(1e-4)).replace("@INV_448@", _f32_bits(1.0 / 448.0))
+
+
+def store_source(dialect: str) -> KernelSource:
+    """The FP8 ring store kernel (see `_STORE_BODY`)."""
+    return make_source(dialect, "dsv4_kv_store_fp8", ("kv", "codes", "scl", "rope", "slot"),
+                       ("ocodes", "oscl", "orope"), _STORE_BODY)
