@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--kv-format", default="fp8", choices=("fp8", "bf16"))
     ap.add_argument("--csv", default="bench/out/attention.csv")
+    ap.add_argument("--spl", default=None,
+                    help="comma list of keys a split to sweep (kernels.attention.SPL; default as set)")
     a = ap.parse_args()
     backend = dispatch.select_backend(ka.ENV_VAR)
     if backend == "ops":
@@ -73,8 +75,10 @@ def main():
     rows = []
     print(f"{mx.default_device()} ({backend}), H {H}, C {C}, window {W}, {a.kv_format} KV, "
           f"{a.calls} calls an evaluation")
-    print(f"{'case':>28} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} {'max |diff|':>11}")
-    for name, cap, n, sparse in CASES:
+    spls = [int(v) for v in a.spl.split(",")] if a.spl else [ka.SPL]
+    print(f"{'case':>28} {'SPL':>4} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} {'max |diff|':>11}")
+    for (name, cap, n, sparse), spl in [(c, v) for c in CASES for v in spls]:
+        ka.SPL = spl
         ring = codec.encode(mx.array(rng.standard_normal((1, W, C)).astype(np.float32)).astype(mx.bfloat16))
         comp = codec.encode(mx.array(rng.standard_normal((1, max(cap, 1), C)).astype(np.float32)).astype(mx.bfloat16))
         idx = mx.array(np.sort(rng.permutation(cap)[:n])[None].astype(np.int32)) if sparse else None
@@ -86,9 +90,9 @@ def main():
                                        codec, backend)
         diff = float(mx.abs(f_ops().astype(mx.float32) - f_ker().astype(mx.float32)).max())
         t_ops, t_ker = timed(f_ops, a.calls), timed(f_ker, a.calls)
-        rows.append(dict(case=name, entries=cap, keys=W + n, ops_ms=t_ops, kernel_ms=t_ker,
-                         ratio=t_ops / t_ker, max_abs_diff=diff))
-        print(f"{name:>28} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
+        rows.append(dict(case=name, spl=spl, entries=cap, keys=W + n, ops_ms=t_ops,
+                         kernel_ms=t_ker, ratio=t_ops / t_ker, max_abs_diff=diff))
+        print(f"{name:>28} {spl:>4} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
     out = Path(a.csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:

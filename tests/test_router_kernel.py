@@ -205,3 +205,16 @@ def test_gpu_model_with_router_kernel_matches_ops(clean_dispatch):
         finally:
             mx.set_default_device(mx.cpu)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_body_stays_in_the_common_subset():
+    """Constructs that C++ accepts but Metal or the shared-body rules do not; inputs never
+    bound to local pointers (Metal 'constant' vs 'device' inputs)."""
+    import re
+
+    ks = src.route_source("metal")
+    for bad in (r"\bdouble\b", r"\bprintf\b", r"\bstd::", r"__syncthreads", r"threadIdx",
+                r"simd_", r"__shfl"):
+        assert not re.search(bad, ks.source), bad
+    for n in ks.input_names:
+        assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n

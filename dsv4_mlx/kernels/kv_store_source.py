@@ -29,6 +29,7 @@ def _f32_bits(x: float) -> str:
 _STORE_BODY = r"""
   constexpr int NB = NOPE / BLK;
   constexpr int R = C - NOPE;
+  KI_SHARED float ki_v[NOPE];
   KI_SHARED float ki_amax[NB];
   const int w = ki_gx;
   const int b = ki_gy;
@@ -38,10 +39,14 @@ _STORE_BODY = r"""
     for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
     for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
   } else {
+    // the values into shared memory in one coalesced pass, then the block maxima from there
+    // (a loop of BLK global loads in one thread would serialise their latency)
+    for (int i = ki_tid; i < NOPE; i += TG) ki_v[i] = ki_to_float(kv[b * C + i]);
+    KI_BARRIER();
     for (int j = ki_tid; j < NB; j += TG) {
       float m = 0.0f;
       for (int i = 0; i < BLK; ++i) {
-        const float v = ki_to_float(kv[b * C + j * BLK + i]);
+        const float v = ki_v[j * BLK + i];
         const float a = v < 0.0f ? -v : v;
         m = a > m ? a : m;
       }
@@ -55,7 +60,7 @@ _STORE_BODY = r"""
       const float t = (ki_amax[j] > lo ? ki_amax[j] : lo) * inv;
       const uint32_t tb = KI_AS_UINT(t);
       const int k = (int)((tb >> 23) & 0xffu) - 127 + ((tb & 0x7fffffu) != 0u ? 1 : 0);
-      float y = ki_to_float(kv[b * C + i]) * KI_AS_FLOAT((uint32_t)(127 - k) << 23);
+      float y = ki_v[i] * KI_AS_FLOAT((uint32_t)(127 - k) << 23);
       y = y > 448.0f ? 448.0f : (y < -448.0f ? -448.0f : y);
       // e4m3 (bias 7, 3 mantissa bits), round to nearest even
       const uint32_t yb = KI_AS_UINT(y);

@@ -131,7 +131,9 @@ class RoutedExperts(nn.Module):
             inv = mx.argsort(order)
             x = x.flatten(0, -3)[order // idx.shape[-1]]
             inds, w = idx.flatten()[order], weights.flatten()[order]
-            lhs1 = lhs2 = _lhs_indices((inds.size,), False)  # x has one row a pick already
+            # x has one row a pick already; MLX's own lhs (its arange) keeps gather_qmm's
+            # sorted-rhs fast path for prefill chunks
+            lhs1 = lhs2 = None
         else:
             lhs1, lhs2 = _lhs_indices(idx.shape, True), _lhs_indices(idx.shape, False)
         g = _switch(self.w1, x, lhs1, inds, do_sort)
