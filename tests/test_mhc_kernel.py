@@ -59,7 +59,8 @@ def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6):
 
 
 @pytest.mark.parametrize("N,n,D,iters,tg", [(3, 4, 64, 20, 32), (5, 4, 72, 20, 16),
-                                            (2, 2, 40, 3, 64), (1, 4, 256, 1, 256)])
+                                            (2, 2, 40, 3, 64), (1, 4, 256, 1, 256),
+                                            (1, 4, 4096, 20, 512)])
 def test_emulated_pre_matches_ops(emu, N, n, D, iters, tg):
     rng = np.random.default_rng(N * 100 + D)
     X, fn, scale, base = _case(rng, N, n, D)
@@ -143,7 +144,7 @@ def _launches(dialect, xt, ft):
         ("pre", src.pre_source(dialect),
          [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3), ("float32", 1, 24),
           ("float32", 1, 2)], [xt, "float32", "float32"],
-         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 256)]),
+         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", km.PRE_TG)]),
         ("post", src.post_source(dialect),
          [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16),
           ("float32", 1, 1)], [xt],

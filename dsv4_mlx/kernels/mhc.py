@@ -18,7 +18,7 @@ from . import dispatch
 from . import mhc_source as src
 
 ENV_VAR = "DSV4_MHC_KERNEL"
-PRE_TG = 256
+PRE_TG = 512  # one group a token; 512 measured best of 256/512/1024 (bench/mhc.py, H100)
 POST_TG = 256
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str):

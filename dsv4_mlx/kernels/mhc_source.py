@@ -29,12 +29,25 @@ _PRE_BODY = r"""
   KI_SHARED float ki_red[TG];
   KI_SHARED float ki_pre[NS];
   const int xbase = t * NS * D;
-  float ss = 0.0f;
-  for (int i = ki_tid; i < NS * D; i += TG) {
-    const float v = ki_to_float(X[xbase + i]);
-    ss += v * v;
+  // four independent loads in flight a thread: one token is one group, so nothing else
+  // hides the memory latency of a one-load-at-a-time loop
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+  int i = ki_tid;
+  for (; i + 3 * TG < NS * D; i += 4 * TG) {
+    const float v0 = ki_to_float(X[xbase + i]);
+    const float v1 = ki_to_float(X[xbase + i + TG]);
+    const float v2 = ki_to_float(X[xbase + i + 2 * TG]);
+    const float v3 = ki_to_float(X[xbase + i + 3 * TG]);
+    s0 += v0 * v0;
+    s1 += v1 * v1;
+    s2 += v2 * v2;
+    s3 += v3 * v3;
   }
-  ki_red[ki_tid] = ss;
+  for (; i < NS * D; i += TG) {
+    const float v = ki_to_float(X[xbase + i]);
+    s0 += v * v;
+  }
+  ki_red[ki_tid] = (s0 + s1) + (s2 + s3);
   KI_BARRIER();
   for (int s = TG / 2; s > 0; s >>= 1) {
     if (ki_tid < s) ki_red[ki_tid] += ki_red[ki_tid + s];

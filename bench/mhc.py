@@ -1,0 +1,70 @@
+"""The mHC pre kernel (`kernels.mhc.hc_pre_kernel`) vs the ops path, one decode token, on a GPU.
+
+    python bench/mhc.py [--tg 256,1024] [--calls 16]
+
+Flash sizes (4 streams x 4096, 20 Sinkhorn rounds), bf16 streams; median ms a call over 20
+evaluations of `--calls` calls each, for each threadgroup size in `--tg`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from dsv4_mlx.kernels import dispatch
+from dsv4_mlx.kernels import mhc as km
+from dsv4_mlx.model import mhc as ops
+
+
+def timed(fn, calls, reps=20):
+    mx.eval([fn(i) for i in range(calls)])
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        mx.eval([fn(i) for i in range(calls)])
+        ts.append((time.perf_counter() - t) / calls)
+    return 1e3 * statistics.median(ts)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=16)
+    ap.add_argument("--tg", default=str(km.PRE_TG))
+    a = ap.parse_args()
+    backend = dispatch.select_backend(km.ENV_VAR)
+    if backend == "ops":
+        sys.exit("no GPU backend: this benchmark compares the GPU kernel with the ops path")
+    n, D, iters = 4, 4096, 20
+    rng = np.random.default_rng(0)
+    Xs = [mx.array(rng.standard_normal((1, 1, n, D)).astype(np.float32)).astype(mx.bfloat16)
+          for _ in range(a.calls)]
+    fn = mx.array((rng.standard_normal(((2 + n) * n, n * D)) / np.sqrt(n * D)).astype(np.float32))
+    scale = mx.array(rng.uniform(0.5, 2, 3).astype(np.float32))
+    base = mx.array(rng.standard_normal((2 + n) * n).astype(np.float32))
+    mx.eval(Xs, fn, scale, base)
+
+    def f_ops(i):
+        pre, post, comb = ops.hc_params(Xs[i], fn, scale, base, n, iters, 1e-6, 1e-6)
+        return ops.collapse(Xs[i], pre), post, comb
+
+    t_ops = timed(f_ops, a.calls)
+    print(f"{mx.default_device()} ({backend}): hc_pre, {n} x {D}, {iters} rounds, {a.calls} calls "
+          f"an evaluation; ops {t_ops:.4f} ms a call")
+    for tg in [int(v) for v in a.tg.split(",")]:
+        km.PRE_TG = tg
+        f_ker = lambda i: km.hc_pre_kernel(Xs[i], fn, scale, base, iters, 1e-6, 1e-6,  # noqa: E731
+                                           backend=backend)
+        diff = max(float(mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max())
+                   for g, w in zip(f_ker(0), f_ops(0)))
+        t = timed(f_ker, a.calls)
+        print(f"kernel TG {tg:5d}: {t:.4f} ms a call ({t_ops / t:.2f}x the ops path), "
+              f"max |diff| {diff:.2e}")
+
+
+if __name__ == "__main__":
+    main()
