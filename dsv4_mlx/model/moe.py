@@ -2,13 +2,14 @@
 
 Router in fp32: ``s = sqrt(softplus(x . gate^T))``. Learned layers pick top-k of ``s + bias``
 (the bias only selects); hash layers (layer < num_hash_layers) take ``tid2eid[token]``. The
-weights are the unbiased scores of the picks, normalised to 1, times routed_scaling_factor.
-SwiGLU with clamp (gate <= limit, |up| <= limit) in fp32 on routed and shared experts; the
+weights are the unbiased scores of the picks, normalised to 1, times routed_scaling_factor
+(`kernels.router.route`: one kernel on a GPU). SwiGLU with clamp (gate <= limit, |up| <= limit) in fp32 on routed and shared experts; the
 routing weight multiplies the activation before w2 (as the reference does); expert outputs
-are summed in fp32.
+are summed in fp32 (in the decoder block, inside the mHC post kernel: `MoE.branches`).
 
-Routed experts are stacked per projection -- ``ffn.experts.w1.weight`` [E, I, D] -- and run
-through mlx-lm's `SwitchLinear` (`gather_mm`, or `gather_qmm` once quantized).
+Routed experts are stacked per projection -- ``ffn.experts.w1.weight`` [E, I, D] -- held in
+mlx-lm's `SwitchLinear` / `QuantizedSwitchLinear` and run with `gather_mm` / `gather_qmm`
+directly, with constant uint32 row indices for one-token steps (no per-call arange and cast).
 """
 
 from __future__ import annotations
