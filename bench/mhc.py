@@ -9,9 +9,8 @@ evaluations of `--calls` calls each, for each threadgroup size in `--tg`.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -20,15 +19,8 @@ from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import mhc as km
 from dsv4_mlx.model import mhc as ops
 
-
-def timed(fn, calls, reps=20):
-    mx.eval([fn(i) for i in range(calls)])
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        mx.eval([fn(i) for i in range(calls)])
-        ts.append((time.perf_counter() - t) / calls)
-    return 1e3 * statistics.median(ts)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_store import timed  # noqa: E402  (median ms a call of fn(i), i < calls)
 
 
 def main():

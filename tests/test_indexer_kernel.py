@@ -522,6 +522,16 @@ def test_metal_stub_catches_errors(tmp_path):
         assert _gxx_syntax(bad, tmp_path, "bad").returncode != 0
 
 
+def assert_common_subset(ks):
+    """A kernel source keeps to the shared-body rules: no constructs that C++ accepts but Metal
+    or the rules do not, inputs never bound to local pointers (Metal 'constant' vs 'device')."""
+    for bad in (r"\bdouble\b", r"\bprintf\b", r"\bstd::", r"__syncthreads", r"threadIdx",
+                r"simd_", r"__shfl"):
+        assert not re.search(bad, ks.source), bad
+    for n in ks.input_names:
+        assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n
+
+
 def test_kernel_bodies_stay_in_the_common_subset():
     """Constructs that C++ accepts but Metal or the shared-body rules do not."""
     for ks in ([src.score_source("metal", m) for m in src.KEY_MODES]

@@ -237,20 +237,8 @@ def test_gpu_kernels_match_ops(clean_dispatch, dtype, N, D):
 def test_gpu_model_with_kernels_matches_ops(clean_dispatch):
     """A whole tiny model (fp32, prefill then decode) with the mHC kernels against the same
     model with DSV4_MHC_KERNEL=ops."""
-    from conftest import FLASH_LIKE, prefill_then_decode
+    from conftest import gpu_logits_kernel_on_off
 
-    from dsv4_mlx.model import Model, ModelArgs
-    from dsv4_mlx.random_weights import load_random
-
-    with mx.stream(mx.gpu):
-        mx.set_default_device(mx.gpu)
-        try:
-            model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, num_nextn_predict_layers=0))), seed=2)
-            ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]])
-            got = prefill_then_decode(model, ids, 12)
-            clean_dispatch.setenv(km.ENV_VAR, "ops")
-            want = prefill_then_decode(model, ids, 12)
-        finally:
-            mx.set_default_device(mx.cpu)
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, km.ENV_VAR)
     np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
     assert np.abs(got - want).max() < 1e-3

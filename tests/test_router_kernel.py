@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, nvcc_compile
+from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, assert_common_subset, nvcc_compile
 
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import router as kr
@@ -189,32 +189,11 @@ def test_gpu_kernel_matches_ops(clean_dispatch, N, E, k, hashed):
 def test_gpu_model_with_router_kernel_matches_ops(clean_dispatch):
     """A whole tiny model (fp32, prefill then decode) with the router kernel against the same
     model with DSV4_ROUTER_KERNEL=ops."""
-    from conftest import FLASH_LIKE, prefill_then_decode
+    from conftest import gpu_logits_kernel_on_off
 
-    from dsv4_mlx.model import Model, ModelArgs
-    from dsv4_mlx.random_weights import load_random
-
-    with mx.stream(mx.gpu):
-        mx.set_default_device(mx.gpu)
-        try:
-            model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, num_nextn_predict_layers=0))), seed=2)
-            ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]])
-            got = prefill_then_decode(model, ids, 12)
-            clean_dispatch.setenv(kr.ENV_VAR, "ops")
-            want = prefill_then_decode(model, ids, 12)
-        finally:
-            mx.set_default_device(mx.cpu)
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kr.ENV_VAR)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_body_stays_in_the_common_subset():
-    """Constructs that C++ accepts but Metal or the shared-body rules do not; inputs never
-    bound to local pointers (Metal 'constant' vs 'device' inputs)."""
-    import re
-
-    ks = src.route_source("metal")
-    for bad in (r"\bdouble\b", r"\bprintf\b", r"\bstd::", r"__syncthreads", r"threadIdx",
-                r"simd_", r"__shfl"):
-        assert not re.search(bad, ks.source), bad
-    for n in ks.input_names:
-        assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n
+    assert_common_subset(src.route_source("metal"))

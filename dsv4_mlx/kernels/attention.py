@@ -25,14 +25,6 @@ from . import dispatch
 
 ENV_VAR = "DSV4_ATTN_KERNEL"
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-_consts: dict = {}
-
-
-def _const(key, make):
-    a = _consts.get(key)
-    if a is None:
-        a = _consts[key] = make()
-    return a
 
 
 def kv_mode(codec) -> Optional[str]:
@@ -86,11 +78,11 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
     if sparse:
         ncomp = idx.shape[-1]
     else:
-        idx = _const("idx0", lambda: mx.zeros((1,), mx.int32))
+        idx = dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
     S = num_splits(W + ncomp)
     NG = -(-H // HG)
     meta = mx.array([nring, ncomp, SPL, S], mx.int32)
-    fp = _const(("scale", scale), lambda: mx.array([scale], mx.float32))
+    fp = dispatch.const(("f32_1", scale), lambda: mx.array([scale], mx.float32))
     with mx.stream(mx.gpu):
         pm, pl, pacc = dispatch.build_kernel(backend, src.decode_source(backend, mode))(
             inputs=[q, *ring_a, *comp_a, idx, meta, fp],

@@ -81,6 +81,18 @@ def select_backend(env_var: str = ENV_VAR) -> str:
 # --------------------------------------------------------------------------------------------
 # kernel objects
 
+_consts: dict = {}
+
+
+def const(key, make):
+    """A small constant input (scale, dummy array) made once by `make()` and shared by every
+    call and kernel: no new array per call. Equal keys must make equal arrays."""
+    a = _consts.get(key)
+    if a is None:
+        a = _consts[key] = make()
+    return a
+
+
 _kernels: dict = {}
 
 

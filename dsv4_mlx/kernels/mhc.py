@@ -39,21 +39,12 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     return h, post, comb
 
 
-_consts: dict = {}
-
-
-def _no_routed():
-    if "R" not in _consts:
-        _consts["R"] = mx.zeros((1,), mx.float32)
-    return _consts["R"]
-
-
 def hc_post_kernel(X, F, post, comb, routed=None, *, backend: str):
     """Kernel path of `hc_post`. X [B, S, n, D], F [B, S, D], post [B, S, n], comb [B, S, n, n];
     routed [B, S, k, 1, D] or None."""
     B, S, n, D = X.shape
     N = B * S
-    R = _no_routed() if routed is None else routed
+    R = dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)) if routed is None else routed
     KR = 0 if routed is None else routed.shape[2]
     with mx.stream(mx.gpu):
         (Y,) = dispatch.build_kernel(backend, src.post_source(backend))(

@@ -50,20 +50,10 @@ def route_ops(logits, bias, hidx, k: int, scale: float):
         s, neg = _scores_biased(logits, bias.astype(mx.float32))
         idx = mx.argpartition(neg, kth=k - 1, axis=-1)[..., :k]
     w = mx.take_along_axis(s, idx, axis=-1)
-    sc = _const(("scale", scale), lambda: mx.array(scale, mx.float32))
+    sc = dispatch.const(("f32", scale), lambda: mx.array(scale, mx.float32))
     if k == 1:  # MLX 0.32's shapeless compile crashes on a size-1 reduced axis
         return idx, w / w.sum(axis=-1, keepdims=True) * sc
     return idx, _normalise(w, sc)
-
-
-_consts: dict = {}
-
-
-def _const(key, make):
-    a = _consts.get(key)
-    if a is None:
-        a = _consts[key] = make()
-    return a
 
 
 def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str):
@@ -73,12 +63,12 @@ def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str):
     for d in lead:
         N *= d
     hashed = hidx is not None
-    dummy = _const("dummy_i", lambda: mx.zeros((1,), mx.int32))
+    dummy = dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
     with mx.stream(mx.gpu):
         idx, w = dispatch.build_kernel(backend, src.route_source(backend))(
-            inputs=[logits, _const("dummy_f", lambda: mx.zeros((1,), mx.float32)) if hashed else bias,
+            inputs=[logits, dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)) if hashed else bias,
                     hidx if hashed else dummy,
-                    _const(("scale1", scale), lambda: mx.array([scale], mx.float32))],
+                    dispatch.const(("f32_1", scale), lambda: mx.array([scale], mx.float32))],
             template=[("E", E), ("K", k), ("TG", TG), ("HASH", hashed)],
             grid=(N * TG, 1, 1), threadgroup=(TG, 1, 1),
             output_shapes=[(*lead, k), (*lead, k)], output_dtypes=[mx.uint32, mx.float32],
