@@ -3,9 +3,15 @@
 concatenate, MLX's SDPA with sinks, which composes ~15 primitives for 512-dim heads).
 
     python bench/attention.py [--calls 16] [--csv bench/out/attention.csv]
+    ncu --metrics gpu__time_duration.sum --csv --log-file F.csv -k regex:dsv4_sink \
+        python bench/attention.py --profile [--spl ..] [--tg ..] [--hg ..]   # kernels only
+    python bench/attention.py --parse-ncu F.csv [same sweep options]     # GPU time a call
 
 Each case: 64 heads x 512 dims, window 128 (full), bf16 queries; `--calls` calls are built
 into one evaluation and the median wall time of an evaluation over 20 is divided by it.
+Wall time of so small a call is mostly building and launching; `--profile` under Nsight
+Compute gives the GPU time of the two kernels (median of PROFILE_CALLS calls, base clocks,
+caches flushed before each kernel as in a decode step, where other layers evict them).
 """
 
 from __future__ import annotations
@@ -57,6 +63,37 @@ def timed(fn, calls, reps=20):
     return 1e3 * statistics.median(ts)
 
 
+PROFILE_CALLS = 5
+
+
+def _inputs(codec, rng, cap, n, sparse, H, C, W):
+    ring = codec.encode(mx.array(rng.standard_normal((1, W, C)).astype(np.float32)).astype(mx.bfloat16))
+    comp = codec.encode(mx.array(rng.standard_normal((1, max(cap, 1), C)).astype(np.float32)).astype(mx.bfloat16))
+    idx = mx.array(np.sort(rng.permutation(cap)[:n])[None].astype(np.int32)) if sparse else None
+    q = mx.array(rng.standard_normal((1, H, 1, C)).astype(np.float32)).astype(mx.bfloat16)
+    sinks = mx.array(rng.standard_normal(H).astype(np.float32))
+    mx.eval(ring, comp, q, sinks, *(() if idx is None else (idx,)))
+    return ring, comp, idx, q, sinks
+
+
+def parse_ncu(path, cases):
+    """Median GPU time (us) of (split, combine) per (case, launch) from an ncu CSV of
+    `--profile`: the rows come in launch order, PROFILE_CALLS x 2 kernels per case."""
+    with open(path) as f:
+        lines = [ln for ln in f if ln.startswith('"')]
+    rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
+    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+    t = [float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1.0) for r in rows]
+    per = 2 * PROFILE_CALLS
+    if len(t) != per * len(cases):
+        sys.exit(f"{path}: {len(t)} kernels, expected {per * len(cases)} for this sweep")
+    print(f"{'case':>28} {'SPL':>4} {'TG':>4} {'HG':>3} {'KU':>3} {'split us':>9} {'combine us':>11} {'total us':>9}")
+    for i, (name, spl, tg, hg, ku) in enumerate(cases):
+        sp = statistics.median(t[i * per: (i + 1) * per: 2])
+        co = statistics.median(t[i * per + 1: (i + 1) * per: 2])
+        print(f"{name:>28} {spl:>4} {tg:>4} {hg:>3} {ku:>3} {sp:>9.1f} {co:>11.1f} {sp + co:>9.1f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=16)
@@ -64,7 +101,18 @@ def main():
     ap.add_argument("--csv", default="bench/out/attention.csv")
     ap.add_argument("--spl", default=None,
                     help="comma list of keys a split to sweep (kernels.attention.SPL; default as set)")
+    ap.add_argument("--tg", default=None, help="comma list of threads a group (kernels.attention.TG)")
+    ap.add_argument("--hg", default=None, help="comma list of heads a group (kernels.attention.HG)")
+    ap.add_argument("--ku", default=None, help="comma list of keys a warp at once (kernels.attention.KU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="(under ncu) only the kernel, PROFILE_CALLS evaluated calls a case")
+    ap.add_argument("--parse-ncu", default=None, metavar="CSV")
     a = ap.parse_args()
+    ints = lambda v, d: [int(x) for x in v.split(",")] if v else [d]  # noqa: E731
+    launches = [(s, t, h, u) for s in ints(a.spl, ka.SPL) for t in ints(a.tg, ka.TG)
+                for h in ints(a.hg, ka.HG) for u in ints(a.ku, ka.KU)]
+    if a.parse_ncu:
+        return parse_ncu(a.parse_ncu, [(c[0], *v) for c in CASES for v in launches])
     backend = dispatch.select_backend(ka.ENV_VAR)
     if backend == "ops":
         sys.exit("no GPU backend: this benchmark compares the GPU kernel with the ops path")
@@ -75,24 +123,28 @@ def main():
     rows = []
     print(f"{mx.default_device()} ({backend}), H {H}, C {C}, window {W}, {a.kv_format} KV, "
           f"{a.calls} calls an evaluation")
-    spls = [int(v) for v in a.spl.split(",")] if a.spl else [ka.SPL]
-    print(f"{'case':>28} {'SPL':>4} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} {'max |diff|':>11}")
-    for (name, cap, n, sparse), spl in [(c, v) for c in CASES for v in spls]:
-        ka.SPL = spl
-        ring = codec.encode(mx.array(rng.standard_normal((1, W, C)).astype(np.float32)).astype(mx.bfloat16))
-        comp = codec.encode(mx.array(rng.standard_normal((1, max(cap, 1), C)).astype(np.float32)).astype(mx.bfloat16))
-        idx = mx.array(np.sort(rng.permutation(cap)[:n])[None].astype(np.int32)) if sparse else None
-        q = mx.array(rng.standard_normal((1, H, 1, C)).astype(np.float32)).astype(mx.bfloat16)
-        sinks = mx.array(rng.standard_normal(H).astype(np.float32))
-        mx.eval(ring, comp, q, sinks, *(() if idx is None else (idx,)))
+    if a.profile:
+        for (name, cap, n, sparse), (spl, tg, hg, ku) in [(c, v) for c in CASES for v in launches]:
+            ring, comp, idx, q, sinks = _inputs(codec, rng, cap, n, sparse, H, C, W)
+            for _ in range(PROFILE_CALLS):
+                mx.eval(ka.sink_decode_kernel(q, ring, W, comp if cap else None, n, idx, sinks, scale,
+                                              mode=ka.kv_mode(codec), nope=getattr(codec, "nope", 0),
+                                              block=getattr(codec, "block", 1), backend=backend,
+                                              tg=tg, hg=hg, spl=spl, ku=ku))
+        return
+    print(f"{'case':>28} {'SPL':>4} {'TG':>4} {'HG':>3} {'KU':>3} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} "
+          f"{'max |diff|':>11}")
+    for (name, cap, n, sparse), (spl, tg, hg, ku) in [(c, v) for c in CASES for v in launches]:
+        ka.SPL, ka.TG, ka.HG, ka.KU = spl, tg, hg, ku
+        ring, comp, idx, q, sinks = _inputs(codec, rng, cap, n, sparse, H, C, W)
         f_ops = lambda: ops_path(codec, q, ring, comp, n, idx, sinks, scale)  # noqa: E731
         f_ker = lambda: ka.sink_decode(q, ring, W, comp if cap else None, n, idx, sinks, scale,  # noqa: E731
                                        codec, backend)
         diff = float(mx.abs(f_ops().astype(mx.float32) - f_ker().astype(mx.float32)).max())
         t_ops, t_ker = timed(f_ops, a.calls), timed(f_ker, a.calls)
-        rows.append(dict(case=name, spl=spl, entries=cap, keys=W + n, ops_ms=t_ops,
+        rows.append(dict(case=name, spl=spl, tg=tg, hg=hg, ku=ku, entries=cap, keys=W + n, ops_ms=t_ops,
                          kernel_ms=t_ker, ratio=t_ops / t_ker, max_abs_diff=diff))
-        print(f"{name:>28} {spl:>4} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
+        print(f"{name:>28} {spl:>4} {tg:>4} {hg:>3} {ku:>3} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
     out = Path(a.csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:

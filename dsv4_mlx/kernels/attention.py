@@ -43,10 +43,10 @@ def _arrays(mode: str, parts: Dict[str, mx.array]):
     return [parts["kv"]]
 
 
-TG = 256        # threads a group of the split kernel
-HG = 8          # heads a group
-KT = 4          # keys a tile (HG x KT pairs, TG / (HG x KT) threads a dot product)
+TG = 128        # threads a group of the split kernel: TG / 32 warps, one key a warp at a time
+HG = 2          # heads a group (each lane holds 2 x HG x C / 32 floats in registers)
 SPL = 64        # keys a split
+KU = 2          # keys a warp loads at once (all in flight before the math)
 COMBINE_TG = 128
 # Past this many compressed keys (dense HCA entries, ~256K tokens of context at rate 128) the
 # ops path's matmuls beat the kernel's split loop on an H100 (bench/attention.py: kernel
@@ -54,20 +54,24 @@ COMBINE_TG = 128
 MAX_COMPRESSED_KEYS = 2048
 
 
-def shared_bytes(C: int) -> int:
+def shared_bytes(C: int, tg: int = TG, hg: int = HG) -> int:
     """Shared (threadgroup) memory of the split kernel for head dim C."""
-    return 4 * ((HG + KT) * (C + 8) + TG + HG * KT + 3 * HG + KT)
+    return 4 * (2 * (tg // 32) * hg + hg * C)
 
 
-def num_splits(nkeys: int) -> int:
-    return max(1, -(-nkeys // SPL))
+def num_splits(nkeys: int, spl: int = SPL) -> int:
+    return max(1, -(-nkeys // spl))
 
 
 def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, *,
-                       mode: str, nope: int, block: int, backend: str):
+                       mode: str, nope: int, block: int, backend: str, tg: int = None, hg: int = None,
+                       spl: int = None, ku: int = None):
     """q [B, H, 1, C]; ring: stored parts [B, W, ...]; comp: stored parts [B, CAP, ...] (or
     None); idx [B, k] int32 picks (None: the first `ncomp` entries, dense); sinks [H].
-    -> [B, H, 1, C] in q's dtype. Two launches: the splits, then their combination."""
+    -> [B, H, 1, C] in q's dtype. Two launches: the splits, then their combination.
+    ``tg``, ``hg``, ``spl``, ``ku``: launch parameters (threads, heads and keys a group, keys
+    a warp at once; default the module's `TG`, `HG`, `SPL`, `KU`), for tuning."""
+    tg, hg, spl, ku = tg or TG, hg or HG, spl or SPL, ku or KU
     B, H, _, C = q.shape
     ring_a = _arrays(mode, ring)
     W = ring_a[0].shape[1]
@@ -79,17 +83,17 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
         ncomp = idx.shape[-1]
     else:
         idx = dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
-    S = num_splits(W + ncomp)
-    NG = -(-H // HG)
-    meta = mx.array([nring, ncomp, SPL, S], mx.int32)
+    S = num_splits(W + ncomp, spl)
+    NG = -(-H // hg)
+    meta = mx.array([nring, ncomp], mx.int32)  # 8 bytes: see the kernel's note on host arrays
     fp = dispatch.const(("f32_1", scale), lambda: mx.array([scale], mx.float32))
     with mx.stream(mx.gpu):
         pm, pl, pacc = dispatch.build_kernel(backend, src.decode_source(backend, mode))(
             inputs=[q, *ring_a, *comp_a, idx, meta, fp],
             template=[("QT", q.dtype), ("KV", ring_a[-1].dtype), ("C", C), ("NOPE", nope),
-                      ("BLK", block), ("W", W), ("TG", TG), ("HG", HG), ("KT", KT),
-                      ("SPARSE", sparse)],
-            grid=(NG * S * TG, B, 1), threadgroup=(TG, 1, 1),
+                      ("BLK", block), ("W", W), ("TG", tg), ("HG", hg), ("SPL", spl),
+                      ("KU", ku), ("SPARSE", sparse)],
+            grid=(NG * S * tg, B, 1), threadgroup=(tg, 1, 1),
             output_shapes=[(B, H, S), (B, H, S), (B, H, S, C)],
             output_dtypes=[mx.float32] * 3,
         )
@@ -117,6 +121,8 @@ def kernel_backend(q, codec, ncomp: int = 0) -> str:
         return "ops"
     C = q.shape[-1]
     nope, block = _codec_consts(codec)
+    if C % 4 or nope % 4 or block % 4:  # the kernel loads 4 dims at a time
+        return "ops"
     key = f"{backend}/attn/{mode}/{q.dtype}/C{C}/n{nope}/b{block}"
 
     def probe():

@@ -8,10 +8,11 @@ power-of-two scales per block for the non-RoPE dims plus the RoPE dims in the co
 memory, gathered or concatenated first, and no [heads x keys] score matrix exists.
 
 Flash decoding in two launches. The split kernel: one threadgroup a (split of SPL keys, group
-of HG heads, batch row); the keys go through in tiles of KT, each decoded once into shared
-memory for the group's heads; PT = TG / (HG KT) threads share one (head, key) dot product;
-one thread a head updates the running max / sum (online softmax); every thread then updates
-its output dims of every head. It writes the split's max, sum and unnormalised output. The
+of HG heads, batch row), one warp (simdgroup) a key at a time: each lane holds 4 dims in
+every 128 of the group's queries and running outputs in registers, a key's dot products are
+summed across the warp, and the lanes update their own dims (online softmax) with no
+barrier; the warps' partials are merged in shared memory at the end. It writes the split's
+max, sum and unnormalised output. The
 combining kernel: one threadgroup a (head, batch row) rescales the splits to a common max
 and adds the sink's term exp(sink - M) to the denominator.
 
@@ -29,35 +30,50 @@ KV_MODES = ("fp8", "plain")
 _PARTS = {"fp8": ("n", "s", "r"), "plain": ("k",)}
 
 
-def _val(mode: str, src: str, row: str, d: str) -> str:
-    """The fp32 value of dim `d` of stored row `row` (batch offset included) of key set `src`."""
+def _load4(mode: str, src: str, row: str) -> str:
+    """Statements setting v0..v3 to the fp32 values of dims d0 .. d0+3 of stored row `row`
+    (batch offset included) of key set `src` (C, NOPE and BLK are multiples of 4, so the four
+    dims share a part and a scale block)."""
     if mode == "plain":
-        return f"ki_to_float({src}k[(int64_t)({row}) * C + ({d})])"
-    # FP8 non-RoPE dims: e4m3 code x 2^(scale - 127) (exact); RoPE dims as stored
-    return (f"(({d}) < NOPE ? ki_e4m3((unsigned int){src}n[(int64_t)({row}) * NOPE + ({d})]) * "
-            f"KI_AS_FLOAT(((unsigned int){src}s[(int64_t)({row}) * (NOPE / BLK) + ({d}) / BLK]) << 23)"
-            f" : ki_to_float({src}r[(int64_t)({row}) * (C - NOPE) + ({d}) - NOPE]))")
+        return (f"const int64_t o = (int64_t)({row}) * C + d0;\n"
+                + "".join(f"v{u} = ki_to_float({src}k[o + {u}]);\n" for u in range(4)))
+    # FP8 non-RoPE dims: four e4m3 codes in one 32-bit load (lowest address = low byte) x
+    # 2^(scale - 127) (exact); RoPE dims as stored
+    return (f"if (d0 < NOPE) {{\n"
+            f"  const unsigned int cw = KI_LOAD_U32({src}n, ((int64_t)({row}) * NOPE + d0) / 4);\n"
+            f"  const float sc = KI_AS_FLOAT(((unsigned int){src}s[(int64_t)({row}) * (NOPE / BLK) + d0 / BLK]) << 23);\n"
+            + "".join(f"  v{u} = ki_e4m3((cw >> {8 * u}) & 255u) * sc;\n" for u in range(4))
+            + f"}} else {{\n  const int64_t o = (int64_t)({row}) * (C - NOPE) + d0 - NOPE;\n"
+            + "".join(f"  v{u} = ki_to_float({src}r[o + {u}]);\n" for u in range(4))
+            + "}\n")
 
 
 _BODY = """\
   // ---- one-query attention with sinks, split over keys: the partials of one split ----
   // Inputs: q [B, H, C] (QT), ring parts [B, W, ...], compressed parts [B, CAP, ...],
-  // idx [B, K] int32 (SPARSE only), meta [4] int32 = (nring, ncomp: the dense entry count
-  // or K, SPL: keys a split, S: splits), fp [1] f32 = softmax scale.
+  // idx [B, K] int32 (SPARSE only), meta [2] int32 = (nring, ncomp: the dense entry count
+  // or K), fp [1] f32 = softmax scale. (meta is made on the host every step: at 8 bytes it
+  // sits in MLX's small-block pool, which a CUDA GPU reads in place; a larger host array
+  // migrates its page to the GPU on every use, ~100 us under Nsight Compute.)
   // Outputs: pm, pl [B, H, S] f32 (the split's max logit and sum of exp(logit - pm)),
   // pacc [B, H, S, C] f32 (sum of exp(logit - pm) x value).
-  // Template: QT, KV (dtype of the RoPE / plain parts), C, NOPE, BLK, W, TG, HG (heads a
-  // group), KT (keys a tile), SPARSE; TG a multiple of HG x KT.
+  // Template: QT, KV (dtype of the RoPE / plain parts), C, NOPE, BLK (C, NOPE, BLK multiples
+  // of 4), W, TG (a multiple of 32: NW = TG / 32 warps), HG (heads a group), SPL (keys a
+  // split), KU (keys a warp takes at once), SPARSE.
   // Grid (NG * S * TG, B, 1): group x = split s * NG + head group g, NG = ceil(H / HG).
-  constexpr int NPT = (C + TG - 1) / TG;
-  constexpr int PT = TG / (HG * KT);
-  constexpr int CP = C + 8;  // padded row stride: the rows of one warp's reads in other banks
-  KI_SHARED float ki_q[HG * CP];
-  KI_SHARED float ki_k[KT * CP];
-  KI_SHARED float ki_part[TG];
-  KI_SHARED float ki_p[HG * KT];
-  KI_SHARED float ki_ml[3 * HG];  // running max, running sum, this tile's rescale; per head
-  KI_SHARED int ki_row[KT];
+  // The split's stored rows are found first, in parallel. Then warp w takes keys
+  // KU (r NW + w) .. + KU - 1 in round r: their loads all in flight before any math. Lane l
+  // holds dims 128 i + 4 l .. + 3 of the group's HG (scaled) queries and of their running
+  // outputs: a key's HG dot products are lane partials summed across the warp, and every
+  // lane applies the online-softmax update to its own dims. The warps' (max, sum, output)
+  // are merged in shared memory at the end.
+  constexpr int NW = TG / 32;
+  constexpr int NCH = (C + 127) / 128;  // 128-dim chunks: 4 dims a lane each
+  constexpr int DPL = 4 * NCH;
+  KI_SHARED int ki_rows[SPL];
+  KI_SHARED float ki_wm[NW * HG];
+  KI_SHARED float ki_wl[NW * HG];
+  KI_SHARED float ki_red[HG * C];
   const int B = q_shape[0];
   const int H = q_shape[1];
   const int CAP = @CAPSHAPE@[1];
@@ -65,115 +81,129 @@ _BODY = """\
   const int g = ki_gx % NG;
   const int sp = ki_gx / NG;
   const int b = ki_gy;
+  const int lane = ki_tid % 32;
+  const int wp = ki_tid / 32;
   const int nring = meta[0];
   const int ncomp = meta[1];
-  const int SPL = meta[2];
-  const int S = meta[3];
   const int L = W + ncomp;
+  const int S = (L + SPL - 1) / SPL;
   const int j_lo = sp * SPL;
-  const int j_hi = j_lo + SPL < L ? j_lo + SPL : L;
-  for (int i = ki_tid; i < HG * C; i += TG) {
-    const int hh = g * HG + i / C;
-    ki_q[(i / C) * CP + i % C] = hh < H ? ki_to_float(q[((int64_t)b * H + hh) * C + i % C]) * fp[0] : 0.0f;
+  for (int i = ki_tid; i < SPL; i += TG) {
+    // stored row of key j: ring rows b * W + slot, compressed rows B * W + b * CAP + entry;
+    // -1 = no key
+    const int j = j_lo + i;
+    int r = -1;
+    if (j < L) {
+      if (j < W) {
+        r = j < nring ? b * W + j : -1;
+      } else {
+        const int e = SPARSE ? idx[b * ncomp + (j - W)] : j - W;
+        r = e >= 0 ? B * W + b * CAP + e : -1;
+      }
+    }
+    ki_rows[i] = r;
   }
-  if (ki_tid < HG) {
-    ki_ml[ki_tid] = KI_NEG_INF;
-    ki_ml[HG + ki_tid] = 0.0f;
+  float qv[HG][DPL];
+  float acc[HG][DPL];
+  float m[HG];
+  float l[HG];
+  KI_UNROLL for (int h = 0; h < HG; ++h) {
+    const int hh = g * HG + h;
+    KI_UNROLL for (int t = 0; t < DPL; ++t) {
+      const int d = 128 * (t / 4) + 4 * lane + t % 4;
+      qv[h][t] = (hh < H && d < C) ? ki_to_float(q[((int64_t)b * H + hh) * C + d]) * fp[0] : 0.0f;
+      acc[h][t] = 0.0f;
+    }
+    m[h] = KI_NEG_INF;
+    l[h] = 0.0f;
   }
-  float acc[HG][NPT];
-  for (int h = 0; h < HG; ++h)
-    for (int i = 0; i < NPT; ++i) acc[h][i] = 0.0f;
-  for (int j0 = j_lo; j0 < j_hi; j0 += KT) {
-    if (ki_tid < KT) {
-      // stored row of key j0 + tid: ring rows b * W + slot, compressed rows
-      // B * W + b * CAP + entry; -1 = no key
-      const int j = j0 + ki_tid;
-      int r = -1;
-      if (j < j_hi) {
-        if (j < W) {
-          r = j < nring ? b * W + j : -1;
-        } else {
-          const int e = SPARSE ? idx[b * ncomp + (j - W)] : j - W;
-          r = e >= 0 ? B * W + b * CAP + e : -1;
+  KI_BARRIER();
+  constexpr int NT = (SPL + NW * KU - 1) / (NW * KU);  // rounds: the same in every warp
+  for (int it = 0; it < NT; ++it) {
+    int r[KU];
+    float kv[KU][DPL];
+    KI_UNROLL for (int u = 0; u < KU; ++u) {
+      const int jj = (it * NW + wp) * KU + u;
+      r[u] = jj < SPL ? ki_rows[jj] : -1;
+    }
+    KI_UNROLL for (int u = 0; u < KU; ++u) {
+      KI_UNROLL for (int c = 0; c < NCH; ++c) {
+        const int d0 = 128 * c + 4 * lane;
+        const int row = r[u];
+        float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
+        if (d0 < C && row >= 0) {
+          if (row < B * W) {
+@RLOAD@
+          } else {
+            const int rc = row - B * W;
+@CLOAD@
+          }
         }
+        kv[u][4 * c] = v0;
+        kv[u][4 * c + 1] = v1;
+        kv[u][4 * c + 2] = v2;
+        kv[u][4 * c + 3] = v3;
       }
-      ki_row[ki_tid] = r;
     }
-    KI_BARRIER();
-    // the tile's keys, decoded once for all HG heads
-    for (int i = ki_tid; i < KT * C; i += TG) {
-      const int d = i % C;
-      const int r = ki_row[i / C];
-      float v = 0.0f;
-      if (r >= 0 && r < B * W) {
-        v = @RVAL@;
-      } else if (r >= 0) {
-        const int rc = r - B * W;
-        v = @CVAL@;
-      }
-      ki_k[(i / C) * CP + d] = v;
-    }
-    KI_BARRIER();
-    {
-      // PT threads share one (head, key) dot product, every PT-th dim each
-      const int pair = ki_tid / PT;
-      const int hh = pair / KT;
-      const int jj = pair % KT;
-      float dot = 0.0f;
-      for (int d = ki_tid % PT; d < C; d += PT) dot += ki_q[hh * CP + d] * ki_k[jj * CP + d];
-      ki_part[ki_tid] = dot;
-    }
-    KI_BARRIER();
-    if (ki_tid < HG * KT) {
-      float lg = 0.0f;
-      for (int i = 0; i < PT; ++i) lg += ki_part[ki_tid * PT + i];
-      ki_p[ki_tid] = ki_row[ki_tid % KT] >= 0 ? lg : KI_NEG_INF;
-    }
-    KI_BARRIER();
-    if (ki_tid < HG) {
-      // online softmax of head ki_tid over the tile: new max, rescale, weights
-      const float m_old = ki_ml[ki_tid];
-      float tm = m_old;
-      for (int jj = 0; jj < KT; ++jj) tm = ki_p[ki_tid * KT + jj] > tm ? ki_p[ki_tid * KT + jj] : tm;
-      const float corr = tm == KI_NEG_INF ? 1.0f : KI_EXP(m_old - tm);
-      float l = ki_ml[HG + ki_tid] * corr;
-      for (int jj = 0; jj < KT; ++jj) {
-        const float lg = ki_p[ki_tid * KT + jj];
-        const float p = lg == KI_NEG_INF ? 0.0f : KI_EXP(lg - tm);
-        ki_p[ki_tid * KT + jj] = p;
-        l += p;
-      }
-      ki_ml[ki_tid] = tm;
-      ki_ml[HG + ki_tid] = l;
-      ki_ml[2 * HG + ki_tid] = corr;
-    }
-    KI_BARRIER();
-    for (int h = 0; h < HG; ++h) {
-      const float corr = ki_ml[2 * HG + h];
-      for (int i = 0; i < NPT; ++i) {
-        const int d = ki_tid + i * TG;
-        if (d < C) {
-          float a = acc[h][i] * corr;
-          for (int jj = 0; jj < KT; ++jj) a += ki_p[h * KT + jj] * ki_k[jj * CP + d];
-          acc[h][i] = a;
+    KI_UNROLL for (int u = 0; u < KU; ++u) {
+      KI_UNROLL for (int h = 0; h < HG; ++h) {
+        float s = 0.0f;
+        KI_UNROLL for (int t = 0; t < DPL; ++t) s += qv[h][t] * kv[u][t];
+        s = KI_WARP_SUM(s);  // the same bits in every lane: the branches below are warp-uniform
+        if (r[u] >= 0) {
+          if (s > m[h]) {  // a new max: rescale by exp(m - s) (0 for the first key), weight 1
+            const float c = KI_EXP(m[h] - s);
+            l[h] = l[h] * c + 1.0f;
+            KI_UNROLL for (int t = 0; t < DPL; ++t) acc[h][t] = acc[h][t] * c + kv[u][t];
+            m[h] = s;
+          } else {
+            const float p = KI_EXP(s - m[h]);
+            l[h] += p;
+            KI_UNROLL for (int t = 0; t < DPL; ++t) acc[h][t] += p * kv[u][t];
+          }
         }
       }
     }
-    KI_BARRIER();  // the tile's rows, keys and weights are rewritten next
   }
-  KI_BARRIER();  // a split without keys: the initial max and sum, written above
+  // merge the warps: a common max per head, then the rescaled outputs summed warp by warp
+  if (lane == 0) {
+    KI_UNROLL for (int h = 0; h < HG; ++h) {
+      ki_wm[wp * HG + h] = m[h];
+      ki_wl[wp * HG + h] = l[h];
+    }
+  }
+  KI_BARRIER();
+  float wsc[HG];
+  KI_UNROLL for (int h = 0; h < HG; ++h) {
+    float M = KI_NEG_INF;
+    for (int w = 0; w < NW; ++w) M = ki_wm[w * HG + h] > M ? ki_wm[w * HG + h] : M;
+    wsc[h] = m[h] == KI_NEG_INF ? 0.0f : KI_EXP(m[h] - M);
+  }
+  for (int w = 0; w < NW; ++w) {
+    if (wp == w) {
+      KI_UNROLL for (int h = 0; h < HG; ++h) {
+        KI_UNROLL for (int t = 0; t < DPL; ++t) {
+          const int d = 128 * (t / 4) + 4 * lane + t % 4;
+          if (d < C) ki_red[h * C + d] = (w == 0 ? 0.0f : ki_red[h * C + d]) + acc[h][t] * wsc[h];
+        }
+      }
+    }
+    KI_BARRIER();
+  }
   for (int h = 0; h < HG; ++h) {
     const int hh = g * HG + h;
     if (hh < H) {
       const int64_t o = ((int64_t)b * H + hh) * S + sp;
       if (ki_tid == 0) {
-        pm[o] = ki_ml[h];
-        pl[o] = ki_ml[HG + h];
+        float M = KI_NEG_INF;
+        for (int w = 0; w < NW; ++w) M = ki_wm[w * HG + h] > M ? ki_wm[w * HG + h] : M;
+        float sum = 0.0f;
+        for (int w = 0; w < NW; ++w)
+          if (ki_wm[w * HG + h] != KI_NEG_INF) sum += ki_wl[w * HG + h] * KI_EXP(ki_wm[w * HG + h] - M);
+        pm[o] = M;
+        pl[o] = sum;
       }
-      for (int i = 0; i < NPT; ++i) {
-        const int d = ki_tid + i * TG;
-        if (d < C) pacc[o * C + d] = acc[h][i];
-      }
+      for (int d = ki_tid; d < C; d += TG) pacc[o * C + d] = ki_red[h * C + d];
     }
   }
 """
@@ -181,7 +211,11 @@ _BODY = """\
 _COMBINE_BODY = """\
   // ---- one-query attention with sinks: the splits combined, the sink in the denominator ----
   // Inputs: pm, pl [B, H, S] f32, pacc [B, H, S, C] f32, sinks [H] f32. Output o [B, H, C]
-  // (QT). Template: QT, C, TG. Grid (H * TG, B, 1), one group a (head, batch row).
+  // (QT). Template: QT, C, TG. Grid (H * TG, B, 1), one group a (head, batch row). The
+  // splits' weights exp(pm - M) are computed once, 64 at a time, into shared memory; each
+  // thread then sums its dims over those splits, every load independent of the last.
+  constexpr int NPT = (C + TG - 1) / TG;
+  KI_SHARED float ki_w[64];
   const int H = pm_shape[1];
   const int S = pm_shape[2];
   const int h = ki_gx;
@@ -193,13 +227,33 @@ _COMBINE_BODY = """\
   float l = KI_EXP(sink - M);
   for (int s = 0; s < S; ++s)
     if (pm[base + s] != KI_NEG_INF) l += pl[base + s] * KI_EXP(pm[base + s] - M);
-  for (int d = ki_tid; d < C; d += TG) {
-    float a = 0.0f;
-    for (int s = 0; s < S; ++s)
-      if (pm[base + s] != KI_NEG_INF) a += pacc[(base + s) * C + d] * KI_EXP(pm[base + s] - M);
-    o[((int64_t)b * H + h) * C + d] = ki_from_float<QT>(a / l);
+  float a[NPT];
+  KI_UNROLL for (int i = 0; i < NPT; ++i) a[i] = 0.0f;
+  for (int s0 = 0; s0 < S; s0 += 64) {
+    const int ns = S - s0 < 64 ? S - s0 : 64;
+    if (ki_tid < ns) {
+      const float v = pm[base + s0 + ki_tid];
+      ki_w[ki_tid] = v == KI_NEG_INF ? 0.0f : KI_EXP(v - M);
+    }
+    KI_BARRIER();
+    for (int s = 0; s < ns; ++s) {
+      const float w = ki_w[s];
+      KI_UNROLL for (int i = 0; i < NPT; ++i) {
+        const int d = ki_tid + i * TG;
+        if (d < C) a[i] += pacc[(base + s0 + s) * C + d] * w;
+      }
+    }
+    KI_BARRIER();
+  }
+  KI_UNROLL for (int i = 0; i < NPT; ++i) {
+    const int d = ki_tid + i * TG;
+    if (d < C) o[((int64_t)b * H + h) * C + d] = ki_from_float<QT>(a[i] / l);
   }
 """
+
+
+def _indent(code: str, n: int) -> str:
+    return "\n".join(" " * n + ln for ln in code.rstrip("\n").split("\n"))
 
 
 def decode_source(dialect: str, mode: str) -> KernelSource:
@@ -208,8 +262,8 @@ def decode_source(dialect: str, mode: str) -> KernelSource:
         raise ValueError(f"unknown KV mode {mode!r}; expected one of {KV_MODES}")
     parts = _PARTS[mode]
     body = (_BODY.replace("@CAPSHAPE@", "c" + parts[0] + "_shape")
-            .replace("@RVAL@", _val(mode, "r", "r", "d"))
-            .replace("@CVAL@", _val(mode, "c", "rc", "d")))
+            .replace("@RLOAD@", _indent(_load4(mode, "r", "row"), 12))
+            .replace("@CLOAD@", _indent(_load4(mode, "c", "rc"), 12)))
     return make_source(dialect, f"dsv4_sink_decode_{mode}",
                        ("q", *("r" + p for p in parts), *("c" + p for p in parts), "idx", "meta", "fp"),
                        ("pm", "pl", "pacc"), body)

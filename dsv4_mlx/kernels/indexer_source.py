@@ -64,6 +64,10 @@ inline float ki_log1p(float x) {
   return u == 1.0f ? x : metal::precise::log(u) * (x / (u - 1.0f));
 }
 #define KI_LOG1P(x) ki_log1p((float)(x))
+// the sum of x over the 32 lanes of a simdgroup, in every lane
+#define KI_WARP_SUM(x) simd_sum((float)(x))
+// 4 bytes at 32-bit word i of an array (the address a multiple of 4)
+#define KI_LOAD_U32(p, i) (((const device uint*)(p))[(i)])
 template <typename U>
 inline float ki_to_float(U x) {
   return static_cast<float>(x);
@@ -138,6 +142,15 @@ _CUDA_DIALECT = r"""
 #define KI_LOG(x) logf((float)(x))
 #define KI_SQRT(x) sqrtf((float)(x))
 #define KI_LOG1P(x) log1pf((float)(x))
+// the sum of x over the 32 lanes of a warp, in every lane (a butterfly: every lane adds the
+// same pairs, so every lane gets the same bits)
+__device__ __forceinline__ float ki_warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+#define KI_WARP_SUM(x) ki_warp_sum((float)(x))
+// 4 bytes at 32-bit word i of an array (the address a multiple of 4)
+#define KI_LOAD_U32(p, i) (reinterpret_cast<const unsigned int*>(p)[(i)])
 __device__ __forceinline__ float ki_to_float(float x) { return x; }
 __device__ __forceinline__ float ki_to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ki_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -289,6 +302,25 @@ inline unsigned int ki_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4)
 #define KI_LOG(x) std::log((float)(x))
 #define KI_SQRT(x) std::sqrt((float)(x))
 #define KI_LOG1P(x) std::log1p((float)(x))
+// the sum of x over the 32 lanes (threads 32 w .. 32 w + 31) of a warp, in every lane; every
+// thread of the group must call it (it waits at two barriers)
+inline float ki_warp_sum(float x) {
+  static float slot[1024];
+  slot[ki_emu::cur] = x;
+  ki_emu::barrier();
+  float s = 0.0f;
+  for (int i = 0; i < 32; ++i) s += slot[(ki_emu::cur & ~31) + i];
+  ki_emu::barrier();
+  return s;
+}
+#define KI_WARP_SUM(x) ki_warp_sum((float)(x))
+// 4 bytes at 32-bit word i of an array (the address a multiple of 4)
+inline unsigned int ki_load_u32(const void* p, int64_t i) {
+  unsigned int u;
+  std::memcpy(&u, static_cast<const char*>(p) + 4 * i, 4);
+  return u;
+}
+#define KI_LOAD_U32(p, i) ki_load_u32((const void*)(p), (i))
 inline float ki_to_float(float x) { return x; }
 template <typename T>
 inline T ki_from_float(float x) { return static_cast<T>(x); }
