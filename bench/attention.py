@@ -127,19 +127,16 @@ def main():
         for (name, cap, n, sparse), (spl, tg, hg, ku) in [(c, v) for c in CASES for v in launches]:
             ring, comp, idx, q, sinks = _inputs(codec, rng, cap, n, sparse, H, C, W)
             for _ in range(PROFILE_CALLS):
-                mx.eval(ka.sink_decode_kernel(q, ring, W, comp if cap else None, n, idx, sinks, scale,
-                                              mode=ka.kv_mode(codec), nope=getattr(codec, "nope", 0),
-                                              block=getattr(codec, "block", 1), backend=backend,
-                                              tg=tg, hg=hg, spl=spl, ku=ku))
+                mx.eval(ka.sink_decode(q, ring, W, comp if cap else None, n, idx, sinks, scale, codec,
+                                       backend, tg=tg, hg=hg, spl=spl, ku=ku))
         return
     print(f"{'case':>28} {'SPL':>4} {'TG':>4} {'HG':>3} {'KU':>3} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} "
           f"{'max |diff|':>11}")
     for (name, cap, n, sparse), (spl, tg, hg, ku) in [(c, v) for c in CASES for v in launches]:
-        ka.SPL, ka.TG, ka.HG, ka.KU = spl, tg, hg, ku
         ring, comp, idx, q, sinks = _inputs(codec, rng, cap, n, sparse, H, C, W)
         f_ops = lambda: ops_path(codec, q, ring, comp, n, idx, sinks, scale)  # noqa: E731
         f_ker = lambda: ka.sink_decode(q, ring, W, comp if cap else None, n, idx, sinks, scale,  # noqa: E731
-                                       codec, backend)
+                                       codec, backend, tg=tg, hg=hg, spl=spl, ku=ku)
         diff = float(mx.abs(f_ops().astype(mx.float32) - f_ker().astype(mx.float32)).max())
         t_ops, t_ker = timed(f_ops, a.calls), timed(f_ker, a.calls)
         rows.append(dict(case=name, spl=spl, tg=tg, hg=hg, ku=ku, entries=cap, keys=W + n, ops_ms=t_ops,

@@ -100,3 +100,14 @@ def gpu_logits_kernel_on_off(monkeypatch, env_var: str):
         finally:
             mx.set_default_device(mx.cpu)
     return got, want
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """The C++ emulator of the kernel bodies (`test_indexer_kernel.Emulator`), one for the
+    session: its compiled libraries are keyed by the hash of their whole source."""
+    from test_indexer_kernel import CXX, Emulator
+
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
+    return Emulator(tmp_path_factory.mktemp("kernel_emu"))

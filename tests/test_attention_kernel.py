@@ -15,7 +15,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, nvcc_compile
+from test_indexer_kernel import CXX, NVCC, _gxx_syntax, nvcc_compile
 
 from dsv4_mlx.kernels import attention as ka
 from dsv4_mlx.kernels import attention_source as src
@@ -83,13 +83,6 @@ CASES = [  # mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k
 ]
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
-    return Emulator(tmp_path_factory.mktemp("attn_emu"))
-
-
 def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, scale, codec,
              spl=None, tg=ka.TG, hg=ka.HG, ku=ka.KU):
     """Both kernels, emulated: the splits' partials, then their combination."""
@@ -144,8 +137,8 @@ def test_shared_memory_fits():
     """The split kernel's shared memory at Flash / Pro head dims fits Metal's 32 KiB."""
     assert ka.shared_bytes(512) <= 32768
     assert ka.TG % 32 == 0
-    for tg, hg in ((32, 8), (256, 8), (1024, 4)):
-        assert ka.shared_bytes(512, tg, hg) <= 32768
+    for tg, hg, spl in ((32, 8, 64), (256, 8, 256), (1024, 4, 64)):
+        assert ka.shared_bytes(512, tg, hg, spl) <= 32768
 
 
 @pytest.mark.parametrize("tg,hg,spl,ku", [(32, 1, 64, 1), (64, 2, 5, 2), (128, 8, 7, 4),
@@ -282,6 +275,17 @@ def test_many_dense_keys_use_ops(clean_dispatch, monkeypatch):
     q, codec = mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8)
     assert ka.kernel_backend(q, codec, ka.MAX_COMPRESSED_KEYS) == "cuda"
     assert ka.kernel_backend(q, codec, ka.MAX_COMPRESSED_KEYS + 1) == "ops"
+
+
+def test_dims_not_in_fours_use_ops(clean_dispatch, monkeypatch):
+    """The kernel loads 4 dims at a time: C (and for FP8, the non-RoPE dims and the scale
+    block) must be multiples of 4; the plain format has no such parts and takes the kernel."""
+    monkeypatch.setattr(dispatch, "select_backend", lambda env: "cuda")
+    monkeypatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
+    assert ka.kernel_backend(mx.zeros((1, 2, 1, 64)), PlainCodec(64)) == "cuda"
+    assert ka.kernel_backend(mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8)) == "cuda"
+    assert ka.kernel_backend(mx.zeros((1, 2, 1, 66)), PlainCodec(66)) == "ops"
+    assert ka.kernel_backend(mx.zeros((1, 2, 1, 66)), FP8KVCodec(66, 8)) == "ops"  # 58 non-RoPE
 
 
 def test_env_var_validated(clean_dispatch):

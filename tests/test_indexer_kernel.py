@@ -314,13 +314,6 @@ class Emulator:
 needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++/c++/clang++) on PATH")
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
-    return Emulator(tmp_path_factory.mktemp("ki_emu"))
-
-
 def _key_arrays(mode, keys):
     """(kernel inputs as numpy, keys as the kernel sees them in fp32)."""
     if mode == "f32":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, assert_common_subset, nvcc_compile
+from test_indexer_kernel import CXX, NVCC, _gxx_syntax, assert_common_subset, nvcc_compile
 
 from dsv4_mlx.cache import LayerCache
 from dsv4_mlx.kernels import dispatch
@@ -22,13 +22,6 @@ from dsv4_mlx.kernels import kv_store as ks
 from dsv4_mlx.kernels import kv_store_source as src
 from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
 from dsv4_mlx.model.kv_formats import FP8KVCodec
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
-    return Emulator(tmp_path_factory.mktemp("kv_store_emu"))
 
 
 def _edge_values(n, rng):

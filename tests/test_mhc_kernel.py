@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, nvcc_compile
+from test_indexer_kernel import CXX, NVCC, _gxx_syntax, nvcc_compile
 
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import mhc as km
@@ -39,13 +39,6 @@ def _ops_pre(X, fn, scale, base, iters, hc_eps=1e-6, norm_eps=1e-6):
                                     hc_eps, norm_eps)
     h = ops.collapse(Xm, pre)
     return [np.array(a[0]) for a in (h, post, comb)]
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
-    return Emulator(tmp_path_factory.mktemp("mhc_emu"))
 
 
 def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, Emulator, _gxx_syntax, assert_common_subset, nvcc_compile
+from test_indexer_kernel import CXX, NVCC, _gxx_syntax, assert_common_subset, nvcc_compile
 
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import router as kr
@@ -21,13 +21,6 @@ from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
 
 # weights: fp32 scores normalised; the kernel's sum runs in another order than MLX's
 RTOL, ATOL = 1e-6, 1e-7
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no C++ compiler (g++/c++/clang++) on PATH")
-    return Emulator(tmp_path_factory.mktemp("router_emu"))
 
 
 def _emu_route(emu, logits, bias, hidx, k, scale, tg):

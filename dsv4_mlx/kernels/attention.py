@@ -54,9 +54,9 @@ COMBINE_TG = 128
 MAX_COMPRESSED_KEYS = 2048
 
 
-def shared_bytes(C: int, tg: int = TG, hg: int = HG) -> int:
+def shared_bytes(C: int, tg: int = TG, hg: int = HG, spl: int = SPL) -> int:
     """Shared (threadgroup) memory of the split kernel for head dim C."""
-    return 4 * (2 * (tg // 32) * hg + hg * C)
+    return 4 * (spl + 2 * (tg // 32) * hg + hg * C)
 
 
 def num_splits(nkeys: int, spl: int = SPL) -> int:
@@ -121,7 +121,7 @@ def kernel_backend(q, codec, ncomp: int = 0) -> str:
         return "ops"
     C = q.shape[-1]
     nope, block = _codec_consts(codec)
-    if C % 4 or nope % 4 or block % 4:  # the kernel loads 4 dims at a time
+    if C % 4 or (mode == "fp8" and (nope % 4 or block % 4)):  # it loads 4 dims at a time
         return "ops"
     key = f"{backend}/attn/{mode}/{q.dtype}/C{C}/n{nope}/b{block}"
 
@@ -136,11 +136,12 @@ def kernel_backend(q, codec, ncomp: int = 0) -> str:
 
 
 def sink_decode(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, codec,
-                backend: str):
-    """The kernel path for a `kernel_backend` result other than ``"ops"``."""
+                backend: str, **launch):
+    """The kernel path for a `kernel_backend` result other than ``"ops"``; ``launch``: the
+    launch overrides of `sink_decode_kernel` (tuning)."""
     nope, block = _codec_consts(codec)
     return sink_decode_kernel(q, ring, nring, comp, ncomp, idx, sinks, scale, mode=kv_mode(codec),
-                              nope=nope, block=block, backend=backend)
+                              nope=nope, block=block, backend=backend, **launch)
 
 
 __all__ = ["ENV_VAR", "kernel_backend", "sink_decode", "sink_decode_kernel", "kv_mode"]
