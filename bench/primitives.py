@@ -112,24 +112,24 @@ def main():
         q = section("attn q_b + norm + rope", lambda: self.rope(
             attn_mod.rms_norm_0(self.wq_b(qr).reshape(B, T, H, hd), self.eps).swapaxes(1, 2), offset=s))
         kv = section("attn kv + norm + rope", lambda: self.rope(self.kv_norm(self.wkv(x)), offset=s))
-        parts = section("attn kv encode", c.codec.encode, kv)
         idx, n_dense = None, 0
         kind = {0: "window", 4: "csa"}.get(self.ratio, "hca")
         if self.ratio:
-            N = self.compressor(x, c.comp, s, self.rope)
+            x32 = x.astype(mx.float32)
+            N = self.compressor(x, c.comp, s, self.rope, x32)
             section(f"{kind} compressor", lambda: [])
             if N and (self.ratio != 4 or N <= self.indexer.topk):
                 if self.ratio == 4:
-                    self.indexer.compressor(x, c.index, s, self.rope)
+                    self.indexer.compressor(x, c.index, s, self.rope, x32)
                     section("csa indexer compressor", lambda: [])
                 n_dense = N
             elif N:
                 idx = section("csa indexer (compressor + score + top-k)",
-                              lambda: self.indexer(x, qr, c.index, s, self.rope))
+                              lambda: self.indexer(x, qr, c.index, s, self.rope, x32))
             elif self.ratio == 4:
-                self.indexer.compressor(x, c.index, s, self.rope)
+                self.indexer.compressor(x, c.index, s, self.rope, x32)
                 section("csa indexer compressor", lambda: [])
-        o = section(f"{kind} decode attention", self._decode_attention, q, parts, c, n_dense, idx)
+        o = section(f"{kind} decode attention", self._decode_attention, q, kv, c, n_dense, idx)
         c.advance(1)
         return section("attn output (inv rope, wo_a, wo_b)", self._output, o, s)
 

@@ -22,6 +22,8 @@ entry e = j - W (dense: every e < n; sparse: entry ``idx[b, e]``, none if negati
 
 from __future__ import annotations
 
+import functools
+
 from .indexer_source import KernelSource, make_source
 
 KV_MODES = ("fp8", "plain")
@@ -256,6 +258,7 @@ def _indent(code: str, n: int) -> str:
     return "\n".join(" " * n + ln for ln in code.rstrip("\n").split("\n"))
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def decode_source(dialect: str, mode: str) -> KernelSource:
     """The split kernel of the one-query sink attention for a stored-KV `mode`."""
     if mode not in KV_MODES:
@@ -269,6 +272,7 @@ def decode_source(dialect: str, mode: str) -> KernelSource:
                        ("pm", "pl", "pacc"), body)
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def combine_source(dialect: str) -> KernelSource:
     """The combining kernel: the splits' partials and the sink -> the attention output."""
     return make_source(dialect, "dsv4_sink_decode_combine", ("pm", "pl", "pacc", "sinks"), ("o",),

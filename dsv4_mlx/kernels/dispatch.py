@@ -15,6 +15,7 @@ ops path is used for it from then on.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Callable
@@ -27,12 +28,16 @@ CHOICES = ("auto", "metal", "cuda", "ops")
 
 def requested(env_var: str = ENV_VAR) -> str:
     """The value of the override variable, validated (``auto`` when unset or empty)."""
-    value = os.environ.get(env_var, "").strip().lower() or "auto"
+    raw = os.environ.get(env_var)
+    if not raw:
+        return "auto"
+    value = raw.strip().lower() or "auto"
     if value not in CHOICES:
         raise ValueError(f"{env_var}={value!r}: expected one of {', '.join(CHOICES)}")
     return value
 
 
+@functools.lru_cache(maxsize=None)  # fixed for the process; asked at every launch
 def metal_available() -> bool:
     try:
         return bool(mx.metal.is_available())
@@ -40,6 +45,7 @@ def metal_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_available() -> bool:
     try:
         return bool(mx.cuda.is_available())

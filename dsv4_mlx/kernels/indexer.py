@@ -19,6 +19,8 @@ Keys come either as a float array [B, N, d] (fp32/bf16/fp16) or, for the FP4 ind
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 from . import dispatch
@@ -98,6 +100,7 @@ def _key_inputs(keys):
     return "f32", [_f32(keys)], N, d
 
 
+@functools.lru_cache(maxsize=256)
 def score_launch(B: int, T: int, N: int, H: int, D: int) -> tuple[int, int, int]:
     """(BN threads a group, HC heads a shared-memory chunk, E entries a thread)."""
     bn = 128
@@ -112,6 +115,7 @@ def score_launch(B: int, T: int, N: int, H: int, D: int) -> tuple[int, int, int]
     return bn, hc, e
 
 
+@functools.lru_cache(maxsize=256)
 def topk_launch(B: int, T: int, N: int, k: int) -> tuple[int, int, int]:
     """(TG threads a group, U loads in flight a thread, S slices a row) of the top-k kernel.
 
@@ -158,6 +162,30 @@ def mma_usable(backend: str, q, key_mode: str) -> bool:
             and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
 
 
+@functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
+def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
+                bn, hc, e, mma):
+    """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch."""
+    usable = (qdtype == mx.bfloat16 and key_mode in src.MMA_KEY_MODES and H % 16 == 0
+              and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
+    if usable if mma is None else mma:
+        if not usable:
+            raise ValueError(f"the matrix-unit kernel does not take q {qdtype} {(B, T, H, D)} "
+                             f"with {key_mode} keys")
+        kc, smem4 = src.mma_layout(backend, H, D, MMA_WARPS)
+        tpg = 32 * MMA_WARPS
+        nblk = -(-N // (16 * MMA_WARPS))
+        return (True, src.score_mma_source(backend, key_mode),
+                [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4)],
+                (nblk * tpg, T, B), (tpg, 1, 1))
+    BN, HC, E = score_launch(B, T, N, H, D)
+    BN, HC, E = bn or BN, hc or HC, e or E
+    nblk = -(-N // (BN * E))
+    return (False, src.score_source(backend, key_mode),
+            [("QT", qdtype), ("D", D), ("H", H), ("HC", HC), ("BN", BN), ("E", E)],
+            (nblk * BN, T, B), (BN, 1, 1))
+
+
 def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
                           mma=None):
     """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries.
@@ -167,30 +195,11 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    usable = mma_usable(backend, q, key_mode)
-    if usable if mma is None else mma:
-        if not usable:
-            raise ValueError(f"the matrix-unit kernel does not take q {q.dtype} {q.shape} "
-                             f"with {key_mode} keys")
-        kc, smem4 = src.mma_layout(backend, H, D, MMA_WARPS)
-        kern = _kernel(backend, src.score_mma_source(backend, key_mode))
-        tpg = 32 * MMA_WARPS
-        nblk = -(-N // (16 * MMA_WARPS))
-        (scores,) = kern(
-            inputs=[q.view(mx.uint32), _f32(w), *key_in, _i32(visible)],
-            template=[("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4)],
-            grid=(nblk * tpg, T, B), threadgroup=(tpg, 1, 1),
-            output_shapes=[(B, T, N)], output_dtypes=[mx.float32], stream=mx.gpu,
-        )
-        return scores
-    BN, HC, E = score_launch(B, T, N, H, D)
-    BN, HC, E = bn or BN, hc or HC, e or E
-    kern = _kernel(backend, src.score_source(backend, key_mode))
-    nblk = -(-N // (BN * E))
-    (scores,) = kern(
-        inputs=[q, _f32(w), *key_in, _i32(visible)],
-        template=[("QT", q.dtype), ("D", D), ("H", H), ("HC", HC), ("BN", BN), ("E", E)],
-        grid=(nblk * BN, T, B), threadgroup=(BN, 1, 1),
+    on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
+                                                 bn, hc, e, mma)
+    (scores,) = _kernel(backend, ks)(
+        inputs=[q.view(mx.uint32) if on_mma else q, _f32(w), *key_in, _i32(visible)],
+        template=template, grid=grid, threadgroup=tg,
         output_shapes=[(B, T, N)], output_dtypes=[mx.float32], stream=mx.gpu,
     )
     return scores
@@ -218,14 +227,15 @@ def _no_cidx():
 def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped):
     B, T, M = scores.shape
     kern = _kernel(backend, src.topk_source(backend))
+    # [B, T, S*k] written directly (row-contiguous: the same memory as [B, T, S, k])
     idx, val = kern(
         inputs=[scores, visible, cidx],
         template=[("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped)],
         grid=(s * tg, T, B), threadgroup=(tg, 1, 1),
-        output_shapes=[(B, T, s, k), (B, T, s, k)], output_dtypes=[mx.int32, mx.float32],
+        output_shapes=[(B, T, s * k), (B, T, s * k)], output_dtypes=[mx.int32, mx.float32],
         stream=mx.gpu,
     )
-    return idx.reshape(B, T, s * k), val.reshape(B, T, s * k)
+    return idx, val
 
 
 def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None):
@@ -268,16 +278,24 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         return mx.where(idx >= visible[None, :, None], -1, idx)
 
 
+@functools.lru_cache(maxsize=256)
+def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int):
+    """(probe key, launch parameters) of the kernel variants one call would use."""
+    BN, HC, E = score_launch(B, T, N, H, D)
+    TG, U, S = topk_launch(B, T, N, k)
+    mma = (qdtype == mx.bfloat16 and key_mode in src.MMA_KEY_MODES and H % 16 == 0
+           and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
+    key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
+           f"/mma{int(mma)}")
+    return key, (BN, HC, E, TG, U, S, mma)
+
+
 def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     """Probe key and probe function for the kernel variants one call would use."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    BN, HC, E = score_launch(B, T, N, H, D)
-    TG, U, S = topk_launch(B, T, N, k)
-    mma = mma_usable(backend, q, key_mode)
-    key = (f"{backend}/{key_mode}/{q.dtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/mma{int(mma)}")
+    key, (BN, HC, E, TG, U, S, mma) = _variant(backend, q.dtype, B, T, H, D, key_mode, N, k)
 
     def probe():
         n = max(2 * k + 2, S * (k + 1))  # more entries than k a slice: the radix path runs

@@ -556,7 +556,8 @@ _TOPK_BODY = """\
   // reading the entry numbers from `cidx`. With S = 1 and MAPPED = false one launch does it:
   // while vis > K every pick is visible; when vis <= K the picks are 0 .. vis-1 and -1.
   // Grid: (S * TG, T, B) threads in threadgroups of (TG, 1, 1); TG >= 256.
-  // Template: K, TG, U (loads in flight a thread), S, MAPPED. Outputs idx, val [B, T, S, K].
+  // Template: K, TG, U (loads in flight a thread), S, MAPPED. Outputs idx, val [B, T, S * K]
+  // (slice sg's K picks at sg * K).
   KI_SHARED KI_ATOMIC_UINT ki_hist[256];
   KI_SHARED unsigned int ki_scan[16];
   KI_SHARED unsigned int ki_sel[3];
@@ -703,6 +704,7 @@ def make_source(dialect: str, name: str, input_names, output_names, body: str) -
                         header=_header(dialect), source=_PROLOGUES[dialect] + body)
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def score_source(dialect: str, key_mode: str) -> KernelSource:
     """Scoring kernel. Inputs: q [B,T,H,D] (QT), w [B,T,H] f32, keys (per `key_mode`),
     visible [T] int32; output scores [B,T,N] f32. Template: QT, D, H, HC, BN, E."""
@@ -714,9 +716,11 @@ def score_source(dialect: str, key_mode: str) -> KernelSource:
                        ("scores",), body)
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def topk_source(dialect: str) -> KernelSource:
     """Top-k kernel. Inputs: scores [B,T,M] f32, visible [T] int32, cidx [B,T,M] int32
-    (read only when MAPPED); outputs idx [B,T,S,K] int32, val [B,T,S,K] f32.
+    (read only when MAPPED); outputs idx [B,T,S*K] int32, val [B,T,S*K] f32 (slice s's K
+    picks at s*K).
     Template: K, TG, U, S, MAPPED."""
     return make_source(dialect, "dsv4_indexer_topk", ("scores", "visible", "cidx"), ("idx", "val"),
                        _TOPK_BODY)
@@ -868,6 +872,7 @@ def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int] | N
     return None
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
     """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
     f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]

@@ -14,6 +14,8 @@ The body uses the dialect layer of `indexer_source` and keeps its rules.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .indexer_source import KernelSource, make_source
@@ -92,6 +94,7 @@ _STORE_BODY = r"""
 """.replace("@MIN_AMAX@", _f32_bits(1e-4)).replace("@INV_448@", _f32_bits(1.0 / 448.0))
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def store_source(dialect: str) -> KernelSource:
     """The FP8 ring store kernel (see `_STORE_BODY`)."""
     return make_source(dialect, "dsv4_kv_store_fp8", ("kv", "codes", "scl", "rope", "slot"),

@@ -16,6 +16,8 @@ barriers reached by every thread of a group, sizes that shape the code as templa
 
 from __future__ import annotations
 
+import functools
+
 from .indexer_source import KernelSource, make_source
 
 # Inputs (row-contiguous, indexed flat; N = batch x tokens): X [N, NS, D] (XT),
@@ -130,12 +132,14 @@ _POST_BODY = r"""
 """
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def pre_source(dialect: str) -> KernelSource:
     """hc_pre kernel (see `_PRE_BODY`)."""
     return make_source(dialect, "dsv4_mhc_pre", ("X", "mixraw", "scale", "base", "eps"),
                        ("h", "post", "comb"), _PRE_BODY)
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def post_source(dialect: str) -> KernelSource:
     """hc_post kernel (see `_POST_BODY`)."""
     return make_source(dialect, "dsv4_mhc_post", ("X", "F", "post", "comb", "R"), ("Y",), _POST_BODY)

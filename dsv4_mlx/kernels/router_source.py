@@ -13,6 +13,8 @@ The body uses the dialect layer of `indexer_source` and keeps its rules.
 
 from __future__ import annotations
 
+import functools
+
 from .indexer_source import KernelSource, make_source
 
 # Inputs: logits [N, E] f32, bias [E] f32 (read when !HASH), hidx [N, K] int32 (read when
@@ -86,6 +88,7 @@ _ROUTE_BODY = r"""
 """
 
 
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def route_source(dialect: str) -> KernelSource:
     """The router kernel (see `_ROUTE_BODY`)."""
     return make_source(dialect, "dsv4_moe_route", ("logits", "bias", "hidx", "scale"),
