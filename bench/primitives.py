@@ -110,7 +110,7 @@ def main():
         s = c.offset
         qr = section("attn q_a + q_norm", lambda: self.q_norm(self.wq_a(x)))
         q = section("attn q_b + norm + rope", lambda: self.rope(
-            attn_mod.rms_norm_0(self.wq_b(qr).reshape(B, T, H, hd), self.eps).swapaxes(1, 2), offset=s))
+            attn_mod.rms_norm_0(self.wq_b(qr).reshape(B, H, 1, hd), self.eps), offset=s))
         kv = section("attn kv + norm + rope", lambda: self.rope(self.kv_norm(self.wkv(x)), offset=s))
         idx, n_dense = None, 0
         kind = {0: "window", 4: "csa"}.get(self.ratio, "hca")

@@ -26,8 +26,11 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     (row-contiguous) arrays flat, so they go in and out in the model's shapes (no reshapes)."""
     B, S, n, D = X.shape
     N = B * S
-    mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
-    eps = mx.array([hc_eps, norm_eps], mx.float32)
+    if N == 1:  # fn @ x as a column: [M, 1], the same memory as [1, M]
+        mixraw = fn.astype(mx.float32) @ X.reshape(n * D, 1).astype(mx.float32)
+    else:
+        mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
+    eps = dispatch.const(("f32_2", hc_eps, norm_eps), lambda: mx.array([hc_eps, norm_eps], mx.float32))
     with mx.stream(mx.gpu):
         h, post, comb = dispatch.build_kernel(backend, src.pre_source(backend))(
             inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps],

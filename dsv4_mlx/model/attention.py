@@ -30,6 +30,7 @@ from .rope import make_rope
 
 
 _GROUP_IDS: dict = {}
+_SPLIT: dict = {}  # id(QuantizedGroupedLinear) -> (its parts, their per-group views)
 
 
 def _group_ids(G: int) -> mx.array:
@@ -88,12 +89,24 @@ class QuantizedGroupedLinear(nn.Module):
         xg = x.reshape(-1, G, x.shape[-1]).swapaxes(0, 1)  # [G, N, in_g]
         return self.grouped(xg).swapaxes(0, 1).reshape(*lead, G, -1)
 
+    def _split(self):
+        """weight, scales, biases as [G, rows_g, cols]: views, made (and evaluated) once per
+        set of parameters, so a call adds no reshape to the graph."""
+        parts = (self.weight, self.scales, self.biases)
+        cached = _SPLIT.get(id(self))
+        if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
+            G = self.groups
+            views = tuple(None if a is None else a.reshape(G, -1, a.shape[-1]) for a in parts)
+            mx.eval([v for v in views if v is not None])
+            cached = _SPLIT[id(self)] = (parts, views)
+        return cached[1]
+
     def grouped(self, xg: mx.array) -> mx.array:
         """Group-major form: xg [G, N, in_g] -> [G, N, d_g]."""
         G = self.groups
-        split = lambda a: None if a is None else a.reshape(G, -1, a.shape[-1])  # noqa: E731
+        w, scales, biases = self._split()
         return mx.gather_qmm(
-            xg, split(self.weight), split(self.scales), split(self.biases),
+            xg, w, scales, biases,
             lhs_indices=_group_ids(G), rhs_indices=_group_ids(G), transpose=True,
             group_size=self.group_size, bits=self.bits, mode=self.mode,
         )
@@ -139,7 +152,10 @@ class Attention(nn.Module):
         s = cache.offset
 
         qr = self.q_norm(self.wq_a(x))
-        q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
+        if T == 1:  # one token: [B, 1, H*c] is already [B, H, 1, c] in memory
+            q = rms_norm_0(self.wq_b(qr).reshape(B, H, 1, c), self.eps)
+        else:
+            q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
         q = self.rope(q, offset=s)  # [B, H, T, c]
         kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
 

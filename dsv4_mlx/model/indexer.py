@@ -17,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import CompressorState
+from ..kernels.fp4_round import query_roundtrip
 from ..kernels.indexer import indexer_topk
 from .compressor import Compressor
 from .rope import RoPE
@@ -46,9 +47,13 @@ class Indexer(nn.Module):
             return None
         visible = mx.array((np.arange(offset, offset + T) + 1) // self.ratio, mx.int32)
         # MLX is lazy: when N <= topk the selection is all entries and q/w are never computed
-        q = self.wq_b(qr).reshape(B, T, self.n_heads, self.head_dim)
-        q = rope(q.swapaxes(1, 2), offset=offset).swapaxes(1, 2)
-        q = state.codec.roundtrip(q)  # fp8 format: Hadamard rotation + FP4, as the keys got
+        H, d = self.n_heads, self.head_dim
+        if T == 1:  # one token: [B, H, 1, d] (rotary layout) is [B, 1, H, d] in memory
+            q = rope(self.wq_b(qr).reshape(B, H, 1, d), offset=offset)
+        else:
+            q = rope(self.wq_b(qr).reshape(B, T, H, d).swapaxes(1, 2), offset=offset).swapaxes(1, 2)
+        # fp8 format: Hadamard rotation + FP4, as the keys got (one kernel on a GPU)
+        q = query_roundtrip(q, state.codec, (B, T, H, d))
         w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
         fp4 = getattr(state.codec, "mxfp4", False)
         if fp4:  # fp8 format: the kernels read packed FP4 keys

@@ -23,8 +23,19 @@ def rms_norm_0(x: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, None, eps)
 
 
+def matmul_f32(x: mx.array, w: mx.array) -> mx.array:
+    """``x @ w.T`` in fp32: x [..., in], w [out, in] -> [..., out].
+
+    One token (a decode step) goes as ``w @ x`` with x a column, which builds fewer graph
+    nodes than the transposed weight and the flatten/unflatten around a batched x."""
+    x32, w32 = x.astype(mx.float32), w.astype(mx.float32)
+    if x.size == x.shape[-1]:
+        return (w32 @ x32.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])
+    return x32 @ w32.T
+
+
 def linear_f32(layer: nn.Module, x: mx.array) -> mx.array:
     """`x @ W.T` computed in fp32 (the reference holds these weights in fp32)."""
     if isinstance(layer, nn.Linear) and "bias" not in layer:
-        return x.astype(mx.float32) @ layer.weight.astype(mx.float32).T
+        return matmul_f32(x, layer.weight)
     return layer(x).astype(mx.float32)

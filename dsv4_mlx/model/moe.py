@@ -24,6 +24,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear, _sc
 
 from ..kernels.mhc import combine_moe
 from ..kernels.router import route
+from .layers import matmul_f32
 
 
 def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
@@ -58,7 +59,7 @@ class Gate(nn.Module):
     def __call__(self, x: mx.array, input_ids: mx.array):
         """x [..., D] -> (indices [..., k] uint32, weights [..., k] fp32); the scoring,
         selection and normalisation are `kernels.router.route` (one kernel on a GPU)."""
-        logits = x.astype(mx.float32) @ self.weight.astype(mx.float32).T
+        logits = matmul_f32(x, self.weight)
         if self.hash_routed:
             return route(logits, None, self.tid2eid[input_ids], self.top_k, self.scale)
         return route(logits, self.bias, None, self.top_k, self.scale)
