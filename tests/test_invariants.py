@@ -127,3 +127,26 @@ def test_bf16_weights_run_in_bf16():
     assert cache[3].ring["kv"].dtype == mx.bfloat16
     assert cache[3].comp.entries.dtype == mx.bfloat16
     assert cache[3].comp.pending_kv.dtype == mx.float32
+
+
+def test_quantized_grouped_linear_views_follow_the_parameters():
+    """`wo_a`'s per-group views are made once and remade when the parameters are replaced;
+    they are not parameters themselves."""
+    from mlx.utils import tree_flatten
+
+    from dsv4_mlx.model.attention import QuantizedGroupedLinear
+
+    q = QuantizedGroupedLinear(64, 128, 4, 32, 8, "mxfp8")
+    x = mx.random.normal((4, 1, 64), key=mx.random.key(0))
+    ids = mx.arange(4).astype(mx.uint32)
+
+    def direct():
+        split = lambda a: a.reshape(4, -1, a.shape[-1])  # noqa: E731
+        return mx.gather_qmm(x, split(q.weight), split(q.scales), None, lhs_indices=ids,
+                             rhs_indices=ids, transpose=True, group_size=32, bits=8, mode="mxfp8")
+
+    for seed in (1, 2):
+        q.weight, q.scales = mx.quantize(mx.random.normal((128, 64), key=mx.random.key(seed)),
+                                         32, 8, mode="mxfp8")
+        assert mx.array_equal(q.grouped(x), direct()).item()
+    assert sorted(k for k, _ in tree_flatten(q.parameters())) == ["scales", "weight"]

@@ -30,7 +30,6 @@ from .rope import make_rope
 
 
 _GROUP_IDS: dict = {}
-_SPLIT: dict = {}  # id(QuantizedGroupedLinear) -> (its parts, their per-group views)
 
 
 def _group_ids(G: int) -> mx.array:
@@ -93,12 +92,13 @@ class QuantizedGroupedLinear(nn.Module):
         """weight, scales, biases as [G, rows_g, cols]: views, made (and evaluated) once per
         set of parameters, so a call adds no reshape to the graph."""
         parts = (self.weight, self.scales, self.biases)
-        cached = _SPLIT.get(id(self))
+        cached = self.__dict__.get("_split_views")  # not a parameter: lives and dies with self
         if cached is None or any(a is not b for a, b in zip(cached[0], parts)):
             G = self.groups
             views = tuple(None if a is None else a.reshape(G, -1, a.shape[-1]) for a in parts)
             mx.eval([v for v in views if v is not None])
-            cached = _SPLIT[id(self)] = (parts, views)
+            cached = (parts, views)
+            object.__setattr__(self, "_split_views", cached)
         return cached[1]
 
     def grouped(self, xg: mx.array) -> mx.array:
