@@ -9,9 +9,10 @@ bits), the values times 2^-k clipped to +-6, rounded to nearest even on the e2m1
 rounded to 0). Bit-identical to `kv_formats.FP4IndexCodec.roundtrip`'s encode and decode;
 one launch replaces their ~12.
 
-Input x [n] (XT: the rotation's fp32 output); output y [n] (OT: the model dtype). The input
-is rounded to OT first, as the ops path casts the rotation's output back to the model dtype
-before encoding. Template: XT, OT, BLK, TG (a multiple of BLK), N (= n). Grid
+Input x, 4-D (XT: the rotation's fp32 output), read flat: N = the product of its shape (read
+at run time, so a new size does not compile a new kernel); output y of N values (OT: the model
+dtype). The input is rounded to OT first, as the ops path casts the rotation's output back to
+the model dtype before encoding. Template: XT, OT, BLK, TG (a multiple of BLK). Grid
 (ceil(N / TG) * TG, 1, 1), groups of TG: each group stages TG values in shared memory, one
 thread a block finds the block's scale, then each thread rounds its value.
 
@@ -35,6 +36,7 @@ _ROUND_BODY = r"""
   constexpr int NB = TG / BLK;
   KI_SHARED float ki_v[TG];
   KI_SHARED int ki_k[NB];
+  const int64_t N = (int64_t)x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3];
   const int64_t i = (int64_t)ki_gx * TG + ki_tid;
   ki_v[ki_tid] = i < N ? ki_to_float(ki_from_float<OT>(ki_to_float(x[i]))) : 0.0f;
   KI_BARRIER();
