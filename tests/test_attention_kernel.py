@@ -15,12 +15,11 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, _gxx_syntax, nvcc_compile
+from test_indexer_kernel import CXX, NVCC, assert_metal_compiles, assert_nvcc_compiles
 
 from dsv4_mlx.kernels import attention as ka
 from dsv4_mlx.kernels import attention_source as src
 from dsv4_mlx.kernels import dispatch
-from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
 from dsv4_mlx.model.attention import sink_attention
 from dsv4_mlx.model.kv_formats import FP8KVCodec, PlainCodec
 
@@ -207,11 +206,9 @@ def _launch(dialect, mode, qt, kv, sparse):
 @pytest.mark.parametrize("qt,kv", _DT)
 @pytest.mark.parametrize("sparse", [False, True])
 def test_metal_source_compiles_as_cpp(mode, qt, kv, sparse, tmp_path):
-    for i, (ks, inputs, outs, tmpl) in enumerate(_launch("metal", mode, qt, kv, sparse)):
-        code = render_metal(ks, inputs, outs, tmpl)
+    for i, launch in enumerate(_launch("metal", mode, qt, kv, sparse)):
+        code = assert_metal_compiles(launch, tmp_path, f"attn{i}_{mode}_{qt}_{kv}_{sparse}")
         assert "[[threadgroup_position_in_grid]]" in code
-        r = _gxx_syntax(code, tmp_path, f"attn{i}_{mode}_{qt}_{kv}_{sparse}")
-        assert r.returncode == 0, r.stderr[-4000:]
 
 
 def test_body_stays_in_the_common_subset():
@@ -228,9 +225,8 @@ def test_body_stays_in_the_common_subset():
 @pytest.mark.parametrize("mode", src.KV_MODES)
 def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
     for sparse in (False, True):
-        for i, (ks, inputs, outs, tmpl) in enumerate(_launch("cuda", mode, "bfloat16", "bfloat16", sparse)):
-            r = nvcc_compile(render_cuda(ks, inputs, outs, tmpl), tmp_path, f"attn{i}_{sparse}")
-            assert r.returncode == 0, r.stderr[-4000:]
+        for i, launch in enumerate(_launch("cuda", mode, "bfloat16", "bfloat16", sparse)):
+            assert_nvcc_compiles(launch, tmp_path, f"attn{i}_{sparse}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,12 +14,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, _gxx_syntax, assert_common_subset, nvcc_compile
+from test_indexer_kernel import (CXX, NVCC, assert_common_subset, assert_metal_compiles,
+                                 assert_nvcc_compiles)
 
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import fp4_round as fr
 from dsv4_mlx.kernels import fp4_round_source as src
-from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
 from dsv4_mlx.model.kv_formats import FP4IndexCodec, FP8KVCodec, fp4_decode, fp4_encode
 
 GRID = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
@@ -99,16 +99,12 @@ def _launch(dialect, ot):
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 @pytest.mark.parametrize("ot", ["float32", "bfloat16", "float16"])
 def test_metal_source_compiles_as_cpp(ot, tmp_path):
-    k, inputs, outs, tmpl = _launch("metal", ot)
-    r = _gxx_syntax(render_metal(k, inputs, outs, tmpl), tmp_path, f"fp4_round_{ot}")
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert_metal_compiles(_launch("metal", ot), tmp_path, f"fp4_round_{ot}")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
-    k, inputs, outs, tmpl = _launch("cuda", "bfloat16")
-    r = nvcc_compile(render_cuda(k, inputs, outs, tmpl), tmp_path, "fp4_round")
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert_nvcc_compiles(_launch("cuda", "bfloat16"), tmp_path, "fp4_round")
 
 
 def test_body_stays_in_the_common_subset():

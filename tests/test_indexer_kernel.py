@@ -580,6 +580,23 @@ def nvcc_compile(code: str, tmp: Path, name: str, *flags: str):
                            str(f), "-o", str(tmp / f"{name}.o")], capture_output=True, text=True)
 
 
+def assert_metal_compiles(launch, tmp: Path, name: str) -> str:
+    """A launch (KernelSource, [(dtype, ndim, size)] inputs, output dtypes, template) rendered
+    as Metal compiles as C++ against the stand-in header; returns the rendered code."""
+    ks, inputs, outs, tmpl = launch
+    code = src.render_metal(ks, inputs, outs, tmpl)
+    r = _gxx_syntax(code, tmp, name)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return code
+
+
+def assert_nvcc_compiles(launch, tmp: Path, name: str) -> None:
+    """The same launch rendered as CUDA compiles with nvcc against MLX's device headers."""
+    ks, inputs, outs, tmpl = launch
+    r = nvcc_compile(src.render_cuda(ks, inputs, outs, tmpl), tmp, name)
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("mode", src.KEY_MODES)
 def test_cuda_source_compiles_with_nvcc(mode, tmp_path):

@@ -14,13 +14,13 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, _gxx_syntax, assert_common_subset, nvcc_compile
+from test_indexer_kernel import (CXX, NVCC, assert_common_subset, assert_metal_compiles,
+                                 assert_nvcc_compiles)
 
 from dsv4_mlx.cache import LayerCache
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import kv_store as ks
 from dsv4_mlx.kernels import kv_store_source as src
-from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
 from dsv4_mlx.model.kv_formats import FP8KVCodec
 
 
@@ -112,16 +112,12 @@ def _launch(dialect, kt):
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 @pytest.mark.parametrize("kt", ["float32", "bfloat16", "float16"])
 def test_metal_source_compiles_as_cpp(kt, tmp_path):
-    k, inputs, outs, tmpl = _launch("metal", kt)
-    r = _gxx_syntax(render_metal(k, inputs, outs, tmpl), tmp_path, f"kv_store_{kt}")
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert_metal_compiles(_launch("metal", kt), tmp_path, f"kv_store_{kt}")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
-    k, inputs, outs, tmpl = _launch("cuda", "bfloat16")
-    r = nvcc_compile(render_cuda(k, inputs, outs, tmpl), tmp_path, "kv_store")
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert_nvcc_compiles(_launch("cuda", "bfloat16"), tmp_path, "kv_store")
 
 
 # --------------------------------------------------------------------------------------------

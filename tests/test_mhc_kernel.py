@@ -13,12 +13,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, _gxx_syntax, nvcc_compile
+from test_indexer_kernel import CXX, NVCC, assert_metal_compiles, assert_nvcc_compiles
 
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import mhc as km
 from dsv4_mlx.kernels import mhc_source as src
-from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
 from dsv4_mlx.model import mhc as ops
 
 RTOL, ATOL = 2e-5, 2e-6
@@ -155,17 +154,14 @@ def _launches(dialect, xt, ft):
 @pytest.mark.parametrize("xt,ft", _VARIANTS)
 def test_metal_sources_compile_as_cpp(xt, ft, tmp_path):
     for name, ks, inputs, outs, tmpl in _launches("metal", xt, ft):
-        code = render_metal(ks, inputs, outs, tmpl)
+        code = assert_metal_compiles((ks, inputs, outs, tmpl), tmp_path, f"mhc_{name}_{xt}_{ft}")
         assert "[[threadgroup_position_in_grid]]" in code
-        r = _gxx_syntax(code, tmp_path, f"mhc_{name}_{xt}_{ft}")
-        assert r.returncode == 0, r.stderr[-4000:]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     for name, ks, inputs, outs, tmpl in _launches("cuda", "bfloat16", "bfloat16"):
-        r = nvcc_compile(render_cuda(ks, inputs, outs, tmpl), tmp_path, name)
-        assert r.returncode == 0, r.stderr[-4000:]
+        assert_nvcc_compiles((ks, inputs, outs, tmpl), tmp_path, name)
 
 
 # --------------------------------------------------------------------------------------------

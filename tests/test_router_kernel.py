@@ -12,12 +12,12 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_indexer_kernel import CXX, NVCC, _gxx_syntax, assert_common_subset, nvcc_compile
+from test_indexer_kernel import (CXX, NVCC, assert_common_subset, assert_metal_compiles,
+                                 assert_nvcc_compiles)
 
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import router as kr
 from dsv4_mlx.kernels import router_source as src
-from dsv4_mlx.kernels.indexer_source import render_cuda, render_metal
 
 # weights: fp32 scores normalised; the kernel's sum runs in another order than MLX's
 RTOL, ATOL = 1e-6, 1e-7
@@ -119,18 +119,13 @@ def _launch(dialect, hashed, E=256, k=6):
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 @pytest.mark.parametrize("hashed", [False, True])
 def test_metal_source_compiles_as_cpp(hashed, tmp_path):
-    ks, inputs, outs, tmpl = _launch("metal", hashed)
-    code = render_metal(ks, inputs, outs, tmpl)
-    r = _gxx_syntax(code, tmp_path, f"router_{hashed}")
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert_metal_compiles(_launch("metal", hashed), tmp_path, f"router_{hashed}")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 @pytest.mark.parametrize("hashed", [False, True])
 def test_cuda_source_compiles_with_nvcc(hashed, tmp_path):
-    ks, inputs, outs, tmpl = _launch("cuda", hashed)
-    r = nvcc_compile(render_cuda(ks, inputs, outs, tmpl), tmp_path, f"router_{hashed}")
-    assert r.returncode == 0, r.stderr[-4000:]
+    assert_nvcc_compiles(_launch("cuda", hashed), tmp_path, f"router_{hashed}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -157,8 +157,12 @@ def mma_usable(backend: str, q, key_mode: str) -> bool:
     """Whether the matrix-unit scoring kernel takes these inputs: bf16 queries (their
     products with FP4 or bf16 keys are exact in the fp32 accumulator), H a multiple of 16,
     and shared tiles that fit."""
-    B, T, H, D = q.shape
-    return (q.dtype == mx.bfloat16 and key_mode in src.MMA_KEY_MODES and H % 16 == 0
+    return _mma_usable(backend, q.dtype, q.shape[2], q.shape[3], key_mode)
+
+
+def _mma_usable(backend: str, qdtype, H: int, D: int, key_mode: str) -> bool:
+    """`mma_usable` from the query's dtype and head shape."""
+    return (qdtype == mx.bfloat16 and key_mode in src.MMA_KEY_MODES and H % 16 == 0
             and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
 
 
@@ -166,8 +170,7 @@ def mma_usable(backend: str, q, key_mode: str) -> bool:
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
                 bn, hc, e, mma):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch."""
-    usable = (qdtype == mx.bfloat16 and key_mode in src.MMA_KEY_MODES and H % 16 == 0
-              and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
+    usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
             raise ValueError(f"the matrix-unit kernel does not take q {qdtype} {(B, T, H, D)} "
@@ -283,8 +286,7 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     """(probe key, launch parameters) of the kernel variants one call would use."""
     BN, HC, E = score_launch(B, T, N, H, D)
     TG, U, S = topk_launch(B, T, N, k)
-    mma = (qdtype == mx.bfloat16 and key_mode in src.MMA_KEY_MODES and H % 16 == 0
-           and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
+    mma = _mma_usable(backend, qdtype, H, D, key_mode)
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
            f"/mma{int(mma)}")
     return key, (BN, HC, E, TG, U, S, mma)
