@@ -173,8 +173,10 @@ def profile(backend, H, D, K, entries):
         print(f"case {i}: {c[0]} N={c[1]} {c[2]}")
 
 
-SELECT_VARIANTS = ((1024, 4, 1), (1024, 8, 1), (512, 4, 4), (512, 4, 8), (512, 4, 16),
-                   (256, 4, 16), (512, 8, 16), (256, 4, 32), (256, 8, 32))
+SELECT_VARIANTS = ((1024, 4, 1, 0), (512, 4, 8, 0), (512, 4, 16, 0), (512, 4, 8, None),
+                   (512, 4, 16, None), (256, 4, 16, None), (256, 4, 32, None),
+                   (1024, 4, 16, None), (1024, 4, 8, None))  # (tg, u, s, r)
+MMA_TILES = (1, 2, 4, 8, 16)
 
 
 def profile_parts(backend, H, D, K, entries):
@@ -184,12 +186,14 @@ def profile_parts(backend, H, D, K, entries):
         a = make_inputs(1, N, H, D, "fp4")
         s = ki.indexer_scores_kernel(*a, backend=backend)
         mx.eval(s)
-        fns = [("score mma", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=True)),
-               ("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=False))]
-        for tg, u, sl in SELECT_VARIANTS:
-            fns.append((f"select tg{tg}/u{u}/s{sl}",
-                        lambda tg=tg, u=u, sl=sl: ki.indexer_select_kernel(
-                            s, a[3], K, backend=backend, tg=tg, u=u, s=sl)))
+        fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=False))]
+        for tpt in MMA_TILES:
+            fns.append((f"score mma tpt{tpt}", lambda tpt=tpt: ki.indexer_scores_kernel(
+                *a, backend=backend, mma=True, tpt=tpt)))
+        for tg, u, sl, r in SELECT_VARIANTS:
+            fns.append((f"select tg{tg}/u{u}/s{sl}/r{'auto' if r is None else r}",
+                        lambda tg=tg, u=u, sl=sl, r=r: ki.indexer_select_kernel(
+                            s, a[3], K, backend=backend, tg=tg, u=u, s=sl, r=r)))
         for name, fn in fns:
             for _ in range(2):
                 mx.eval(fn())

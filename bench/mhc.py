@@ -27,6 +27,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=16)
     ap.add_argument("--tg", default=str(km.PRE_TG))
+    ap.add_argument("--iters", default="20",
+                    help="Sinkhorn rounds, comma list (20 is the model's; fewer separate their "
+                         "cost)")
     a = ap.parse_args()
     backend = dispatch.select_backend(km.ENV_VAR)
     if backend == "ops":
@@ -47,15 +50,17 @@ def main():
     t_ops = timed(f_ops, a.calls)
     print(f"{mx.default_device()} ({backend}): hc_pre, {n} x {D}, {iters} rounds, {a.calls} calls "
           f"an evaluation; ops {t_ops:.4f} ms a call")
-    for tg in [int(v) for v in a.tg.split(",")]:
-        km.PRE_TG = tg
-        f_ker = lambda i: km.hc_pre_kernel(Xs[i], fn, scale, base, iters, 1e-6, 1e-6,  # noqa: E731
-                                           backend=backend)
-        diff = max(float(mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max())
-                   for g, w in zip(f_ker(0), f_ops(0)))
-        t = timed(f_ker, a.calls)
-        print(f"kernel TG {tg:5d}: {t:.4f} ms a call ({t_ops / t:.2f}x the ops path), "
-              f"max |diff| {diff:.2e}")
+    for it in [int(v) for v in a.iters.split(",")]:
+        for tg in [int(v) for v in a.tg.split(",")]:
+            km.PRE_TG = tg
+            f_ker = lambda i: km.hc_pre_kernel(Xs[i], fn, scale, base, it, 1e-6,  # noqa: E731
+                                               1e-6, backend=backend)
+            diff = "" if it != iters else ", max |diff| %.2e" % max(
+                float(mx.abs(g.astype(mx.float32) - w.astype(mx.float32)).max())
+                for g, w in zip(f_ker(0), f_ops(0)))
+            t = timed(f_ker, a.calls)
+            print(f"kernel TG {tg:5d}, {it:2d} rounds: {t:.4f} ms a call ({t_ops / t:.2f}x the "
+                  f"ops path){diff}")
 
 
 if __name__ == "__main__":

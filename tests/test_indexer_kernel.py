@@ -278,36 +278,40 @@ class Emulator:
                         (nblk * BN, T, B), BN)
         return s
 
-    def score_mma(self, q, w, key_arrays, key_mode, visible, kc=None):
+    def score_mma(self, q, w, key_arrays, key_mode, visible, kc=None, tpt=None):
         """The matrix-unit scoring kernel (`indexer_source.score_mma_source`)."""
         B, T, H, D = q.shape
         N = key_arrays[0].shape[1]
-        KC, SMEM4 = src.mma_layout("cpp", H, D, ki.MMA_WARPS)
+        KC, SMEM4, QRES = src.mma_layout("cpp", H, D, ki.MMA_WARPS)
         if kc is not None:  # a smaller chunk of dims (more chunks, same tile area)
-            KC = kc
+            KC, QRES = kc, kc == D and QRES
+        TPT = tpt or ki.mma_tiles(B * T, N, QRES)
         ks = src.score_mma_source("cpp", key_mode)
         tpg = 32 * ki.MMA_WARPS
-        nblk = -(-N // (16 * ki.MMA_WARPS))
+        ngroups = -(-N // (16 * ki.MMA_WARPS * TPT))
         qw = bf16_words(q)  # bf16 queries as uint32 pairs (q must be bf16-exact)
         (s,) = self.run(ks, [qw, w, *key_arrays, visible], [(B, T, N)], ["float32"],
                         [("D", D), ("H", H), ("NW", ki.MMA_WARPS), ("KC", KC),
-                         ("SMEM4", SMEM4)],
-                        (nblk * tpg, T, B), tpg)
+                         ("SMEM4", SMEM4), ("QRES", QRES), ("TPT", TPT)],
+                        (ngroups * tpg, T, B), tpg)
         return s
 
-    def _select(self, scores, visible, cidx, k, tg, u, s, mapped):
+    def _select(self, scores, visible, cidx, k, tg, u, s, mapped, r):
         B, T, M = scores.shape
         ks = src.topk_source("cpp")
+        r = ki.topk_regs(M, tg, s) if r is None else r
         idx, val = self.run(ks, [scores, visible, cidx], [(B, T, s, k)] * 2, ["int32", "float32"],
-                            [("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped)],
+                            [("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped),
+                             ("R", r)],
                             (s * tg, T, B), tg)
         return idx.reshape(B, T, s * k), val.reshape(B, T, s * k)
 
-    def topk(self, scores, visible, k, tg=256, u=4, s=1):
-        """As `indexer.indexer_select_kernel` chains the launches."""
-        idx, val = self._select(scores, visible, np.zeros(1, np.int32), k, tg, u, s, False)
+    def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None):
+        """As `indexer.indexer_select_kernel` chains the launches (``r`` None: registers
+        where `topk_regs` says; 0: none)."""
+        idx, val = self._select(scores, visible, np.zeros(1, np.int32), k, tg, u, s, False, r)
         if s > 1:
-            idx, _ = self._select(val, visible, idx, k, tg, u, 1, True)
+            idx, _ = self._select(val, visible, idx, k, tg, u, 1, True, 0 if r == 0 else None)
         return idx
 
 
@@ -367,19 +371,21 @@ def test_emulated_scores_launch_variants(emu, bn, hc, e, mode):
 
 
 @needs_cxx
-@pytest.mark.parametrize("B,T,H,D,kc", [(1, 1, 64, 128, None), (2, 5, 16, 32, None),
-                                        (1, 3, 32, 128, 32), (2, 1, 48, 64, None)])
+@pytest.mark.parametrize("B,T,H,D,kc,tpt", [(1, 1, 64, 128, None, None), (2, 5, 16, 32, None, 2),
+                                            (1, 3, 32, 128, 32, None), (2, 1, 48, 64, None, 4),
+                                            (1, 6, 16, 64, None, 16), (2, 3, 32, 64, 32, 3)])
 @pytest.mark.parametrize("mode", src.MMA_KEY_MODES)
-def test_emulated_scores_mma(emu, B, T, H, D, kc, mode):
-    """The matrix-unit kernel (16x16 tiles, chunks of KC dims, 64 entries a group): bf16
-    queries, N not a multiple of 64, every visibility edge."""
+def test_emulated_scores_mma(emu, B, T, H, D, kc, tpt, mode):
+    """The matrix-unit kernel (16x16 tiles, chunks of KC dims, 64 entries a tile, TPT tiles a
+    group with the queries read once or a chunk at a time): bf16 queries, N not a multiple
+    of 64, every visibility edge (tiles wholly past it, in the middle of a group's tiles)."""
     rng = np.random.default_rng(B + T + H + D + len(mode))
     N = 200
     q, w, keys = make_case(rng, B, T, H, D, N, "zeros" if T == 5 else "random")
     q = to_bf16(q)  # the kernel takes bf16 queries (exact products)
     key_in, kf = _key_arrays(mode, keys)
     vis = np.array([N - 1, 0, 1, 63, 64, N][:T] if T > 1 else [N - 1], np.int32)
-    got = emu.score_mma(q, w, key_in, mode, vis, kc=kc)
+    got = emu.score_mma(q, w, key_in, mode, vis, kc=kc, tpt=tpt)
     ref = _masked(ref_scores(q, w, kf), vis)
     assert np.array_equal(np.isneginf(got), np.isneginf(ref))
     fin = np.isfinite(ref)
@@ -388,21 +394,48 @@ def test_emulated_scores_mma(emu, B, T, H, D, kc, mode):
 
 def test_mma_layout_fits():
     """Flash/Pro indexer shapes (H = 64, d = 128) fit Metal's 32 KiB (fp32 tiles, 32 dims a
-    chunk) and CUDA's 48 KiB (bf16 tiles, all 128 dims at once)."""
-    assert src.mma_layout("metal", 64, 128) == (32, (128 * 40 * 4) // 16)
-    assert src.mma_layout("cuda", 64, 128) == (128, (128 * 136 * 2) // 16)
+    chunk, queries re-read) and CUDA's 48 KiB (bf16 tiles, all 128 dims of the queries
+    resident, the fp32 block over the key tile)."""
+    assert src.mma_layout("metal", 64, 128) == (32, (128 * 40 * 4) // 16, False)
+    assert src.mma_layout("cuda", 64, 128) == (128, (128 * 136 * 2) // 16, True)
     for dialect in ("metal", "cuda"):
-        kc, smem4 = src.mma_layout(dialect, 64, 128)
+        kc, smem4, qres = src.mma_layout(dialect, 64, 128)
         assert 16 * smem4 + 4 * 128 <= src.MMA_SHARED_BYTES[dialect]
-        assert 16 * smem4 >= 64 * 68 * 4  # the fp32 [H x 64] block fits the same area
+        eb = src.MMA_ELEM_BYTES[dialect]
+        block = 64 * 68 * 4  # the fp32 [H x 64] block
+        if qres:  # beside the resident queries, over the key tile
+            assert 16 * smem4 >= 64 * 136 * eb + max(64 * 136 * eb, block)
+        else:
+            assert 16 * smem4 >= max(block, 128 * (kc + 8) * eb)
+
+
+def test_mma_tiles():
+    """Tiles a group: only with resident queries, powers of two <= 16, >= 512 groups left."""
+    assert ki.mma_tiles(1, 65536, False) == 1
+    assert ki.mma_tiles(1, 65536, True) == 2     # 1024 tiles -> 512 groups
+    assert ki.mma_tiles(1, 262144, True) == 8    # 4096 tiles -> 512 groups
+    assert ki.mma_tiles(1, 1000, True) == 1
+    assert ki.mma_tiles(2048, 16384, True) == 16
+
+
+def test_topk_regs():
+    assert ki.topk_regs(65536, 512, 16) == 8     # 4096 a slice, 8 a thread
+    assert ki.topk_regs(8192, 1024, 1) == 8      # the merge of 16 x 512
+    assert ki.topk_regs(40000, 512, 8) == 16     # 5000 a slice: 10 -> 16
+    assert ki.topk_regs(4097, 256, 1) == 0       # 17 a thread: past the registers
+    assert ki.topk_regs(100, 256, 1) == 1
 
 
 @needs_cxx
 @pytest.mark.parametrize("case", ["random", "ties", "allequal", "negative", "fewvisible", "dups",
                                   "perm"])
-@pytest.mark.parametrize("k,u,nslice", [(1, 4, 1), (7, 1, 1), (64, 4, 1), (64, 3, 1), (7, 4, 3),
-                                        (64, 2, 8), (1, 4, 16)])
-def test_emulated_topk(emu, case, k, u, nslice):
+@pytest.mark.parametrize("k,u,nslice,r", [(1, 4, 1, 0), (7, 1, 1, 0), (64, 4, 1, 0), (64, 3, 1, 0),
+                                          (7, 4, 3, 0), (64, 2, 8, 0), (1, 4, 16, 0),
+                                          (1, 4, 1, None), (64, 4, 1, None), (7, 4, 3, None),
+                                          (64, 2, 8, None), (64, 4, 1, 2)])
+def test_emulated_topk(emu, case, k, u, nslice, r):
+    """Radix select: scores streamed at every pass (r = 0), held in registers (None: as many
+    as the slice needs), or too few registers for the slice (r = 2 < 700 / 256: streamed)."""
     rng = np.random.default_rng(len(case) * 10 + k)
     B, T, N = 2, 9, 700
     s = rng.standard_normal((B, T, N)).astype(np.float32)
@@ -422,7 +455,7 @@ def test_emulated_topk(emu, case, k, u, nslice):
         vis = np.minimum(vis, k + 2)
     vis = np.clip(vis, 0, N)
     s = _masked(s.astype(np.float64), vis).astype(np.float32)  # what the score kernel writes
-    idx = emu.topk(s, vis, k, u=u, s=nslice)
+    idx = emu.topk(s, vis, k, u=u, s=nslice, r=r)
     check_topk(idx, np.where(np.isfinite(s), s, -1e30), vis, k, f"emu topk {case}")
 
 
@@ -467,16 +500,17 @@ def _metal_variants():
     for mode in src.MMA_KEY_MODES:
         keyin = {"bf16": [("uint32", 3, 2048)], "fp4": [("uint32", 3, 512), ("uint8", 3, 4)]}[mode]
         for D, H in ((128, 64), (32, 16)):
-            kc, smem4 = src.mma_layout("metal", H, D)
+            kc, smem4, qres = src.mma_layout("metal", H, D)
             inputs = [("uint32", 4, 2048), ("float32", 3, 64), *keyin, ("int32", 1, 1)]
-            tmpl = [("D", D), ("H", H), ("NW", 4), ("KC", kc), ("SMEM4", smem4)]
+            tmpl = [("D", D), ("H", H), ("NW", 4), ("KC", kc), ("SMEM4", smem4),
+                    ("QRES", qres), ("TPT", 4)]
             out.append((f"score-mma-{mode}-D{D}", src.score_mma_source("metal", mode), inputs,
                         ["float32"], tmpl))
-    for K, TG, U, S, MAPPED in ((512, 1024, 4, 1, False), (3, 256, 1, 16, True)):
-        out.append((f"topk-K{K}-S{S}", src.topk_source("metal"),
+    for K, TG, U, S, MAPPED, R in ((512, 1024, 4, 1, False, 0), (3, 256, 1, 16, True, 8)):
+        out.append((f"topk-K{K}-S{S}-R{R}", src.topk_source("metal"),
                     [("float32", 3, 5), ("int32", 1, 37), ("int32", 1, 1)],
                     ["int32", "float32"],
-                    [("K", K), ("TG", TG), ("U", U), ("S", S), ("MAPPED", MAPPED)]))
+                    [("K", K), ("TG", TG), ("U", U), ("S", S), ("MAPPED", MAPPED), ("R", R)]))
     return out
 
 
@@ -607,14 +641,15 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
          [("bfloat16", 4, 8192), ("float32", 3, 64), *keyin, ("int32", 1, 1)], ["float32"],
          [("QT", "bfloat16"), ("D", 128), ("H", 64), ("HC", 64), ("BN", 128), ("E", 2)]),
         ("topk", src.topk_source("cuda"), [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
-         ["int32", "float32"], [("K", 512), ("TG", 1024), ("U", 4), ("S", 1), ("MAPPED", False)]),
+         ["int32", "float32"], [("K", 512), ("TG", 1024), ("U", 4), ("S", 1), ("MAPPED", False),
+                                ("R", 8)]),
     ]
     if mode in src.MMA_KEY_MODES:
-        kc, smem4 = src.mma_layout("cuda", 64, 128)
+        kc, smem4, qres = src.mma_layout("cuda", 64, 128)
         jobs.append(("score_mma", src.score_mma_source("cuda", mode),
                      [("uint32", 4, 4096), ("float32", 3, 64), *keyin, ("int32", 1, 1)],
                      ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
-                                   ("SMEM4", smem4)]))
+                                   ("SMEM4", smem4), ("QRES", qres), ("TPT", 4)]))
     for name, ks, inputs, outs, tmpl in jobs:
         r = nvcc_compile(src.render_cuda(ks, inputs, outs, tmpl), tmp_path, name, "-Xptxas", "-v")
         assert r.returncode == 0, r.stderr[-4000:]

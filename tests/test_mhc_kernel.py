@@ -52,8 +52,12 @@ def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6):
 
 @pytest.mark.parametrize("N,n,D,iters,tg", [(3, 4, 64, 20, 32), (5, 4, 72, 20, 16),
                                             (2, 2, 40, 3, 64), (1, 4, 256, 1, 256),
-                                            (1, 4, 4096, 20, 512)])
+                                            (1, 4, 4096, 20, 512), (2, 3, 64, 5, 32),
+                                            (1, 4, 4096, 2, 128)])
 def test_emulated_pre_matches_ops(emu, N, n, D, iters, tg):
+    """Values a thread held in registers (D a multiple of TG, <= 64 a thread: 8, 4, 32, and
+    6 - not a multiple of 4 - a thread) or read twice (D not a multiple of TG, 128 a
+    thread)."""
     rng = np.random.default_rng(N * 100 + D)
     X, fn, scale, base = _case(rng, N, n, D)
     got = _emu_pre(emu, X, fn, scale, base, iters, tg)

@@ -135,6 +135,18 @@ def topk_launch(B: int, T: int, N: int, k: int) -> tuple[int, int, int]:
     return (512 if s > 1 else 1024), 4, s
 
 
+@functools.lru_cache(maxsize=256)
+def topk_regs(M: int, tg: int, s: int) -> int:
+    """R of the top-k kernel: score keys a thread held in registers (a power of two) so that
+    a slice of ceil(M / S) entries is read once instead of once a radix pass; 0 (no
+    registers) past 16 a thread."""
+    need = -(-(-(-M // s)) // tg)
+    r = 1
+    while r < need:
+        r *= 2
+    return r if r <= 16 else 0
+
+
 def kernel_supported(q, keys) -> bool:
     """Shapes the kernels take: d a multiple of 32 (<= 256), keys batch == query batch."""
     try:
@@ -166,21 +178,36 @@ def _mma_usable(backend: str, qdtype, H: int, D: int, key_mode: str) -> bool:
             and D % 32 == 0 and src.mma_layout(backend, H, D, MMA_WARPS) is not None)
 
 
+@functools.lru_cache(maxsize=256)
+def mma_tiles(rows: int, N: int, qres: bool) -> int:
+    """Tiles of 16 NW entries a threadgroup of the matrix-unit kernel (TPT): with resident
+    queries, as many (a power of two, <= 16) as still leave >= 512 groups (~4 an SM of a
+    large GPU); each tile then reads only its keys. Without, 1 (a tile reads the queries
+    anyway)."""
+    tiles = -(-N // (16 * MMA_WARPS))
+    tpt = 1
+    while qres and tpt < 16 and -(-tiles // (2 * tpt)) * rows >= 512:
+        tpt *= 2
+    return tpt
+
+
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
-                bn, hc, e, mma):
+                bn, hc, e, mma, tpt):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
             raise ValueError(f"the matrix-unit kernel does not take q {qdtype} {(B, T, H, D)} "
                              f"with {key_mode} keys")
-        kc, smem4 = src.mma_layout(backend, H, D, MMA_WARPS)
+        kc, smem4, qres = src.mma_layout(backend, H, D, MMA_WARPS)
+        tpt = tpt or mma_tiles(B * T, N, qres)
         tpg = 32 * MMA_WARPS
-        nblk = -(-N // (16 * MMA_WARPS))
+        ngroups = -(-N // (16 * MMA_WARPS * tpt))
         return (True, src.score_mma_source(backend, key_mode),
-                [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4)],
-                (nblk * tpg, T, B), (tpg, 1, 1))
+                [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4),
+                 ("QRES", qres), ("TPT", tpt)],
+                (ngroups * tpg, T, B), (tpg, 1, 1))
     BN, HC, E = score_launch(B, T, N, H, D)
     BN, HC, E = bn or BN, hc or HC, e or E
     nblk = -(-N // (BN * E))
@@ -190,16 +217,17 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
 
 
 def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
-                          mma=None):
+                          mma=None, tpt=None):
     """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries.
 
     ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
-    True / False force one (True raises where it does not apply)."""
+    True / False force one (True raises where it does not apply). ``tpt``: tiles a group of
+    the matrix-unit kernel (default `mma_tiles`)."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
-                                                 bn, hc, e, mma)
+                                                 bn, hc, e, mma, tpt)
     (scores,) = _kernel(backend, ks)(
         inputs=[q.view(mx.uint32) if on_mma else q, _f32(w), *key_in, _i32(visible)],
         template=template, grid=grid, threadgroup=tg,
@@ -227,13 +255,14 @@ def _no_cidx():
     return _dummy["a"]
 
 
-def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped):
+def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None):
     B, T, M = scores.shape
+    r = topk_regs(M, tg, s) if r is None else r
     kern = _kernel(backend, src.topk_source(backend))
     # [B, T, S*k] written directly (row-contiguous: the same memory as [B, T, S, k])
     idx, val = kern(
         inputs=[scores, visible, cidx],
-        template=[("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped)],
+        template=[("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped), ("R", r)],
         grid=(s * tg, T, B), threadgroup=(tg, 1, 1),
         output_shapes=[(B, T, s * k), (B, T, s * k)], output_dtypes=[mx.int32, mx.float32],
         stream=mx.gpu,
@@ -241,15 +270,20 @@ def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped):
     return idx, val
 
 
-def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None):
-    """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks)."""
+def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None,
+                          r=None):
+    """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks).
+
+    ``r``: register keys a thread of the first launch (default `topk_regs`; 0: none, in
+    either launch, the scores read at every pass)."""
     B, T, N = scores.shape
     TG, U, S = topk_launch(B, T, N, k)
     TG, U, S = tg or TG, u or U, s or S
     visible = _i32(visible)
-    idx, val = _select_launch(backend, scores, visible, _no_cidx(), k, TG, U, S, False)
+    idx, val = _select_launch(backend, scores, visible, _no_cidx(), k, TG, U, S, False, r)
     if S > 1:  # the S * k candidates of each row, selected by one group of 1024
-        idx, _ = _select_launch(backend, val, visible, idx, k, 1024, U, 1, True)
+        idx, _ = _select_launch(backend, val, visible, idx, k, 1024, U, 1, True,
+                                0 if r == 0 else None)
     return idx
 
 
@@ -260,7 +294,8 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
-    ``e`` of the scoring kernel, ``tg``, ``u``, ``s`` of the top-k kernel), for tuning.
+    ``e``, ``tpt`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r`` of the top-k
+    kernel), for tuning.
     """
     launch = launch or {}
     pick = lambda names: {a: launch[a] for a in names if a in launch}  # noqa: E731
@@ -270,10 +305,10 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         return indexer_topk_ops(q, w, keys, visible, topk)
     visible = _i32(visible)
     scores = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma,
-                                   **pick(("bn", "hc", "e")))
+                                   **pick(("bn", "hc", "e", "tpt")))
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend,
-                                     **pick(("tg", "u", "s")))
+                                     **pick(("tg", "u", "s", "r")))
     if select != "argpartition":
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     with mx.stream(mx.gpu):
@@ -286,10 +321,12 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     """(probe key, launch parameters) of the kernel variants one call would use."""
     BN, HC, E = score_launch(B, T, N, H, D)
     TG, U, S = topk_launch(B, T, N, k)
+    R = topk_regs(N, TG, S)
     mma = _mma_usable(backend, qdtype, H, D, key_mode)
+    tpt = mma_tiles(B * T, N, src.mma_layout(backend, H, D, MMA_WARPS)[2]) if mma else None
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/mma{int(mma)}")
-    return key, (BN, HC, E, TG, U, S, mma)
+           f"/R{R}/mma{int(mma)}/TPT{tpt}")
+    return key, (BN, HC, E, TG, U, S, R, mma, tpt)
 
 
 def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
@@ -297,7 +334,8 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    key, (BN, HC, E, TG, U, S, mma) = _variant(backend, q.dtype, B, T, H, D, key_mode, N, k)
+    key, (BN, HC, E, TG, U, S, R, mma, tpt) = _variant(backend, q.dtype, B, T, H, D, key_mode,
+                                                        N, k)
 
     def probe():
         n = max(2 * k + 2, S * (k + 1))  # more entries than k a slice: the radix path runs
@@ -308,8 +346,9 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
         else:
             kk = mx.zeros((1, n, D), mx.bfloat16 if key_mode == "bf16" else mx.float32)
         vis = mx.array([n], mx.int32)
-        s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E, mma=mma)
-        i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S)
+        s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E, mma=mma,
+                                  tpt=tpt)
+        i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R)
         mx.eval(s, i)
 
     return key, probe
@@ -339,5 +378,5 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
 __all__ = [
     "dequantize_keys", "indexer_scores_ops", "indexer_topk_ops", "indexer_scores_kernel",
     "indexer_select_kernel", "indexer_topk_kernel", "indexer_topk", "score_launch",
-    "topk_launch", "kernel_supported", "mma_usable",
+    "topk_launch", "topk_regs", "mma_tiles", "kernel_supported", "mma_usable",
 ]

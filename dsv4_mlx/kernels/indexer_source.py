@@ -30,6 +30,7 @@ Rules the bodies keep, so that the same text is valid everywhere:
 from __future__ import annotations
 
 import functools
+import textwrap
 from dataclasses import dataclass
 
 # --------------------------------------------------------------------------------------------
@@ -413,6 +414,10 @@ KI_FN unsigned int ki_order_key(float f) {
   const unsigned int u = KI_AS_UINT(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+// its inverse: the fp32 value of a key
+KI_FN float ki_order_value(unsigned int k) {
+  return KI_AS_FLOAT((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
 """
 
 # --------------------------------------------------------------------------------------------
@@ -555,9 +560,11 @@ _TOPK_BODY = """\
   // MAPPED = true and S = 1 then selects among the S * K candidates (all "visible"),
   // reading the entry numbers from `cidx`. With S = 1 and MAPPED = false one launch does it:
   // while vis > K every pick is visible; when vis <= K the picks are 0 .. vis-1 and -1.
+  // A slice of at most R * TG entries (R > 0) is read once into registers (R keys a thread)
+  // and every pass reads those; a longer one is read again by every pass, U loads in flight.
   // Grid: (S * TG, T, B) threads in threadgroups of (TG, 1, 1); TG >= 256.
-  // Template: K, TG, U (loads in flight a thread), S, MAPPED. Outputs idx, val [B, T, S * K]
-  // (slice sg's K picks at sg * K).
+  // Template: K, TG, U (loads in flight a thread), S, MAPPED, R (register keys a thread, 0:
+  // none). Outputs idx, val [B, T, S * K] (slice sg's K picks at sg * K).
   KI_SHARED KI_ATOMIC_UINT ki_hist[256];
   KI_SHARED unsigned int ki_scan[16];
   KI_SHARED unsigned int ki_sel[3];
@@ -591,6 +598,17 @@ _TOPK_BODY = """\
     return;
   }
 
+  // the slice in registers: key j of a thread is entry lo + ki_tid + j * TG
+  constexpr int RR = R > 0 ? R : 1;
+  const bool reg = R > 0 && nseg <= R * TG;  // (uniform)
+  unsigned int rk[RR];
+  if (reg) {
+    KI_UNROLL
+    for (int j = 0; j < RR; ++j) {
+      const int i = lo + ki_tid + j * TG;
+      rk[j] = i < hi ? ki_order_key(scores[base + i]) : 0u;
+    }
+  }
   unsigned int prefix = 0u;  // key bits fixed so far
   unsigned int mask = 0u;    // which bits of the key are fixed
   int krem = K;              // how many picks remain among the keys matching `prefix`
@@ -598,7 +616,15 @@ _TOPK_BODY = """\
     const int shift = 24 - 8 * pass;
     if (ki_tid < 256) KI_ATOMIC_STORE(ki_hist[ki_tid], 0u);
     KI_BARRIER();
-    for (int i0 = lo + ki_tid; i0 < hi; i0 += TG * U) {
+    if (reg) {
+      KI_UNROLL
+      for (int j = 0; j < RR; ++j) {
+        if (lo + ki_tid + j * TG < hi && (rk[j] & mask) == prefix) {
+          KI_HIST_ADD(ki_hist, (rk[j] >> shift) & 255u);
+        }
+      }
+    }
+    for (int i0 = lo + ki_tid; !reg && i0 < hi; i0 += TG * U) {
       unsigned int uk[U];
       KI_UNROLL
       for (int j = 0; j < U; ++j) {
@@ -652,7 +678,27 @@ _TOPK_BODY = """\
   if (ki_tid < 2) KI_ATOMIC_STORE(ki_cnt[ki_tid], 0u);
   KI_BARRIER();
   const int n_above = K - krem;
-  for (int i0 = lo + ki_tid; i0 < hi; i0 += TG * U) {
+  if (reg) {
+    KI_UNROLL
+    for (int j = 0; j < RR; ++j) {
+      const int i = lo + ki_tid + j * TG;
+      const unsigned int um = rk[j] & mask;
+      int p = -1;
+      if (i < hi) {
+        if (um > prefix) {
+          p = (int)KI_ATOMIC_ADD(ki_cnt[0], 1u);
+        } else if (um == prefix) {
+          const int q2 = (int)KI_ATOMIC_ADD(ki_cnt[1], 1u);
+          if (q2 < krem) p = n_above + q2;
+        }
+      }
+      if (p >= 0) {
+        out[p] = MAPPED ? cidx[base + i] : i;
+        oval[p] = ki_order_value(rk[j]);
+      }
+    }
+  }
+  for (int i0 = lo + ki_tid; !reg && i0 < hi; i0 += TG * U) {
     float sv[U];
     KI_UNROLL
     for (int j = 0; j < U; ++j) {
@@ -721,7 +767,7 @@ def topk_source(dialect: str) -> KernelSource:
     """Top-k kernel. Inputs: scores [B,T,M] f32, visible [T] int32, cidx [B,T,M] int32
     (read only when MAPPED); outputs idx [B,T,S*K] int32, val [B,T,S*K] f32 (slice s's K
     picks at s*K).
-    Template: K, TG, U, S, MAPPED."""
+    Template: K, TG, U, S, MAPPED, R."""
     return make_source(dialect, "dsv4_indexer_topk", ("scores", "visible", "cidx"), ("idx", "val"),
                        _TOPK_BODY)
 
@@ -771,16 +817,19 @@ _SCORE_MMA_BODY = """\
   // ---- lightning-indexer scores on the matrix units (spec §4.7) ----
   //   score[b, t, n] = sum_h w[b, t, h] * relu(q[b, t, h, :] . K[b, n, :])   n < visible[t]
   // q: bf16 queries as their uint32 view [B, T, H, D / 2] (pairs, low half first).
-  // One threadgroup of NW warps (simdgroups) takes query (b, t) against NB = 16 NW entries:
-  // the [H x NB] dot products are a small matrix product, Q [H x D] times K^T [D x NB],
-  // computed in 16x16 tiles (warp w: entries 16w .. 16w+16, all H / 16 head tiles) from
-  // shared tiles of KC dims at a time, then stored (fp32) to shared memory, where the
-  // weighted ReLU sum over heads is taken. The [H x NB] block is the only intermediate: no
-  // [heads x entries] buffer. Exact products need bf16-exact inputs (bf16 queries; FP4 or
-  // bf16 keys); the sums are fp32 in another order than the ops path.
-  // Grid: (ceil(N / NB) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
-  // Template: D, H (multiple of 16), NW, KC (multiple of 32 dividing D), SMEM4 (float4
-  // words of the shared tile area).
+  // One threadgroup of NW warps (simdgroups) takes query (b, t) against TPT tiles of
+  // NB = 16 NW entries, one tile after the other: the [H x NB] dot products of a tile are a
+  // small matrix product, Q [H x D] times K^T [D x NB], computed in 16x16 tiles (warp w:
+  // entries 16w .. 16w+16, all H / 16 head tiles) from shared tiles of KC dims at a time,
+  // then stored (fp32) to shared memory, where the weighted ReLU sum over heads is taken.
+  // The [H x NB] block is the only intermediate: no [heads x entries] buffer. With QRES
+  // (all D dims of the queries fit beside a key tile) the queries are read into shared memory
+  // once for the group's TPT tiles; otherwise each chunk of each tile reads its KC dims again.
+  // Exact products need bf16-exact inputs (bf16 queries; FP4 or bf16 keys); the sums are
+  // fp32 in another order than the ops path.
+  // Grid: (ceil(N / (NB TPT)) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
+  // Template: D, H (multiple of 16), NW, KC (multiple of 32 dividing D; D with QRES), SMEM4
+  // (float4 words of the shared tile area), QRES, TPT (tiles a group).
   constexpr int NB = 16 * NW;
   constexpr int TPG = 32 * NW;
   constexpr int MT = H / 16;
@@ -791,61 +840,74 @@ _SCORE_MMA_BODY = """\
   KI_SHARED float ki_part[TPG];
   KI_TG ki_mma_t* qs = (KI_TG ki_mma_t*)ki_smem;  // [H][LDQ]
   KI_TG ki_mma_t* kb = qs + H * LDQ;              // [NB][LDK]
-  KI_TG float* cs = (KI_TG float*)ki_smem;        // [H][LDC], after the products
-@ROW@  const int n0 = ki_gx * NB;
-  const uint4 uint4_zero = KI_UINT4(0u, 0u, 0u, 0u);
+  // [H][LDC] fp32 after the products: over the key tile (QRES) or over both tiles
+  KI_TG float* cs = QRES ? (KI_TG float*)kb : (KI_TG float*)ki_smem;
+@ROW@  const uint4 uint4_zero = KI_UINT4(0u, 0u, 0u, 0u);
   (void)uint4_zero;
-
-  if (n0 >= vis) {
-    // the whole threadgroup lies past the visible prefix (uniform exit: no barrier skipped)
-    for (int i = ki_tid; i < NB; i += TPG) {
-      if (n0 + i < N) out[n0 + i] = KI_NEG_INF;
-    }
-    return;
-  }
-
   const int warp = ki_tid / 32;
-  ki_mma_acc acc[MT];  // stays in registers: every loop over m is unrolled
-  KI_UNROLL
-  for (int m = 0; m < MT; ++m) ki_mma_zero(acc[m]);
-  KI_UNROLL
-  for (int kc = 0; kc < D; kc += KC) {
-    if (kc > 0) KI_BARRIER();  // the previous chunk's tiles are consumed
-    // queries (b, t, 0..H, kc..kc+KC) -> qs, 8 bf16 (one uint4 of pairs) at a time
-    for (int i = ki_tid; i < H * (KC / 8); i += TPG) {
-      const int h = i / (KC / 8);
-      const int g = i % (KC / 8);
-      ki_put8_bf16(qs + h * LDQ + 8 * g, KI_LOAD4U(q + (bt * H + h) * (D / 2), kc / 8 + g));
+
+  if (QRES) {
+    // queries (b, t, 0..H, 0..D) -> qs once, 8 bf16 (one uint4 of pairs) at a time; the
+    // barrier before the first products orders these writes
+    for (int i = ki_tid; i < H * (D / 8); i += TPG) {
+      const int h = i / (D / 8);
+      const int g = i % (D / 8);
+      ki_put8_bf16(qs + h * LDQ + 8 * g, KI_LOAD4U(q + (bt * H + h) * (D / 2), g));
     }
-@KEY_TILE@    KI_BARRIER();
+  }
+  for (int tile = 0; tile < TPT; ++tile) {
+    const int n0 = (ki_gx * TPT + tile) * NB;  // (every test below is uniform in the group)
+    if (n0 >= N) break;
+    if (n0 >= vis) {  // the whole tile lies past the visible prefix
+      for (int i = ki_tid; i < NB; i += TPG) {
+        if (n0 + i < N) out[n0 + i] = KI_NEG_INF;
+      }
+      continue;
+    }
+    ki_mma_acc acc[MT];  // stays in registers: every loop over m is unrolled
     KI_UNROLL
-    for (int kk = 0; kk < KC; kk += 16) {
+    for (int m = 0; m < MT; ++m) ki_mma_zero(acc[m]);
+    KI_UNROLL
+    for (int kc = 0; kc < D; kc += KC) {
+      KI_BARRIER();  // the previous chunk's (or tile's) tiles, cs and ki_part are consumed
+      if (!QRES) {
+        // queries (b, t, 0..H, kc..kc+KC) -> qs
+        for (int i = ki_tid; i < H * (KC / 8); i += TPG) {
+          const int h = i / (KC / 8);
+          const int g = i % (KC / 8);
+          ki_put8_bf16(qs + h * LDQ + 8 * g, KI_LOAD4U(q + (bt * H + h) * (D / 2), kc / 8 + g));
+        }
+      }
+@KEY_TILE@      KI_BARRIER();
       KI_UNROLL
-      for (int m = 0; m < MT; ++m) {
-        ki_mma(acc[m], qs + 16 * m * LDQ + kk, LDQ, kb + 16 * warp * LDK + kk, LDK);
+      for (int kk = 0; kk < KC; kk += 16) {
+        KI_UNROLL
+        for (int m = 0; m < MT; ++m) {
+          ki_mma(acc[m], qs + 16 * m * LDQ + kk, LDQ, kb + 16 * warp * LDK + kk, LDK);
+        }
       }
     }
-  }
-  KI_BARRIER();  // every warp is done with qs / kb: cs takes their place
-  KI_UNROLL
-  for (int m = 0; m < MT; ++m) ki_mma_store(cs + 16 * m * LDC + 16 * warp, LDC, acc[m]);
-  KI_BARRIER();
-  {
-    // thread (entry c, head slice sl): the weighted ReLU sum over heads sl, sl + 2, ...
-    const int c = ki_tid % NB;
-    const int sl = ki_tid / NB;
-    float a = 0.0f;
+    KI_BARRIER();  // every warp is done with the tiles: cs takes their place
     KI_UNROLL
-    for (int h = sl; h < H; h += 2) {
-      const float v = cs[h * LDC + c];
-      a += w[bt * H + h] * (v > 0.0f ? v : 0.0f);
+    for (int m = 0; m < MT; ++m) ki_mma_store(cs + 16 * m * LDC + 16 * warp, LDC, acc[m]);
+    KI_BARRIER();
+    {
+      // thread (entry c, head slice sl): the weighted ReLU sum over heads sl, sl + 2, ...
+      const int c = ki_tid % NB;
+      const int sl = ki_tid / NB;
+      float a = 0.0f;
+      KI_UNROLL
+      for (int h = sl; h < H; h += 2) {
+        const float v = cs[h * LDC + c];
+        a += w[bt * H + h] * (v > 0.0f ? v : 0.0f);
+      }
+      ki_part[ki_tid] = a;
     }
-    ki_part[ki_tid] = a;
-  }
-  KI_BARRIER();
-  if (ki_tid < NB) {
-    const int n = n0 + ki_tid;
-    if (n < N) out[n] = n < vis ? ki_part[ki_tid] + ki_part[NB + ki_tid] : KI_NEG_INF;
+    KI_BARRIER();
+    if (ki_tid < NB) {
+      const int n = n0 + ki_tid;
+      if (n < N) out[n] = n < vis ? ki_part[ki_tid] + ki_part[NB + ki_tid] : KI_NEG_INF;
+    }
   }
 """
 
@@ -856,19 +918,26 @@ MMA_SHARED_BYTES = {"metal": 32768, "cuda": 49152, "cpp": 49152}
 
 
 @functools.lru_cache(maxsize=None)  # asked on every call of the dispatch point
-def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int] | None:
-    """(KC, SMEM4) for the matrix-unit scoring kernel: the largest chunk of dims (a multiple
-    of 32 dividing D) whose shared tiles fit the dialect's budget; None if none fits."""
+def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int, bool] | None:
+    """(KC, SMEM4, QRES) for the matrix-unit scoring kernel, None if no layout fits the
+    dialect's shared-memory budget. QRES (queries resident: read once for all of a group's
+    tiles) where all D dims of the queries fit beside a key tile, the fp32 [H x NB] block
+    over the key tile; otherwise the largest chunk of dims (a multiple of 32 dividing D)
+    whose query and key tiles fit, the fp32 block over both."""
     nb = 16 * NW
     eb = MMA_ELEM_BYTES[dialect]
+    budget = MMA_SHARED_BYTES[dialect] - 4 * 32 * NW  # less ki_part
+    cblock = H * (nb + 4) * 4
+    rup = lambda n: -(-n // 16) * 16  # noqa: E731
+    resident = rup(H * (D + 8) * eb + max(nb * (D + 8) * eb, cblock))
+    if resident <= budget:
+        return D, resident // 16, True
     for kc in range(D, 0, -32):
         if D % kc:
             continue
-        tiles = (H + nb) * (kc + 8) * eb
-        area = max(tiles, H * (nb + 4) * 4)
-        area = -(-area // 16) * 16
-        if area + 4 * 32 * NW <= MMA_SHARED_BYTES[dialect]:
-            return kc, area // 16
+        area = rup(max((H + nb) * (kc + 8) * eb, cblock))
+        if area <= budget:
+            return kc, area // 16, False
     return None
 
 
@@ -876,12 +945,13 @@ def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int] | N
 def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
     """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
     f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]
-    f32. Template: D, H, NW, KC, SMEM4 (see `mma_layout`)."""
+    f32. Template: D, H, NW, KC, SMEM4, QRES (see `mma_layout`), TPT (tiles a group)."""
     if key_mode not in _KEY_TILE:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
-    body = _SCORE_MMA_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0]).replace("@KEY_TILE@", _KEY_TILE[key_mode])
+    tile = textwrap.indent(_KEY_TILE[key_mode], "  ")  # inside the loop over tiles
+    body = _SCORE_MMA_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0]).replace("@KEY_TILE@", tile)
     return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}", ("q", "w", *keys, "visible"),
                        ("scores",), body)
 

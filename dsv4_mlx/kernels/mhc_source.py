@@ -31,23 +31,45 @@ _PRE_BODY = r"""
   KI_SHARED float ki_red[TG];
   KI_SHARED float ki_pre[NS];
   const int xbase = t * NS * D;
-  // four independent loads in flight a thread: one token is one group, so nothing else
-  // hides the memory latency of a one-load-at-a-time loop
+  // One token is one group, so nothing else hides the memory latency: with KEEP (D a
+  // multiple of TG, at most 64 values a thread) a thread loads all its values at once into
+  // registers, xv[u] = X[j, d] for flat index ki_tid + u TG (stream j = u / (D / TG),
+  // feature d = ki_tid + (u % (D / TG)) TG), which are also the values its collapse below
+  // needs; otherwise four loads in flight, and the collapse reads X again. Either way value
+  // u of a thread goes to partial sum u % 4.
+  constexpr int PER = (NS * D + TG - 1) / TG;
+  constexpr bool KEEP = D % TG == 0 && PER <= 64;
+  float xv[KEEP ? PER : 1];
   float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  int i = ki_tid;
-  for (; i + 3 * TG < NS * D; i += 4 * TG) {
-    const float v0 = ki_to_float(X[xbase + i]);
-    const float v1 = ki_to_float(X[xbase + i + TG]);
-    const float v2 = ki_to_float(X[xbase + i + 2 * TG]);
-    const float v3 = ki_to_float(X[xbase + i + 3 * TG]);
-    s0 += v0 * v0;
-    s1 += v1 * v1;
-    s2 += v2 * v2;
-    s3 += v3 * v3;
-  }
-  for (; i < NS * D; i += TG) {
-    const float v = ki_to_float(X[xbase + i]);
-    s0 += v * v;
+  if (KEEP) {
+    KI_UNROLL
+    for (int u = 0; u < PER; ++u) xv[KEEP ? u : 0] = ki_to_float(X[xbase + ki_tid + u * TG]);
+    KI_UNROLL
+    for (int u = 0; u < PER; u += 4) {
+      const int u1 = KEEP && u + 1 < PER ? u + 1 : 0;  // (in bounds even where unused)
+      const int u2 = KEEP && u + 2 < PER ? u + 2 : 0;
+      const int u3 = KEEP && u + 3 < PER ? u + 3 : 0;
+      s0 += xv[KEEP ? u : 0] * xv[KEEP ? u : 0];
+      if (u + 1 < PER) s1 += xv[u1] * xv[u1];
+      if (u + 2 < PER) s2 += xv[u2] * xv[u2];
+      if (u + 3 < PER) s3 += xv[u3] * xv[u3];
+    }
+  } else {
+    int i = ki_tid;
+    for (; i + 3 * TG < NS * D; i += 4 * TG) {
+      const float v0 = ki_to_float(X[xbase + i]);
+      const float v1 = ki_to_float(X[xbase + i + TG]);
+      const float v2 = ki_to_float(X[xbase + i + 2 * TG]);
+      const float v3 = ki_to_float(X[xbase + i + 3 * TG]);
+      s0 += v0 * v0;
+      s1 += v1 * v1;
+      s2 += v2 * v2;
+      s3 += v3 * v3;
+    }
+    for (; i < NS * D; i += TG) {
+      const float v = ki_to_float(X[xbase + i]);
+      s0 += v * v;
+    }
   }
   ki_red[ki_tid] = (s0 + s1) + (s2 + s3);
   KI_BARRIER();
@@ -98,10 +120,20 @@ _PRE_BODY = r"""
       for (int k = 0; k < NS; ++k) comb[(t * NS + j) * NS + k] = c[j][k];
   }
   KI_BARRIER();
-  for (int d = ki_tid; d < D; d += TG) {
-    float acc = 0.0f;
-    for (int j = 0; j < NS; ++j) acc += ki_pre[j] * ki_to_float(X[xbase + j * D + d]);
-    h[t * D + d] = ki_from_float<XT>(acc);
+  if (KEEP) {
+    constexpr int DT = D / TG;
+    KI_UNROLL
+    for (int m = 0; m < DT; ++m) {
+      float acc = 0.0f;
+      for (int j = 0; j < NS; ++j) acc += ki_pre[j] * xv[KEEP ? j * DT + m : 0];
+      h[t * D + ki_tid + m * TG] = ki_from_float<XT>(acc);
+    }
+  } else {
+    for (int d = ki_tid; d < D; d += TG) {
+      float acc = 0.0f;
+      for (int j = 0; j < NS; ++j) acc += ki_pre[j] * ki_to_float(X[xbase + j * D + d]);
+      h[t * D + d] = ki_from_float<XT>(acc);
+    }
   }
 """
 
