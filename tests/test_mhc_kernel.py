@@ -46,7 +46,8 @@ def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6):
     eps = np.array([hc_eps, norm_eps], np.float32)
     return emu.run(src.pre_source("cpp"), [X, mixraw, scale, base, eps],
                    [(N, D), (N, n), (N, n, n)], ["float32"] * 3,
-                   [("XT", "float32"), ("NS", n), ("D", D), ("ITERS", iters), ("TG", tg)],
+                   [("XT", "float32"), ("NS", n), ("D", D), ("ITERS", iters), ("TG", tg),
+                    ("HEAD", False)],
                    (N * tg, 1, 1), tg)
 
 
@@ -66,6 +67,36 @@ def test_emulated_pre_matches_ops(emu, N, n, D, iters, tg):
         np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=name)
     # comb is doubly stochastic up to the Sinkhorn residual after `iters` rounds
     np.testing.assert_allclose(got[2].sum(axis=-2), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("N,n,D,tg", [(3, 4, 64, 32), (2, 4, 4096, 512), (2, 3, 72, 16)])
+def test_emulated_head_matches_ops(emu, N, n, D, tg):
+    """The HEAD variant (final collapse: sigmoid weights of an n-row projection, no Sinkhorn)
+    against `model.mhc.hc_head`."""
+    rng = np.random.default_rng(N + D)
+    X = rng.standard_normal((N, n, D)).astype(np.float32)
+    fn = (rng.standard_normal((n, n * D)) / np.sqrt(n * D)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 1).astype(np.float32)
+    base = rng.standard_normal(n).astype(np.float32)
+    mixraw = (X.reshape(N, n * D).astype(np.float64) @ fn.T.astype(np.float64)).astype(np.float32)
+    eps = np.array([1e-6, 1e-6], np.float32)
+    h, _, _ = emu.run(src.pre_source("cpp"), [X, mixraw, scale, base, eps],
+                      [(N, D), (1,), (1,)], ["float32"] * 3,
+                      [("XT", "float32"), ("NS", n), ("D", D), ("ITERS", 1), ("TG", tg),
+                       ("HEAD", True)], (N * tg, 1, 1), tg)
+    # against hc_head's formula in float64 (MLX's fp32 CPU matmul of the mix is itself ~5e-6
+    # off at D = 4096, the kernel ~4e-7), and the ops path loosely (same formula, not a typo)
+    x64 = X.astype(np.float64).reshape(N, n * D)
+    rs = 1.0 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6)
+    pre = 1.0 / (1.0 + np.exp(-((x64 @ fn.T.astype(np.float64)) * rs * scale[0] + base))) + 1e-6
+    ref = (pre[:, :, None] * X.astype(np.float64)).sum(1)
+    np.testing.assert_allclose(h, ref, rtol=RTOL, atol=ATOL)
+    want = ops.hc_head(mx.array(X)[None], mx.array(fn), mx.array(scale), mx.array(base), 1e-6,
+                       1e-6)
+    np.testing.assert_allclose(h, np.array(want[0]), rtol=1e-4, atol=1e-5)
+    # not vacuous: the pre-variant's weights (other logits) give another collapse
+    plain = ops.collapse(mx.array(X)[None], mx.full((1, N, n), 1.0 / n))
+    assert np.abs(h - np.array(plain[0])).max() > 100 * ATOL
 
 
 def test_emulated_pre_sharp_logits(emu):
@@ -140,7 +171,13 @@ def _launches(dialect, xt, ft):
         ("pre", src.pre_source(dialect),
          [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3), ("float32", 1, 24),
           ("float32", 1, 2)], [xt, "float32", "float32"],
-         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", km.PRE_TG)]),
+         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", km.PRE_TG),
+          ("HEAD", False)]),
+        ("head", src.pre_source(dialect),
+         [(xt, 3, 65536), ("float32", 2, 4), ("float32", 1, 1), ("float32", 1, 4),
+          ("float32", 1, 2)], [xt, "float32", "float32"],
+         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 1), ("TG", km.PRE_TG),
+          ("HEAD", True)]),
         ("post", src.post_source(dialect),
          [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16),
           ("float32", 1, 1)], [xt],
@@ -224,6 +261,28 @@ def test_gpu_kernels_match_ops(clean_dispatch, dtype, N, D):
         w = ops.expand(Xm, km.combine_moe(R, F, Xm.dtype), post, comb)
         np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(w.astype(mx.float32)),
                                    **tol)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("N", [1, 5])
+def test_gpu_head_matches_ops(clean_dispatch, dtype, N):
+    """The head collapse through the kernel (one token: its mix through the GEMV kernel)."""
+    dt = getattr(mx, dtype)
+    rng = np.random.default_rng(N)
+    n, D = 4, 4096
+    with mx.stream(mx.gpu):
+        X = mx.array(rng.standard_normal((1, N, n, D)).astype(np.float32)).astype(dt)
+        fn = mx.array((rng.standard_normal((n, n * D)) / np.sqrt(n * D)).astype(np.float32))
+        scale = mx.array(rng.uniform(0.5, 2.0, 1).astype(np.float32))
+        base = mx.array(rng.standard_normal(n).astype(np.float32))
+        assert km._usable(GPU[0], X, n, D, 1, head=True)
+        got = km.hc_head(X, fn, scale, base, 1e-6, 1e-6)
+        want = ops.hc_head(X, fn, scale, base, 1e-6, 1e-6)
+        assert got.shape == want.shape == (1, N, D) and got.dtype == dt
+        tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)),
+                                   np.array(want.astype(mx.float32)), **tol)
 
 
 @needs_gpu

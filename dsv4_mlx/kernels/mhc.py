@@ -16,27 +16,31 @@ import mlx.core as mx
 from ..model import mhc as ops
 from . import dispatch
 from . import mhc_source as src
+from .gemv import matvec
 
 ENV_VAR = "DSV4_MHC_KERNEL"
 PRE_TG = 512  # one group a token; 512 measured best of 256/512/1024 (bench/mhc.py, H100)
 POST_TG = 256
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
-def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str):
+def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str,
+                  head: bool = False):
     """Kernel path of `hc_pre`. X [B, S, n, D]; fn [(2+n)n, nD] f32. The kernel indexes its
-    (row-contiguous) arrays flat, so they go in and out in the model's shapes (no reshapes)."""
+    (row-contiguous) arrays flat, so they go in and out in the model's shapes (no reshapes).
+    ``head``: the final head collapse instead (fn [n, nD], scale [1]; only h is meaningful)."""
     B, S, n, D = X.shape
     N = B * S
-    if N == 1:  # fn @ x as a column: [M, 1], the same memory as [1, M]
-        mixraw = fn.astype(mx.float32) @ X.reshape(n * D, 1).astype(mx.float32)
+    if N == 1:  # one token: [1, M] from the streams as they are (the kernel converts them)
+        mixraw = matvec(fn, X.reshape(1, n * D))
     else:
         mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
     eps = dispatch.const(("f32_2", hc_eps, norm_eps), lambda: mx.array([hc_eps, norm_eps], mx.float32))
     with mx.stream(mx.gpu):
         h, post, comb = dispatch.build_kernel(backend, src.pre_source(backend))(
             inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps],
-            template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG)],
+            template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG),
+                      ("HEAD", head)],
             grid=(N * PRE_TG, 1, 1), threadgroup=(PRE_TG, 1, 1),
-            output_shapes=[(B, S, D), (B, S, n), (B, S, n, n)],
+            output_shapes=[(B, S, D), (1,), (1,)] if head else [(B, S, D), (B, S, n), (B, S, n, n)],
             output_dtypes=[X.dtype, mx.float32, mx.float32],
         )
     return h, post, comb
@@ -67,11 +71,15 @@ def _backend(X) -> str:
     return backend
 
 
-def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None) -> bool:
-    key = f"{backend}/mhc/{X.dtype}/{F_dtype}/n{n}/D{D}/I{iters}"
+def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None, head: bool = False) -> bool:
+    key = f"{backend}/mhc/{X.dtype}/{F_dtype}/n{n}/D{D}/I{iters}/H{int(head)}"
 
     def probe():
         x = mx.zeros((1, 1, n, D), X.dtype)
+        if head:
+            mx.eval(hc_pre_kernel(x, mx.zeros((n, n * D), mx.float32), mx.ones((1,)),
+                                  mx.zeros((n,)), 1, 1e-6, 1e-6, backend=backend, head=True))
+            return
         fn = mx.zeros(((2 + n) * n, n * D), mx.float32)
         h, post, comb = hc_pre_kernel(x, fn, mx.ones((3,)), mx.zeros(((2 + n) * n,)), iters,
                                       1e-6, 1e-6, backend=backend)
@@ -89,6 +97,18 @@ def hc_pre(X, fn, scale, base, n: int, iters: int, hc_eps: float, norm_eps: floa
         return hc_pre_kernel(X, fn, scale, base, iters, hc_eps, norm_eps, backend=backend)
     pre, post, comb = ops.hc_params(X, fn, scale, base, n, iters, hc_eps, norm_eps)
     return ops.collapse(X, pre), post, comb
+
+
+def hc_head(X, fn, scale, base, hc_eps: float, norm_eps: float):
+    """The final head collapse (`model.mhc.hc_head`): on a GPU the pre kernel's HEAD variant
+    (with the one-token mix through `gemv`), two launches instead of ~20 ops."""
+    backend = _backend(X)
+    n = X.shape[2]
+    if (backend != "ops" and fn.shape == (n, X.shape[2] * X.shape[3])
+            and _usable(backend, X, n, X.shape[-1], 1, head=True)):
+        return hc_pre_kernel(X, fn, scale, base, 1, hc_eps, norm_eps, backend=backend,
+                             head=True)[0]
+    return ops.hc_head(X, fn, scale, base, hc_eps, norm_eps)
 
 
 def combine_moe(routed, shared, dtype):
@@ -112,4 +132,5 @@ def hc_post(X, F, post, comb, routed=None):
     return ops.expand(X, F, post, comb)
 
 
-__all__ = ["hc_pre", "hc_post", "combine_moe", "hc_pre_kernel", "hc_post_kernel", "ENV_VAR"]
+__all__ = ["hc_pre", "hc_post", "hc_head", "combine_moe", "hc_pre_kernel", "hc_post_kernel",
+           "ENV_VAR"]

@@ -24,9 +24,11 @@ from .indexer_source import KernelSource, make_source
 # mixraw [N, M] f32 (= flatten(X) . fn^T, M = (2 + NS) NS), scale [3] f32, base [M] f32,
 # eps [2] f32 (hc_eps, norm_eps).
 # Outputs: h [N, D] (XT), post [N, NS] f32, comb [N, NS, NS] f32 (row j = source stream j).
-# Template: XT, NS, D, ITERS, TG (a power of two). Grid (N * TG, 1, 1), groups of TG.
+# With HEAD (the final head collapse, spec §4.3 last paragraph) M = NS, scale [1], and only h
+# is written: pre = sigmoid(mix scale[0] + base) + eps, no post, no Sinkhorn.
+# Template: XT, NS, D, ITERS, TG (a power of two), HEAD. Grid (N * TG, 1, 1), groups of TG.
 _PRE_BODY = r"""
-  constexpr int M = (2 + NS) * NS;
+  constexpr int M = HEAD ? NS : (2 + NS) * NS;
   const int t = ki_gx;
   KI_SHARED float ki_red[TG];
   KI_SHARED float ki_pre[NS];
@@ -80,44 +82,48 @@ _PRE_BODY = r"""
   if (ki_tid == 0) {
     const float rs = KI_RSQRT(ki_red[0] / (float)(NS * D) + eps[1]);
     const float hc_eps = eps[0];
-    float mix[M];
+    float mix[(2 + NS) * NS];  // M of them read (the head's NS)
     for (int i = 0; i < M; ++i) mix[i] = mixraw[t * M + i] * rs;
     for (int j = 0; j < NS; ++j) {
       const float a = mix[j] * scale[0] + base[j];
       ki_pre[j] = 1.0f / (1.0f + KI_EXP(-a)) + hc_eps;
-      const float b = mix[NS + j] * scale[1] + base[NS + j];
-      post[t * NS + j] = 2.0f / (1.0f + KI_EXP(-b));
     }
-    float c[NS][NS];
-    for (int j = 0; j < NS; ++j) {  // row softmax (max-subtracted) + eps
-      float mx = KI_NEG_INF;
-      for (int k = 0; k < NS; ++k) {
-        c[j][k] = mix[2 * NS + j * NS + k] * scale[2] + base[2 * NS + j * NS + k];
-        mx = c[j][k] > mx ? c[j][k] : mx;
+    if (!HEAD) {
+      for (int j = 0; j < NS; ++j) {
+        const float b = mix[NS + j] * scale[1] + base[NS + j];
+        post[t * NS + j] = 2.0f / (1.0f + KI_EXP(-b));
       }
-      float sum = 0.0f;
-      for (int k = 0; k < NS; ++k) {
-        c[j][k] = KI_EXP(c[j][k] - mx);
-        sum += c[j][k];
+      float c[NS][NS];
+      for (int j = 0; j < NS; ++j) {  // row softmax (max-subtracted) + eps
+        float mx = KI_NEG_INF;
+        for (int k = 0; k < NS; ++k) {
+          c[j][k] = mix[2 * NS + j * NS + k] * scale[2] + base[2 * NS + j * NS + k];
+          mx = c[j][k] > mx ? c[j][k] : mx;
+        }
+        float sum = 0.0f;
+        for (int k = 0; k < NS; ++k) {
+          c[j][k] = KI_EXP(c[j][k] - mx);
+          sum += c[j][k];
+        }
+        for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / sum + hc_eps;
       }
-      for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / sum + hc_eps;
-    }
-    for (int it = 0; it < ITERS; ++it) {
-      if (it > 0) {  // row normalisation (the first iteration has only the column one)
-        for (int j = 0; j < NS; ++j) {
+      for (int it = 0; it < ITERS; ++it) {
+        if (it > 0) {  // row normalisation (the first iteration has only the column one)
+          for (int j = 0; j < NS; ++j) {
+            float sum = 0.0f;
+            for (int k = 0; k < NS; ++k) sum += c[j][k];
+            for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / (sum + hc_eps);
+          }
+        }
+        for (int k = 0; k < NS; ++k) {
           float sum = 0.0f;
-          for (int k = 0; k < NS; ++k) sum += c[j][k];
-          for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / (sum + hc_eps);
+          for (int j = 0; j < NS; ++j) sum += c[j][k];
+          for (int j = 0; j < NS; ++j) c[j][k] = c[j][k] / (sum + hc_eps);
         }
       }
-      for (int k = 0; k < NS; ++k) {
-        float sum = 0.0f;
-        for (int j = 0; j < NS; ++j) sum += c[j][k];
-        for (int j = 0; j < NS; ++j) c[j][k] = c[j][k] / (sum + hc_eps);
-      }
+      for (int j = 0; j < NS; ++j)
+        for (int k = 0; k < NS; ++k) comb[(t * NS + j) * NS + k] = c[j][k];
     }
-    for (int j = 0; j < NS; ++j)
-      for (int k = 0; k < NS; ++k) comb[(t * NS + j) * NS + k] = c[j][k];
   }
   KI_BARRIER();
   if (KEEP) {

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import CompressorState
-from .layers import RMSNorm, linear_f32
+from .layers import RMSNorm, linear_f32_pair
 from .rope import RoPE
 
 
@@ -53,13 +53,13 @@ class Compressor(nn.Module):
 
         if x32 is None:
             x32 = x.astype(mx.float32)
-        kv = linear_f32(self.wkv, x32)
+        kv, gate = linear_f32_pair(self.wkv, self.wgate, x32)
         ape = self.ape.astype(mx.float32)
         if T == 1:
             ape = ape[offset % m : offset % m + 1]
         else:
             ape = ape[mx.array(np.arange(offset, offset + T) % m, mx.int32)]
-        gate = linear_f32(self.wgate, x32) + ape
+        gate = gate + ape
         if r:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             gate = mx.concatenate([state.pending_gate, gate], axis=1)

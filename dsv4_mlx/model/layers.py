@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..kernels.gemv import matvec, matvec_pair
+
 
 class RMSNorm(nn.Module):
     """`w * x / sqrt(mean(x^2) + eps)`; statistics in fp32, result in the input dtype."""
@@ -26,16 +28,27 @@ def rms_norm_0(x: mx.array, eps: float) -> mx.array:
 def matmul_f32(x: mx.array, w: mx.array) -> mx.array:
     """``x @ w.T`` in fp32: x [..., in], w [out, in] -> [..., out].
 
-    One token (a decode step) goes as ``w @ x`` with x a column, which builds fewer graph
-    nodes than the transposed weight and the flatten/unflatten around a batched x."""
-    x32, w32 = x.astype(mx.float32), w.astype(mx.float32)
+    One token (a decode step) goes to `kernels.gemv.matvec` (one kernel on a GPU; ``w @ x``
+    with x a column otherwise, fewer graph nodes than the transposed weight and the
+    flatten/unflatten around a batched x)."""
     if x.size == x.shape[-1]:
-        return (w32 @ x32.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])
-    return x32 @ w32.T
+        return matvec(w, x)
+    return x.astype(mx.float32) @ w.astype(mx.float32).T
+
+
+def _plain(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) and "bias" not in layer
 
 
 def linear_f32(layer: nn.Module, x: mx.array) -> mx.array:
     """`x @ W.T` computed in fp32 (the reference holds these weights in fp32)."""
-    if isinstance(layer, nn.Linear) and "bias" not in layer:
+    if _plain(layer):
         return matmul_f32(x, layer.weight)
     return layer(x).astype(mx.float32)
+
+
+def linear_f32_pair(a: nn.Module, b: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
+    """(`linear_f32(a, x)`, `linear_f32(b, x)`); one token through one kernel for both."""
+    if x.size == x.shape[-1] and _plain(a) and _plain(b):
+        return matvec_pair(a.weight, b.weight, x)
+    return linear_f32(a, x), linear_f32(b, x)

@@ -17,8 +17,7 @@ from .attention import Attention
 from .config import ModelArgs
 from .kv_formats import DEFAULT_KV_FORMAT
 from .layers import RMSNorm
-from ..kernels.mhc import hc_post, hc_pre
-from .mhc import hc_head
+from ..kernels.mhc import hc_head, hc_post, hc_pre
 from .moe import MoE
 
 

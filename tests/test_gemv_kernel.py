@@ -1,0 +1,166 @@
+"""One-token fp32 projection kernel (`kernels.gemv`, spec §4.0): the shared body against numpy
+and the ops path.
+
+On any machine: the body compiled as C++ with the CPU-emulation dialect (single and pair
+variants; K not a multiple of the loads a group issues; many rows), the Metal source compiled
+as C++ against the stand-in <metal_stdlib>, the CUDA source with nvcc where there is one, the
+dispatch. On a GPU: the kernel against the ops path (fp32, bf16 and fp16 x), the callers
+(mHC mix, router, compressor pair), and a whole model with the kernel against
+``DSV4_GEMV_KERNEL=ops``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from test_indexer_kernel import (CXX, NVCC, assert_common_subset, assert_metal_compiles,
+                                 assert_nvcc_compiles)
+
+from dsv4_mlx.kernels import dispatch
+from dsv4_mlx.kernels import gemv as kg
+from dsv4_mlx.kernels import gemv_source as src
+
+# fp32 sums of up to 16K products in another order than float64's
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def _emu(emu, Ws, x, tg):
+    K = x.shape[-1]
+    pair = len(Ws) == 2
+    rows = sum(w.shape[0] for w in Ws)
+    return emu.run(src.gemv_source("cpp", pair), [*Ws, x], [(w.shape[0],) for w in Ws],
+                   ["float32"] * len(Ws),
+                   [("XT", "float32"), ("K", K), ("TG", tg), ("O0", Ws[0].shape[0])],
+                   (rows * tg, 1, 1), tg)
+
+
+def _case(rng, O, K):
+    return (rng.standard_normal((O, K)).astype(np.float32),
+            rng.standard_normal(K).astype(np.float32))
+
+
+@pytest.mark.parametrize("O,K,tg", [(24, 16384, 256), (7, 4096, 256), (5, 100, 32),
+                                    (3, 1000, 64), (40, 36, 32)])
+def test_emulated_matches_numpy(emu, O, K, tg):
+    """Loads a thread: 16, 4, 1, 4 (the last group partly past K), 1 (most threads idle)."""
+    rng = np.random.default_rng(O + K)
+    W, x = _case(rng, O, K)
+    (y,) = _emu(emu, [W], x, tg)
+    want = W.astype(np.float64) @ x.astype(np.float64)
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL * np.abs(want).max())
+
+
+@pytest.mark.parametrize("O0,O1,K,tg", [(512, 512, 4096, 256), (3, 9, 200, 32)])
+def test_emulated_pair_matches_numpy(emu, O0, O1, K, tg):
+    rng = np.random.default_rng(O0 + O1)
+    W, x = _case(rng, O0, K)
+    W2 = rng.standard_normal((O1, K)).astype(np.float32)
+    y, y2 = _emu(emu, [W, W2], x, tg)
+    for got, w in ((y, W), (y2, W2)):
+        want = w.astype(np.float64) @ x.astype(np.float64)
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * np.abs(want).max())
+
+
+def test_emulated_can_fail(emu):
+    """Not vacuous: the pair's second output is its own weight's, not the first's."""
+    rng = np.random.default_rng(3)
+    W, x = _case(rng, 4, 64)
+    W2 = rng.standard_normal((4, 64)).astype(np.float32)
+    _, y2 = _emu(emu, [W, W2], x, 32)
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(y2, W @ x, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Metal and CUDA sources
+
+def _launch(dialect, xt, pair, K=16384, O0=24):
+    inputs = [("float32", 2, O0 * K)] * (2 if pair else 1) + [(xt, 1, K)]
+    return (src.gemv_source(dialect, pair), inputs, ["float32"] * (2 if pair else 1),
+            [("XT", xt), ("K", K), ("TG", kg.TG), ("O0", O0)])
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler")
+@pytest.mark.parametrize("xt", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("pair", [False, True])
+def test_metal_source_compiles_as_cpp(xt, pair, tmp_path):
+    assert_metal_compiles(_launch("metal", xt, pair), tmp_path, f"gemv_{xt}_{pair}")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("pair", [False, True])
+def test_cuda_source_compiles_with_nvcc(pair, tmp_path):
+    assert_nvcc_compiles(_launch("cuda", "bfloat16", pair), tmp_path, f"gemv_{pair}")
+
+
+def test_bodies_stay_in_the_common_subset():
+    for pair in (False, True):
+        assert_common_subset(src.gemv_source("metal", pair))
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+def test_cpu_uses_ops(clean_dispatch):
+    rng = np.random.default_rng(0)
+    W, x = _case(rng, 6, 64)
+    got = kg.matvec(mx.array(W), mx.array(x)[None, None])
+    assert got.shape == (1, 1, 6)
+    np.testing.assert_array_equal(np.array(got), np.array(kg.matvec_ops(mx.array(W),
+                                                                         mx.array(x)[None, None])))
+
+
+def test_env_var_validated(clean_dispatch):
+    clean_dispatch.setenv(kg.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match=kg.ENV_VAR):
+        kg.matvec(mx.zeros((2, 8)), mx.zeros((1, 8)))
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU
+
+GPU = dispatch.available_backends()
+needs_gpu = pytest.mark.skipif(not GPU, reason="no Metal or CUDA backend in this MLX")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("O,K", [(24, 16384), (256, 4096), (9, 100)])
+def test_gpu_matches_ops(clean_dispatch, dtype, O, K):
+    rng = np.random.default_rng(O + K)
+    W, x = _case(rng, O, K)
+    with mx.stream(mx.gpu):
+        Wm = mx.array(W)
+        xm = mx.array(x).astype(getattr(mx, dtype)).reshape(1, 1, K)
+        assert kg._backend((Wm,), xm) != "ops"
+        got = kg.matvec(Wm, xm)
+        want = kg.matvec_ops(Wm, xm)
+        assert got.shape == want.shape == (1, 1, O) and got.dtype == mx.float32
+        np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL,
+                                   atol=ATOL * float(mx.abs(want).max()))
+        W2 = mx.array(rng.standard_normal((O + 3, K)).astype(np.float32))
+        g1, g2 = kg.matvec_pair(Wm, W2, xm)
+        np.testing.assert_array_equal(np.array(g1), np.array(got))  # same rows, same sums
+        w2 = kg.matvec_ops(W2, xm)
+        np.testing.assert_allclose(np.array(g2), np.array(w2), rtol=RTOL,
+                                   atol=ATOL * float(mx.abs(w2).max()))
+
+
+@needs_gpu
+def test_gpu_falls_back_where_it_does_not_apply(clean_dispatch):
+    """Several tokens, bf16 weights, K not a multiple of 4: the ops path."""
+    with mx.stream(mx.gpu):
+        assert kg._backend((mx.zeros((4, 64)),), mx.zeros((1, 2, 64))) == "ops"
+        assert kg._backend((mx.zeros((4, 64), mx.bfloat16),), mx.zeros((1, 1, 64))) == "ops"
+        assert kg._backend((mx.zeros((4, 66)),), mx.zeros((1, 1, 66))) == "ops"
+
+
+@needs_gpu
+def test_gpu_model_with_kernel_matches_ops(clean_dispatch):
+    """A whole tiny model (fp32, prefill then decode: the decode steps' mHC mixes, routers and
+    compressors go through the kernel) against the same model with DSV4_GEMV_KERNEL=ops."""
+    from conftest import gpu_logits_kernel_on_off
+
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kg.ENV_VAR)
+    np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
