@@ -17,7 +17,6 @@ caches flushed before each kernel as in a decode step, where other layers evict 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -30,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsv4_mlx.kernels import attention as ka  # noqa: E402
 from dsv4_mlx.kernels import dispatch  # noqa: E402
 from dsv4_mlx.model.attention import sink_attention  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ncu_kernel_times, write_rows_csv  # noqa: E402
 from dsv4_mlx.model.kv_formats import FP8KVCodec, PlainCodec  # noqa: E402
 
 CASES = [  # name, entries stored, keys used (dense count or picks), sparse
@@ -79,11 +81,7 @@ def _inputs(codec, rng, cap, n, sparse, H, C, W):
 def parse_ncu(path, cases):
     """Median GPU time (us) of (split, combine) per (case, launch) from an ncu CSV of
     `--profile`: the rows come in launch order, PROFILE_CALLS x 2 kernels per case."""
-    with open(path) as f:
-        lines = [ln for ln in f if ln.startswith('"')]
-    rows = [r for r in csv.DictReader(lines) if r.get("Metric Name") == "gpu__time_duration.sum"]
-    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
-    t = [float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1.0) for r in rows]
+    t = [us for _, _, us in ncu_kernel_times(path)]
     per = 2 * PROFILE_CALLS
     if len(t) != per * len(cases):
         sys.exit(f"{path}: {len(t)} kernels, expected {per * len(cases)} for this sweep")
@@ -142,12 +140,7 @@ def main():
         rows.append(dict(case=name, spl=spl, tg=tg, hg=hg, ku=ku, entries=cap, keys=W + n, ops_ms=t_ops,
                          kernel_ms=t_ker, ratio=t_ops / t_ker, max_abs_diff=diff))
         print(f"{name:>28} {spl:>4} {tg:>4} {hg:>3} {ku:>3} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
-    out = Path(a.csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows_csv(a.csv, rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Prints a table and writes bench/out/convert.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import subprocess
@@ -20,6 +19,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_rows_csv  # noqa: E402
 
 
 def main():
@@ -83,12 +85,7 @@ def main():
                   f"{r_['output_gib']:.2f}", str(r_["output_shards"]), f"{r_['seconds']:.1f}",
                   f"{r_['source_mb_s']:.0f}", f"{r_['output_mb_s']:.0f}", f"{r_['peak_rss_gib']:.2f}")
     Console().print(t)
-    outdir = Path(__file__).parent / "out"
-    outdir.mkdir(exist_ok=True)
-    with open(outdir / "convert.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows_csv(Path(__file__).parent / "out" / "convert.csv", rows)
     print(json.dumps({"workdir": str(work)}))
 
 

@@ -14,7 +14,6 @@ the GPU's work.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -24,14 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def _marker(what: str):
-    kern = mx.fast.cuda_kernel(name=f"dsv4mark_{what}", input_names=["x"], output_names=["y"],
-                               source="y[0] = x[0];")
-    mx.eval(kern(inputs=[mx.zeros((1,), mx.float32)], output_shapes=[(1,)],
-                 output_dtypes=[mx.float32], grid=(1, 1, 1), threadgroup=(1, 1, 1),
-                 stream=mx.gpu)[0])
+from common import cuda_marker, ncu_kernel_times  # noqa: E402
 
 
 def _profiler(on: bool):
@@ -68,10 +60,10 @@ def run(a):
         y = step(y)
     if a.profile:
         _profiler(True)
-        _marker("begin")
+        cuda_marker("begin")
         for _ in range(a.steps):
             y = step(y)
-        _marker("end")
+        cuda_marker("end")
         _profiler(False)
         return
     ms = []
@@ -84,15 +76,7 @@ def run(a):
 
 
 def parse(path: str, steps: int, top: int):
-    rows = []
-    with open(path) as f:
-        lines = [ln for ln in f if ln.startswith('"')]
-    for r in csv.DictReader(lines):
-        if r.get("Metric Name") == "gpu__time_duration.sum":
-            scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0,
-                     "msecond": 1e3, "ms": 1e3}.get(r["Metric Unit"], 1e-3)
-            rows.append((int(r["ID"]), r["Kernel Name"], float(r["Metric Value"].replace(",", "")) * scale))
-    rows.sort()
+    rows = ncu_kernel_times(path)
     inside, kept = False, []
     for _, name, us in rows:
         if "dsv4mark_begin" in name:

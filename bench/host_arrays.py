@@ -16,8 +16,9 @@ a new GPU-made array a call.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
+
+from common import ncu_kernel_times  # (bench/ is the script's folder)
 
 CALLS = 6
 KINDS = ["host 16 B, made once", "host 16 B, new each call", "host 8 B, new each call",
@@ -47,12 +48,7 @@ def run():
 
 
 def parse(path):
-    with open(path) as f:
-        lines = [ln for ln in f if ln.startswith('"')]
-    rows = [r for r in csv.DictReader(lines)
-            if r.get("Metric Name") == "gpu__time_duration.sum" and "dsv4_probe_read" in r["Kernel Name"]]
-    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
-    t = [float(r["Metric Value"].replace(",", "")) * scale.get(r["Metric Unit"], 1.0) for r in rows]
+    t = [us for _, name, us in ncu_kernel_times(path) if "dsv4_probe_read" in name]
     print(f"{'input':>30} {'median us':>10}  calls (us)")
     for i, name in enumerate(KINDS):
         v = t[i * CALLS:(i + 1) * CALLS]

@@ -22,7 +22,6 @@ exceed ``--max-gflop`` are skipped and listed. Writes ``bench/out/indexer_<devic
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -35,6 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4_mlx.kernels import dispatch  # noqa: E402
 from dsv4_mlx.kernels import indexer as ki  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cuda_marker, ncu_kernel_times, write_rows_csv  # noqa: E402
 
 MiB = 2**20
 
@@ -100,50 +102,51 @@ def tune(backend, H, D, K, budget_s, sizes=TUNE_SIZES):
     print("tune: parts timed apart (ms, one call an eval)")
     for fmt in ("fp4", "bf16"):
         for N, T in sizes:
-            q, w, keys, vis = make_inputs(T, N, H, D, fmt)
-            line = [f"  {fmt:4s} N={N:>7d} T={T:>4d} score"]
-            for bn, e in ((64, 1), (128, 1), (128, 2), (256, 1), (128, 4), (128, 8)):
-                ms = timed(lambda: ki.indexer_scores_kernel(q, w, keys, vis, backend=backend,
-                                                            bn=bn, e=e, mma=False), budget_s)[0]
-                line.append(f"bn{bn}/e{e} {ms:.3f}")
-            if ki.mma_usable(backend, q, fmt):
-                ms = timed(lambda: ki.indexer_scores_kernel(q, w, keys, vis, backend=backend,
-                                                            mma=True), budget_s)[0]
-                line.append(f"mma {ms:.3f}")
-            dflt = ki.score_launch(1, T, N, H, D)
-            line.append(f"(default bn{dflt[0]}/e{dflt[2]})")
-            print("  ".join(line), flush=True)
-            s = ki.indexer_scores_kernel(q, w, keys, vis, backend=backend)
-            mx.eval(s)
-            TG, U, S = ki.topk_launch(1, T, N, K)
-            line = [f"  {fmt:4s} N={N:>7d} T={T:>4d} top-k"]
-            for tg, u, sl in ((1024, 4, 1), (256, 4, 1), (TG, U, S), (TG, 8, S), (512, 4, S),
-                              (TG, U, max(1, S // 2)), (TG, U, min(128, 2 * S))):
-                ms = timed(lambda: ki.indexer_select_kernel(s, vis, K, backend=backend, tg=tg, u=u,
-                                                            s=sl), budget_s)[0]
-                line.append(f"tg{tg}/u{u}/s{sl} {ms:.3f}")
-
-            def argp():
-                i = mx.argpartition(-s, kth=K - 1, axis=-1)[..., :K].astype(mx.int32)
-                return mx.where(i >= vis[None, :, None], -1, i)
-
-            line.append(f"argpartition {timed(argp, budget_s)[0]:.3f}")
-            line.append(f"(default tg{TG}/u{U}/s{S})")
-            print("  ".join(line), flush=True)
-            del q, w, keys, vis, s
-            mx.clear_cache()
+            _tune_case(backend, H, D, K, budget_s, fmt, N, T)
+            mx.clear_cache()  # the case's arrays died with its frame
     print()
+
+
+def _tune_case(backend, H, D, K, budget_s, fmt, N, T):
+    q, w, keys, vis = make_inputs(T, N, H, D, fmt)
+    line = [f"  {fmt:4s} N={N:>7d} T={T:>4d} score"]
+    for bn, e in ((64, 1), (128, 1), (128, 2), (256, 1), (128, 4), (128, 8)):
+        ms = timed(lambda: ki.indexer_scores_kernel(q, w, keys, vis, backend=backend,
+                                                    bn=bn, e=e, mma=False), budget_s)[0]
+        line.append(f"bn{bn}/e{e} {ms:.3f}")
+    if ki.mma_usable(backend, q, fmt):
+        for tpt in MMA_TILES:
+            ms = timed(lambda: ki.indexer_scores_kernel(q, w, keys, vis, backend=backend,
+                                                        mma=True, tpt=tpt), budget_s)[0]
+            line.append(f"mma/tpt{tpt} {ms:.3f}")
+    dflt = ki.score_launch(1, T, N, H, D)
+    line.append(f"(default bn{dflt[0]}/e{dflt[2]})")
+    print("  ".join(line), flush=True)
+    s = ki.indexer_scores_kernel(q, w, keys, vis, backend=backend)
+    mx.eval(s)
+    TG, U, S = ki.topk_launch(1, T, N, K)
+    line = [f"  {fmt:4s} N={N:>7d} T={T:>4d} top-k"]
+    for tg, u, sl in ((1024, 4, 1), (256, 4, 1), (TG, U, S), (TG, 8, S), (512, 4, S),
+                      (TG, U, max(1, S // 2)), (TG, U, min(128, 2 * S))):
+        for r in (0, None):
+            ms = timed(lambda: ki.indexer_select_kernel(s, vis, K, backend=backend, tg=tg, u=u,
+                                                        s=sl, r=r), budget_s)[0]
+            line.append(f"tg{tg}/u{u}/s{sl}/r{'auto' if r is None else r} {ms:.3f}")
+
+    def argp():
+        i = mx.argpartition(-s, kth=K - 1, axis=-1)[..., :K].astype(mx.int32)
+        return mx.where(i >= vis[None, :, None], -1, i)
+
+    line.append(f"argpartition {timed(argp, budget_s)[0]:.3f}")
+    line.append(f"(default tg{TG}/u{U}/s{S})")
+    print("  ".join(line), flush=True)
 
 
 # ---- GPU time per call from Nsight Compute (CUDA): marker kernels bracket the timed calls
 
 
 def _marker(i: int, what: str):
-    kern = mx.fast.cuda_kernel(name=f"dsv4mark_{i}_{what}", input_names=["x"],
-                               output_names=["y"], source="y[0] = x[0];")
-    x = mx.zeros((1,), mx.float32)
-    mx.eval(kern(inputs=[x], output_shapes=[(1,)], output_dtypes=[mx.float32], grid=(1, 1, 1),
-                 threadgroup=(1, 1, 1), stream=mx.gpu)[0])
+    cuda_marker(f"{i}_{what}")
 
 
 PROFILE_CALLS = 3
@@ -168,7 +171,7 @@ def profile(backend, H, D, K, entries):
                 for _ in range(PROFILE_CALLS):
                     mx.eval(fn())
                 _marker(i, "end")
-                del a
+                a = None  # (rebound, not deleted: the closures above name it)
     for i, c in enumerate(cases):
         print(f"case {i}: {c[0]} N={c[1]} {c[2]}")
 
@@ -203,31 +206,22 @@ def profile_parts(backend, H, D, K, entries):
             for _ in range(PROFILE_CALLS):
                 mx.eval(fn())
             _marker(i, "end")
-        del a, s
+        a = s = None  # (rebound, not deleted: the closures above name them)
     for i, c in enumerate(cases):
         print(f"case {i}: {c}")
 
 
 def parse_ncu(path: str):
-    rows = []
-    with open(path) as f:
-        lines = [ln for ln in f if ln.startswith('"')]
-    rd = csv.DictReader(lines)
-    for r in rd:
-        if r.get("Metric Name") == "gpu__time_duration.sum":
-            value = float(r["Metric Value"].replace(",", ""))
-            rows.append((int(r["ID"]), r["Kernel Name"], value, r["Metric Unit"]))
-    rows.sort()
-    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
+    rows = ncu_kernel_times(path)
     cases, cur = {}, None
-    for _, name, val, unit in rows:
+    for _, name, val in rows:
         if "dsv4mark_" in name:
             tag = name[name.index("dsv4mark_"):].split("_")
             cur = int(tag[1]) if tag[2].startswith("begin") else None
             continue
         if cur is not None:
             tot, n, names = cases.get(cur, (0.0, 0, []))
-            cases[cur] = (tot + val * scale.get(unit, 1e-3), n + 1,
+            cases[cur] = (tot + val, n + 1,
                           names + [name.split("(")[0][:40]])
     return cases
 
@@ -362,16 +356,10 @@ def main(argv=None):
                             ("ops", r["calls_per_eval"]) in results:
                         r["speedup_vs_ops"] = round(results[("ops", r["calls_per_eval"])]
                                                     / r["median_ms"], 2)
-                del a
+                a = None  # (rebound, not deleted: the closures above name it)
                 mx.clear_cache()
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"indexer_{label}.csv"
-    with open(path, "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0].keys()) if rows else ["device"])
-        wr.writeheader()
-        wr.writerows(rows)
+    path = write_rows_csv(Path(args.out) / f"indexer_{label}.csv", rows)
 
     names = list(paths)
     for cpe, title in ((1, "one call an evaluation (latency, includes MLX's per-evaluation "

@@ -24,7 +24,6 @@ Prints a table and writes bench/out/sessions.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import shutil
 import sys
@@ -41,6 +40,9 @@ from dsv4_mlx.demo import preset_config  # noqa: E402
 from dsv4_mlx.model import Model, ModelArgs  # noqa: E402
 from dsv4_mlx.random_weights import load_random  # noqa: E402
 from dsv4_mlx.sessions import Fingerprints, SessionStore  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_rows_csv  # noqa: E402
 
 FLASH_KINDS = ["window"] * 2 + ["csa" if i % 2 == 0 else "hca" for i in range(41)]  # 2 + 21 + 20
 TURN = 512
@@ -180,12 +182,7 @@ def main():
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for x in table:
         print("| " + " | ".join(v.rjust(w) for v, w in zip(x, widths)) + " |")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    out = write_rows_csv(a.out, rows)
     print(f"wrote {out}")
 
 
