@@ -21,8 +21,9 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_decode  # noqa: E402
+import standin_primitives  # noqa: E402
 from decode_profile import VIEWS  # noqa: E402
-from gpu_decode import build  # noqa: E402
 
 from dsv4_mlx.cache import restore, snapshot  # noqa: E402
 from dsv4_mlx.model import attention as attn_mod  # noqa: E402
@@ -76,8 +77,13 @@ def main():
     ap.add_argument("--experts", type=int, default=None)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--detail", action="store_true", help="the ops of every section")
+    ap.add_argument("--standin", action="store_true",
+                    help="on a CPU-only MLX, count the GPU graph: kernels and mx.fast ops as one "
+                         "stand-in node each (bench/standin_primitives.py); preset tiny-flash: "
+                         "tiny dimensions, Flash's layer structure")
     a = ap.parse_args()
-    model, args = build(a.preset, a.layers, a.experts or 8)
+    gpu_decode.preset_config = standin_primitives.tiny_flash_config(gpu_decode.preset_config)
+    model, args = gpu_decode.build(a.preset, a.layers, a.experts or 8)
     tokens = [(7 * i + 3) % args.vocab_size for i in range(a.context + 1)]
     cache = model.make_cache()
     for p in range(0, a.context, 2048):
@@ -85,6 +91,8 @@ def main():
     work = restore(snapshot(cache))
     mx.eval([c.state for c in work])
     CACHE_REF[:] = work
+    if a.standin:
+        standin_primitives.install()
 
     # instrument: Block sections and the pieces of Attention / MoE
     Block = model_mod.Block

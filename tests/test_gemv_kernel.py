@@ -111,6 +111,16 @@ def test_cpu_uses_ops(clean_dispatch):
                                                                          mx.array(x)[None, None])))
 
 
+def test_flat_input(clean_dispatch):
+    """`matvec_flat` takes the whole of x as the vector (the mHC mix of [1, 1, n, D] streams)."""
+    rng = np.random.default_rng(1)
+    W, x = _case(rng, 6, 64)
+    xm = mx.array(x).reshape(1, 1, 4, 16)
+    got = kg.matvec_flat(mx.array(W), xm)
+    assert got.shape == (1, 6)
+    np.testing.assert_allclose(np.array(got)[0], W.astype(np.float64) @ x, rtol=RTOL, atol=ATOL)
+
+
 def test_env_var_validated(clean_dispatch):
     clean_dispatch.setenv(kg.ENV_VAR, "tpu")
     with pytest.raises(ValueError, match=kg.ENV_VAR):
@@ -139,6 +149,8 @@ def test_gpu_matches_ops(clean_dispatch, dtype, O, K):
         assert got.shape == want.shape == (1, 1, O) and got.dtype == mx.float32
         np.testing.assert_allclose(np.array(got), np.array(want), rtol=RTOL,
                                    atol=ATOL * float(mx.abs(want).max()))
+        flat = kg.matvec_flat(Wm, xm.reshape(1, 1, 2, K // 2) if K % 2 == 0 else xm)
+        np.testing.assert_array_equal(np.array(flat), np.array(got).reshape(1, O))
         W2 = mx.array(rng.standard_normal((O + 3, K)).astype(np.float32))
         g1, g2 = kg.matvec_pair(Wm, W2, xm)
         np.testing.assert_array_equal(np.array(g1), np.array(got))  # same rows, same sums

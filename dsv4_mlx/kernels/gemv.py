@@ -26,9 +26,10 @@ def matvec_ops(W: mx.array, x: mx.array) -> mx.array:
     return y.reshape(*x.shape[:-1], W.shape[0])
 
 
-def _launch(backend, Ws, x):
-    K = x.shape[-1]
+def _launch(backend, Ws, x, out_lead=None):
+    K = x.size
     O0 = Ws[0].shape[0]
+    lead = x.shape[:-1] if out_lead is None else out_lead
     rows = sum(w.shape[0] for w in Ws)
     pair = len(Ws) == 2
     with mx.stream(mx.gpu):
@@ -36,16 +37,16 @@ def _launch(backend, Ws, x):
             inputs=[*Ws, x],
             template=[("XT", x.dtype), ("K", K), ("TG", TG), ("O0", O0)],
             grid=(rows * TG, 1, 1), threadgroup=(TG, 1, 1),
-            output_shapes=[(*x.shape[:-1], w.shape[0]) for w in Ws],
+            output_shapes=[(*lead, w.shape[0]) for w in Ws],
             output_dtypes=[mx.float32] * len(Ws),
         )
 
 
-def _backend(Ws, x) -> str:
+def _backend(Ws, x, K=None) -> str:
     backend = dispatch.select_backend(ENV_VAR)
-    if backend == "ops" or x.size != x.shape[-1] or x.dtype not in _X_DTYPES:
+    K = x.shape[-1] if K is None else K
+    if backend == "ops" or x.size != K or x.dtype not in _X_DTYPES:
         return "ops"
-    K = x.shape[-1]
     if K % 4 or -(-K // (4 * TG)) > MAX_PER:
         return "ops"
     if any(w.dtype != mx.float32 or w.ndim != 2 or w.shape[1] != K for w in Ws):
@@ -67,6 +68,16 @@ def matvec(W: mx.array, x: mx.array) -> mx.array:
     return _launch(backend, (W,), x)[0]
 
 
+def matvec_flat(W: mx.array, x: mx.array) -> mx.array:
+    """``W @ x.flatten()`` in fp32 as [1, O]: all of x (any shape, W.shape[1] values) is the
+    one token's input vector (the kernel reads it flat: no reshape node)."""
+    K = W.shape[1]
+    backend = _backend((W,), x, K) if x.size == K else "ops"
+    if backend == "ops":
+        return matvec_ops(W, x.reshape(1, K))
+    return _launch(backend, (W,), x, out_lead=(1,))[0]
+
+
 def matvec_pair(W: mx.array, W2: mx.array, x: mx.array) -> tuple[mx.array, mx.array]:
     """(``x @ W.T``, ``x @ W2.T``) in fp32 for one token x, in one launch on a GPU."""
     backend = _backend((W, W2), x)
@@ -76,4 +87,4 @@ def matvec_pair(W: mx.array, W2: mx.array, x: mx.array) -> tuple[mx.array, mx.ar
     return y, y2
 
 
-__all__ = ["matvec", "matvec_pair", "matvec_ops", "ENV_VAR"]
+__all__ = ["matvec", "matvec_flat", "matvec_pair", "matvec_ops", "ENV_VAR"]

@@ -16,7 +16,7 @@ import mlx.core as mx
 from ..model import mhc as ops
 from . import dispatch
 from . import mhc_source as src
-from .gemv import matvec
+from .gemv import matvec_flat
 
 ENV_VAR = "DSV4_MHC_KERNEL"
 PRE_TG = 512  # one group a token; 512 measured best of 256/512/1024 (bench/mhc.py, H100)
@@ -29,8 +29,8 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     ``head``: the final head collapse instead (fn [n, nD], scale [1]; only h is meaningful)."""
     B, S, n, D = X.shape
     N = B * S
-    if N == 1:  # one token: [1, M] from the streams as they are (the kernel converts them)
-        mixraw = matvec(fn, X.reshape(1, n * D))
+    if N == 1:  # one token: [1, M] from the streams as they are (read flat, converted)
+        mixraw = matvec_flat(fn, X)
     else:
         mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
     eps = dispatch.const(("f32_2", hc_eps, norm_eps), lambda: mx.array([hc_eps, norm_eps], mx.float32))

@@ -51,9 +51,11 @@ class Compressor(nn.Module):
         r = state.num_pending
         assert r == offset % m, "compressor state out of step with the position"
 
-        if x32 is None:
-            x32 = x.astype(mx.float32)
-        kv, gate = linear_f32_pair(self.wkv, self.wgate, x32)
+        if T == 1:  # one token: the projection kernel converts x itself (ops: the same cast)
+            src = x
+        else:
+            src = x.astype(mx.float32) if x32 is None else x32
+        kv, gate = linear_f32_pair(self.wkv, self.wgate, src)
         ape = self.ape.astype(mx.float32)
         if T == 1:
             ape = ape[offset % m : offset % m + 1]
