@@ -82,6 +82,9 @@ def build(preset: str, layers: int, experts: int, seed: int = 0):
         return False
 
     nn.quantize(model, class_predicate=pred)
+    # as Model.sanitize leaves a loaded head: fp32 scales and biases (the head takes fp32 input)
+    model.head.scales = model.head.scales.astype(mx.float32)
+    model.head.biases = model.head.biases.astype(mx.float32)
     for name, p in tree_flatten(model.parameters()):  # one tensor at a time: bounded memory
         try:
             mx.eval(p)

@@ -150,3 +150,42 @@ def test_quantized_grouped_linear_views_follow_the_parameters():
                                          32, 8, mode="mxfp8")
         assert mx.array_equal(q.grouped(x), direct()).item()
     assert sorted(k for k, _ in tree_flatten(q.parameters())) == ["scales", "weight"]
+
+
+def test_affine_head_scales_loaded_in_fp32():
+    """`sanitize` makes an affine-quantized head's scales and biases fp32: the head takes fp32
+    input, and bf16 ones would be cast at every step (two nodes) for the same logits."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    import mlx.nn as nn
+
+    args = ModelArgs.from_dict(tiny_config())
+    model = Model(args)
+    nn.quantize(model, class_predicate=lambda p, m: {"group_size": 32, "bits": 8, "mode": "affine"}
+                if p == "head" else False)
+    w = mx.random.normal(model.head.weight.shape[:1] + (args.hidden_size,), key=mx.random.key(3))
+    qw, sc, bi = mx.quantize(w.astype(mx.bfloat16), 32, 8, mode="affine")
+    y = mx.random.normal((1, 1, args.hidden_size), key=mx.random.key(4)).astype(mx.bfloat16)
+    mx.eval(qw, sc, bi, y)
+    model.head.weight, model.head.scales, model.head.biases = qw, sc, bi
+
+    def casts(out):
+        with tempfile.TemporaryDirectory() as d:
+            mx.export_to_dot(str(Path(d) / "g.dot"), out)
+            text = (Path(d) / "g.dot").read_text()
+        return re.findall(r'label ="([^"]+)", shape=rectangle', text).count("AsType")
+
+    before = model.lm_head(y)
+    assert casts(before) == 3  # y, scales and biases cast to fp32
+
+    loaded = model.sanitize({"head.weight": qw, "head.scales": sc, "head.biases": bi})
+    assert loaded["head.scales"].dtype == loaded["head.biases"].dtype == mx.float32
+    assert loaded["head.weight"].dtype == qw.dtype
+    model.load_weights(list(loaded.items()), strict=False)
+    mx.eval(model.parameters())  # as mlx-lm's load_model leaves them
+    after = model.lm_head(y)
+    assert casts(after) == 1  # only y's
+    assert mx.array_equal(before, after).item()  # the same promotion, done once
+    assert not model.cast_predicate("head.scales") and model.cast_predicate("head.weight")

@@ -22,6 +22,10 @@ from .moe import MoE
 
 
 _FP32_WEIGHTS = (".compressor.wkv.weight", ".compressor.wgate.weight", ".ffn.gate.weight")
+# an affine-quantized head's scales and biases: it takes fp32 input (fp32 logits), and MLX
+# would otherwise cast its bf16 scales and biases to fp32 at every step (two launches and
+# ~100 MB of traffic a token for Flash's head); the values are the same
+_FP32_HEAD = ("head.scales", "head.biases")
 
 
 class WeightsError(ValueError):
@@ -142,7 +146,8 @@ class Model(nn.Module):
         return (logits, X) if return_streams else logits
 
     def lm_head(self, y: mx.array) -> mx.array:
-        """fp32 logits; a quantized head takes fp32 input at no extra weight traffic."""
+        """fp32 logits; a quantized head takes fp32 input at no extra weight traffic (with its
+        scales and biases in fp32, see `sanitize`)."""
         if isinstance(self.head, nn.QuantizedLinear):
             return self.head(y.astype(mx.float32))
         return self.head(y).astype(mx.float32)
@@ -190,7 +195,8 @@ class Model(nn.Module):
                     continue
             if k.endswith("gate.tid2eid"):
                 v = v.astype(mx.int32)
-            elif k.endswith(_FP32_WEIGHTS) and mx.issubdtype(v.dtype, mx.floating):
+            elif ((k.endswith(_FP32_WEIGHTS) or k in _FP32_HEAD)
+                  and mx.issubdtype(v.dtype, mx.floating)):
                 # the reference holds these in fp32 (spec §3.3); upcasting once here saves an
                 # fp32 copy of the weight on every call
                 v = v.astype(mx.float32)
@@ -212,4 +218,4 @@ class Model(nn.Module):
         # keep the fp32 tensors of spec §3.3 in fp32 when mlx-lm casts a model
         return lambda k: not any(
             s in k for s in ("hc_", "attn_sink", "ape", "gate.bias", "tid2eid")
-        )
+        ) and k not in _FP32_HEAD
