@@ -1,0 +1,118 @@
+"""Compile the CUDA kernels with NVRTC, as MLX's CUDA backend does at run time, without a GPU.
+
+    python bench/nvrtc_compile.py --nvrtc LIBNVRTC --include DIR [--include DIR ...]
+
+What it needs (no CUDA install, no GPU): NVRTC and the CUDA headers from PyPI wheels, and MLX's
+CUDA device headers from MLX's source at (about) the installed version, e.g.
+
+    pip download --no-deps -d W nvidia-cuda-nvrtc-cu12 nvidia-cuda-runtime-cu12 nvidia-cuda-cccl-cu12
+    (unzip each wheel into X)
+    git -C MLX_SRC archive v0.32.1 mlx/backend/cuda/device | tar -x -C H
+    python bench/nvrtc_compile.py --nvrtc X/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 \\
+        --include H --include X/nvidia/cuda_runtime/include \\
+        --include X/nvidia/cuda_cccl/include --include X/nvidia/cuda_nvcc/include
+
+It renders the indexer (scoring: fp32, matrix-unit with resident and re-read queries; top-k with
+and without register keys), mHC (pre, head, post) and one-token projection (single, pair)
+kernels at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
+and prints one line a kernel (warnings in full); exit status 1 if any fails. A compile error
+here is one the GPU would hit at its first call (and fall back to the ops path with a warning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv4_mlx.kernels import gemv_source as gsrc  # noqa: E402
+from dsv4_mlx.kernels import indexer_source as isrc  # noqa: E402
+from dsv4_mlx.kernels import mhc_source as msrc  # noqa: E402
+
+
+def compile_cuda(lib, code: str, name: str, includes) -> tuple[int, str]:
+    """(NVRTC status, log) of compiling `code` for sm_90a."""
+    prog = ctypes.c_void_p()
+    r = lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), f"{name}.cu".encode(), 0,
+                               None, None)
+    if r:
+        return r, "nvrtcCreateProgram failed"
+    opts = [b"-std=c++17", b"--gpu-architecture=sm_90a", b"-default-device"]
+    opts += [f"-I{i}".encode() for i in includes]
+    r = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return r, log.value.decode(errors="replace")
+
+
+def launches():
+    """(name, KernelSource, inputs [(dtype, ndim, size)], output dtypes, template)."""
+    kc, smem4, qres = isrc.mma_layout("cuda", 64, 128)
+    fp4 = [("uint32", 3, 512), ("uint8", 3, 4)]
+    out = [
+        ("indexer score fp32", isrc.score_source("cuda", "fp4"),
+         [("bfloat16", 4, 8192), ("float32", 3, 64), *fp4, ("int32", 1, 1)], ["float32"],
+         [("QT", "bfloat16"), ("D", 128), ("H", 64), ("HC", 64), ("BN", 128), ("E", 2)]),
+        ("indexer score mma, resident q", isrc.score_mma_source("cuda", "fp4"),
+         [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)], ["float32"],
+         [("D", 128), ("H", 64), ("NW", 4), ("KC", kc), ("SMEM4", smem4), ("QRES", qres),
+          ("TPT", 4)]),
+    ]
+    kc2, smem2, _ = isrc.mma_layout("metal", 64, 128)  # a re-read layout (32-dim chunks)
+    out.append(("indexer score mma, re-read q", isrc.score_mma_source("cuda", "bf16"),
+                [("uint32", 4, 4096), ("float32", 3, 64), ("uint32", 3, 2048), ("int32", 1, 1)],
+                ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc2), ("SMEM4", smem2),
+                              ("QRES", False), ("TPT", 1)]))
+    for tg, s, mapped, r in ((512, 16, False, 8), (1024, 1, True, 8), (256, 1, False, 0)):
+        out.append((f"indexer top-k TG{tg} S{s} R{r}", isrc.topk_source("cuda"),
+                    [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
+                    ["int32", "float32"],
+                    [("K", 512), ("TG", tg), ("U", 4), ("S", s), ("MAPPED", mapped), ("R", r)]))
+    for head in (False, True):
+        out.append((f"mhc pre{' (head)' if head else ''}", msrc.pre_source("cuda"),
+                    [("bfloat16", 3, 65536), ("float32", 2, 24), ("float32", 1, 3),
+                     ("float32", 1, 24), ("float32", 1, 2)],
+                    ["bfloat16", "float32", "float32"],
+                    [("XT", "bfloat16"), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 512),
+                     ("HEAD", head)]))
+    out.append(("mhc post (MoE sum)", msrc.post_source("cuda"),
+                [("bfloat16", 3, 65536), ("bfloat16", 2, 4096), ("float32", 2, 4),
+                 ("float32", 3, 16), ("bfloat16", 4, 6 * 4096)], ["bfloat16"],
+                [("XT", "bfloat16"), ("FT", "bfloat16"), ("RT", "bfloat16"), ("KR", 6),
+                 ("NS", 4), ("D", 4096), ("TG", 256)]))
+    for pair in (False, True):
+        for xt in ("bfloat16", "float32"):
+            out.append((f"gemv{' pair' if pair else ''} x {xt}", gsrc.gemv_source("cuda", pair),
+                        [("float32", 2, 24 * 16384)] * (2 if pair else 1) + [(xt, 1, 16384)],
+                        ["float32"] * (2 if pair else 1),
+                        [("XT", xt), ("K", 16384), ("TG", 256), ("O0", 24)]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nvrtc", required=True, help="libnvrtc.so")
+    ap.add_argument("--include", action="append", default=[], help="an include folder")
+    a = ap.parse_args()
+    lib = ctypes.CDLL(a.nvrtc)
+    bad = 0
+    for name, ks, inputs, outs, tmpl in launches():
+        r, log = compile_cuda(lib, isrc.render_cuda(ks, inputs, outs, tmpl), "k", a.include)
+        warn = [ln for ln in log.splitlines() if "warning" in ln.lower()]
+        print(f"{name:34s} {'ok' if r == 0 else 'FAILED'}"
+              f"{f', {len(warn)} warnings' if warn else ''}")
+        if r or warn:
+            print(log[-4000:])
+        bad += r != 0
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
