@@ -72,7 +72,7 @@ def matvec_flat(W: mx.array, x: mx.array) -> mx.array:
     """``W @ x.flatten()`` in fp32 as [1, O]: all of x (any shape, W.shape[1] values) is the
     one token's input vector (the kernel reads it flat: no reshape node)."""
     K = W.shape[1]
-    backend = _backend((W,), x, K) if x.size == K else "ops"
+    backend = _backend((W,), x, K)
     if backend == "ops":
         return matvec_ops(W, x.reshape(1, K))
     return _launch(backend, (W,), x, out_lead=(1,))[0]

@@ -682,21 +682,7 @@ _TOPK_BODY = """\
     KI_UNROLL
     for (int j = 0; j < RR; ++j) {
       const int i = lo + ki_tid + j * TG;
-      const unsigned int um = rk[j] & mask;
-      int p = -1;
-      if (i < hi) {
-        if (um > prefix) {
-          p = (int)KI_ATOMIC_ADD(ki_cnt[0], 1u);
-        } else if (um == prefix) {
-          const int q2 = (int)KI_ATOMIC_ADD(ki_cnt[1], 1u);
-          if (q2 < krem) p = n_above + q2;
-        }
-      }
-      if (p >= 0) {
-        out[p] = MAPPED ? cidx[base + i] : i;
-        oval[p] = ki_order_value(rk[j]);
-      }
-    }
+@PICK_REG@    }
   }
   for (int i0 = lo + ki_tid; !reg && i0 < hi; i0 += TG * U) {
     float sv[U];
@@ -708,23 +694,35 @@ _TOPK_BODY = """\
     KI_UNROLL
     for (int j = 0; j < U; ++j) {
       const int i = i0 + j * TG;
-      const unsigned int um = ki_order_key(sv[j]) & mask;
-      int p = -1;
-      if (i < hi) {
-        if (um > prefix) {
-          p = (int)KI_ATOMIC_ADD(ki_cnt[0], 1u);
-        } else if (um == prefix) {
-          const int q2 = (int)KI_ATOMIC_ADD(ki_cnt[1], 1u);
-          if (q2 < krem) p = n_above + q2;
-        }
-      }
-      if (p >= 0) {
-        out[p] = MAPPED ? cidx[base + i] : i;
-        oval[p] = sv[j];
-      }
-    }
+@PICK_STREAM@    }
   }
 """
+
+# The last pass's pick of entry i with order key KEY and score VALUE (both paths above): a key
+# above the bin is taken, one in the bin while krem remain; the pick's slot from the counters.
+_TOPK_PICK = """const unsigned int um = (KEY) & mask;
+int p = -1;
+if (i < hi) {
+  if (um > prefix) {
+    p = (int)KI_ATOMIC_ADD(ki_cnt[0], 1u);
+  } else if (um == prefix) {
+    const int q2 = (int)KI_ATOMIC_ADD(ki_cnt[1], 1u);
+    if (q2 < krem) p = n_above + q2;
+  }
+}
+if (p >= 0) {
+  out[p] = MAPPED ? cidx[base + i] : i;
+  oval[p] = (VALUE);
+}
+"""
+
+
+def _topk_pick(key: str, value: str) -> str:
+    return textwrap.indent(_TOPK_PICK.replace("KEY", key).replace("VALUE", value), " " * 6)
+
+
+_TOPK_BODY = (_TOPK_BODY.replace("@PICK_REG@", _topk_pick("rk[j]", "ki_order_value(rk[j])"))
+              .replace("@PICK_STREAM@", _topk_pick("ki_order_key(sv[j])", "sv[j]")))
 
 
 @dataclass(frozen=True)

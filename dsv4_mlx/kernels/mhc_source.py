@@ -41,20 +41,18 @@ _PRE_BODY = r"""
   // u of a thread goes to partial sum u % 4.
   constexpr int PER = (NS * D + TG - 1) / TG;
   constexpr bool KEEP = D % TG == 0 && PER <= 64;
-  float xv[KEEP ? PER : 1];
+  float xv[PER];  // (unused, so never allocated, without KEEP)
   float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
   if (KEEP) {
     KI_UNROLL
-    for (int u = 0; u < PER; ++u) xv[KEEP ? u : 0] = ki_to_float(X[xbase + ki_tid + u * TG]);
+    for (int u = 0; u < PER; ++u) xv[u] = ki_to_float(X[xbase + ki_tid + u * TG]);
     KI_UNROLL
-    for (int u = 0; u < PER; u += 4) {
-      const int u1 = KEEP && u + 1 < PER ? u + 1 : 0;  // (in bounds even where unused)
-      const int u2 = KEEP && u + 2 < PER ? u + 2 : 0;
-      const int u3 = KEEP && u + 3 < PER ? u + 3 : 0;
-      s0 += xv[KEEP ? u : 0] * xv[KEEP ? u : 0];
-      if (u + 1 < PER) s1 += xv[u1] * xv[u1];
-      if (u + 2 < PER) s2 += xv[u2] * xv[u2];
-      if (u + 3 < PER) s3 += xv[u3] * xv[u3];
+    for (int u = 0; u < PER; ++u) {
+      const float sq = xv[u] * xv[u];
+      if (u % 4 == 0) s0 += sq;
+      else if (u % 4 == 1) s1 += sq;
+      else if (u % 4 == 2) s2 += sq;
+      else s3 += sq;
     }
   } else {
     int i = ki_tid;
@@ -131,7 +129,7 @@ _PRE_BODY = r"""
     KI_UNROLL
     for (int m = 0; m < DT; ++m) {
       float acc = 0.0f;
-      for (int j = 0; j < NS; ++j) acc += ki_pre[j] * xv[KEEP ? j * DT + m : 0];
+      for (int j = 0; j < NS; ++j) acc += ki_pre[j] * xv[j * DT + m];
       h[t * D + ki_tid + m * TG] = ki_from_float<XT>(acc);
     }
   } else {
