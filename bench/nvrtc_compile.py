@@ -74,13 +74,14 @@ def launches():
                     [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
                     ["int32", "float32"],
                     [("K", 512), ("TG", tg), ("U", 4), ("S", s), ("MAPPED", mapped), ("R", r)]))
-    for head in (False, True):
-        out.append((f"mhc pre{' (head)' if head else ''}", msrc.pre_source("cuda"),
+    for head, norm in ((False, False), (True, False), (False, True), (True, True)):
+        out.append((f"mhc pre{' (head)' if head else ''}{' + norm' if norm else ''}",
+                    msrc.pre_source("cuda"),
                     [("bfloat16", 3, 65536), ("float32", 2, 24), ("float32", 1, 3),
-                     ("float32", 1, 24), ("float32", 1, 2)],
+                     ("float32", 1, 24), ("float32", 1, 3), ("bfloat16", 1, 4096)],
                     ["bfloat16", "float32", "float32"],
                     [("XT", "bfloat16"), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 512),
-                     ("HEAD", head)]))
+                     ("HEAD", head), ("NORM", norm)]))
     out.append(("mhc post (MoE sum)", msrc.post_source("cuda"),
                 [("bfloat16", 3, 65536), ("bfloat16", 2, 4096), ("float32", 2, 4),
                  ("float32", 3, 16), ("bfloat16", 4, 6 * 4096)], ["bfloat16"],

@@ -19,6 +19,7 @@ from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.kernels import mhc as km
 from dsv4_mlx.kernels import mhc_source as src
 from dsv4_mlx.model import mhc as ops
+from dsv4_mlx.model.layers import RMSNorm
 
 RTOL, ATOL = 2e-5, 2e-6
 
@@ -40,14 +41,16 @@ def _ops_pre(X, fn, scale, base, iters, hc_eps=1e-6, norm_eps=1e-6):
     return [np.array(a[0]) for a in (h, post, comb)]
 
 
-def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6):
+def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6, wn=None,
+             out_eps=1e-6, head=False):
     N, n, D = X.shape
     mixraw = (X.reshape(N, n * D).astype(np.float64) @ fn.T.astype(np.float64)).astype(np.float32)
-    eps = np.array([hc_eps, norm_eps], np.float32)
-    return emu.run(src.pre_source("cpp"), [X, mixraw, scale, base, eps],
-                   [(N, D), (N, n), (N, n, n)], ["float32"] * 3,
+    eps = np.array([hc_eps, norm_eps, out_eps], np.float32)
+    return emu.run(src.pre_source("cpp"),
+                   [X, mixraw, scale, base, eps, np.zeros(1, np.float32) if wn is None else wn],
+                   [(N, D), (1,), (1,)] if head else [(N, D), (N, n), (N, n, n)], ["float32"] * 3,
                    [("XT", "float32"), ("NS", n), ("D", D), ("ITERS", iters), ("TG", tg),
-                    ("HEAD", False)],
+                    ("HEAD", head), ("NORM", wn is not None)],
                    (N * tg, 1, 1), tg)
 
 
@@ -78,12 +81,7 @@ def test_emulated_head_matches_ops(emu, N, n, D, tg):
     fn = (rng.standard_normal((n, n * D)) / np.sqrt(n * D)).astype(np.float32)
     scale = rng.uniform(0.5, 2.0, 1).astype(np.float32)
     base = rng.standard_normal(n).astype(np.float32)
-    mixraw = (X.reshape(N, n * D).astype(np.float64) @ fn.T.astype(np.float64)).astype(np.float32)
-    eps = np.array([1e-6, 1e-6], np.float32)
-    h, _, _ = emu.run(src.pre_source("cpp"), [X, mixraw, scale, base, eps],
-                      [(N, D), (1,), (1,)], ["float32"] * 3,
-                      [("XT", "float32"), ("NS", n), ("D", D), ("ITERS", 1), ("TG", tg),
-                       ("HEAD", True)], (N * tg, 1, 1), tg)
+    h, _, _ = _emu_pre(emu, X, fn, scale, base, 1, tg, head=True)
     # against hc_head's formula in float64 (MLX's fp32 CPU matmul of the mix is itself ~5e-6
     # off at D = 4096, the kernel ~4e-7), and the ops path loosely (same formula, not a typo)
     x64 = X.astype(np.float64).reshape(N, n * D)
@@ -97,6 +95,36 @@ def test_emulated_head_matches_ops(emu, N, n, D, tg):
     # not vacuous: the pre-variant's weights (other logits) give another collapse
     plain = ops.collapse(mx.array(X)[None], mx.full((1, N, n), 1.0 / n))
     assert np.abs(h - np.array(plain[0])).max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("N,n,D,tg,head", [(3, 4, 64, 32, False), (1, 4, 4096, 512, False),
+                                            (2, 4, 72, 16, False), (2, 3, 100, 32, True),
+                                            (1, 4, 4096, 512, True)])
+def test_emulated_pre_with_norm_matches_ops(emu, N, n, D, tg, head):
+    """NORM: the collapse comes out through the block's RMSNorm (weight, eps) as
+    `mx.fast.rms_norm` computes it, from registers (KEEP) or read back (D not a multiple of
+    TG); with HEAD, the model's final norm after the head collapse."""
+    rng = np.random.default_rng(N * 7 + D)
+    X, fn, scale, base = _case(rng, N, n, D)
+    if head:
+        fn, scale, base = fn[:n], scale[:1], base[:n]
+    wn = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    got = _emu_pre(emu, X, fn, scale, base, 20, tg, wn=wn, out_eps=1e-2, head=head)
+    if head:
+        h = ops.hc_head(mx.array(X)[None], mx.array(fn), mx.array(scale), mx.array(base), 1e-6,
+                        1e-6)[0]
+    else:
+        h = mx.array(_ops_pre(X, fn, scale, base, 20)[0])
+    want = np.array(mx.fast.rms_norm(h, mx.array(wn), 1e-2))
+    np.testing.assert_allclose(got[0], want, rtol=1e-4 if head else RTOL,
+                               atol=1e-5 if head else ATOL)
+    if not head:  # the parameters are unchanged by the norm
+        plain = _emu_pre(emu, X, fn, scale, base, 20, tg)
+        for g, w in zip(got[1:], plain[1:]):
+            np.testing.assert_array_equal(g, w)
+    # not vacuous: the mix norm's eps (1e-6) in place of the output norm's is caught
+    other = np.array(mx.fast.rms_norm(h, mx.array(wn), 1e-6))
+    assert np.abs(got[0] - other).max() > 100 * ATOL
 
 
 def test_emulated_pre_sharp_logits(emu):
@@ -168,16 +196,16 @@ _VARIANTS = [(xt, ft) for xt in ("float32", "bfloat16", "float16") for ft in (xt
 def _launches(dialect, xt, ft):
     """(name, source, inputs, output dtypes, template) of both kernels at Flash sizes."""
     return [
-        ("pre", src.pre_source(dialect),
-         [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3), ("float32", 1, 24),
-          ("float32", 1, 2)], [xt, "float32", "float32"],
-         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", km.PRE_TG),
-          ("HEAD", False)]),
-        ("head", src.pre_source(dialect),
-         [(xt, 3, 65536), ("float32", 2, 4), ("float32", 1, 1), ("float32", 1, 4),
-          ("float32", 1, 2)], [xt, "float32", "float32"],
-         [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 1), ("TG", km.PRE_TG),
-          ("HEAD", True)]),
+        *[(f"pre{'_norm' * norm}_D{D}", src.pre_source(dialect),
+           [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3), ("float32", 1, 24),
+            ("float32", 1, 3), (xt, 1, 4096)], [xt, "float32", "float32"],
+           [("XT", xt), ("NS", 4), ("D", D), ("ITERS", 20), ("TG", km.PRE_TG),
+            ("HEAD", False), ("NORM", norm)]) for norm in (False, True) for D in (4096, 1000)],
+        *[(f"head{'_norm' * norm}", src.pre_source(dialect),
+           [(xt, 3, 65536), ("float32", 2, 4), ("float32", 1, 1), ("float32", 1, 4),
+            ("float32", 1, 3), (xt, 1, 4096)], [xt, "float32", "float32"],
+           [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 1), ("TG", km.PRE_TG),
+            ("HEAD", True), ("NORM", norm)]) for norm in (False, True)],
         ("post", src.post_source(dialect),
          [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16),
           ("float32", 1, 1)], [xt],
@@ -256,6 +284,15 @@ def test_gpu_kernels_match_ops(clean_dispatch, dtype, N, D):
         w = ops.expand(Xm, F, post, comb)
         np.testing.assert_allclose(np.array(y.astype(mx.float32)), np.array(w.astype(mx.float32)),
                                    **tol)
+        # through the block's RMSNorm (NORM): against the ops collapse then mx.fast.rms_norm
+        norm = RMSNorm(D, 1e-5)
+        norm.weight = mx.array(rng.uniform(0.5, 1.5, D).astype(np.float32))
+        hn, post_n, comb_n = km.hc_pre_kernel(Xm, *args, 20, 1e-6, 1e-6, backend=backend,
+                                              norm=norm)
+        np.testing.assert_allclose(np.array(hn.astype(mx.float32)),
+                                   np.array(norm(want[0]).astype(mx.float32)), err_msg="normed",
+                                   **tol)
+        assert np.array_equal(np.array(post_n), np.array(got[1]))
         R = mx.array(rng.standard_normal((1, N, 6, 1, D)).astype(np.float32)).astype(dt)
         y = km.hc_post_kernel(Xm, F, post, comb, R, backend=backend)
         w = ops.expand(Xm, km.combine_moe(R, F, Xm.dtype), post, comb)
@@ -283,6 +320,12 @@ def test_gpu_head_matches_ops(clean_dispatch, dtype, N):
         tol = dict(rtol=1e-4, atol=1e-5) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
         np.testing.assert_allclose(np.array(got.astype(mx.float32)),
                                    np.array(want.astype(mx.float32)), **tol)
+        norm = RMSNorm(D, 1e-6)
+        norm.weight = mx.array(rng.uniform(0.5, 1.5, D).astype(np.float32))
+        assert km._usable(GPU[0], X, n, D, 1, head=True, norm=True)
+        got = km.hc_head(X, fn, scale, base, 1e-6, 1e-6, norm)
+        np.testing.assert_allclose(np.array(got.astype(mx.float32)),
+                                   np.array(norm(want).astype(mx.float32)), **tol)
 
 
 @needs_gpu

@@ -1,6 +1,7 @@
 """Fused mHC steps (spec §4.2, §4.3): a Metal kernel with a CUDA twin, and the ops path.
 
-``hc_pre(X, ...)`` -> (h, post, comb): parameter generation with Sinkhorn and the collapse;
+``hc_pre(X, ...)`` -> (h, post, comb): parameter generation with Sinkhorn and the collapse
+(and the RMSNorm that follows it in the block, with ``norm=``);
 ``hc_post(X, F, post, comb)`` -> X': expand and mix. On the GPU each is one kernel launch
 (plus the `fn` projection matmul for `hc_pre`) instead of the ~250 primitives of the ops
 path; on the CPU, or with ``DSV4_MHC_KERNEL=ops``, they are `model.mhc`'s ops.
@@ -23,22 +24,27 @@ PRE_TG = 512  # one group a token; 512 measured best of 256/512/1024 (bench/mhc.
 POST_TG = 256
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str,
-                  head: bool = False):
+                  head: bool = False, norm=None):
     """Kernel path of `hc_pre`. X [B, S, n, D]; fn [(2+n)n, nD] f32. The kernel indexes its
     (row-contiguous) arrays flat, so they go in and out in the model's shapes (no reshapes).
-    ``head``: the final head collapse instead (fn [n, nD], scale [1]; only h is meaningful)."""
+    ``head``: the final head collapse instead (fn [n, nD], scale [1]; only h is meaningful).
+    ``norm`` (an `RMSNorm`): h comes out through it (`mx.fast.rms_norm`'s numerics)."""
     B, S, n, D = X.shape
     N = B * S
     if N == 1:  # one token: [1, M] from the streams as they are (read flat, converted)
         mixraw = matvec_flat(fn, X)
     else:
         mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
-    eps = dispatch.const(("f32_2", hc_eps, norm_eps), lambda: mx.array([hc_eps, norm_eps], mx.float32))
+    out_eps = norm.eps if norm is not None else 0.0
+    eps = dispatch.const(("f32_3", hc_eps, norm_eps, out_eps),
+                         lambda: mx.array([hc_eps, norm_eps, out_eps], mx.float32))
+    wn = (norm.weight.astype(X.dtype) if norm is not None
+          else dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)))
     with mx.stream(mx.gpu):
         h, post, comb = dispatch.build_kernel(backend, src.pre_source(backend))(
-            inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps],
+            inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps, wn],
             template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG),
-                      ("HEAD", head)],
+                      ("HEAD", head), ("NORM", norm is not None)],
             grid=(N * PRE_TG, 1, 1), threadgroup=(PRE_TG, 1, 1),
             output_shapes=[(B, S, D), (1,), (1,)] if head else [(B, S, D), (B, S, n), (B, S, n, n)],
             output_dtypes=[X.dtype, mx.float32, mx.float32],
@@ -71,44 +77,61 @@ def _backend(X) -> str:
     return backend
 
 
-def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None, head: bool = False) -> bool:
-    key = f"{backend}/mhc/{X.dtype}/{F_dtype}/n{n}/D{D}/I{iters}/H{int(head)}"
+def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None, head: bool = False,
+            norm: bool = False) -> bool:
+    key = f"{backend}/mhc/{X.dtype}/{F_dtype}/n{n}/D{D}/I{iters}/H{int(head)}/N{int(norm)}"
 
     def probe():
         x = mx.zeros((1, 1, n, D), X.dtype)
+        rms = _ProbeNorm(D) if norm else None
         if head:
             mx.eval(hc_pre_kernel(x, mx.zeros((n, n * D), mx.float32), mx.ones((1,)),
-                                  mx.zeros((n,)), 1, 1e-6, 1e-6, backend=backend, head=True))
+                                  mx.zeros((n,)), 1, 1e-6, 1e-6, backend=backend, head=True,
+                                  norm=rms))
             return
         fn = mx.zeros(((2 + n) * n, n * D), mx.float32)
         h, post, comb = hc_pre_kernel(x, fn, mx.ones((3,)), mx.zeros(((2 + n) * n,)), iters,
-                                      1e-6, 1e-6, backend=backend)
+                                      1e-6, 1e-6, backend=backend, norm=rms)
         y = hc_post_kernel(x, mx.zeros((1, 1, D), F_dtype or X.dtype), post, comb, backend=backend)
         mx.eval(h, y)
 
     return dispatch.kernel_usable(key, probe, f"mHC ({backend})")
 
 
-def hc_pre(X, fn, scale, base, n: int, iters: int, hc_eps: float, norm_eps: float):
+class _ProbeNorm:
+    """An `RMSNorm`'s two attributes, for the build probe."""
+
+    def __init__(self, D: int):
+        self.weight, self.eps = mx.ones((D,)), 1e-6
+
+
+def _normed(h, norm):
+    return h if norm is None else norm(h)
+
+
+def hc_pre(X, fn, scale, base, n: int, iters: int, hc_eps: float, norm_eps: float, norm=None):
     """(h [B,S,D] in X's dtype, post [B,S,n] f32, comb [B,S,n,n] f32): the parameters of
-    §4.3 from the streams X [B,S,n,D] and the collapse ``h = sum_j pre_j X_j``."""
+    §4.3 from the streams X [B,S,n,D] and the collapse ``h = sum_j pre_j X_j``; with `norm`
+    (the block's `RMSNorm` after the collapse) h is ``norm(h)``, fused on a GPU."""
     backend = _backend(X)
-    if backend != "ops" and _usable(backend, X, n, X.shape[-1], iters):
-        return hc_pre_kernel(X, fn, scale, base, iters, hc_eps, norm_eps, backend=backend)
+    if backend != "ops" and _usable(backend, X, n, X.shape[-1], iters, norm=norm is not None):
+        return hc_pre_kernel(X, fn, scale, base, iters, hc_eps, norm_eps, backend=backend,
+                             norm=norm)
     pre, post, comb = ops.hc_params(X, fn, scale, base, n, iters, hc_eps, norm_eps)
-    return ops.collapse(X, pre), post, comb
+    return _normed(ops.collapse(X, pre), norm), post, comb
 
 
-def hc_head(X, fn, scale, base, hc_eps: float, norm_eps: float):
-    """The final head collapse (`model.mhc.hc_head`): on a GPU the pre kernel's HEAD variant
-    (with the one-token mix through `gemv`), two launches instead of ~20 ops."""
+def hc_head(X, fn, scale, base, hc_eps: float, norm_eps: float, norm=None):
+    """The final head collapse (`model.mhc.hc_head`), through `norm` if given: on a GPU the
+    pre kernel's HEAD variant (with the one-token mix through `gemv`), two launches instead
+    of ~20 ops."""
     backend = _backend(X)
     n = X.shape[2]
     if (backend != "ops" and fn.shape == (n, X.shape[2] * X.shape[3])
-            and _usable(backend, X, n, X.shape[-1], 1, head=True)):
+            and _usable(backend, X, n, X.shape[-1], 1, head=True, norm=norm is not None)):
         return hc_pre_kernel(X, fn, scale, base, 1, hc_eps, norm_eps, backend=backend,
-                             head=True)[0]
-    return ops.hc_head(X, fn, scale, base, hc_eps, norm_eps)
+                             head=True, norm=norm)[0]
+    return _normed(ops.hc_head(X, fn, scale, base, hc_eps, norm_eps), norm)
 
 
 def combine_moe(routed, shared, dtype):

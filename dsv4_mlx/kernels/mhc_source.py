@@ -22,11 +22,14 @@ from .indexer_source import KernelSource, make_source
 
 # Inputs (row-contiguous, indexed flat; N = batch x tokens): X [N, NS, D] (XT),
 # mixraw [N, M] f32 (= flatten(X) . fn^T, M = (2 + NS) NS), scale [3] f32, base [M] f32,
-# eps [2] f32 (hc_eps, norm_eps).
+# eps [3] f32 (hc_eps, norm_eps, the output norm's eps), wn [D] (XT; read with NORM).
 # Outputs: h [N, D] (XT), post [N, NS] f32, comb [N, NS, NS] f32 (row j = source stream j).
 # With HEAD (the final head collapse, spec §4.3 last paragraph) M = NS, scale [1], and only h
 # is written: pre = sigmoid(mix scale[0] + base) + eps, no post, no Sinkhorn.
-# Template: XT, NS, D, ITERS, TG (a power of two), HEAD. Grid (N * TG, 1, 1), groups of TG.
+# With NORM, h is the collapse through the RMSNorm that follows it in the block (attn_norm,
+# ffn_norm; the model's final norm after HEAD), as `mx.fast.rms_norm` computes it: the sum of
+# squares of the collapse rounded to XT, y = XT(h * rsqrt(mean + eps)), h' = XT(wn * y).
+# Template: XT, NS, D, ITERS, TG (a power of two), HEAD, NORM. Grid (N * TG, 1, 1), groups of TG.
 _PRE_BODY = r"""
   constexpr int M = HEAD ? NS : (2 + NS) * NS;
   const int t = ki_gx;
@@ -124,19 +127,53 @@ _PRE_BODY = r"""
     }
   }
   KI_BARRIER();
+  // The collapse. With NORM its rounded values are kept for the norm: in registers (KEEP),
+  // or written to h and read back below by the same thread.
+  constexpr int DT = KEEP ? D / TG : 1;
+  float hv[DT];  // (unused, so never allocated, without KEEP and NORM)
+  float hs = 0.0f;
   if (KEEP) {
-    constexpr int DT = D / TG;
     KI_UNROLL
     for (int m = 0; m < DT; ++m) {
       float acc = 0.0f;
       for (int j = 0; j < NS; ++j) acc += ki_pre[j] * xv[j * DT + m];
-      h[t * D + ki_tid + m * TG] = ki_from_float<XT>(acc);
+      if (NORM) {
+        hv[m] = ki_to_float(ki_from_float<XT>(acc));
+        hs += hv[m] * hv[m];
+      } else {
+        h[t * D + ki_tid + m * TG] = ki_from_float<XT>(acc);
+      }
     }
   } else {
     for (int d = ki_tid; d < D; d += TG) {
       float acc = 0.0f;
       for (int j = 0; j < NS; ++j) acc += ki_pre[j] * ki_to_float(X[xbase + j * D + d]);
-      h[t * D + d] = ki_from_float<XT>(acc);
+      const XT q = ki_from_float<XT>(acc);
+      h[t * D + d] = q;
+      const float v = ki_to_float(q);
+      hs += v * v;
+    }
+  }
+  if (NORM) {  // (ki_red's last reader, thread 0, passed the barrier above)
+    ki_red[ki_tid] = hs;
+    KI_BARRIER();
+    for (int s = TG / 2; s > 0; s >>= 1) {
+      if (ki_tid < s) ki_red[ki_tid] += ki_red[ki_tid + s];
+      KI_BARRIER();
+    }
+    const float nrm = KI_RSQRT(ki_red[0] / (float)D + eps[2]);
+    if (KEEP) {
+      KI_UNROLL
+      for (int m = 0; m < DT; ++m) {
+        const int d = ki_tid + m * TG;
+        const float y = ki_to_float(ki_from_float<XT>(hv[m] * nrm));
+        h[t * D + d] = ki_from_float<XT>(ki_to_float(wn[d]) * y);
+      }
+    } else {
+      for (int d = ki_tid; d < D; d += TG) {
+        const float y = ki_to_float(ki_from_float<XT>(ki_to_float(h[t * D + d]) * nrm));
+        h[t * D + d] = ki_from_float<XT>(ki_to_float(wn[d]) * y);
+      }
     }
   }
 """
@@ -171,7 +208,7 @@ _POST_BODY = r"""
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def pre_source(dialect: str) -> KernelSource:
     """hc_pre kernel (see `_PRE_BODY`)."""
-    return make_source(dialect, "dsv4_mhc_pre", ("X", "mixraw", "scale", "base", "eps"),
+    return make_source(dialect, "dsv4_mhc_pre", ("X", "mixraw", "scale", "base", "eps", "wn"),
                        ("h", "post", "comb"), _PRE_BODY)
 
 

@@ -51,16 +51,19 @@ class Block(nn.Module):
         self.attn = Attention(args, ratio)
         self.ffn = MoE(args, hash_routed)
 
-    def _hc(self, X, fn, scale, base):
-        """(collapsed input h, post, comb) of one mHC site (fused kernel on the GPU)."""
+    def _hc(self, X, fn, scale, base, norm):
+        """(norm(collapsed input), post, comb) of one mHC site (one fused kernel on the GPU)."""
         a = self.args
-        return hc_pre(X, fn, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps)
+        return hc_pre(X, fn, scale, base, a.hc_mult, a.hc_sinkhorn_iters, a.hc_eps, a.rms_norm_eps,
+                      norm)
 
     def __call__(self, X: mx.array, input_ids: mx.array, cache: LayerCache) -> mx.array:
-        h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        X = hc_post(X, self.attn(self.attn_norm(h), cache), post, comb)
-        h, post, comb = self._hc(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        routed, shared = self.ffn.branches(self.ffn_norm(h), input_ids)
+        h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                                 self.attn_norm)
+        X = hc_post(X, self.attn(h, cache), post, comb)
+        h, post, comb = self._hc(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
+                                 self.ffn_norm)
+        routed, shared = self.ffn.branches(h, input_ids)
         return hc_post(X, shared, post, comb, routed)  # the MoE's sum happens in hc_post
 
 
@@ -89,8 +92,9 @@ class MTPBlock(Block):
         X = self.e_proj(e)[:, :, None, :] + self.h_proj(self.hnorm(streams))
         X = super().__call__(X, next_ids, cache)
         a = self.args
-        y = hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps, a.rms_norm_eps)
-        return head(self.norm(y)), X
+        y = hc_head(X, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, a.hc_eps,
+                    a.rms_norm_eps, self.norm)
+        return head(y), X
 
 
 class Model(nn.Module):
@@ -141,8 +145,8 @@ class Model(nn.Module):
             X = layer(X, inputs, c)
         a = self.args
         y = hc_head(X[:, -1:] if last_only else X, self.hc_head_fn, self.hc_head_scale,
-                    self.hc_head_base, a.hc_eps, a.rms_norm_eps)
-        logits = self.lm_head(self.norm(y))
+                    self.hc_head_base, a.hc_eps, a.rms_norm_eps, self.norm)
+        logits = self.lm_head(y)
         return (logits, X) if return_streams else logits
 
     def lm_head(self, y: mx.array) -> mx.array:
