@@ -14,7 +14,7 @@ CUDA device headers from MLX's source at (about) the installed version, e.g.
 
 It renders the indexer (scoring: fp32, matrix-unit with resident and re-read queries; top-k with
 and without register keys), mHC (pre, head, post) and one-token projection (single, pair)
-kernels at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
+kernels, and the query/KV norm + RoPE kernel, at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
 and prints one line a kernel (warnings in full); exit status 1 if any fails. A compile error
 here is one the GPU would hit at its first call (and fall back to the ops path with a warning).
 """
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv4_mlx.kernels import gemv_source as gsrc  # noqa: E402
 from dsv4_mlx.kernels import indexer_source as isrc  # noqa: E402
 from dsv4_mlx.kernels import mhc_source as msrc  # noqa: E402
+from dsv4_mlx.kernels import norm_rope_source as nsrc  # noqa: E402
 
 
 def compile_cuda(lib, code: str, name: str, includes) -> tuple[int, str]:
@@ -82,6 +83,12 @@ def launches():
                     ["bfloat16", "float32", "float32"],
                     [("XT", "bfloat16"), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 512),
                      ("HEAD", head), ("NORM", norm)]))
+    out.append(("query/KV norm + RoPE", nsrc.norm_rope_source("cuda"),
+                [("bfloat16", 3, 64 * 512), ("bfloat16", 3, 512), ("bfloat16", 1, 512),
+                 ("float32", 1, 32), ("int32", 1, 1), ("float32", 1, 2)],
+                ["bfloat16", "bfloat16"],
+                [("XT", "bfloat16"), ("H", 64), ("C", 512), ("RD", 64), ("PER", 4), ("TG", 128),
+                 ("P2", 128)]))
     out.append(("mhc post (MoE sum)", msrc.post_source("cuda"),
                 [("bfloat16", 3, 65536), ("bfloat16", 2, 4096), ("float32", 2, 4),
                  ("float32", 3, 16), ("bfloat16", 4, 6 * 4096)], ["bfloat16"],

@@ -59,6 +59,8 @@ _METAL_DIALECT = r"""
 #define KI_RSQRT(x) metal::precise::rsqrt((float)(x))
 #define KI_LOG(x) metal::precise::log((float)(x))
 #define KI_SQRT(x) metal::precise::sqrt((float)(x))
+#define KI_COS(x) metal::precise::cos((float)(x))
+#define KI_SIN(x) metal::precise::sin((float)(x))
 // log(1 + x) without the cancellation of 1 + x (Metal has no log1p)
 inline float ki_log1p(float x) {
   const float u = 1.0f + x;
@@ -142,6 +144,8 @@ _CUDA_DIALECT = r"""
 #define KI_RSQRT(x) rsqrtf((float)(x))
 #define KI_LOG(x) logf((float)(x))
 #define KI_SQRT(x) sqrtf((float)(x))
+#define KI_COS(x) cosf((float)(x))
+#define KI_SIN(x) sinf((float)(x))
 #define KI_LOG1P(x) log1pf((float)(x))
 // the sum of x over the 32 lanes of a warp, in every lane (a butterfly: every lane adds the
 // same pairs, so every lane gets the same bits)
@@ -302,6 +306,8 @@ inline unsigned int ki_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4)
 #define KI_RSQRT(x) (1.0f / std::sqrt((float)(x)))
 #define KI_LOG(x) std::log((float)(x))
 #define KI_SQRT(x) std::sqrt((float)(x))
+#define KI_COS(x) std::cos((float)(x))
+#define KI_SIN(x) std::sin((float)(x))
 #define KI_LOG1P(x) std::log1p((float)(x))
 // the sum of x over the 32 lanes (threads 32 w .. 32 w + 31) of a warp, in every lane; every
 // thread of the group must call it (it waits at two barriers)

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..cache import LayerCache
 from ..kernels import attention as kattn
+from ..kernels.norm_rope import norm_rope
 from .compressor import Compressor
 from .indexer import Indexer
 from .layers import RMSNorm, rms_norm_0
@@ -152,12 +153,12 @@ class Attention(nn.Module):
         s = cache.offset
 
         qr = self.q_norm(self.wq_a(x))
-        if T == 1:  # one token: [B, 1, H*c] is already [B, H, 1, c] in memory
-            q = rms_norm_0(self.wq_b(qr).reshape(B, H, 1, c), self.eps)
+        if B * T == 1:  # one token: both norms and RoPEs in one kernel on a GPU
+            q, kv = norm_rope(self.wq_b(qr), self.wkv(x), self.kv_norm, self.eps, self.rope, s)
         else:
             q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
-        q = self.rope(q, offset=s)  # [B, H, T, c]
-        kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
+            q = self.rope(q, offset=s)  # [B, H, T, c]
+            kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
 
         decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
         # the compressed branch: dense entries (shared by all queries) or per-query picks

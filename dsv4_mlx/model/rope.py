@@ -66,6 +66,13 @@ class RoPE:
             self._wide[key] = mx.array(-p if inverse else p)
         return self._wide[key]
 
+    def inv_freq_f32(self) -> mx.array:
+        """The pairs' inverse frequencies as `mx.fast.rope` computes them from its periods
+        (``1.0 / period`` in double, rounded to fp32), for kernels that rotate themselves."""
+        if "inv" not in self._wide:
+            self._wide["inv"] = mx.array((1.0 / self._periods32.astype(np.float64)).astype(np.float32))
+        return self._wide["inv"]
+
     def __call__(self, x: mx.array, offset=0, scale: float = 1.0, inverse: bool = False) -> mx.array:
         w = x.shape[-1]
         return mx.fast.rope(x, w, traditional=True, base=None, scale=scale, offset=offset,
