@@ -14,7 +14,8 @@ CUDA device headers from MLX's source at (about) the installed version, e.g.
 
 It renders the indexer (scoring: fp32, matrix-unit with resident and re-read queries; top-k with
 and without register keys), mHC (pre, head, post) and one-token projection (single, pair)
-kernels, and the query/KV norm + RoPE kernel, at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
+kernels, the query/KV norm + RoPE kernel and the attention's combining kernel (with
+the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
 and prints one line a kernel (warnings in full); exit status 1 if any fails. A compile error
 here is one the GPU would hit at its first call (and fall back to the ops path with a warning).
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dsv4_mlx.kernels import attention_source as asrc  # noqa: E402
 from dsv4_mlx.kernels import gemv_source as gsrc  # noqa: E402
 from dsv4_mlx.kernels import indexer_source as isrc  # noqa: E402
 from dsv4_mlx.kernels import mhc_source as msrc  # noqa: E402
@@ -89,6 +91,10 @@ def launches():
                 ["bfloat16", "bfloat16"],
                 [("XT", "bfloat16"), ("H", 64), ("C", 512), ("RD", 64), ("PER", 4), ("TG", 128),
                  ("P2", 128)]))
+    out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
+                [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),
+                 ("float32", 1, 64), ("float32", 1, 32), ("int32", 1, 1)], ["bfloat16"],
+                [("QT", "bfloat16"), ("C", 512), ("TG", 128), ("RD", 64)]))
     out.append(("mhc post (MoE sum)", msrc.post_source("cuda"),
                 [("bfloat16", 3, 65536), ("bfloat16", 2, 4096), ("float32", 2, 4),
                  ("float32", 3, 16), ("bfloat16", 4, 6 * 4096)], ["bfloat16"],

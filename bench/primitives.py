@@ -99,12 +99,12 @@ def main():
     orig_block = Block.__call__
 
     def block_call(self, X, ids, c):
-        h, post, comb = section("mhc pre (attn)", self._hc, X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        xn = section("attn_norm", self.attn_norm, h)
+        xn, post, comb = section("mhc pre + attn_norm", self._hc, X, self.hc_attn_fn,
+                                 self.hc_attn_scale, self.hc_attn_base, self.attn_norm)
         o = section_attn(self.attn, xn, c)
         X = section("mhc post (attn)", model_mod.hc_post, X, o, post, comb)
-        h, post, comb = section("mhc pre (ffn)", self._hc, X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        xn = section("ffn_norm", self.ffn_norm, h)
+        xn, post, comb = section("mhc pre + ffn_norm", self._hc, X, self.hc_ffn_fn,
+                                 self.hc_ffn_scale, self.hc_ffn_base, self.ffn_norm)
         f = self.ffn
         idx, w = section("moe router", f.gate, xn, ids)
         y = section("moe routed experts", f.experts.outputs, xn, idx, w)
@@ -114,12 +114,10 @@ def main():
     def section_attn(self, x, c):
         # mirrors Attention.__call__ for one decode token, section by section
         B, T, _ = x.shape
-        H, hd = self.n_heads, self.head_dim
         s = c.offset
         qr = section("attn q_a + q_norm", lambda: self.q_norm(self.wq_a(x)))
-        q = section("attn q_b + norm + rope", lambda: self.rope(
-            attn_mod.rms_norm_0(self.wq_b(qr).reshape(B, H, 1, hd), self.eps), offset=s))
-        kv = section("attn kv + norm + rope", lambda: self.rope(self.kv_norm(self.wkv(x)), offset=s))
+        q, kv = section("attn q_b, wkv + norms + ropes", lambda: attn_mod.norm_rope(
+            self.wq_b(qr), self.wkv(x), self.kv_norm, self.eps, self.rope, s))
         idx, n_dense = None, 0
         kind = {0: "window", 4: "csa"}.get(self.ratio, "hca")
         if self.ratio:
@@ -137,9 +135,10 @@ def main():
             elif self.ratio == 4:
                 self.indexer.compressor(x, c.index, s, self.rope, x32)
                 section("csa indexer compressor", lambda: [])
-        o = section(f"{kind} decode attention", self._decode_attention, q, kv, c, n_dense, idx)
+        o = section(f"{kind} decode attention + inv rope", self._decode_attention, q, kv, c,
+                    n_dense, idx)
         c.advance(1)
-        return section("attn output (inv rope, wo_a, wo_b)", self._output, o, s)
+        return section("attn output (wo_a, wo_b)", self._project, o)
 
     Block.__call__ = block_call
     try:
@@ -149,9 +148,9 @@ def main():
         X = section("embed", lambda: mx.broadcast_to(X[:, :, None, :], (B, S, args.hc_mult, D)))
         for layer, c in zip(model.layers, work):
             X = layer(X, ids, c)
-        y = section("head (hc_head, norm, lm_head)", lambda: model.lm_head(model.norm(
+        y = section("head (hc_head + norm, lm_head)", lambda: model.lm_head(
             model_mod.hc_head(X, model.hc_head_fn, model.hc_head_scale, model.hc_head_base,
-                              args.hc_eps, args.rms_norm_eps))))
+                              args.hc_eps, args.rms_norm_eps, model.norm)))
     finally:
         Block.__call__ = orig_block
 

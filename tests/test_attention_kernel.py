@@ -22,6 +22,7 @@ from dsv4_mlx.kernels import attention_source as src
 from dsv4_mlx.kernels import dispatch
 from dsv4_mlx.model.attention import sink_attention
 from dsv4_mlx.model.kv_formats import FP8KVCodec, PlainCodec
+from dsv4_mlx.model.rope import RoPE, inv_freq_yarn
 
 # fp32 kernel vs fp64 reference: summation order only
 RTOL, ATOL = 2e-5, 2e-6
@@ -83,8 +84,9 @@ CASES = [  # mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k
 
 
 def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, scale, codec,
-             spl=None, tg=ka.TG, hg=ka.HG, ku=ka.KU):
-    """Both kernels, emulated: the splits' partials, then their combination."""
+             spl=None, tg=ka.TG, hg=ka.HG, ku=ka.KU, rope=None, pos=0):
+    """Both kernels, emulated: the splits' partials, then their combination (with the
+    inverse of `rope` at `pos`, if given)."""
     B, H, C = q.shape
     arr = lambda parts: [parts["kv"]] if mode == "plain" else \
         [parts["nope"], parts["scale"], parts["rope"]]  # noqa: E731
@@ -106,8 +108,12 @@ def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, sca
          ("W", W), ("TG", tg), ("HG", hg), ("SPL", spl), ("KU", ku),
          ("SPARSE", sparse)],
         (NG * S * tg, B, 1), tg)
-    (o,) = emu.run(src.combine_source("cpp"), [pm, pl, pacc, sinks], [(B, H, C)], ["float32"],
-                   [("QT", "float32"), ("C", C), ("TG", ka.COMBINE_TG)],
+    invf = np.zeros(1, np.float32) if rope is None else np.array(rope.inv_freq_f32())
+    (o,) = emu.run(src.combine_source("cpp"),
+                   [pm, pl, pacc, sinks, invf, np.array([pos], np.int32)], [(B, H, C)],
+                   ["float32"],
+                   [("QT", "float32"), ("C", C), ("TG", ka.COMBINE_TG),
+                    ("RD", 0 if rope is None else rope.dims)],
                    (H * ka.COMBINE_TG, B, 1), ka.COMBINE_TG)
     return o
 
@@ -120,6 +126,27 @@ def test_emulated_kernel_matches_reference(emu, case):
     got = _emu_run(emu, mode, q, rp, nring, cp, ncomp, idx, sinks, scale, codec)
     want = _reference(q, ring, nring, comp, ncomp, idx, sinks, scale)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("case,rd,pos", [(CASES[0], 64, 70000), (CASES[1], 32, 5),
+                                          (CASES[4], 8, 123)], ids=["flash", "sparse", "C40"])
+def test_emulated_kernel_with_inverse_rope(emu, case, rd, pos):
+    """The combining kernel's inverse RoPE (the attention output's, at the query position)
+    against the reference output through `mx.fast.rope(inverse)` as the ops path applies it."""
+    mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k = case
+    codec, q, rp, ring, nring, cp, comp, ncomp, idx, sinks = _case(3 + C, *case)
+    scale = C ** -0.5
+    rope = RoPE(inv_freq_yarn(160000.0, rd, 16.0, 65536, 32, 1), rd)
+    got = _emu_run(emu, mode, q, rp, nring, cp, ncomp, idx, sinks, scale, codec, rope=rope,
+                   pos=pos)
+    ref = _reference(q, ring, nring, comp, ncomp, idx, sinks, scale).astype(np.float32)
+    want = np.array(rope(mx.array(ref)[:, :, None], offset=pos, inverse=True))[:, :, 0]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    # not vacuous: the forward rotation (or none) is caught; the leading dims are untouched
+    fwd = np.array(rope(mx.array(ref)[:, :, None], offset=pos))[:, :, 0]
+    assert np.abs(got - fwd).max() > 100 * ATOL
+    np.testing.assert_allclose(got[..., :C - rd], ref[..., :C - rd], rtol=RTOL, atol=ATOL)
+    assert np.abs(got[..., C - rd:] - ref[..., C - rd:]).max() > 100 * ATOL
 
 
 def test_emulated_kernel_small_splits(emu):
@@ -196,9 +223,11 @@ def _launch(dialect, mode, qt, kv, sparse):
     tmpl = [("QT", qt), ("KV", kv), ("C", 512), ("NOPE", 448), ("BLK", 64), ("W", 128),
             ("TG", ka.TG), ("HG", ka.HG), ("SPL", ka.SPL), ("KU", ka.KU),
             ("SPARSE", sparse)]
-    part = [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512), ("float32", 1, 64)]
+    part = [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512), ("float32", 1, 64),
+            ("float32", 1, 32), ("int32", 1, 1)]
     return [(src.decode_source(dialect, mode), inputs, ["float32"] * 3, tmpl),
-            (src.combine_source(dialect), part, [qt], [("QT", qt), ("C", 512), ("TG", ka.COMBINE_TG)])]
+            *[(src.combine_source(dialect), part, [qt],
+               [("QT", qt), ("C", 512), ("TG", ka.COMBINE_TG), ("RD", rd)]) for rd in (0, 64)]]
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
@@ -346,6 +375,14 @@ def test_gpu_kernel_matches_reference_and_ops(clean_dispatch, dtype, case):
         scale = C ** -0.5
         got = ka.sink_decode(q, rp, nring, cp, ncomp, idx, sinks, scale, codec, GPU[0])
         ops = _ops_path(codec, q, rp, nring, cp, ncomp, idx, sinks, scale)
+        # with the inverse RoPE in the combining kernel: the output through mx.fast.rope
+        rope = RoPE(inv_freq_yarn(160000.0, R, 16.0, 65536, 32, 1), R)
+        rot = ka.sink_decode(q, rp, nring, cp, ncomp, idx, sinks, scale, codec, GPU[0],
+                             rope=rope, offset=777)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(np.array(rot.astype(mx.float32)),
+                                   np.array(rope(got, offset=777, inverse=True).astype(mx.float32)),
+                                   **tol)
         got, ops = (np.array(a.astype(mx.float32))[:, :, 0] for a in (got, ops))
     want = _reference(np.array(q.astype(mx.float32))[:, :, 0], ring, nring, comp, ncomp,
                       None if idx is None else np.array(idx), np.array(sinks), scale)

@@ -64,11 +64,12 @@ def num_splits(nkeys: int, spl: int = SPL) -> int:
 
 
 def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, *,
-                       mode: str, nope: int, block: int, backend: str, tg: int = None, hg: int = None,
-                       spl: int = None, ku: int = None):
+                       mode: str, nope: int, block: int, backend: str, rope=None, offset: int = 0,
+                       tg: int = None, hg: int = None, spl: int = None, ku: int = None):
     """q [B, H, 1, C]; ring: stored parts [B, W, ...]; comp: stored parts [B, CAP, ...] (or
     None); idx [B, k] int32 picks (None: the first `ncomp` entries, dense); sinks [H].
-    -> [B, H, 1, C] in q's dtype. Two launches: the splits, then their combination.
+    -> [B, H, 1, C] in q's dtype, through the inverse of `rope` at position `offset` if
+    given. Two launches: the splits, then their combination (with the inverse RoPE).
     ``tg``, ``hg``, ``spl``, ``ku``: launch parameters (threads, heads and keys a group, keys
     a warp at once; default the module's `TG`, `HG`, `SPL`, `KU`), for tuning."""
     tg, hg, spl, ku = tg or TG, hg or HG, spl or SPL, ku or KU
@@ -97,9 +98,15 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
             output_shapes=[(B, H, S), (B, H, S), (B, H, S, C)],
             output_dtypes=[mx.float32] * 3,
         )
+        if rope is None:
+            invf = dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32))
+            pos = dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
+        else:
+            invf, pos = rope.inv_freq_f32(), dispatch.position(offset)
         (o,) = dispatch.build_kernel(backend, src.combine_source(backend))(
-            inputs=[pm, pl, pacc, sinks.astype(mx.float32)],
-            template=[("QT", q.dtype), ("C", C), ("TG", COMBINE_TG)],
+            inputs=[pm, pl, pacc, sinks.astype(mx.float32), invf, pos],
+            template=[("QT", q.dtype), ("C", C), ("TG", COMBINE_TG),
+                      ("RD", 0 if rope is None else rope.dims)],
             grid=(H * COMBINE_TG, B, 1), threadgroup=(COMBINE_TG, 1, 1),
             output_shapes=[(B, H, 1, C)], output_dtypes=[q.dtype],
         )
@@ -112,9 +119,9 @@ def _codec_consts(codec):
     return 0, 1
 
 
-def kernel_backend(q, codec, ncomp: int = 0) -> str:
+def kernel_backend(q, codec, ncomp: int = 0, rope=None) -> str:
     """``"metal"``/``"cuda"`` if the kernel serves this query, KV format and number of
-    compressed keys, else ``"ops"``."""
+    compressed keys (and the inverse of `rope`, if given), else ``"ops"``."""
     backend = dispatch.select_backend(ENV_VAR)
     mode = kv_mode(codec)
     if backend == "ops" or mode is None or q.dtype not in _FLOATS or ncomp > MAX_COMPRESSED_KEYS:
@@ -123,13 +130,17 @@ def kernel_backend(q, codec, ncomp: int = 0) -> str:
     nope, block = _codec_consts(codec)
     if C % 4 or (mode == "fp8" and (nope % 4 or block % 4)):  # it loads 4 dims at a time
         return "ops"
-    key = f"{backend}/attn/{mode}/{q.dtype}/C{C}/n{nope}/b{block}"
+    rd = 0 if rope is None else rope.dims
+    if rd % 2 or rd > C:
+        return "ops"
+    key = f"{backend}/attn/{mode}/{q.dtype}/C{C}/n{nope}/b{block}/r{rd}"
 
     def probe():
         qq = mx.zeros((1, 1, 1, C), q.dtype)
         ring = codec.encode(mx.ones((1, 2, C), q.dtype))
         o = sink_decode_kernel(qq, ring, 2, ring, 1, mx.zeros((1, 1), mx.int32), mx.zeros((1,)),
-                               1.0, mode=mode, nope=nope, block=block, backend=backend)
+                               1.0, mode=mode, nope=nope, block=block, backend=backend,
+                               rope=rope, offset=1)
         mx.eval(o)
 
     return backend if dispatch.kernel_usable(key, probe, f"decode attention ({backend})") else "ops"
@@ -138,7 +149,7 @@ def kernel_backend(q, codec, ncomp: int = 0) -> str:
 def sink_decode(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, codec,
                 backend: str, **launch):
     """The kernel path for a `kernel_backend` result other than ``"ops"``; ``launch``: the
-    launch overrides of `sink_decode_kernel` (tuning)."""
+    other keywords of `sink_decode_kernel` (``rope``/``offset``, launch overrides)."""
     nope, block = _codec_consts(codec)
     return sink_decode_kernel(q, ring, nring, comp, ncomp, idx, sinks, scale, mode=kv_mode(codec),
                               nope=nope, block=block, backend=backend, **launch)

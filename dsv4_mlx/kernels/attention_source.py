@@ -13,8 +13,9 @@ every 128 of the group's queries and running outputs in registers, a key's dot p
 summed across the warp, and the lanes update their own dims (online softmax) with no
 barrier; the warps' partials are merged in shared memory at the end. It writes the split's
 max, sum and unnormalised output. The
-combining kernel: one threadgroup a (head, batch row) rescales the splits to a common max
-and adds the sink's term exp(sink - M) to the denominator.
+combining kernel: one threadgroup a (head, batch row) rescales the splits to a common max,
+adds the sink's term exp(sink - M) to the denominator and (optionally) applies the inverse
+RoPE of the output at the query position.
 
 Key j of batch row b: j < W is ring slot j (visible iff j < nring); j >= W is compressed
 entry e = j - W (dense: every e < n; sparse: entry ``idx[b, e]``, none if negative).
@@ -212,12 +213,16 @@ _BODY = """\
 
 _COMBINE_BODY = """\
   // ---- one-query attention with sinks: the splits combined, the sink in the denominator ----
-  // Inputs: pm, pl [B, H, S] f32, pacc [B, H, S, C] f32, sinks [H] f32. Output o [B, H, C]
-  // (QT). Template: QT, C, TG. Grid (H * TG, B, 1), one group a (head, batch row). The
-  // splits' weights exp(pm - M) are computed once, 64 at a time, into shared memory; each
-  // thread then sums its dims over those splits, every load independent of the last.
+  // Inputs: pm, pl [B, H, S] f32, pacc [B, H, S, C] f32, sinks [H] f32, invf [RD / 2] f32,
+  // pos [1] int32. Output o [B, H, C] (QT). Template: QT, C, TG, RD. Grid (H * TG, B, 1), one
+  // group a (head, batch row). The splits' weights exp(pm - M) are computed once, 64 at a
+  // time, into shared memory; each thread then sums its dims over those splits, every load
+  // independent of the last. With RD > 0 the output then goes through the inverse RoPE at
+  // position pos on its last RD dims (interleaved pairs; the attention's `rope(o, inverse)`,
+  // as `mx.fast.rope` computes it from the rounded output: theta = pos x -inv_freq).
   constexpr int NPT = (C + TG - 1) / TG;
   KI_SHARED float ki_w[64];
+  KI_SHARED float ki_o[RD > 0 ? C : 1];
   const int H = pm_shape[1];
   const int S = pm_shape[2];
   const int h = ki_gx;
@@ -247,9 +252,35 @@ _COMBINE_BODY = """\
     }
     KI_BARRIER();
   }
-  KI_UNROLL for (int i = 0; i < NPT; ++i) {
-    const int d = ki_tid + i * TG;
-    if (d < C) o[((int64_t)b * H + h) * C + d] = ki_from_float<QT>(a[i] / l);
+  const int64_t ob = ((int64_t)b * H + h) * C;
+  if (RD == 0) {
+    KI_UNROLL for (int i = 0; i < NPT; ++i) {
+      const int d = ki_tid + i * TG;
+      if (d < C) o[ob + d] = ki_from_float<QT>(a[i] / l);
+    }
+  } else {  // a pair's two dims come from two threads: through shared memory
+    KI_UNROLL for (int i = 0; i < NPT; ++i) {
+      const int d = ki_tid + i * TG;
+      if (d < C) ki_o[d] = ki_to_float(ki_from_float<QT>(a[i] / l));
+    }
+    KI_BARRIER();
+    const float L = (float)pos[0];
+    for (int p = ki_tid; p < C / 2; p += TG) {
+      const int d = 2 * p;
+      float y0 = ki_o[d];
+      float y1 = ki_o[d + 1];
+      if (d >= C - RD) {
+        const float theta = L * -invf[(d - (C - RD)) / 2];
+        const float c = KI_COS(theta);
+        const float sn = KI_SIN(theta);
+        const float r0 = y0 * c - y1 * sn;
+        const float r1 = y0 * sn + y1 * c;
+        y0 = r0;
+        y1 = r1;
+      }
+      o[ob + d] = ki_from_float<QT>(y0);
+      o[ob + d + 1] = ki_from_float<QT>(y1);
+    }
   }
 """
 
@@ -275,5 +306,5 @@ def decode_source(dialect: str, mode: str) -> KernelSource:
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def combine_source(dialect: str) -> KernelSource:
     """The combining kernel: the splits' partials and the sink -> the attention output."""
-    return make_source(dialect, "dsv4_sink_decode_combine", ("pm", "pl", "pacc", "sinks"), ("o",),
-                       _COMBINE_BODY)
+    return make_source(dialect, "dsv4_sink_decode_combine",
+                       ("pm", "pl", "pacc", "sinks", "invf", "pos"), ("o",), _COMBINE_BODY)

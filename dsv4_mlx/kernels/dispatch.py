@@ -99,6 +99,17 @@ def const(key, make):
     return a
 
 
+_position: list = [None, None]
+
+
+def position(s: int) -> mx.array:
+    """The int32 [1] array holding position `s`: made once for the kernels of one decode step
+    (every layer's) instead of once a kernel."""
+    if _position[0] != s:
+        _position[:] = [s, mx.array([s], mx.int32)]
+    return _position[1]
+
+
 _kernels: dict = {}
 
 

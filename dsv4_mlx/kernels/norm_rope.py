@@ -49,7 +49,7 @@ def norm_rope_kernel(q, kv, kv_norm, q_eps: float, rope, offset: int, *, backend
     with mx.stream(mx.gpu):
         qo, kvo = dispatch.build_kernel(backend, src.norm_rope_source(backend))(
             inputs=[q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
-                    mx.array([offset], mx.int32), eps],
+                    dispatch.position(offset), eps],
             template=[("XT", q.dtype), ("H", H), ("C", C), ("RD", rope.dims), ("PER", per),
                       ("TG", tg), ("P2", p2)],
             grid=((H + 1) * tg, 1, 1), threadgroup=(tg, 1, 1),

@@ -186,7 +186,7 @@ class Attention(nn.Module):
         if decode:
             o = self._decode_attention(q, kv, cache, n_dense, idx)
             cache.advance(1)
-            return self._output(o, s)
+            return self._project(o)
         parts = cache.codec.encode(kv)  # the stored form (fp8 format: FP8 non-RoPE dims)
         kv = cache.codec.decode(parts)  # attend over exactly what is stored
         keys, kpos = cache.window_keys(kv)
@@ -211,8 +211,11 @@ class Attention(nn.Module):
     def _output(self, o: mx.array, s: int) -> mx.array:
         """Inverse RoPE at the query positions (undo the position carried by V), then the
         grouped projection `wo_a` and `wo_b`. o [B, H, T, c] -> [B, T, D]."""
+        return self._project(self.rope(o, offset=s, inverse=True))
+
+    def _project(self, o: mx.array) -> mx.array:
+        """The grouped projection `wo_a`, then `wo_b`: o [B, H, T, c] -> [B, T, D]."""
         B, _, T, _ = o.shape
-        o = self.rope(o, offset=s, inverse=True)
         if B * T == 1:  # one token: the heads are already group-major (fewer views)
             o = self.wo_a.grouped(o.reshape(self.groups, 1, -1)).reshape(1, 1, -1)
         else:
@@ -231,15 +234,17 @@ class Attention(nn.Module):
 
         On a GPU this is one kernel reading the stored form (`kernels.attention`); otherwise
         the ring is decoded, the picks gathered, and the keys go through the fused SDPA.
+        Returns the output after its inverse RoPE (in the kernel's last step on a GPU).
         """
         s, W = cache.offset, cache.window
         cache.store_token(kv)
-        backend = kattn.kernel_backend(q, cache.codec, n_dense or (0 if idx is None else idx.shape[-1]))
+        ncomp = n_dense or (0 if idx is None else idx.shape[-1])
+        backend = kattn.kernel_backend(q, cache.codec, ncomp, self.rope)
         if backend != "ops":
             comp = cache.comp.buffers if (n_dense or idx is not None) else None
             return kattn.sink_decode(q, cache.ring, min(s + 1, W), comp, n_dense,
                                      None if idx is None else idx[:, 0], self.attn_sink,
-                                     self.scale, cache.codec, backend)
+                                     self.scale, cache.codec, backend, rope=self.rope, offset=s)
         keys = cache.codec.decode(cache.ring)  # [B, W, c]; slot j holds position s - (s - j) mod W
         extra = None
         if n_dense:
@@ -253,7 +258,8 @@ class Attention(nn.Module):
             mask = mx.array(m[None])
         if extra is not None:
             keys = mx.concatenate([keys, extra], axis=1)
-        return sink_attention(q, keys, mask, self.attn_sink, self.scale)
+        o = sink_attention(q, keys, mask, self.attn_sink, self.scale)
+        return self.rope(o, offset=s, inverse=True)
 
 
 def blocked_attention(q, keys, kpos, s, W, sinks, scale, dense=None, dense_vis=None,
