@@ -102,10 +102,21 @@ def launches():
                  ("NS", 4), ("D", 4096), ("TG", 256)]))
     for pair in (False, True):
         for xt in ("bfloat16", "float32"):
-            out.append((f"gemv{' pair' if pair else ''} x {xt}", gsrc.gemv_source("cuda", pair),
-                        [("float32", 2, 24 * 16384)] * (2 if pair else 1) + [(xt, 1, 16384)],
+            m = 4 if pair else 0  # the compressor's pair adds its ape row
+            out.append((f"gemv{' pair + ape' if pair else ''} x {xt}",
+                        gsrc.gemv_source("cuda", pair),
+                        [("float32", 2, 24 * 16384)] * (2 if pair else 1)
+                        + [(xt, 1, 16384), ("float32", 1, 1), ("float32", 2, 4 * 24),
+                           ("int32", 1, 1)],
                         ["float32"] * (2 if pair else 1),
-                        [("XT", xt), ("K", 16384), ("TG", 256), ("O0", 24)]))
+                        [("XT", xt), ("WT", "float32"), ("K", 16384), ("TG", 256), ("O0", 24),
+                         ("RT", "float32"), ("SC", False),
+                         *([("O1", 24), ("M", m)] if pair else [])]))
+    out.append(("gemv bf16 W, rounded + scaled", gsrc.gemv_source("cuda", False, False),
+                [("bfloat16", 2, 64 * 4096), ("bfloat16", 1, 4096), ("float32", 1, 1),
+                 ("float32", 1, 1), ("int32", 1, 1)], ["float32"],
+                [("XT", "bfloat16"), ("WT", "bfloat16"), ("K", 4096), ("TG", 256), ("O0", 64),
+                 ("RT", "bfloat16"), ("SC", True)]))
     return out
 
 

@@ -166,6 +166,12 @@ def main():
         if a.detail:
             print("      " + ", ".join(f"{op} {k}" for op, k in sorted(ops.items(), key=lambda kv: -kv[1])))
     print(f"{'total':44s} {tot:6d} {tv:6d} {tot - tv:7d}   per layer {tot / L:.1f} ({(tot - tv) / L:.1f} non-view)")
+    # the blocks alone: the embedding and the head happen once a step, not once a layer
+    blk = {n: ops for n, ops in TABLE.items() if n != "embed" and not n.startswith("head")}
+    bt = sum(sum(ops.values()) for ops in blk.values())
+    bv = sum(k for ops in blk.values() for op, k in ops.items() if op in VIEWS)
+    print(f"{'blocks only (no embed, no head)':44s} {bt:6d} {bv:6d} {bt - bv:7d}   per layer "
+          f"{bt / L:.1f} ({(bt - bv) / L:.1f} non-view)")
 
 
 if __name__ == "__main__":

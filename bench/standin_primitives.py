@@ -11,7 +11,8 @@ the real (ops) path to `--context` tokens so the CSA layers run the sparse index
 counts another checkout (e.g. ``git archive <commit> dsv4_mlx bench | tar -x -C DIR``).
 
 It is an estimate, not the GPU count: the CPU still composes a few ops the GPU runs as one
-(the FP4 quantization of the indexer keys, some views). Checked against the H100 on the same
+(the FP4 quantization of the indexer keys, some views; `mx.dequantize`, the quantized
+embedding's row, is a stand-in too since 2026-12-07). Checked against the H100 on the same
 commit (94ebe39, Flash dimensions, 4 layers, context 4096): 305 here (views 102, others 203)
 vs 273 there (views 83, others 190). Differences between two trees counted here are what it is
 for.
@@ -78,6 +79,12 @@ def install():
                                                 [x, k.get("freqs"), k.get("offset")])[0]
     mx.fast.scaled_dot_product_attention = lambda q, k, v, **kw: standin(
         [(q.shape[:-1] + (v.shape[-1],), q.dtype)], [q, k, v, kw.get("mask"), kw.get("sinks")])[0]
+    # one primitive on a GPU (the CPU composes it from shifts, concatenations, ...): the
+    # quantized embedding's row
+    mx.dequantize = lambda w, scales, biases=None, group_size=None, bits=None, **k: standin(
+        [(w.shape[:-1] + (w.shape[-1] * 32 // (bits or 4),), scales.dtype
+          if k.get("mode", "affine") == "affine" else k.get("dtype") or mx.bfloat16)],
+        [w, scales, biases])[0]
 
 
 def main():

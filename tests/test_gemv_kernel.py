@@ -25,14 +25,28 @@ from dsv4_mlx.kernels import gemv_source as src
 RTOL, ATOL = 1e-5, 1e-5
 
 
-def _emu(emu, Ws, x, tg):
+def _emu(emu, Ws, x, tg, rt="float32", scale=None, ape=None, pos=0):
+    """Ws fp32, or bf16 as uint16 bits (`bf16_bits`)."""
     K = x.shape[-1]
     pair = len(Ws) == 2
     rows = sum(w.shape[0] for w in Ws)
-    return emu.run(src.gemv_source("cpp", pair), [*Ws, x], [(w.shape[0],) for w in Ws],
-                   ["float32"] * len(Ws),
-                   [("XT", "float32"), ("K", K), ("TG", tg), ("O0", Ws[0].shape[0])],
+    wt = "bfloat16" if Ws[0].dtype == np.uint16 else "float32"
+    return emu.run(src.gemv_source("cpp", pair, wt == "float32"),
+                   [*Ws, x, np.array([1.0 if scale is None else scale], np.float32),
+                    np.zeros(1, np.float32) if ape is None else ape, np.array([pos], np.int32)],
+                   [(w.shape[0],) for w in Ws], ["float32"] * len(Ws),
+                   [("XT", "float32"), ("WT", wt), ("K", K), ("TG", tg), ("O0", Ws[0].shape[0]),
+                    ("RT", rt), ("SC", scale is not None),
+                    *([("O1", Ws[1].shape[0]), ("M", 0 if ape is None else ape.shape[0])]
+                      if pair else [])],
                    (rows * tg, 1, 1), tg)
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """fp32 values that are bf16 numbers -> their bf16 bits (uint16)."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    assert not (u & 0xFFFF).any(), "not bf16 numbers"
+    return (u >> 16).astype(np.uint16)
 
 
 def _case(rng, O, K):
@@ -62,6 +76,47 @@ def test_emulated_pair_matches_numpy(emu, O0, O1, K, tg):
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * np.abs(want).max())
 
 
+@pytest.mark.parametrize("pos", [0, 5, 130])
+def test_emulated_pair_adds_the_ape_row(emu, pos):
+    """The compressor's pair: row pos % m of `ape` added to the gate (second) output only."""
+    rng = np.random.default_rng(pos)
+    W, x = _case(rng, 6, 256)
+    W2 = rng.standard_normal((10, 256)).astype(np.float32)
+    ape = rng.standard_normal((4, 10)).astype(np.float32)
+    y, y2 = _emu(emu, [W, W2], x, 32, ape=ape, pos=pos)
+    y_plain, y2_plain = _emu(emu, [W, W2], x, 32)
+    np.testing.assert_array_equal(y, y_plain)
+    np.testing.assert_array_equal(y2, y2_plain + ape[pos % 4])  # the ops path's fp32 add
+    assert np.abs(y2 - (y2_plain + ape[(pos + 1) % 4])).max() > 1e-3
+
+
+def test_emulated_bf16_weights_rounded_and_scaled(emu):
+    """`linear_scaled`: bf16 W (the indexer's weights_proj), the sum rounded to bf16 as the
+    bf16 linear layer rounds its output, then times the scale in fp32."""
+    rng = np.random.default_rng(9)
+    O, K = 64, 4096
+    Wb = np.array(mx.array(rng.standard_normal((O, K)).astype(np.float32) / 64).astype(
+        mx.bfloat16).astype(mx.float32))
+    xb = np.array(mx.array(rng.standard_normal(K).astype(np.float32)).astype(mx.bfloat16).astype(
+        mx.float32))
+    scale = 1.0 / (np.sqrt(128) * np.sqrt(64))
+    (y,) = _emu(emu, [bf16_bits(Wb)], xb, 256, rt="bfloat16", scale=float(scale))
+    exact = Wb.astype(np.float64) @ xb.astype(np.float64)
+    rounded = np.array(mx.array(exact.astype(np.float32)).astype(mx.bfloat16).astype(mx.float32))
+    want = rounded * np.float32(scale)
+    # the fp32 sum may round to the neighbouring bf16 where `exact` sits near a midpoint
+    ulp = np.abs(rounded) * 2.0 ** -7
+    assert (np.abs(y - want) <= ulp * scale + 1e-12).all()
+    assert (y == want).mean() > 0.95
+    # the rounding happens: unrounded sums differ
+    (y32,) = _emu(emu, [Wb], xb, 256, scale=float(scale))
+    assert (y32 != y).mean() > 0.5
+    # the ops path (MLX's bf16 matmul, cast, multiply) within the same ulp
+    ops = np.array(kg.linear_scaled_ops(mx.array(Wb).astype(mx.bfloat16),
+                                        mx.array(xb).astype(mx.bfloat16)[None], float(scale)))[0]
+    assert (np.abs(y - ops) <= ulp * scale + 1e-12).all()
+
+
 def test_emulated_can_fail(emu):
     """Not vacuous: the pair's second output is its own weight's, not the first's."""
     rng = np.random.default_rng(3)
@@ -75,10 +130,13 @@ def test_emulated_can_fail(emu):
 # --------------------------------------------------------------------------------------------
 # Metal and CUDA sources
 
-def _launch(dialect, xt, pair, K=16384, O0=24):
-    inputs = [("float32", 2, O0 * K)] * (2 if pair else 1) + [(xt, 1, K)]
-    return (src.gemv_source(dialect, pair), inputs, ["float32"] * (2 if pair else 1),
-            [("XT", xt), ("K", K), ("TG", kg.TG), ("O0", O0)])
+def _launch(dialect, xt, pair, K=16384, O0=24, wt="float32", rt="float32", sc=False, m=0):
+    inputs = ([(wt, 2, O0 * K)] * (2 if pair else 1)
+              + [(xt, 1, K), ("float32", 1, 1), ("float32", 2 if m else 1, max(m, 1) * O0),
+                 ("int32", 1, 1)])
+    return (src.gemv_source(dialect, pair, wt == "float32"), inputs, ["float32"] * (2 if pair else 1),
+            [("XT", xt), ("WT", wt), ("K", K), ("TG", kg.TG), ("O0", O0), ("RT", rt), ("SC", sc),
+             *([("O1", O0), ("M", m)] if pair else [])])
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
@@ -86,6 +144,11 @@ def _launch(dialect, xt, pair, K=16384, O0=24):
 @pytest.mark.parametrize("pair", [False, True])
 def test_metal_source_compiles_as_cpp(xt, pair, tmp_path):
     assert_metal_compiles(_launch("metal", xt, pair), tmp_path, f"gemv_{xt}_{pair}")
+    if pair:  # the compressor's, with the ape row
+        assert_metal_compiles(_launch("metal", xt, pair, m=4), tmp_path, f"gemv_{xt}_ape")
+    elif xt != "float32":  # weights_proj: half weights, rounded and scaled
+        assert_metal_compiles(_launch("metal", xt, pair, K=4096, O0=64, wt=xt, rt=xt, sc=True),
+                              tmp_path, f"gemv_{xt}_scaled")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
@@ -96,7 +159,8 @@ def test_cuda_source_compiles_with_nvcc(pair, tmp_path):
 
 def test_bodies_stay_in_the_common_subset():
     for pair in (False, True):
-        assert_common_subset(src.gemv_source("metal", pair))
+        for wf32 in (False, True):
+            assert_common_subset(src.gemv_source("metal", pair, wf32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,6 +183,20 @@ def test_flat_input(clean_dispatch):
     got = kg.matvec_flat(mx.array(W), xm)
     assert got.shape == (1, 6)
     np.testing.assert_allclose(np.array(got)[0], W.astype(np.float64) @ x, rtol=RTOL, atol=ATOL)
+
+
+def test_cpu_paths_are_the_layers_ops(clean_dispatch):
+    """On the CPU: the pair's ape row and the scaled linear are exactly the ops they replace."""
+    rng = np.random.default_rng(2)
+    W, x = _case(rng, 6, 64)
+    W2, ape = mx.array(rng.standard_normal((8, 64)).astype(np.float32)), mx.array(
+        rng.standard_normal((4, 8)).astype(np.float32))
+    xm = mx.array(x)[None, None]
+    _, g = kg.matvec_pair(mx.array(W), W2, xm, ape, 7)
+    np.testing.assert_array_equal(np.array(g), np.array(kg.matvec_ops(W2, xm) + ape[3:4]))
+    Wb, xb = mx.array(W).astype(mx.bfloat16), xm.astype(mx.bfloat16)
+    np.testing.assert_array_equal(np.array(kg.linear_scaled(Wb, xb, 0.25)),
+                                  np.array((xb @ Wb.T).astype(mx.float32) * 0.25))
 
 
 def test_env_var_validated(clean_dispatch):
@@ -157,6 +235,27 @@ def test_gpu_matches_ops(clean_dispatch, dtype, O, K):
         w2 = kg.matvec_ops(W2, xm)
         np.testing.assert_allclose(np.array(g2), np.array(w2), rtol=RTOL,
                                    atol=ATOL * float(mx.abs(w2).max()))
+        ape = mx.array(rng.standard_normal((4, O + 3)).astype(np.float32))
+        _, g3 = kg.matvec_pair(Wm, W2, xm, ape, 6)
+        np.testing.assert_array_equal(np.array(g3), np.array(g2 + ape[2:3]))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_linear_scaled_matches_ops(clean_dispatch, dtype):
+    """The indexer's weights_proj (64 x 4096): kernel vs the half-precision linear + cast +
+    multiply, within one output ulp (another summation order may round the other way)."""
+    dt = getattr(mx, dtype)
+    rng = np.random.default_rng(4)
+    with mx.stream(mx.gpu):
+        W = mx.array(rng.standard_normal((64, 4096)).astype(np.float32) / 64).astype(dt)
+        x = mx.array(rng.standard_normal((1, 1, 4096)).astype(np.float32)).astype(dt)
+        assert kg._backend((W,), x, wdtypes=(mx.bfloat16, mx.float16)) != "ops"
+        got = np.array(kg.linear_scaled(W, x, 0.011))
+        want = np.array(kg.linear_scaled_ops(W, x, 0.011))
+        ulp = np.abs(want) * (2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10)
+        assert got.shape == want.shape == (1, 1, 64)
+        assert (np.abs(got - want) <= ulp + 1e-9).all()
 
 
 @needs_gpu

@@ -216,7 +216,8 @@ def test_topk_ops_fp4_keys():
 # the kernel body on the CPU (C++ emulation dialect)
 
 _EMU_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.int32): "int32",
-               np.dtype(np.uint32): "uint32", np.dtype(np.uint8): "uint8"}
+               np.dtype(np.uint32): "uint32", np.dtype(np.uint8): "uint8",
+               np.dtype(np.uint16): "bfloat16"}  # bf16 as its bits
 
 
 class Emulator:
@@ -255,7 +256,7 @@ class Emulator:
         inputs = [(_EMU_DTYPES[a.dtype], a.ndim, a.size) for a in arrays]
         lib = self._lib(ks, inputs, out_dtypes, template)
         outs = [np.zeros(s, {"float32": np.float32, "int32": np.int32, "uint32": np.uint32,
-                              "uint8": np.uint8}[d])
+                              "uint8": np.uint8, "bfloat16": np.uint16}[d])
                 for s, d in zip(out_shapes, out_dtypes)]
         shapes = [np.array(a.shape, np.int32) for a in arrays]
         in_p = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])

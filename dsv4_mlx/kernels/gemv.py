@@ -1,7 +1,10 @@
-"""One-token fp32 projections (spec §4.0): a Metal kernel with a CUDA twin, and the ops path.
+"""One-token projections with fp32 outputs (spec §4.0): a Metal kernel with a CUDA twin, and
+the ops path.
 
 ``matvec(W, x)`` -> ``x @ W.T`` in fp32 for one token x [..., K] (all leading sizes 1), W fp32
-[O, K]; ``matvec_pair(W, W2, x)`` -> both products of two weights that share x, in one launch.
+[O, K]; ``matvec_pair(W, W2, x, ape)`` -> both products of two weights that share x, in one
+launch (with the compressor's `ape` row added to the second); ``linear_scaled(W, x, scale)`` ->
+a half-precision linear layer's output in fp32 times `scale`.
 On the GPU one kernel (`gemv_source`) that also converts x; on the CPU, or with
 ``DSV4_GEMV_KERNEL=ops``, MLX's ``W @ x`` with x a column. The kernel sums in another order
 than MLX's GEMV (fp32 both).
@@ -26,38 +29,50 @@ def matvec_ops(W: mx.array, x: mx.array) -> mx.array:
     return y.reshape(*x.shape[:-1], W.shape[0])
 
 
-def _launch(backend, Ws, x, out_lead=None):
+def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, offset=0):
     K = x.size
     O0 = Ws[0].shape[0]
+    O1 = Ws[1].shape[0] if len(Ws) == 2 else 0
     lead = x.shape[:-1] if out_lead is None else out_lead
     rows = sum(w.shape[0] for w in Ws)
     pair = len(Ws) == 2
+    f32_1 = dispatch.const(("f32", 1.0), lambda: mx.array([1.0], mx.float32))
+    sc = f32_1 if scale is None else dispatch.const(("f32_1", scale),
+                                                    lambda: mx.array([scale], mx.float32))
+    if ape is None:
+        ape_in, pos = f32_1, dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
+    else:
+        ape_in, pos = ape.astype(mx.float32), dispatch.position(offset)
     with mx.stream(mx.gpu):
-        return dispatch.build_kernel(backend, src.gemv_source(backend, pair))(
-            inputs=[*Ws, x],
-            template=[("XT", x.dtype), ("K", K), ("TG", TG), ("O0", O0)],
+        ks = src.gemv_source(backend, pair, Ws[0].dtype == mx.float32)
+        return dispatch.build_kernel(backend, ks)(
+            inputs=[*Ws, x, sc, ape_in, pos],
+            template=[("XT", x.dtype), ("WT", Ws[0].dtype), ("K", K), ("TG", TG), ("O0", O0),
+                      ("RT", round_to or mx.float32), ("SC", scale is not None),
+                      *([("O1", O1), ("M", 0 if ape is None else ape.shape[0])] if pair else [])],
             grid=(rows * TG, 1, 1), threadgroup=(TG, 1, 1),
             output_shapes=[(*lead, w.shape[0]) for w in Ws],
             output_dtypes=[mx.float32] * len(Ws),
         )
 
 
-def _backend(Ws, x, K=None) -> str:
+def _backend(Ws, x, K=None, wdtypes=(mx.float32,)) -> str:
     backend = dispatch.select_backend(ENV_VAR)
     K = x.shape[-1] if K is None else K
     if backend == "ops" or x.size != K or x.dtype not in _X_DTYPES:
         return "ops"
     if K % 4 or -(-K // (4 * TG)) > MAX_PER:
         return "ops"
-    if any(w.dtype != mx.float32 or w.ndim != 2 or w.shape[1] != K for w in Ws):
+    wt = Ws[0].dtype
+    if any(w.dtype != wt or w.dtype not in wdtypes or w.ndim != 2 or w.shape[1] != K for w in Ws):
         return "ops"
-    key = f"{backend}/gemv/{x.dtype}/K{K}/n{len(Ws)}"
+    key = f"{backend}/gemv/{x.dtype}/{wt}/K{K}/n{len(Ws)}"
 
     def probe():
-        ws = [mx.zeros((2, K), mx.float32) for _ in Ws]
+        ws = [mx.zeros((2, K), wt) for _ in Ws]
         mx.eval(_launch(backend, ws, mx.zeros((K,), x.dtype)))
 
-    return backend if dispatch.kernel_usable(key, probe, f"fp32 GEMV ({backend})") else "ops"
+    return backend if dispatch.kernel_usable(key, probe, f"GEMV ({backend})") else "ops"
 
 
 def matvec(W: mx.array, x: mx.array) -> mx.array:
@@ -78,13 +93,36 @@ def matvec_flat(W: mx.array, x: mx.array) -> mx.array:
     return _launch(backend, (W,), x, out_lead=(1,))[0]
 
 
-def matvec_pair(W: mx.array, W2: mx.array, x: mx.array) -> tuple[mx.array, mx.array]:
-    """(``x @ W.T``, ``x @ W2.T``) in fp32 for one token x, in one launch on a GPU."""
+def matvec_pair(W: mx.array, W2: mx.array, x: mx.array, ape=None,
+                offset: int = 0) -> tuple[mx.array, mx.array]:
+    """(``x @ W.T``, ``x @ W2.T``) in fp32 for one token x, in one launch on a GPU. With `ape`
+    [M, O2]: row ``offset % M`` (fp32) is added to the second (the compressor's gate)."""
     backend = _backend((W, W2), x)
     if backend == "ops":
-        return matvec_ops(W, x), matvec_ops(W2, x)
-    y, y2 = _launch(backend, (W, W2), x)
+        y2 = matvec_ops(W2, x)
+        if ape is not None:
+            r = offset % ape.shape[0]
+            y2 = y2 + ape.astype(mx.float32)[r: r + 1]
+        return matvec_ops(W, x), y2
+    y, y2 = _launch(backend, (W, W2), x, ape=ape, offset=offset)
     return y, y2
 
 
-__all__ = ["matvec", "matvec_flat", "matvec_pair", "matvec_ops", "ENV_VAR"]
+def linear_scaled_ops(W: mx.array, x: mx.array, scale: float) -> mx.array:
+    """The ops path of `linear_scaled`: the linear layer in W's dtype, then fp32 x scale."""
+    return (x @ W.T).astype(mx.float32) * scale
+
+
+def linear_scaled(W: mx.array, x: mx.array, scale: float) -> mx.array:
+    """``float32(x @ W.T) * scale`` for one token x [..., K] and W [O, K] in x's (half)
+    dtype, as a linear layer in that dtype computes it (fp32 sums, output rounded to the
+    dtype) followed by the multiply: one kernel on a GPU instead of the matmul, its views, a
+    cast and a multiply (the indexer's `weights_proj`)."""
+    backend = "ops" if W.dtype != x.dtype else _backend((W,), x, wdtypes=(mx.bfloat16, mx.float16))
+    if backend == "ops":
+        return linear_scaled_ops(W, x, scale)
+    return _launch(backend, (W,), x, round_to=W.dtype, scale=scale)[0]
+
+
+__all__ = ["matvec", "matvec_flat", "matvec_pair", "matvec_ops", "linear_scaled",
+           "linear_scaled_ops", "ENV_VAR"]

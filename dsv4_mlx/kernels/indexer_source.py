@@ -331,6 +331,18 @@ inline unsigned int ki_load_u32(const void* p, int64_t i) {
 inline float ki_to_float(float x) { return x; }
 template <typename T>
 inline T ki_from_float(float x) { return static_cast<T>(x); }
+// bfloat16 (the bits; arrays of uint16): widening exact, narrowing round-to-nearest-even
+struct ki_bf16 {
+  uint16_t bits;
+};
+inline float ki_to_float(ki_bf16 h) { return ki_as_float((unsigned int)h.bits << 16); }
+template <>
+inline ki_bf16 ki_from_float<ki_bf16>(float x) {
+  unsigned int u = ki_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return ki_bf16{(uint16_t)0x7fc0u};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return ki_bf16{(uint16_t)(u >> 16)};
+}
 // matrix units, emulated: lane 0 of each 32-thread warp computes and stores the whole tile
 // (the other lanes' calls do nothing; the tile is only read after a barrier)
 #define KI_TG
@@ -972,7 +984,8 @@ CUDA_TYPES = {
     "float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int32_t",
     "int64": "int64_t", "uint8": "uint8_t", "uint32": "uint32_t",
 }
-CPP_TYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t", "uint32": "uint32_t"}
+CPP_TYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t", "uint32": "uint32_t",
+             "bfloat16": "ki_bf16"}
 
 _METAL_ATTRIBUTES = [  # mlx metal_kernel: (name, type), added when the body names them
     ("dispatch_quadgroups_per_threadgroup", "uint"),

@@ -55,13 +55,11 @@ class Compressor(nn.Module):
             src = x
         else:
             src = x.astype(mx.float32) if x32 is None else x32
-        kv, gate = linear_f32_pair(self.wkv, self.wgate, src)
-        ape = self.ape.astype(mx.float32)
-        if T == 1:
-            ape = ape[offset % m : offset % m + 1]
+        if T == 1:  # the gate's ape row added in the same kernel on a GPU
+            kv, gate = linear_f32_pair(self.wkv, self.wgate, src, self.ape, offset)
         else:
-            ape = ape[mx.array(np.arange(offset, offset + T) % m, mx.int32)]
-        gate = gate + ape
+            kv, gate = linear_f32_pair(self.wkv, self.wgate, src)
+            gate = gate + self.ape.astype(mx.float32)[mx.array(np.arange(offset, offset + T) % m, mx.int32)]
         if r:
             kv = mx.concatenate([state.pending_kv, kv], axis=1)
             gate = mx.concatenate([state.pending_gate, gate], axis=1)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..cache import CompressorState
 from ..kernels.fp4_round import query_roundtrip
+from ..kernels.gemv import linear_scaled
 from ..kernels.indexer import indexer_topk
 from .compressor import Compressor
 from .rope import RoPE
@@ -54,7 +55,10 @@ class Indexer(nn.Module):
             q = rope(self.wq_b(qr).reshape(B, T, H, d).swapaxes(1, 2), offset=offset).swapaxes(1, 2)
         # fp8 format: Hadamard rotation + FP4, as the keys got (one kernel on a GPU)
         q = query_roundtrip(q, state.codec, (B, T, H, d))
-        w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
+        if T == 1 and isinstance(self.weights_proj, nn.Linear) and "bias" not in self.weights_proj:
+            w = linear_scaled(self.weights_proj.weight, x, self.weight_scale)  # one kernel
+        else:
+            w = self.weights_proj(x).astype(mx.float32) * self.weight_scale
         fp4 = getattr(state.codec, "mxfp4", False)
         if fp4:  # fp8 format: the kernels read packed FP4 keys
             parts = state.parts()

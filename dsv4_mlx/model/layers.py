@@ -47,8 +47,15 @@ def linear_f32(layer: nn.Module, x: mx.array) -> mx.array:
     return layer(x).astype(mx.float32)
 
 
-def linear_f32_pair(a: nn.Module, b: nn.Module, x: mx.array) -> tuple[mx.array, mx.array]:
-    """(`linear_f32(a, x)`, `linear_f32(b, x)`); one token through one kernel for both."""
+def linear_f32_pair(a: nn.Module, b: nn.Module, x: mx.array, ape=None,
+                    offset: int = 0) -> tuple[mx.array, mx.array]:
+    """(`linear_f32(a, x)`, `linear_f32(b, x)`); one token through one kernel for both. With
+    `ape` [m, out_b] (one token at position `offset`): row ``offset % m`` in fp32 is added to
+    the second (in the kernel on a GPU)."""
     if x.size == x.shape[-1] and _plain(a) and _plain(b):
-        return matvec_pair(a.weight, b.weight, x)
-    return linear_f32(a, x), linear_f32(b, x)
+        return matvec_pair(a.weight, b.weight, x, ape, offset)
+    ya, yb = linear_f32(a, x), linear_f32(b, x)
+    if ape is not None:
+        r = offset % ape.shape[0]
+        yb = yb + ape.astype(mx.float32)[r: r + 1]
+    return ya, yb
