@@ -91,6 +91,13 @@ def launches():
                 ["bfloat16", "bfloat16"],
                 [("XT", "bfloat16"), ("H", 64), ("C", 512), ("RD", 64), ("PER", 4), ("TG", 128),
                  ("P2", 128)]))
+    out.append(("query norm + RoPE, KV into the FP8 ring", nsrc.norm_rope_source("cuda", True),
+                [("bfloat16", 3, 64 * 512), ("bfloat16", 3, 512), ("bfloat16", 1, 512),
+                 ("float32", 1, 32), ("int32", 1, 1), ("float32", 1, 2), ("uint8", 3, 128 * 448),
+                 ("uint8", 3, 128 * 7), ("bfloat16", 3, 128 * 64)],
+                ["bfloat16", "uint8", "uint8", "bfloat16"],
+                [("XT", "bfloat16"), ("H", 64), ("C", 512), ("RD", 64), ("PER", 4), ("TG", 128),
+                 ("P2", 128), ("NOPE", 448), ("BLK", 64), ("W", 128)]))
     out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
                 [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),
                  ("float32", 1, 64), ("float32", 1, 32), ("int32", 1, 1)], ["bfloat16"],

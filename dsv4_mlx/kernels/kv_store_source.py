@@ -25,26 +25,10 @@ def _f32_bits(x: float) -> str:
     return f"0x{int(np.array([x], np.float32).view(np.uint32)[0]):08x}u"
 
 
-# Inputs: kv [B, C] (KT), codes [B, W, NOPE] u8, scl [B, W, NOPE / BLK] u8, rope [B, W, C - NOPE]
-# (KT), slot [1] int32. Outputs: ocodes, oscl, orope (the new ring, same shapes).
-# Template: KT, C, NOPE, BLK, W, TG. Grid (W * TG, B, 1), groups of TG.
-_STORE_BODY = r"""
-  constexpr int NB = NOPE / BLK;
-  constexpr int R = C - NOPE;
-  KI_SHARED float ki_v[NOPE];
-  KI_SHARED float ki_amax[NB];
-  const int w = ki_gx;
-  const int b = ki_gy;
-  const int64_t row = (int64_t)b * W + w;
-  if (w != slot[0]) {
-    for (int i = ki_tid; i < NOPE; i += TG) ocodes[row * NOPE + i] = codes[row * NOPE + i];
-    for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
-    for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
-  } else {
-    // the values into shared memory in one coalesced pass, then the block maxima from there
-    // (a loop of BLK global loads in one thread would serialise their latency)
-    for (int i = ki_tid; i < NOPE; i += TG) ki_v[i] = ki_to_float(kv[b * C + i]);
-    KI_BARRIER();
+# The FP8 encoding of NOPE values ki_v (shared memory, filled and past a barrier) into ring
+# row `row` of ocodes / oscl (NB = NOPE / BLK block scales, maxima in shared ki_amax[NB]).
+# Shared with `norm_rope_source`'s store variant.
+FP8_ENCODE = (r"""
     for (int j = ki_tid; j < NB; j += TG) {
       float m = 0.0f;
       for (int i = 0; i < BLK; ++i) {
@@ -89,9 +73,32 @@ _STORE_BODY = r"""
       ocodes[row * NOPE + i] = (uint8_t)(sign | code);
       if (i % BLK == 0) oscl[row * NB + j] = (uint8_t)(k + 127);
     }
+""".replace("@MIN_AMAX@", _f32_bits(1e-4)).replace("@INV_448@", _f32_bits(1.0 / 448.0)))
+
+# Inputs: kv [B, C] (KT), codes [B, W, NOPE] u8, scl [B, W, NOPE / BLK] u8, rope [B, W, C - NOPE]
+# (KT), slot [1] int32. Outputs: ocodes, oscl, orope (the new ring, same shapes).
+# Template: KT, C, NOPE, BLK, W, TG. Grid (W * TG, B, 1), groups of TG.
+_STORE_BODY = r"""
+  constexpr int NB = NOPE / BLK;
+  constexpr int R = C - NOPE;
+  KI_SHARED float ki_v[NOPE];
+  KI_SHARED float ki_amax[NB];
+  const int w = ki_gx;
+  const int b = ki_gy;
+  const int64_t row = (int64_t)b * W + w;
+  if (w != slot[0]) {
+    for (int i = ki_tid; i < NOPE; i += TG) ocodes[row * NOPE + i] = codes[row * NOPE + i];
+    for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
+    for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
+  } else {
+    // the values into shared memory in one coalesced pass, then the block maxima from there
+    // (a loop of BLK global loads in one thread would serialise their latency)
+    for (int i = ki_tid; i < NOPE; i += TG) ki_v[i] = ki_to_float(kv[b * C + i]);
+    KI_BARRIER();
+@ENCODE@
     for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = kv[b * C + NOPE + i];
   }
-""".replace("@MIN_AMAX@", _f32_bits(1e-4)).replace("@INV_448@", _f32_bits(1.0 / 448.0))
+""".replace("@ENCODE@", FP8_ENCODE.strip("\n"))
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch

@@ -4,14 +4,16 @@ with a CUDA twin, and the ops path.
 ``norm_rope(q, kv, kv_norm, q_eps, rope, offset)``: q [1, 1, H*C] (`wq_b`'s output) and kv
 [1, 1, C] (`wkv`'s) -> (q [1, H, 1, C], kv [1, 1, C]): the per-head unweighted RMSNorm of the
 query, `kv_norm` on the KV, then RoPE at position `offset` on both. On the GPU one launch
-(`norm_rope_source`) instead of four; on the CPU, or with ``DSV4_NORM_ROPE_KERNEL=ops``, the
-`mx.fast` ops the attention uses for any number of tokens.
+(`norm_rope_source`) instead of four -- and with the FP8 window ring, the same launch also
+stores the KV into it (instead of the KV store kernel); on the CPU, or with
+``DSV4_NORM_ROPE_KERNEL=ops``, the `mx.fast` ops the attention uses for any number of tokens.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from ..model.kv_formats import FP8KVCodec
 from ..model.layers import rms_norm_0
 from . import dispatch
 from . import norm_rope_source as src
@@ -58,6 +60,31 @@ def norm_rope_kernel(q, kv, kv_norm, q_eps: float, rope, offset: int, *, backend
     return qo, kvo
 
 
+def norm_rope_store_kernel(q, kv, kv_norm, q_eps: float, rope, offset: int, ring, codec, *,
+                           backend: str):
+    """The store variant: (q [1, H, 1, C], the new ring parts) with the KV written into slot
+    ``offset % W`` of the FP8 window ring {nope [1, W, NOPE] u8, scale, rope [1, W, R]}."""
+    C = kv.shape[-1]
+    H = q.shape[-1] // C
+    per, tg, p2 = launch_shape(C)
+    codes, scl, rp = ring["nope"], ring["scale"], ring["rope"]
+    W = codes.shape[1]
+    eps = dispatch.const(("f32_2", q_eps, kv_norm.eps),
+                         lambda: mx.array([q_eps, kv_norm.eps], mx.float32))
+    with mx.stream(mx.gpu):
+        qo, oc, os_, orope = dispatch.build_kernel(backend, src.norm_rope_source(backend, True))(
+            inputs=[q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
+                    dispatch.position(offset), eps, codes, scl, rp],
+            template=[("XT", q.dtype), ("H", H), ("C", C), ("RD", rope.dims), ("PER", per),
+                      ("TG", tg), ("P2", p2), ("NOPE", codec.nope), ("BLK", codec.block),
+                      ("W", W)],
+            grid=((H + W) * tg, 1, 1), threadgroup=(tg, 1, 1),
+            output_shapes=[(1, H, 1, C), codes.shape, scl.shape, rp.shape],
+            output_dtypes=[q.dtype, codes.dtype, scl.dtype, rp.dtype],
+        )
+    return qo, {"nope": oc, "scale": os_, "rope": orope}
+
+
 def _backend(q, kv, rope) -> str:
     backend = dispatch.select_backend(ENV_VAR)
     C = kv.shape[-1]
@@ -78,12 +105,52 @@ def _backend(q, kv, rope) -> str:
     return backend if dispatch.kernel_usable(key, probe, f"norm + RoPE ({backend})") else "ops"
 
 
-def norm_rope(q, kv, kv_norm, q_eps: float, rope, offset: int):
-    """(q [1, H, 1, C], kv [1, 1, C]); see the module docstring."""
+def _store_backend(q, kv, rope, cache) -> str:
+    """The backend of the store variant for this decode step's `cache`, or "ops": it needs
+    the plain variant's conditions, the FP8 ring, and the KV store kernel (which it replaces,
+    ``DSV4_KV_STORE_KERNEL``) to apply."""
+    from . import kv_store
+
+    backend = _backend(q, kv, rope)
+    ring, codec = cache.ring, cache.codec
+    if (backend == "ops" or not isinstance(codec, FP8KVCodec) or ring is None
+            or ring["nope"].shape[0] != 1 or codec.nope % 2 or codec.nope + codec.rope != kv.shape[-1]
+            or kv_store.kernel_backend(ring, kv, codec) == "ops"):
+        return "ops"
+    C, W = kv.shape[-1], ring["nope"].shape[1]
+    H = q.shape[-1] // C
+    key = f"{backend}/norm_rope_store/{q.dtype}/H{H}/C{C}/R{rope.dims}/N{codec.nope}/B{codec.block}/W{W}"
+
+    def probe():
+        class _Norm:
+            weight, eps = mx.ones((C,)), 1e-6
+
+        r = {"nope": mx.zeros((1, W, codec.nope), mx.uint8),
+             "scale": mx.zeros((1, W, codec.nope // codec.block), mx.uint8),
+             "rope": mx.zeros((1, W, C - codec.nope), q.dtype)}
+        mx.eval(norm_rope_store_kernel(mx.zeros((1, 1, H * C), q.dtype),
+                                       mx.zeros((1, 1, C), q.dtype), _Norm(), 1e-6, rope, 1, r,
+                                       codec, backend=backend))
+
+    ok = dispatch.kernel_usable(key, probe, f"norm + RoPE + KV store ({backend})")
+    return backend if ok else "ops"
+
+
+def norm_rope(q, kv, kv_norm, q_eps: float, rope, offset: int, cache=None):
+    """(q [1, H, 1, C], kv [1, 1, C]); see the module docstring. With the decode step's
+    `cache` (a `LayerCache` at position `offset`) the KV may go straight into its FP8 ring in
+    the same launch: then kv comes back as None and ``cache.ring`` holds the new ring."""
+    if cache is not None:
+        backend = _store_backend(q, kv, rope, cache)
+        if backend != "ops":
+            qo, cache.ring = norm_rope_store_kernel(q, kv, kv_norm, q_eps, rope, offset,
+                                                    cache.ring, cache.codec, backend=backend)
+            return qo, None
     backend = _backend(q, kv, rope)
     if backend != "ops":
         return norm_rope_kernel(q, kv, kv_norm, q_eps, rope, offset, backend=backend)
     return norm_rope_ops(q, kv, kv_norm, q_eps, rope, offset)
 
 
-__all__ = ["norm_rope", "norm_rope_ops", "norm_rope_kernel", "launch_shape", "ENV_VAR"]
+__all__ = ["norm_rope", "norm_rope_ops", "norm_rope_kernel", "norm_rope_store_kernel",
+           "launch_shape", "ENV_VAR"]

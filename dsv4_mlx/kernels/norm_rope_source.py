@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 
 from .indexer_source import KernelSource, make_source
+from .kv_store_source import FP8_ENCODE
 
 # Inputs: q [H, C] (XT), kv [C] (XT), wkv [C] (XT), invf [RD / 2] f32 (inverse frequencies of the
 # RoPE pairs), pos [1] int32 (the token's position), eps [2] f32 (query norm, KV norm).
@@ -28,6 +29,7 @@ _BODY = r"""
   const int g = ki_gx;
   const bool isq = g < H;
   KI_SHARED float ki_red[P2];
+@SETUP@
   const int d0 = ki_tid * PER;
   float v[PER];
   float ss = 0.0f;
@@ -67,15 +69,63 @@ _BODY = r"""
       qo[g * C + d] = ki_from_float<XT>(y0);
       qo[g * C + d + 1] = ki_from_float<XT>(y1);
     } else {
-      kvo[d] = ki_from_float<XT>(y0);
-      kvo[d + 1] = ki_from_float<XT>(y1);
+@KV_WRITE@
     }
   }
+@FINISH@
 """
+
+_PLAIN = {"@SETUP@": "", "@FINISH@": "", "@KV_WRITE@": """\
+      kvo[d] = ki_from_float<XT>(y0);
+      kvo[d + 1] = ki_from_float<XT>(y1);"""}
+
+# The store variant: the KV goes straight into the window ring's slot pos % W in the FP8
+# layout (`kv_store_source`: the non-RoPE dims as e4m3 codes with block scales, the RoPE
+# dims as they are), from its XT-rounded values as the store kernel encodes them; the ring
+# is copied through (MLX kernels write new arrays). Extra inputs: codes [W, NOPE] u8,
+# scl [W, NOPE / BLK] u8, rope [W, C - NOPE] (XT); outputs qo, ocodes, oscl, orope (no kvo).
+# Extra template: NOPE (even), BLK, W. Grid ((H + W) TG, 1, 1): group H + w is ring slot w --
+# a copy of its row, or, for the token's slot, the KV's norm, RoPE and encoding.
+_STORE = {"@SETUP@": """\
+  constexpr int NB = NOPE / BLK;
+  constexpr int R = C - NOPE;
+  KI_SHARED float ki_v[NOPE];
+  KI_SHARED float ki_amax[NB];
+  const int64_t row = isq ? 0 : g - H;
+  if (!isq && row != pos[0] % W) {  // (a whole group: no barrier is left waiting)
+    for (int i = ki_tid; i < NOPE; i += TG) ocodes[row * NOPE + i] = codes[row * NOPE + i];
+    for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
+    for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
+    return;
+  }""", "@KV_WRITE@": """\
+      const XT k0 = ki_from_float<XT>(y0);
+      const XT k1 = ki_from_float<XT>(y1);
+      if (d < NOPE) {
+        ki_v[d] = ki_to_float(k0);
+        ki_v[d + 1] = ki_to_float(k1);
+      } else {
+        orope[row * R + d - NOPE] = k0;
+        orope[row * R + d - NOPE + 1] = k1;
+      }""", "@FINISH@": """\
+  if (!isq) {
+    KI_BARRIER();
+@ENCODE@
+  }""".replace("@ENCODE@", FP8_ENCODE.strip("\n"))}
+
+
+def _body(parts: dict) -> str:
+    body = _BODY
+    for k, v in parts.items():
+        body = body.replace(k, v)
+    return body
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def norm_rope_source(dialect: str) -> KernelSource:
-    """The query/KV norm + RoPE kernel (see `_BODY`)."""
-    return make_source(dialect, "dsv4_qkv_norm_rope", ("q", "kv", "wkv", "invf", "pos", "eps"),
-                       ("qo", "kvo"), _BODY)
+def norm_rope_source(dialect: str, store: bool = False) -> KernelSource:
+    """The query/KV norm + RoPE kernel (see `_BODY`); ``store``: the variant that writes the
+    KV into the FP8 window ring instead of returning it."""
+    ins = ("q", "kv", "wkv", "invf", "pos", "eps")
+    if store:
+        return make_source(dialect, "dsv4_q_norm_rope_kv_store", ins + ("codes", "scl", "rope"),
+                           ("qo", "ocodes", "oscl", "orope"), _body(_STORE))
+    return make_source(dialect, "dsv4_qkv_norm_rope", ins, ("qo", "kvo"), _body(_PLAIN))

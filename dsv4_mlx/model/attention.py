@@ -152,15 +152,17 @@ class Attention(nn.Module):
         H, c = self.n_heads, self.head_dim
         s = cache.offset
 
+        decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
         qr = self.q_norm(self.wq_a(x))
-        if B * T == 1:  # one token: both norms and RoPEs in one kernel on a GPU
-            q, kv = norm_rope(self.wq_b(qr), self.wkv(x), self.kv_norm, self.eps, self.rope, s)
+        if B * T == 1:  # one token: both norms and RoPEs in one kernel on a GPU, which for a
+            # decode step may also store the KV into the ring (then kv is None: stored)
+            q, kv = norm_rope(self.wq_b(qr), self.wkv(x), self.kv_norm, self.eps, self.rope, s,
+                              cache if decode else None)
         else:
             q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
             q = self.rope(q, offset=s)  # [B, H, T, c]
             kv = self.rope(self.kv_norm(self.wkv(x)), offset=s)  # [B, T, c]
 
-        decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
         # the compressed branch: dense entries (shared by all queries) or per-query picks
         dense = dense_vis = sel_keys = sel_valid = idx = None
         n_dense = 0
@@ -224,7 +226,7 @@ class Attention(nn.Module):
 
     def _decode_attention(self, q, kv, cache: LayerCache, n_dense: int, idx) -> mx.array:
         """One query at position s > 0: the new KV [B, 1, c] goes into the ring first (stored
-        form, `LayerCache.store_token`), then one softmax
+        form, `LayerCache.store_token`; kv None: already stored), then one softmax
         over the ring's slots (any order: softmax does not care) and the compressed keys:
         the first `n_dense` entries, or the indexer's picks `idx` [B, 1, k].
 
@@ -237,7 +239,8 @@ class Attention(nn.Module):
         Returns the output after its inverse RoPE (in the kernel's last step on a GPU).
         """
         s, W = cache.offset, cache.window
-        cache.store_token(kv)
+        if kv is not None:
+            cache.store_token(kv)
         ncomp = n_dense or (0 if idx is None else idx.shape[-1])
         backend = kattn.kernel_backend(q, cache.codec, ncomp, self.rope)
         if backend != "ops":
