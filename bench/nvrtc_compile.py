@@ -14,8 +14,8 @@ CUDA device headers from MLX's source at (about) the installed version, e.g.
 
 It renders the indexer (scoring: fp32, matrix-unit with resident and re-read queries; top-k with
 and without register keys), mHC (pre, head, post) and one-token projection (single, pair)
-kernels, the query/KV norm + RoPE kernel and the attention's combining kernel (with
-the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
+kernels, the query/KV norm + RoPE kernel (and its KV-store variant), the router and the
+attention's combining kernel (with the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
 and prints one line a kernel (warnings in full); exit status 1 if any fails. A compile error
 here is one the GPU would hit at its first call (and fall back to the ops path with a warning).
 """
@@ -34,6 +34,7 @@ from dsv4_mlx.kernels import gemv_source as gsrc  # noqa: E402
 from dsv4_mlx.kernels import indexer_source as isrc  # noqa: E402
 from dsv4_mlx.kernels import mhc_source as msrc  # noqa: E402
 from dsv4_mlx.kernels import norm_rope_source as nsrc  # noqa: E402
+from dsv4_mlx.kernels import router_source as rsrc  # noqa: E402
 
 
 def compile_cuda(lib, code: str, name: str, includes) -> tuple[int, str]:
@@ -98,6 +99,12 @@ def launches():
                 ["bfloat16", "uint8", "uint8", "bfloat16"],
                 [("XT", "bfloat16"), ("H", 64), ("C", 512), ("RD", 64), ("PER", 4), ("TG", 128),
                  ("P2", 128), ("NOPE", 448), ("BLK", 64), ("W", 128)]))
+    for hashed in (False, True):  # hash layers: the tid2eid table and the token ids
+        out.append((f"router{' (hash rows)' if hashed else ''}", rsrc.route_source("cuda"),
+                    [("float32", 2, 256), ("float32", 1, 1 if hashed else 256),
+                     ("int32", 2 if hashed else 1, 129280 * 6 if hashed else 1),
+                     ("float32", 1, 1), ("int32", 1, 1)], ["uint32", "float32"],
+                    [("E", 256), ("K", 6), ("TG", 256), ("HASH", hashed), ("ROWS", hashed)]))
     out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
                 [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),
                  ("float32", 1, 64), ("float32", 1, 32), ("int32", 1, 1)], ["bfloat16"],

@@ -110,7 +110,7 @@ def main():
         xn, post, comb = section("mhc pre + ffn_norm", self._hc, X, self.hc_ffn_fn,
                                  self.hc_ffn_scale, self.hc_ffn_base, self.ffn_norm)
         f = self.ffn
-        idx, w = section("moe router", f.gate, xn, ids)
+        idx, w = section("moe router", f.gate, xn, ids, expand=True)
         y = section("moe routed experts", f.experts.outputs, xn, idx, w)
         ys = section("moe shared expert", f.shared_experts, xn)
         return section("mhc post (ffn, with the MoE sum)", model_mod.hc_post, X, ys, post, comb, y)

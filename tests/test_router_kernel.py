@@ -23,14 +23,16 @@ from dsv4_mlx.kernels import router_source as src
 RTOL, ATOL = 1e-6, 1e-7
 
 
-def _emu_route(emu, logits, bias, hidx, k, scale, tg):
+def _emu_route(emu, logits, bias, hidx, k, scale, tg, ids=None):
     N, E = logits.shape
     hashed = hidx is not None
     return emu.run(src.route_source("cpp"),
                    [logits, np.zeros(1, np.float32) if hashed else bias,
-                    hidx if hashed else np.zeros(1, np.int32), np.array([scale], np.float32)],
+                    hidx if hashed else np.zeros(1, np.int32), np.array([scale], np.float32),
+                    np.zeros(1, np.int32) if ids is None else ids],
                    [(N, k), (N, k)], ["uint32", "float32"],
-                   [("E", E), ("K", k), ("TG", tg), ("HASH", hashed)], (N * tg, 1, 1), tg)
+                   [("E", E), ("K", k), ("TG", tg), ("HASH", hashed), ("ROWS", ids is not None)],
+                   (N * tg, 1, 1), tg)
 
 
 def _ops_route(logits, bias, hidx, k, scale):
@@ -96,6 +98,24 @@ def test_emulated_hash_matches_ops(emu, N, E, k):
     _check(got, _ops_route(logits, None, hidx, k, 1.5))
 
 
+def test_emulated_hash_rows_of_the_table(emu):
+    """ROWS: the kernel takes the whole tid2eid table and each token's id (no gather before
+    it); the same as the gathered rows, and as `route(..., ids=)`'s ops path."""
+    rng = np.random.default_rng(5)
+    N, E, k, V = 5, 64, 6, 50
+    logits = (rng.standard_normal((N, E)) * 2).astype(np.float32)
+    table = np.stack([rng.permutation(E)[:k] for _ in range(V)]).astype(np.int32)
+    ids = np.array([3, 49, 0, 3, 17], np.int32)
+    got = _emu_route(emu, logits, None, table, k, 1.5, 64, ids=ids)
+    assert (got[0] == table[ids].astype(np.uint32)).all()
+    _check(got, _emu_route(emu, logits, None, table[ids], k, 1.5, 64))
+    wi, ww = kr.route(mx.array(logits), None, mx.array(table), k, 1.5, ids=mx.array(ids))
+    _check(got, (np.array(wi), np.array(ww)))
+    wi, we = kr.route(mx.array(logits), None, mx.array(table), k, 1.5, True, mx.array(ids))
+    assert we.shape == (N, k, 1, 1)
+    np.testing.assert_array_equal(np.array(we)[..., 0, 0], np.array(ww))
+
+
 def test_emulated_can_fail(emu):
     """The comparison is not vacuous: without the bias the picks change."""
     rng = np.random.default_rng(11)
@@ -109,23 +129,27 @@ def test_emulated_can_fail(emu):
 # --------------------------------------------------------------------------------------------
 # Metal and CUDA sources
 
-def _launch(dialect, hashed, E=256, k=6):
+def _launch(dialect, hashed, E=256, k=6, rows=False):
     inputs = [("float32", 2, 4 * E), ("float32", 1, 1 if hashed else E),
-              ("int32", 2 if hashed else 1, 4 * k if hashed else 1), ("float32", 1, 1)]
+              ("int32", 2 if hashed else 1, (129280 if rows else 4) * k if hashed else 1),
+              ("float32", 1, 1), ("int32", 1, 4 if rows else 1)]
     return (src.route_source(dialect), inputs, ["uint32", "float32"],
-            [("E", E), ("K", k), ("TG", kr.TG), ("HASH", hashed)])
+            [("E", E), ("K", k), ("TG", kr.TG), ("HASH", hashed), ("ROWS", rows)])
+
+
+_VARIANTS = [(False, False), (True, False), (True, True)]
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
-@pytest.mark.parametrize("hashed", [False, True])
-def test_metal_source_compiles_as_cpp(hashed, tmp_path):
-    assert_metal_compiles(_launch("metal", hashed), tmp_path, f"router_{hashed}")
+@pytest.mark.parametrize("hashed,rows", _VARIANTS)
+def test_metal_source_compiles_as_cpp(hashed, rows, tmp_path):
+    assert_metal_compiles(_launch("metal", hashed, rows=rows), tmp_path, f"router_{hashed}_{rows}")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
-@pytest.mark.parametrize("hashed", [False, True])
-def test_cuda_source_compiles_with_nvcc(hashed, tmp_path):
-    assert_nvcc_compiles(_launch("cuda", hashed), tmp_path, f"router_{hashed}")
+@pytest.mark.parametrize("hashed,rows", _VARIANTS)
+def test_cuda_source_compiles_with_nvcc(hashed, rows, tmp_path):
+    assert_nvcc_compiles(_launch("cuda", hashed, rows=rows), tmp_path, f"router_{hashed}_{rows}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,6 +194,13 @@ def test_gpu_kernel_matches_ops(clean_dispatch, N, E, k, hashed):
         wi, ww = kr.route_ops(*args, k, 1.5)
         got = (np.array(gi)[0], np.array(gw)[0])
         want = (np.array(wi)[0], np.array(ww)[0])
+        if hashed:  # the table and the token ids instead of the gathered rows
+            table = mx.array(np.concatenate([hidx[0], hidx[0][::-1]]))
+            ids = mx.array(np.arange(N, dtype=np.int32)[None])
+            ri, rw = kr.route_kernel(args[0], None, table, k, 1.5, backend=GPU[0], ids=ids,
+                                     w_shape=(1, N, k, 1, 1))
+            np.testing.assert_array_equal(np.array(ri), np.array(gi))
+            np.testing.assert_array_equal(np.array(rw)[..., 0, 0], np.array(gw))
     _check(got, want)
 
 

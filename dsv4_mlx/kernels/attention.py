@@ -65,11 +65,14 @@ def num_splits(nkeys: int, spl: int = SPL) -> int:
 
 def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, *,
                        mode: str, nope: int, block: int, backend: str, rope=None, offset: int = 0,
-                       tg: int = None, hg: int = None, spl: int = None, ku: int = None):
+                       out_shape=None, tg: int = None, hg: int = None, spl: int = None,
+                       ku: int = None):
     """q [B, H, 1, C]; ring: stored parts [B, W, ...]; comp: stored parts [B, CAP, ...] (or
     None); idx [B, k] int32 picks (None: the first `ncomp` entries, dense); sinks [H].
     -> [B, H, 1, C] in q's dtype, through the inverse of `rope` at position `offset` if
-    given. Two launches: the splits, then their combination (with the inverse RoPE).
+    given; `out_shape`: another shape of the same row-major output (the grouped output
+    projection's [G, 1, H C / G] for one token: no reshape node). Two launches: the splits,
+    then their combination (with the inverse RoPE).
     ``tg``, ``hg``, ``spl``, ``ku``: launch parameters (threads, heads and keys a group, keys
     a warp at once; default the module's `TG`, `HG`, `SPL`, `KU`), for tuning."""
     tg, hg, spl, ku = tg or TG, hg or HG, spl or SPL, ku or KU
@@ -108,7 +111,7 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
             template=[("QT", q.dtype), ("C", C), ("TG", COMBINE_TG),
                       ("RD", 0 if rope is None else rope.dims)],
             grid=(H * COMBINE_TG, B, 1), threadgroup=(COMBINE_TG, 1, 1),
-            output_shapes=[(B, H, 1, C)], output_dtypes=[q.dtype],
+            output_shapes=[out_shape or (B, H, 1, C)], output_dtypes=[q.dtype],
         )
     return o
 

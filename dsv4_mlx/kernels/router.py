@@ -56,8 +56,11 @@ def route_ops(logits, bias, hidx, k: int, scale: float):
     return idx, _normalise(w, sc)
 
 
-def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str):
-    """Kernel path of `route`. logits [..., E] f32; bias [E] (None with `hidx`)."""
+def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str, w_shape=None,
+                 ids=None):
+    """Kernel path of `route`. logits [..., E] f32; bias [E] (None with `hidx`); `w_shape`:
+    the weights' output shape if not [..., k] (the kernel writes them flat); `ids` [...]
+    int32: `hidx` is the whole table and token t takes its row ids[t]."""
     *lead, E = logits.shape
     N = 1
     for d in lead:
@@ -68,15 +71,17 @@ def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str):
         idx, w = dispatch.build_kernel(backend, src.route_source(backend))(
             inputs=[logits, dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)) if hashed else bias,
                     hidx if hashed else dummy,
-                    dispatch.const(("f32_1", scale), lambda: mx.array([scale], mx.float32))],
-            template=[("E", E), ("K", k), ("TG", TG), ("HASH", hashed)],
+                    dispatch.const(("f32_1", scale), lambda: mx.array([scale], mx.float32)),
+                    dummy if ids is None else ids],
+            template=[("E", E), ("K", k), ("TG", TG), ("HASH", hashed), ("ROWS", ids is not None)],
             grid=(N * TG, 1, 1), threadgroup=(TG, 1, 1),
-            output_shapes=[(*lead, k), (*lead, k)], output_dtypes=[mx.uint32, mx.float32],
+            output_shapes=[(*lead, k), w_shape or (*lead, k)],
+            output_dtypes=[mx.uint32, mx.float32],
         )
     return idx, w
 
 
-def _backend(logits, bias, hidx, k) -> str:
+def _backend(logits, bias, hidx, k, ids=None) -> str:
     backend = dispatch.select_backend(ENV_VAR)
     if backend == "ops" or logits.dtype != mx.float32 or logits.shape[-1] > MAX_EXPERTS:
         return "ops"
@@ -84,24 +89,35 @@ def _backend(logits, bias, hidx, k) -> str:
         return "ops"
     if hidx is not None and hidx.dtype != mx.int32:
         return "ops"
+    if ids is not None and (ids.dtype != mx.int32 or ids.size * logits.shape[-1] != logits.size):
+        return "ops"
     E = logits.shape[-1]
-    key = f"{backend}/router/E{E}/k{k}/{'hash' if hidx is not None else 'learned'}"
+    rows = ids is not None
+    key = f"{backend}/router/E{E}/k{k}/{'hash' if hidx is not None else 'learned'}/R{int(rows)}"
 
     def probe():
         lg = mx.zeros((1, E), mx.float32)
         h = mx.zeros((1, k), mx.int32) if hidx is not None else None
         mx.eval(route_kernel(lg, None if h is not None else mx.zeros((E,)), h, k, 1.0,
-                             backend=backend))
+                             backend=backend, ids=mx.zeros((1,), mx.int32) if rows else None))
 
     return backend if dispatch.kernel_usable(key, probe, f"router ({backend})") else "ops"
 
 
-def route(logits, bias, hidx, k: int, scale: float):
-    """(idx [..., k] uint32, weights [..., k] fp32); see the module docstring."""
-    backend = _backend(logits, bias, hidx, k)
+def route(logits, bias, hidx, k: int, scale: float, expand: bool = False, ids=None):
+    """(idx [..., k] uint32, weights [..., k] fp32); see the module docstring. ``expand``:
+    the weights as [..., k, 1, 1] (how the experts' activations take them; the kernel writes
+    that shape directly, no view node). ``ids`` (the tokens, [...]): `hidx` is the whole
+    ``tid2eid`` table and each token takes its row (inside the kernel on a GPU)."""
+    backend = _backend(logits, bias, hidx, k, ids)
     if backend != "ops":
-        return route_kernel(logits, bias, hidx, k, scale, backend=backend)
-    return route_ops(logits, bias, hidx, k, scale)
+        w_shape = (*logits.shape[:-1], k, 1, 1) if expand else None
+        return route_kernel(logits, bias, hidx, k, scale, backend=backend, w_shape=w_shape,
+                            ids=ids)
+    if ids is not None:
+        hidx = hidx[ids]
+    idx, w = route_ops(logits, bias, hidx, k, scale)
+    return idx, (w[..., None, None] if expand else w)
 
 
 __all__ = ["route", "route_ops", "route_kernel", "ENV_VAR"]

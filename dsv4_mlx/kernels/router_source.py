@@ -18,8 +18,9 @@ import functools
 from .indexer_source import KernelSource, make_source
 
 # Inputs: logits [N, E] f32, bias [E] f32 (read when !HASH), hidx [N, K] int32 (read when
-# HASH), scale [1] f32. Outputs: idx [N, K] uint32, w [N, K] f32.
-# Template: E, K, TG (a power of two), HASH. Grid (N * TG, 1, 1), groups of TG.
+# HASH; with ROWS the whole table [V, K], token t taking row ids[t]), scale [1] f32,
+# ids [N] int32 (read with ROWS). Outputs: idx [N, K] uint32, w [N, K] f32.
+# Template: E, K, TG (a power of two), HASH, ROWS. Grid (N * TG, 1, 1), groups of TG.
 _ROUTE_BODY = r"""
   const int t = ki_gx;
   KI_SHARED float ki_s[E];
@@ -41,7 +42,7 @@ _ROUTE_BODY = r"""
   }
   KI_BARRIER();
   if (HASH) {
-    if (ki_tid < K) ki_pick[ki_tid] = hidx[t * K + ki_tid];
+    if (ki_tid < K) ki_pick[ki_tid] = hidx[(ROWS ? (int64_t)ids[t] : (int64_t)t) * K + ki_tid];
   } else {
     for (int j = 0; j < K; ++j) {
       // arg-max of the unpicked experts; ties (and NaN) go to the lower expert
@@ -91,5 +92,5 @@ _ROUTE_BODY = r"""
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
 def route_source(dialect: str) -> KernelSource:
     """The router kernel (see `_ROUTE_BODY`)."""
-    return make_source(dialect, "dsv4_moe_route", ("logits", "bias", "hidx", "scale"),
+    return make_source(dialect, "dsv4_moe_route", ("logits", "bias", "hidx", "scale", "ids"),
                        ("idx", "w"), _ROUTE_BODY)

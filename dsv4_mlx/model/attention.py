@@ -216,7 +216,10 @@ class Attention(nn.Module):
         return self._project(self.rope(o, offset=s, inverse=True))
 
     def _project(self, o: mx.array) -> mx.array:
-        """The grouped projection `wo_a`, then `wo_b`: o [B, H, T, c] -> [B, T, D]."""
+        """The grouped projection `wo_a`, then `wo_b`: o [B, H, T, c] -> [B, T, D] (or one
+        token's o already group-major, [G, 1, H c / G])."""
+        if o.ndim == 3:
+            return self.wo_b(self.wo_a.grouped(o).reshape(1, 1, -1))
         B, _, T, _ = o.shape
         if B * T == 1:  # one token: the heads are already group-major (fewer views)
             o = self.wo_a.grouped(o.reshape(self.groups, 1, -1)).reshape(1, 1, -1)
@@ -236,7 +239,8 @@ class Attention(nn.Module):
 
         On a GPU this is one kernel reading the stored form (`kernels.attention`); otherwise
         the ring is decoded, the picks gathered, and the keys go through the fused SDPA.
-        Returns the output after its inverse RoPE (in the kernel's last step on a GPU).
+        Returns the output after its inverse RoPE (in the kernel's last step on a GPU; for
+        one batch row there already group-major, as `_project` takes it).
         """
         s, W = cache.offset, cache.window
         if kv is not None:
@@ -245,9 +249,12 @@ class Attention(nn.Module):
         backend = kattn.kernel_backend(q, cache.codec, ncomp, self.rope)
         if backend != "ops":
             comp = cache.comp.buffers if (n_dense or idx is not None) else None
+            B, H, _, c = q.shape
+            grouped = (self.groups, 1, H * c // self.groups) if B == 1 else None
             return kattn.sink_decode(q, cache.ring, min(s + 1, W), comp, n_dense,
                                      None if idx is None else idx[:, 0], self.attn_sink,
-                                     self.scale, cache.codec, backend, rope=self.rope, offset=s)
+                                     self.scale, cache.codec, backend, rope=self.rope, offset=s,
+                                     out_shape=grouped)
         keys = cache.codec.decode(cache.ring)  # [B, W, c]; slot j holds position s - (s - j) mod W
         extra = None
         if n_dense:

@@ -41,7 +41,9 @@ def _swiglu_out(gate, up, limit, dtype_like):
 
 @partial(mx.compile, shapeless=True)
 def _weighted_swiglu(gate, up, w, limit, dtype_like):
-    return (clamped_swiglu(gate, up, limit) * w[..., None, None]).astype(dtype_like.dtype)
+    """w [..., k, 1, 1]: the routing weights as `route(expand=True)` gives them (an expand
+    inside the compiled function would stay a node of its own)."""
+    return (clamped_swiglu(gate, up, limit) * w).astype(dtype_like.dtype)
 
 
 class Gate(nn.Module):
@@ -56,13 +58,14 @@ class Gate(nn.Module):
         else:
             self.bias = mx.zeros((args.n_routed_experts,))
 
-    def __call__(self, x: mx.array, input_ids: mx.array):
-        """x [..., D] -> (indices [..., k] uint32, weights [..., k] fp32); the scoring,
-        selection and normalisation are `kernels.router.route` (one kernel on a GPU)."""
+    def __call__(self, x: mx.array, input_ids: mx.array, expand: bool = False):
+        """x [..., D] -> (indices [..., k] uint32, weights [..., k] fp32, or [..., k, 1, 1]
+        with `expand`); the scoring, selection and normalisation are `kernels.router.route`
+        (one kernel on a GPU)."""
         logits = matmul_f32(x, self.weight)
         if self.hash_routed:
-            return route(logits, None, self.tid2eid[input_ids], self.top_k, self.scale)
-        return route(logits, self.bias, None, self.top_k, self.scale)
+            return route(logits, None, self.tid2eid, self.top_k, self.scale, expand, input_ids)
+        return route(logits, self.bias, None, self.top_k, self.scale, expand)
 
 
 _LHS: "OrderedDict[tuple, mx.array]" = OrderedDict()
@@ -124,15 +127,18 @@ class RoutedExperts(nn.Module):
         return self.outputs(x, idx, weights).squeeze(-2).astype(mx.float32).sum(axis=-2)
 
     def outputs(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
-        """The k weighted expert outputs w_e y_e, unsummed: [..., k, 1, D] in x's dtype."""
+        """The k weighted expert outputs w_e y_e, unsummed: [..., k, 1, D] in x's dtype.
+        `weights` [..., k] or already [..., k, 1, 1]."""
         x = mx.expand_dims(x, (-2, -3))
         do_sort = idx.size >= 64
+        if weights.ndim == idx.ndim:
+            weights = weights[..., None, None]
         inds, w = idx, weights
         if do_sort:  # group tokens by expert, as mlx-lm's SwitchGLU does
             order = mx.argsort(idx.flatten())
             inv = mx.argsort(order)
             x = x.flatten(0, -3)[order // idx.shape[-1]]
-            inds, w = idx.flatten()[order], weights.flatten()[order]
+            inds, w = idx.flatten()[order], weights.flatten()[order][:, None, None]
             # x has one row a pick already; MLX's own lhs (its arange) keeps gather_qmm's
             # sorted-rhs fast path for prefill chunks
             lhs1 = lhs2 = None
@@ -178,5 +184,5 @@ class MoE(nn.Module):
         """(routed [..., k, 1, D], shared [..., D]): the weighted routed expert outputs and
         the shared expert's, before `combine_moe` sums them (the decoder block lets the mHC
         kernel do that)."""
-        idx, w = self.gate(x, input_ids)
+        idx, w = self.gate(x, input_ids, expand=True)
         return self.experts.outputs(x, idx, w), self.shared_experts(x)
