@@ -14,8 +14,8 @@ CUDA device headers from MLX's source at (about) the installed version, e.g.
 
 It renders the indexer (scoring: fp32, matrix-unit with resident and re-read queries; top-k with
 and without register keys), mHC (pre, head, post) and one-token projection (single, pair)
-kernels, the query/KV norm + RoPE kernel (and its KV-store variant), the router and the
-attention's combining kernel (with the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
+kernels, the query/KV norm + RoPE kernel (and its KV-store variant), the router, the
+experts' SwiGLU and the attention's combining kernel (with the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
 and prints one line a kernel (warnings in full); exit status 1 if any fails. A compile error
 here is one the GPU would hit at its first call (and fall back to the ops path with a warning).
 """
@@ -35,6 +35,7 @@ from dsv4_mlx.kernels import indexer_source as isrc  # noqa: E402
 from dsv4_mlx.kernels import mhc_source as msrc  # noqa: E402
 from dsv4_mlx.kernels import norm_rope_source as nsrc  # noqa: E402
 from dsv4_mlx.kernels import router_source as rsrc  # noqa: E402
+from dsv4_mlx.kernels import swiglu_source as ssrc  # noqa: E402
 
 
 def compile_cuda(lib, code: str, name: str, includes) -> tuple[int, str]:
@@ -105,6 +106,12 @@ def launches():
                      ("int32", 2 if hashed else 1, 129280 * 6 if hashed else 1),
                      ("float32", 1, 1), ("int32", 1, 1)], ["uint32", "float32"],
                     [("E", 256), ("K", 6), ("TG", 256), ("HASH", hashed), ("ROWS", hashed)]))
+    for weighted in (False, True):  # shared expert, routed experts
+        out.append((f"SwiGLU on fused w1/w3{' (weighted)' if weighted else ''}",
+                    ssrc.swiglu_source("cuda"),
+                    [("bfloat16", 4, 6 * 2 * 2048), ("float32", 4, 6), ("float32", 1, 1)],
+                    ["bfloat16"], [("YT", "bfloat16"), ("OT", "bfloat16"), ("I", 2048),
+                                   ("TG", 256), ("WEIGHTED", weighted)]))
     out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
                 [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),
                  ("float32", 1, 64), ("float32", 1, 32), ("int32", 1, 1)], ["bfloat16"],

@@ -3,7 +3,8 @@
 Router in fp32: ``s = sqrt(softplus(x . gate^T))``. Learned layers pick top-k of ``s + bias``
 (the bias only selects); hash layers (layer < num_hash_layers) take ``tid2eid[token]``. The
 weights are the unbiased scores of the picks, normalised to 1, times routed_scaling_factor
-(`kernels.router.route`: one kernel on a GPU). SwiGLU with clamp (gate <= limit, |up| <= limit) in fp32 on routed and shared experts; the
+(`kernels.router.route`: one kernel on a GPU). SwiGLU with clamp (gate <= limit, |up| <= limit) in fp32 on routed and shared experts, whose
+``w1`` and ``w3`` run as one matmul (`fuse_pair`; `kernels.swiglu` reads the two halves); the
 routing weight multiplies the activation before w2 (as the reference does); expert outputs
 are summed in fp32 (in the decoder block, inside the mHC post kernel: `MoE.branches`).
 
@@ -15,7 +16,7 @@ directly, with constant uint32 row indices for one-token steps (no per-call aran
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import partial
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,26 +25,66 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear, _sc
 
 from ..kernels.mhc import combine_moe
 from ..kernels.router import route
+from ..kernels.swiglu import swiglu, swiglu_out, weighted_swiglu
 from .layers import matmul_f32
 
 
-def clamped_swiglu(gate: mx.array, up: mx.array, limit: float) -> mx.array:
-    g = mx.minimum(gate.astype(mx.float32), limit)
-    u = mx.clip(up.astype(mx.float32), -limit, limit)
-    return nn.silu(g) * u
+class _Fused:
+    """Two projections that share their input (``w1`` and ``w3``) as one: their weights (and
+    scales, biases) concatenated along the output rows, one matmul for both. Made once per set
+    of parameters (`fuse_pair`); not a module, so not a parameter of the model."""
+
+    def __init__(self, src, weight, scales, biases, quantized, group_size, bits, mode):
+        self.src, self.weight, self.scales, self.biases = src, weight, scales, biases
+        self.quantized, self.group_size, self.bits, self.mode = quantized, group_size, bits, mode
+
+    def __getitem__(self, k):
+        return getattr(self, k)
+
+    def get(self, k, default=None):
+        v = getattr(self, k, None)
+        return default if v is None else v
 
 
-# fused elementwise chains (mx.compile: one launch each instead of 5-10)
-@partial(mx.compile, shapeless=True)
-def _swiglu_out(gate, up, limit, dtype_like):
-    return clamped_swiglu(gate, up, limit).astype(dtype_like.dtype)
+_PARTS = ("weight", "scales", "biases")
 
 
-@partial(mx.compile, shapeless=True)
-def _weighted_swiglu(gate, up, w, limit, dtype_like):
-    """w [..., k, 1, 1]: the routing weights as `route(expand=True)` gives them (an expand
-    inside the compiled function would stay a node of its own)."""
-    return (clamped_swiglu(gate, up, limit) * w).astype(dtype_like.dtype)
+def fuse_pair(owner: nn.Module, a: nn.Module, b: nn.Module) -> Optional[_Fused]:
+    """`a` and `b` (same kind, quantization and input) as one `_Fused`, cached on `owner`.
+
+    The concatenation is evaluated once, then `a`'s and `b`'s parameters are rebound to views
+    into it (same names, same values, no second copy: the originals are freed), so the model
+    keeps the checkpoint's ``w1``/``w3`` while a decode step runs one matmul where it ran two.
+    None where the two cannot be fused (different quantization, a bias, global scales)."""
+    cached = owner.__dict__.get("_fused13")
+    if cached is not None and all(cached.src[i] is p for i, p in enumerate(_params(a, b))):
+        return cached
+    qa, qb = isinstance(a, (QuantizedSwitchLinear, nn.QuantizedLinear)), \
+        isinstance(b, (QuantizedSwitchLinear, nn.QuantizedLinear))
+    if qa != qb or "bias" in a or "bias" in b or "global_scale" in a or "global_scale" in b:
+        return None
+    if qa and (a.group_size, a.bits, a.mode) != (b.group_size, b.bits, b.mode):
+        return None
+    if a.weight.shape[:-2] != b.weight.shape[:-2] or a.weight.shape[-1] != b.weight.shape[-1] \
+            or a.weight.dtype != b.weight.dtype:
+        return None
+    rows = a.weight.shape[-2]
+    fused = {}
+    for k in _PARTS:
+        if k in a:
+            fused[k] = mx.concatenate([a[k], b[k]], axis=-2)
+    mx.eval(list(fused.values()))
+    for k, v in fused.items():  # the originals become views of the fused arrays
+        a[k], b[k] = v[..., :rows, :], v[..., rows:, :]
+    mx.eval([m[k] for m in (a, b) for k in fused])
+    f = _Fused(_params(a, b), fused["weight"], fused.get("scales"), fused.get("biases"), qa,
+               getattr(a, "group_size", None), getattr(a, "bits", None), getattr(a, "mode", None))
+    object.__setattr__(owner, "_fused13", f)
+    return f
+
+
+def _params(a, b):
+    return tuple(m[k] for m in (a, b) for k in _PARTS if k in m)
 
 
 class Gate(nn.Module):
@@ -94,10 +135,11 @@ def _lhs_indices(shape: tuple, per_row: bool) -> mx.array:
 
 
 def _switch(layer, x, lhs, inds, sorted_indices):
-    """`layer(x, inds)` (mlx-lm's `SwitchLinear` / `QuantizedSwitchLinear`) with explicit
-    `lhs` indices. MLX's CPU backend has gather_mm for float32 only, so unquantized
-    half-precision experts are computed in float32 there (tests and demos; GPUs are unaffected)."""
-    if isinstance(layer, QuantizedSwitchLinear):
+    """`layer(x, inds)` (mlx-lm's `SwitchLinear` / `QuantizedSwitchLinear`, or a `_Fused`
+    pair of them) with explicit `lhs` indices. MLX's CPU backend has gather_mm for float32
+    only, so unquantized half-precision experts are computed in float32 there (tests and
+    demos; GPUs are unaffected)."""
+    if getattr(layer, "quantized", isinstance(layer, QuantizedSwitchLinear)):
         return mx.gather_qmm(
             x, layer["weight"], layer["scales"], layer.get("biases"), lhs_indices=lhs,
             rhs_indices=inds, transpose=True, group_size=layer.group_size, bits=layer.bits,
@@ -144,9 +186,13 @@ class RoutedExperts(nn.Module):
             lhs1 = lhs2 = None
         else:
             lhs1, lhs2 = _lhs_indices(idx.shape, True), _lhs_indices(idx.shape, False)
-        g = _switch(self.w1, x, lhs1, inds, do_sort)
-        u = _switch(self.w3, x, lhs1, inds, do_sort)
-        h = _weighted_swiglu(g, u, w, mx.array(self.limit, mx.float32), x)
+        w13 = fuse_pair(self, self.w1, self.w3)
+        if w13 is not None:  # one matmul for w1 and w3, the activation reads both halves
+            h = swiglu(_switch(w13, x, lhs1, inds, do_sort), w, self.limit, x)
+        else:
+            g = _switch(self.w1, x, lhs1, inds, do_sort)
+            u = _switch(self.w3, x, lhs1, inds, do_sort)
+            h = weighted_swiglu(g, u, w, mx.array(self.limit, mx.float32), x)
         y = _switch(self.w2, h, lhs2, inds, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)
@@ -162,7 +208,16 @@ class SharedExpert(nn.Module):
         self.w2 = nn.Linear(inter, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = _swiglu_out(self.w1(x), self.w3(x), mx.array(self.limit, mx.float32), x)
+        w13 = fuse_pair(self, self.w1, self.w3)
+        if w13 is None:
+            h = swiglu_out(self.w1(x), self.w3(x), mx.array(self.limit, mx.float32), x)
+        else:  # one matmul for w1 and w3, the activation reads both halves
+            if w13.quantized:
+                y = mx.quantized_matmul(x, w13.weight, w13.scales, w13.biases, transpose=True,
+                                        group_size=w13.group_size, bits=w13.bits, mode=w13.mode)
+            else:
+                y = x @ w13.weight.T
+            h = swiglu(y, None, self.limit, x)
         return self.w2(h)
 
 
