@@ -52,9 +52,11 @@ _PARTS = ("weight", "scales", "biases")
 def fuse_pair(owner: nn.Module, a: nn.Module, b: nn.Module) -> Optional[_Fused]:
     """`a` and `b` (same kind, quantization and input) as one `_Fused`, cached on `owner`.
 
-    The concatenation is evaluated once, then `a`'s and `b`'s parameters are rebound to views
-    into it (same names, same values, no second copy: the originals are freed), so the model
-    keeps the checkpoint's ``w1``/``w3`` while a decode step runs one matmul where it ran two.
+    The concatenation is evaluated once (at the module's first call: for Flash ~2.3 GB a layer
+    copied once, the only time both copies exist), then `a`'s and `b`'s parameters are rebound
+    to views into it (same names, same values, no second copy: the originals are freed), so
+    the model keeps the checkpoint's ``w1``/``w3`` while a decode step runs one matmul where it
+    ran two.
     None where the two cannot be fused (different quantization, a bias, global scales)."""
     cached = owner.__dict__.get("_fused13")
     if cached is not None and all(cached.src[i] is p for i, p in enumerate(_params(a, b))):
@@ -77,6 +79,9 @@ def fuse_pair(owner: nn.Module, a: nn.Module, b: nn.Module) -> Optional[_Fused]:
     for k, v in fused.items():  # the originals become views of the fused arrays
         a[k], b[k] = v[..., :rows, :], v[..., rows:, :]
     mx.eval([m[k] for m in (a, b) for k in fused])
+    # the originals' buffers (freed now) would otherwise stay in MLX's buffer cache, and a
+    # fused buffer is larger than either, so the next layer could not reuse them
+    mx.clear_cache()
     f = _Fused(_params(a, b), fused["weight"], fused.get("scales"), fused.get("biases"), qa,
                getattr(a, "group_size", None), getattr(a, "bits", None), getattr(a, "mode", None))
     object.__setattr__(owner, "_fused13", f)
