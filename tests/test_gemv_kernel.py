@@ -199,6 +199,32 @@ def test_cpu_paths_are_the_layers_ops(clean_dispatch):
                                   np.array((xb @ Wb.T).astype(mx.float32) * 0.25))
 
 
+def test_constant_inputs_are_vectors(clean_dispatch, monkeypatch):
+    """The kernel's scale / ape inputs are [1] arrays (a 0-d input is a reference, not a
+    pointer, in MLX's Metal signature): no other shape may sit under their shared keys, e.g.
+    the router's 0-d scale 1.0 made first (a review finding)."""
+    import contextlib
+
+    from dsv4_mlx.kernels import router
+
+    router.route_ops(mx.zeros((1, 8)), mx.zeros((8,)), None, 2, 1.0)  # its ("f32", 1.0)
+    seen = []
+
+    def fake_build(backend, ks):
+        def run(*, inputs, output_shapes, output_dtypes, **kw):
+            seen.append(inputs)
+            return [mx.zeros(sh, dt) for sh, dt in zip(output_shapes, output_dtypes)]
+        return run
+
+    monkeypatch.setattr(dispatch, "build_kernel", fake_build)
+    monkeypatch.setattr(mx, "stream", lambda *_: contextlib.nullcontext())
+    kg._launch("cuda", (mx.zeros((2, 8)),), mx.zeros((8,)))
+    kg._launch("cuda", (mx.zeros((2, 8)), mx.zeros((3, 8))), mx.zeros((8,)),
+               ape=mx.zeros((4, 3)), offset=1)
+    for inputs in seen:
+        assert all(a.ndim >= 1 for a in inputs), [a.shape for a in inputs]
+
+
 def test_env_var_validated(clean_dispatch):
     clean_dispatch.setenv(kg.ENV_VAR, "tpu")
     with pytest.raises(ValueError, match=kg.ENV_VAR):
@@ -250,7 +276,7 @@ def test_gpu_linear_scaled_matches_ops(clean_dispatch, dtype):
     with mx.stream(mx.gpu):
         W = mx.array(rng.standard_normal((64, 4096)).astype(np.float32) / 64).astype(dt)
         x = mx.array(rng.standard_normal((1, 1, 4096)).astype(np.float32)).astype(dt)
-        assert kg._backend((W,), x, wdtypes=(mx.bfloat16, mx.float16)) != "ops"
+        assert kg._backend((W,), x, wdtypes=(mx.bfloat16, mx.float16), variant="scaled") != "ops"
         got = np.array(kg.linear_scaled(W, x, 0.011))
         want = np.array(kg.linear_scaled_ops(W, x, 0.011))
         ulp = np.abs(want) * (2.0 ** -7 if dtype == "bfloat16" else 2.0 ** -10)

@@ -36,7 +36,7 @@ def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, 
     lead = x.shape[:-1] if out_lead is None else out_lead
     rows = sum(w.shape[0] for w in Ws)
     pair = len(Ws) == 2
-    f32_1 = dispatch.const(("f32", 1.0), lambda: mx.array([1.0], mx.float32))
+    f32_1 = dispatch.const(("f32_1", 1.0), lambda: mx.array([1.0], mx.float32))
     sc = f32_1 if scale is None else dispatch.const(("f32_1", scale),
                                                     lambda: mx.array([scale], mx.float32))
     if ape is None:
@@ -56,7 +56,10 @@ def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, 
         )
 
 
-def _backend(Ws, x, K=None, wdtypes=(mx.float32,)) -> str:
+def _backend(Ws, x, K=None, wdtypes=(mx.float32,), variant: str = "") -> str:
+    """The backend for these weights and x, or "ops". `variant` ("ape": the pair with the
+    compressor's ape row; "scaled": rounded and scaled half weights) picks the template the
+    build probe compiles."""
     backend = dispatch.select_backend(ENV_VAR)
     K = x.shape[-1] if K is None else K
     if backend == "ops" or x.size != K or x.dtype not in _X_DTYPES:
@@ -66,11 +69,16 @@ def _backend(Ws, x, K=None, wdtypes=(mx.float32,)) -> str:
     wt = Ws[0].dtype
     if any(w.dtype != wt or w.dtype not in wdtypes or w.ndim != 2 or w.shape[1] != K for w in Ws):
         return "ops"
-    key = f"{backend}/gemv/{x.dtype}/{wt}/K{K}/n{len(Ws)}"
+    key = f"{backend}/gemv/{x.dtype}/{wt}/K{K}/n{len(Ws)}/{variant}"
 
     def probe():
         ws = [mx.zeros((2, K), wt) for _ in Ws]
-        mx.eval(_launch(backend, ws, mx.zeros((K,), x.dtype)))
+        kw = {}
+        if variant == "ape":
+            kw = dict(ape=mx.zeros((4, 2), mx.float32), offset=5)
+        elif variant == "scaled":
+            kw = dict(round_to=wt, scale=0.5)
+        mx.eval(_launch(backend, ws, mx.zeros((K,), x.dtype), **kw))
 
     return backend if dispatch.kernel_usable(key, probe, f"GEMV ({backend})") else "ops"
 
@@ -97,7 +105,7 @@ def matvec_pair(W: mx.array, W2: mx.array, x: mx.array, ape=None,
                 offset: int = 0) -> tuple[mx.array, mx.array]:
     """(``x @ W.T``, ``x @ W2.T``) in fp32 for one token x, in one launch on a GPU. With `ape`
     [M, O2]: row ``offset % M`` (fp32) is added to the second (the compressor's gate)."""
-    backend = _backend((W, W2), x)
+    backend = _backend((W, W2), x, variant="" if ape is None else "ape")
     if backend == "ops":
         y2 = matvec_ops(W2, x)
         if ape is not None:
@@ -118,7 +126,8 @@ def linear_scaled(W: mx.array, x: mx.array, scale: float) -> mx.array:
     dtype, as a linear layer in that dtype computes it (fp32 sums, output rounded to the
     dtype) followed by the multiply: one kernel on a GPU instead of the matmul, its views, a
     cast and a multiply (the indexer's `weights_proj`)."""
-    backend = "ops" if W.dtype != x.dtype else _backend((W,), x, wdtypes=(mx.bfloat16, mx.float16))
+    backend = "ops" if W.dtype != x.dtype else _backend((W,), x, wdtypes=(mx.bfloat16, mx.float16),
+                                                        variant="scaled")
     if backend == "ops":
         return linear_scaled_ops(W, x, scale)
     return _launch(backend, (W,), x, round_to=W.dtype, scale=scale)[0]

@@ -59,8 +59,10 @@ _METAL_DIALECT = r"""
 #define KI_RSQRT(x) metal::precise::rsqrt((float)(x))
 #define KI_LOG(x) metal::precise::log((float)(x))
 #define KI_SQRT(x) metal::precise::sqrt((float)(x))
-#define KI_COS(x) metal::precise::cos((float)(x))
-#define KI_SIN(x) metal::precise::sin((float)(x))
+// RoPE angles: metal::fast, as MLX's rope kernel computes them (the same rotation as
+// mx.fast.rope at the same position, on the prefill path)
+#define KI_COS(x) metal::fast::cos((float)(x))
+#define KI_SIN(x) metal::fast::sin((float)(x))
 // log(1 + x) without the cancellation of 1 + x (Metal has no log1p)
 inline float ki_log1p(float x) {
   const float u = 1.0f + x;

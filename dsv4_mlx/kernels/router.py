@@ -89,7 +89,8 @@ def _backend(logits, bias, hidx, k, ids=None) -> str:
         return "ops"
     if hidx is not None and hidx.dtype != mx.int32:
         return "ops"
-    if ids is not None and (ids.dtype != mx.int32 or ids.size * logits.shape[-1] != logits.size):
+    if ids is not None and (ids.dtype != mx.int32 or ids.size * logits.shape[-1] != logits.size
+                            or hidx is None or hidx.ndim != 2 or hidx.shape[-1] != k):
         return "ops"
     E = logits.shape[-1]
     rows = ids is not None
