@@ -15,7 +15,7 @@ CUDA device headers from MLX's source at (about) the installed version, e.g.
 It renders the indexer (scoring: fp32, matrix-unit with resident and re-read queries; top-k with
 and without register keys), mHC (pre, head, post) and one-token projection (single, pair)
 kernels, the query/KV norm + RoPE kernel (and its KV-store variant), the router, the
-experts' SwiGLU and the attention's combining kernel (with the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
+experts' SwiGLU, the embedding and the attention's combining kernel (with the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
 and prints one line a kernel (warnings in full); exit status 1 if any fails. A compile error
 here is one the GPU would hit at its first call (and fall back to the ops path with a warning).
 """
@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4_mlx.kernels import attention_source as asrc  # noqa: E402
+from dsv4_mlx.kernels import embed_source as esrc  # noqa: E402
 from dsv4_mlx.kernels import gemv_source as gsrc  # noqa: E402
 from dsv4_mlx.kernels import indexer_source as isrc  # noqa: E402
 from dsv4_mlx.kernels import mhc_source as msrc  # noqa: E402
@@ -112,6 +113,11 @@ def launches():
                     [("bfloat16", 4, 6 * 2 * 2048), ("float32", 4, 6), ("float32", 1, 1)],
                     ["bfloat16"], [("YT", "bfloat16"), ("OT", "bfloat16"), ("I", 2048),
                                    ("TG", 256), ("WEIGHTED", weighted)]))
+    out.append(("embedding into the streams (8-bit affine)", esrc.embed_source("cuda", True),
+                [("int32", 2, 1), ("uint32", 2, 129280 * 1024), ("bfloat16", 2, 129280 * 64),
+                 ("bfloat16", 2, 129280 * 64)], ["bfloat16"],
+                [("XT", "bfloat16"), ("D", 4096), ("NS", 4), ("TG", 256), ("BITS", 8),
+                 ("GS", 64)]))
     out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
                 [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),
                  ("float32", 1, 64), ("float32", 1, 32), ("int32", 1, 1)], ["bfloat16"],

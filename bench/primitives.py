@@ -147,9 +147,7 @@ def main():
     Block.__call__ = block_call
     try:
         ids = mx.array([[tokens[a.context]]])
-        X = model.embed(ids)
-        B, S, D = X.shape
-        X = section("embed", lambda: mx.broadcast_to(X[:, :, None, :], (B, S, args.hc_mult, D)))
+        X = section("embed", lambda: model_mod.embed_streams(model.embed, ids, args.hc_mult))
         for layer, c in zip(model.layers, work):
             X = layer(X, ids, c)
         y = section("head (hc_head + norm, lm_head)", lambda: model.lm_head(

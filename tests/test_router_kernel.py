@@ -114,6 +114,13 @@ def test_emulated_hash_rows_of_the_table(emu):
     wi, we = kr.route(mx.array(logits), None, mx.array(table), k, 1.5, True, mx.array(ids))
     assert we.shape == (N, k, 1, 1)
     np.testing.assert_array_equal(np.array(we)[..., 0, 0], np.array(ww))
+    # uint32 ids (mlx-lm's sampled tokens) read the same rows
+    got_u = emu.run(src.route_source("cpp"),
+                    [logits, np.zeros(1, np.float32), table, np.array([1.5], np.float32),
+                     ids.astype(np.uint32)], [(N, k), (N, k)], ["uint32", "float32"],
+                    [("E", E), ("K", k), ("TG", 64), ("HASH", True), ("ROWS", True)],
+                    (N * 64, 1, 1), 64)
+    np.testing.assert_array_equal(got_u[0], got[0])
 
 
 def test_emulated_can_fail(emu):

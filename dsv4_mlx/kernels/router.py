@@ -60,7 +60,7 @@ def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str, w_sh
                  ids=None):
     """Kernel path of `route`. logits [..., E] f32; bias [E] (None with `hidx`); `w_shape`:
     the weights' output shape if not [..., k] (the kernel writes them flat); `ids` [...]
-    int32: `hidx` is the whole table and token t takes its row ids[t]."""
+    int32 or uint32: `hidx` is the whole table and token t takes its row ids[t]."""
     *lead, E = logits.shape
     N = 1
     for d in lead:
@@ -89,7 +89,8 @@ def _backend(logits, bias, hidx, k, ids=None) -> str:
         return "ops"
     if hidx is not None and hidx.dtype != mx.int32:
         return "ops"
-    if ids is not None and (ids.dtype != mx.int32 or ids.size * logits.shape[-1] != logits.size
+    if ids is not None and (ids.dtype not in (mx.int32, mx.uint32)
+                            or ids.size * logits.shape[-1] != logits.size
                             or hidx is None or hidx.ndim != 2 or hidx.shape[-1] != k):
         return "ops"
     E = logits.shape[-1]

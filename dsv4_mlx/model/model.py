@@ -17,6 +17,7 @@ from .attention import Attention
 from .config import ModelArgs
 from .kv_formats import DEFAULT_KV_FORMAT
 from .layers import RMSNorm
+from ..kernels.embed import embed_streams
 from ..kernels.mhc import hc_head, hc_post, hc_pre
 from .moe import MoE
 
@@ -138,9 +139,7 @@ class Model(nn.Module):
         offsets = {c.offset for c in cache}
         if len(offsets) != 1:
             raise ValueError(f"inconsistent cache offsets {sorted(offsets)}")
-        h = self.embed(inputs)
-        B, S, D = h.shape
-        X = mx.broadcast_to(h[:, :, None, :], (B, S, self.args.hc_mult, D))
+        X = embed_streams(self.embed, inputs, self.args.hc_mult)  # [B, S, n, D]
         for layer, c in zip(self.layers, cache):
             X = layer(X, inputs, c)
         a = self.args
