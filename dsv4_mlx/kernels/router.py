@@ -2,8 +2,9 @@
 
 ``route(logits, bias, hidx, k, scale)`` -> (idx [..., k] uint32, weights [..., k] fp32) from the
 fp32 router logits: scores ``s = sqrt(softplus(logits))``; picks = top-k of ``s + bias``
-(learned layers) or `hidx` (hash layers, the token's row of ``tid2eid``); weights = the
-unbiased scores of the picks normalised to sum 1, times `scale`. On the GPU one launch
+(learned layers) or `hidx` (hash layers, the token's row of ``tid2eid``; with ``ids=`` the
+whole table, the kernel reading each token's row itself); weights = the unbiased scores of the
+picks normalised to sum 1, times `scale` (``expand=True``: shaped [..., k, 1, 1]). On the GPU one launch
 (`router_source`); on the CPU, or with ``DSV4_ROUTER_KERNEL=ops``, MLX ops. The picks come
 out as uint32, the index type `gather_qmm` takes (no cast before each expert matmul). The
 kernel lists the picks best first; the ops path in argpartition's order (the order of the
