@@ -90,23 +90,41 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def count_primitives(model, cache: List[LayerCache], token: int = 5) -> Dict:
-    """Primitives in one decode step's graph (the logits and the updated state), taken on an
-    evaluated copy of `cache` (which is left as it is)."""
-    work = restore(snapshot(cache))
-    mx.eval([c.state for c in work])
-    logits = model(mx.array([[token]]), cache=work)
-    outs = [logits] + [a for c in work for a in c.state]
+def _graph_ops(*outs) -> List[str]:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "step.dot"
         mx.export_to_dot(str(path), *outs)
         text = path.read_text()
-    ops = re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text)
+    return re.findall(r'\[label ="([^"]+)", shape=rectangle\]', text)
+
+
+def count_primitives(model, cache: List[LayerCache], token: int = 5) -> Dict:
+    """Primitives in one decode step's graph (the logits and the updated state), taken on an
+    evaluated copy of `cache` (which is left as it is). ``per_layer`` divides the whole step
+    by the layers; ``per_block`` leaves out the embedding and the head (once a step, whatever
+    the depth), counted apart on the same token."""
+    from .kernels.embed import embed_streams
+    from .kernels.mhc import hc_head
+
+    work = restore(snapshot(cache))
+    mx.eval([c.state for c in work])
+    ids = mx.array([[token]])
+    logits = model(ids, cache=work)
+    ops = _graph_ops(logits, *[a for c in work for a in c.state])
     counts: Dict[str, int] = {}
     for o in ops:
         counts[o] = counts.get(o, 0) + 1
+    a = model.args
+    X = embed_streams(model.embed, ids, a.hc_mult)
+    n_embed = len(_graph_ops(X))
+    mx.eval(X)
+    n_head = len(_graph_ops(model.lm_head(hc_head(X, model.hc_head_fn, model.hc_head_scale,
+                                                  model.hc_head_base, a.hc_eps, a.rms_norm_eps,
+                                                  model.norm))))
     L = len(model.layers)
-    return {"total": len(ops), "per_layer": len(ops) / L, "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
+    return {"total": len(ops), "per_layer": len(ops) / L,
+            "per_block": (len(ops) - n_embed - n_head) / L, "embed_and_head": n_embed + n_head,
+            "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
 def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequence[int] = FRONTIERS,

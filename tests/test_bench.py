@@ -31,6 +31,9 @@ def test_report_and_csv(tmp_path):
             "primitives_per_layer"} <= set(head)
     assert rep["primitives"]["context"] == 64
     assert rep["primitives"]["per_layer"] == rows[-1]["primitives_per_layer"]
+    p, L = rep["primitives"], len(model.layers)
+    assert 0 < p["embed_and_head"] < p["total"]  # the embedding and the head apart
+    assert abs(p["per_block"] * L + p["embed_and_head"] - p["total"]) < 1e-9
 
 
 def test_weight_bytes_counts_k_of_e_experts():

@@ -60,7 +60,8 @@ def bench(
         p = report["primitives"]
         out.print(f"weights read per decode token: {report['weight_bytes_per_token'] / 2**20:,.1f} MiB; "
                   f"copy bandwidth {report['bandwidth_gb_s']:,.1f} GB/s")
-        out.print(f"primitives per decode step at {p['context']:,}: {p['total']:,} ({p['per_layer']:,.1f} per layer); "
+        out.print(f"primitives per decode step at {p['context']:,}: {p['total']:,} ({p['per_layer']:,.1f} per layer, "
+                  f"{p['per_block']:,.1f} per block without the embedding and head); "
                   f"most frequent: " + ", ".join(f"{k} {v}" for k, v in list(p["by_op"].items())[:6]))
     if csv:
         write_csv(report, csv)
