@@ -120,7 +120,9 @@ def main():
     views = sum(v for k, v in p["by_op"].items() if k in VIEWS)
     print(f"{a.tree}: ratios {args.compress_ratios[:a.layers]}, context {a.context}: "
           f"{p['total']} primitives ({p['per_layer']:.1f} a layer), views {views}, "
-          f"others {p['total'] - views} ({(p['total'] - views) / a.layers:.1f} a layer)")
+          f"others {p['total'] - views} ({(p['total'] - views) / a.layers:.1f} a layer)"
+          + (f"; {p['per_block']:.1f} a block without the embedding and head"
+             if "per_block" in p else ""))
     print("  by op: " + ", ".join(f"{k} {v}" for k, v in p["by_op"].items()))
 
 
