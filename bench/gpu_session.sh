@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# What a device session should run first, in order of value, within one `run` call (<= 600 s).
+# Prepare the machine as ../shared/device/mlx-cuda-setup.sh says (call 1 carries .devcarry/a),
+# then, carrying .devcarry/b:
+#
+#   bash bench/gpu_session.sh [STEP ...]     (default: tests decode)
+#
+# tests   the GPU tests of every custom kernel not yet confirmed on a GPU (2026-12-07: the
+#         embedding fix, the indexer's resident queries and register top-k), then the rest;
+#         verbose, so a timeout still shows what passed (log: $OUT/gpu_tests.log)
+# decode  bench/gpu_decode.py (Flash dimensions, 4 layers, 256 experts, to 8K) on this tree and,
+#         if OLD_TREE names a directory holding another tree (the device gets no .git: make it
+#         here first, e.g. `mkdir old && git archive 94ebe39 dsv4_mlx bench | tar -x -C old`,
+#         untracked so it travels), on that one minutes apart on the same machine
+# indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
+set -uo pipefail
+source .devcarry/b/activate.sh >/dev/null || exit 3
+export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+OLD_TREE=${OLD_TREE:-}
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests decode)
+for step in "${steps[@]}"; do
+  case $step in
+    tests)
+      timeout 280 python -m pytest -v -p no:cacheprovider --tb=short -k gpu \
+        tests/test_embed_kernel.py tests/test_indexer_kernel.py tests/test_gemv_kernel.py \
+        tests/test_kv_store_kernel.py tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py \
+        tests/test_mhc_kernel.py tests/test_router_kernel.py tests/test_attention_kernel.py \
+        tests/test_fp4_round_kernel.py > "$OUT/gpu_tests.log" 2>&1
+      grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
+      grep -cE "PASSED" "$OUT/gpu_tests.log" | sed 's/^/passed: /'
+      tail -1 "$OUT/gpu_tests.log" ;;
+    decode)
+      timeout 140 python bench/gpu_decode.py --preset flash --layers 4 --experts 256 \
+        --max-context 8192 --decode-tokens 16 --out "$OUT/new" 2>&1 | tail -12
+      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
+        (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 140 python bench/gpu_decode.py \
+          --preset flash --layers 4 --experts 256 --max-context 8192 --decode-tokens 16 \
+          --out "$OUT/old" 2>&1 | tail -12)
+      fi ;;
+    indexer)
+      ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
+        bench/indexer.py --profile-parts --entries 65536,262144 > "$OUT/parts.cases" 2>&1
+      python bench/indexer.py --parse-ncu "$OUT/parts.csv" | tail -30 ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
