@@ -86,11 +86,11 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
     if sparse:
         ncomp = idx.shape[-1]
     else:
-        idx = dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
+        idx = dispatch.unused(mx.int32)
     S = num_splits(W + ncomp, spl)
     NG = -(-H // hg)
     meta = mx.array([nring, ncomp], mx.int32)  # 8 bytes: see the kernel's note on host arrays
-    fp = dispatch.const(("f32_1", scale), lambda: mx.array([scale], mx.float32))
+    fp = dispatch.vector(scale)
     with mx.stream(mx.gpu):
         pm, pl, pacc = dispatch.build_kernel(backend, src.decode_source(backend, mode))(
             inputs=[q, *ring_a, *comp_a, idx, meta, fp],
@@ -102,8 +102,7 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
             output_dtypes=[mx.float32] * 3,
         )
         if rope is None:
-            invf = dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32))
-            pos = dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
+            invf, pos = dispatch.unused(), dispatch.unused(mx.int32)
         else:
             invf, pos = rope.inv_freq_f32(), dispatch.position(offset)
         (o,) = dispatch.build_kernel(backend, src.combine_source(backend))(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 
 from .indexer_source import KernelSource, make_source
+from .norm_rope_source import rope_pair
 
 KV_MODES = ("fp8", "plain")
 
@@ -269,15 +270,7 @@ _COMBINE_BODY = """\
       const int d = 2 * p;
       float y0 = ki_o[d];
       float y1 = ki_o[d + 1];
-      if (d >= C - RD) {
-        const float theta = L * -invf[(d - (C - RD)) / 2];
-        const float c = KI_COS(theta);
-        const float sn = KI_SIN(theta);
-        const float r0 = y0 * c - y1 * sn;
-        const float r1 = y0 * sn + y1 * c;
-        y0 = r0;
-        y1 = r1;
-      }
+@ROPE@
       o[ob + d] = ki_from_float<QT>(y0);
       o[ob + d + 1] = ki_from_float<QT>(y1);
     }
@@ -307,4 +300,5 @@ def decode_source(dialect: str, mode: str) -> KernelSource:
 def combine_source(dialect: str) -> KernelSource:
     """The combining kernel: the splits' partials and the sink -> the attention output."""
     return make_source(dialect, "dsv4_sink_decode_combine",
-                       ("pm", "pl", "pacc", "sinks", "invf", "pos"), ("o",), _COMBINE_BODY)
+                       ("pm", "pl", "pacc", "sinks", "invf", "pos"), ("o",),
+                       _COMBINE_BODY.replace("@ROPE@", rope_pair(6, inverse=True)))

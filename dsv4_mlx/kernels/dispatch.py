@@ -90,13 +90,28 @@ def select_backend(env_var: str = ENV_VAR) -> str:
 _consts: dict = {}
 
 
-def const(key, make):
-    """A small constant input (scale, dummy array) made once by `make()` and shared by every
-    call and kernel: no new array per call. Equal keys must make equal arrays."""
+def _const(key, make):
     a = _consts.get(key)
     if a is None:
         a = _consts[key] = make()
     return a
+
+
+def vector(*values, dtype=mx.float32) -> mx.array:
+    """The 1-D constant array of `values` ([v] for one value: a kernel input a body reads as
+    ``v[0]``), made once and shared by every call and kernel: no new array per call. Keyed by
+    its own values, dtype and shape, so two different arrays never share a key."""
+    return _const(("vector", str(dtype), values), lambda: mx.array(list(values), dtype))
+
+
+def scalar(value, dtype=mx.float32) -> mx.array:
+    """The 0-d constant `value` (for ops: a kernel takes `vector` inputs), made once."""
+    return _const(("scalar", str(dtype), value), lambda: mx.array(value, dtype))
+
+
+def unused(dtype=mx.float32) -> mx.array:
+    """A one-element input for a kernel variant that does not read it."""
+    return vector(0, dtype=dtype)
 
 
 _position: list = [None, None]

@@ -36,11 +36,9 @@ def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, 
     lead = x.shape[:-1] if out_lead is None else out_lead
     rows = sum(w.shape[0] for w in Ws)
     pair = len(Ws) == 2
-    f32_1 = dispatch.const(("f32_1", 1.0), lambda: mx.array([1.0], mx.float32))
-    sc = f32_1 if scale is None else dispatch.const(("f32_1", scale),
-                                                    lambda: mx.array([scale], mx.float32))
+    sc = dispatch.unused() if scale is None else dispatch.vector(scale)
     if ape is None:
-        ape_in, pos = f32_1, dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
+        ape_in, pos = dispatch.unused(), dispatch.unused(mx.int32)
     else:
         ape_in, pos = ape.astype(mx.float32), dispatch.position(offset)
     with mx.stream(mx.gpu):
@@ -101,6 +99,12 @@ def matvec_flat(W: mx.array, x: mx.array) -> mx.array:
     return _launch(backend, (W,), x, out_lead=(1,))[0]
 
 
+def add_ape_row(y: mx.array, ape: mx.array, offset: int) -> mx.array:
+    """The ops form of the pair's `ape`: y + row ``offset % M`` of ape [M, O] in fp32."""
+    r = offset % ape.shape[0]
+    return y + ape.astype(mx.float32)[r: r + 1]
+
+
 def matvec_pair(W: mx.array, W2: mx.array, x: mx.array, ape=None,
                 offset: int = 0) -> tuple[mx.array, mx.array]:
     """(``x @ W.T``, ``x @ W2.T``) in fp32 for one token x, in one launch on a GPU. With `ape`
@@ -108,10 +112,7 @@ def matvec_pair(W: mx.array, W2: mx.array, x: mx.array, ape=None,
     backend = _backend((W, W2), x, variant="" if ape is None else "ape")
     if backend == "ops":
         y2 = matvec_ops(W2, x)
-        if ape is not None:
-            r = offset % ape.shape[0]
-            y2 = y2 + ape.astype(mx.float32)[r: r + 1]
-        return matvec_ops(W, x), y2
+        return matvec_ops(W, x), (y2 if ape is None else add_ape_row(y2, ape, offset))
     y, y2 = _launch(backend, (W, W2), x, ape=ape, offset=offset)
     return y, y2
 
@@ -133,5 +134,5 @@ def linear_scaled(W: mx.array, x: mx.array, scale: float) -> mx.array:
     return _launch(backend, (W,), x, round_to=W.dtype, scale=scale)[0]
 
 
-__all__ = ["matvec", "matvec_flat", "matvec_pair", "matvec_ops", "linear_scaled",
+__all__ = ["matvec", "matvec_flat", "matvec_pair", "matvec_ops", "add_ape_row", "linear_scaled",
            "linear_scaled_ops", "ENV_VAR"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..model import mhc as ops
+from ..model.layers import RMSNorm
 from . import dispatch
 from . import mhc_source as src
 from .gemv import matvec_flat
@@ -36,10 +37,9 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     else:
         mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
     out_eps = norm.eps if norm is not None else 0.0
-    eps = dispatch.const(("f32_3", hc_eps, norm_eps, out_eps),
-                         lambda: mx.array([hc_eps, norm_eps, out_eps], mx.float32))
+    eps = dispatch.vector(hc_eps, norm_eps, out_eps)
     wn = (norm.weight.astype(X.dtype) if norm is not None
-          else dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)))
+          else dispatch.unused())
     with mx.stream(mx.gpu):
         h, post, comb = dispatch.build_kernel(backend, src.pre_source(backend))(
             inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps, wn],
@@ -57,7 +57,7 @@ def hc_post_kernel(X, F, post, comb, routed=None, *, backend: str):
     routed [B, S, k, 1, D] or None."""
     B, S, n, D = X.shape
     N = B * S
-    R = dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)) if routed is None else routed
+    R = dispatch.unused() if routed is None else routed
     KR = 0 if routed is None else routed.shape[2]
     with mx.stream(mx.gpu):
         (Y,) = dispatch.build_kernel(backend, src.post_source(backend))(
@@ -83,7 +83,7 @@ def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None, head: boo
 
     def probe():
         x = mx.zeros((1, 1, n, D), X.dtype)
-        rms = _ProbeNorm(D) if norm else None
+        rms = RMSNorm(D) if norm else None
         if head:
             mx.eval(hc_pre_kernel(x, mx.zeros((n, n * D), mx.float32), mx.ones((1,)),
                                   mx.zeros((n,)), 1, 1e-6, 1e-6, backend=backend, head=True,
@@ -96,13 +96,6 @@ def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None, head: boo
         mx.eval(h, y)
 
     return dispatch.kernel_usable(key, probe, f"mHC ({backend})")
-
-
-class _ProbeNorm:
-    """An `RMSNorm`'s two attributes, for the build probe."""
-
-    def __init__(self, D: int):
-        self.weight, self.eps = mx.ones((D,)), 1e-6
 
 
 def _normed(h, norm):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from ..model.kv_formats import FP8KVCodec
-from ..model.layers import rms_norm_0
+from ..model.layers import RMSNorm, rms_norm_0
 from . import dispatch
 from . import norm_rope_source as src
 
@@ -46,8 +46,7 @@ def norm_rope_kernel(q, kv, kv_norm, q_eps: float, rope, offset: int, *, backend
     C = kv.shape[-1]
     H = q.shape[-1] // C
     per, tg, p2 = launch_shape(C)
-    eps = dispatch.const(("f32_2", q_eps, kv_norm.eps),
-                         lambda: mx.array([q_eps, kv_norm.eps], mx.float32))
+    eps = dispatch.vector(q_eps, kv_norm.eps)
     with mx.stream(mx.gpu):
         qo, kvo = dispatch.build_kernel(backend, src.norm_rope_source(backend))(
             inputs=[q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
@@ -69,8 +68,7 @@ def norm_rope_store_kernel(q, kv, kv_norm, q_eps: float, rope, offset: int, ring
     per, tg, p2 = launch_shape(C)
     codes, scl, rp = ring["nope"], ring["scale"], ring["rope"]
     W = codes.shape[1]
-    eps = dispatch.const(("f32_2", q_eps, kv_norm.eps),
-                         lambda: mx.array([q_eps, kv_norm.eps], mx.float32))
+    eps = dispatch.vector(q_eps, kv_norm.eps)
     with mx.stream(mx.gpu):
         qo, oc, os_, orope = dispatch.build_kernel(backend, src.norm_rope_source(backend, True))(
             inputs=[q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
@@ -96,11 +94,8 @@ def _backend(q, kv, rope) -> str:
     key = f"{backend}/norm_rope/{q.dtype}/H{H}/C{C}/R{rope.dims}"
 
     def probe():
-        class _Norm:
-            weight, eps = mx.ones((C,)), 1e-6
-
         mx.eval(norm_rope_kernel(mx.zeros((1, 1, H * C), q.dtype), mx.zeros((1, 1, C), q.dtype),
-                                 _Norm(), 1e-6, rope, 0, backend=backend))
+                                 RMSNorm(C), 1e-6, rope, 0, backend=backend))
 
     return backend if dispatch.kernel_usable(key, probe, f"norm + RoPE ({backend})") else "ops"
 
@@ -122,14 +117,11 @@ def _store_backend(q, kv, rope, cache) -> str:
     key = f"{backend}/norm_rope_store/{q.dtype}/H{H}/C{C}/R{rope.dims}/N{codec.nope}/B{codec.block}/W{W}"
 
     def probe():
-        class _Norm:
-            weight, eps = mx.ones((C,)), 1e-6
-
         r = {"nope": mx.zeros((1, W, codec.nope), mx.uint8),
              "scale": mx.zeros((1, W, codec.nope // codec.block), mx.uint8),
              "rope": mx.zeros((1, W, C - codec.nope), q.dtype)}
         mx.eval(norm_rope_store_kernel(mx.zeros((1, 1, H * C), q.dtype),
-                                       mx.zeros((1, 1, C), q.dtype), _Norm(), 1e-6, rope, 1, r,
+                                       mx.zeros((1, 1, C), q.dtype), RMSNorm(C), 1e-6, rope, 1, r,
                                        codec, backend=backend))
 
     ok = dispatch.kernel_usable(key, probe, f"norm + RoPE + KV store ({backend})")

@@ -19,6 +19,26 @@ import functools
 from .indexer_source import KernelSource, make_source
 from .kv_store_source import FP8_ENCODE
 
+# RoPE of the pair (d, d + 1) -- fp32 values y0, y1 -- when d is among the last RD of C dims,
+# at position L with the pairs' inverse frequencies invf (`mx.fast.rope`'s forward rotation;
+# the inverse rotates by the negated angle, as `mx.fast.rope` with negated periods does).
+# Shared by this kernel and the decode attention's combining kernel.
+_ROPE_PAIR = """if (d >= C - RD) {
+  const float theta = L * @SIGN@invf[(d - (C - RD)) / 2];
+  const float c = KI_COS(theta);
+  const float sn = KI_SIN(theta);
+  const float r0 = y0 * c - y1 * sn;
+  const float r1 = y0 * sn + y1 * c;
+  y0 = r0;
+  y1 = r1;
+}"""
+
+
+def rope_pair(indent: int, inverse: bool = False) -> str:
+    """`_ROPE_PAIR`, indented, for the forward or the inverse rotation."""
+    code = _ROPE_PAIR.replace("@SIGN@", "-" if inverse else "")
+    return "\n".join(" " * indent + ln for ln in code.split("\n"))
+
 # Inputs: q [H, C] (XT), kv [C] (XT), wkv [C] (XT), invf [RD / 2] f32 (inverse frequencies of the
 # RoPE pairs), pos [1] int32 (the token's position), eps [2] f32 (query norm, KV norm).
 # Outputs: qo [H, C] (XT), kvo [C] (XT).
@@ -56,15 +76,7 @@ _BODY = r"""
       y0 = ki_to_float(ki_from_float<XT>(ki_to_float(wkv[d]) * y0));
       y1 = ki_to_float(ki_from_float<XT>(ki_to_float(wkv[d + 1]) * y1));
     }
-    if (d >= C - RD) {
-      const float theta = L * invf[(d - (C - RD)) / 2];
-      const float c = KI_COS(theta);
-      const float sn = KI_SIN(theta);
-      const float r0 = y0 * c - y1 * sn;
-      const float r1 = y0 * sn + y1 * c;
-      y0 = r0;
-      y1 = r1;
-    }
+@ROPE@
     if (isq) {
       qo[g * C + d] = ki_from_float<XT>(y0);
       qo[g * C + d + 1] = ki_from_float<XT>(y1);
@@ -114,7 +126,7 @@ _STORE = {"@SETUP@": """\
 
 
 def _body(parts: dict) -> str:
-    body = _BODY
+    body = _BODY.replace("@ROPE@", rope_pair(4))
     for k, v in parts.items():
         body = body.replace(k, v)
     return body

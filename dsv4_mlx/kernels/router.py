@@ -51,7 +51,7 @@ def route_ops(logits, bias, hidx, k: int, scale: float):
         s, neg = _scores_biased(logits, bias.astype(mx.float32))
         idx = mx.argpartition(neg, kth=k - 1, axis=-1)[..., :k]
     w = mx.take_along_axis(s, idx, axis=-1)
-    sc = dispatch.const(("f32", scale), lambda: mx.array(scale, mx.float32))
+    sc = dispatch.scalar(scale)
     if k == 1:  # MLX 0.32's shapeless compile crashes on a size-1 reduced axis
         return idx, w / w.sum(axis=-1, keepdims=True) * sc
     return idx, _normalise(w, sc)
@@ -67,12 +67,12 @@ def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str, w_sh
     for d in lead:
         N *= d
     hashed = hidx is not None
-    dummy = dispatch.const("zeros_i32_1", lambda: mx.zeros((1,), mx.int32))
+    dummy = dispatch.unused(mx.int32)
     with mx.stream(mx.gpu):
         idx, w = dispatch.build_kernel(backend, src.route_source(backend))(
-            inputs=[logits, dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)) if hashed else bias,
+            inputs=[logits, dispatch.unused() if hashed else bias,
                     hidx if hashed else dummy,
-                    dispatch.const(("f32_1", scale), lambda: mx.array([scale], mx.float32)),
+                    dispatch.vector(scale),
                     dummy if ids is None else ids],
             template=[("E", E), ("K", k), ("TG", TG), ("HASH", hashed), ("ROWS", ids is not None)],
             grid=(N * TG, 1, 1), threadgroup=(TG, 1, 1),

@@ -42,7 +42,7 @@ def weighted_swiglu(gate, up, w, limit, dtype_like):
 
 
 def _limit(limit: float) -> mx.array:
-    return dispatch.const(("f32", float(limit)), lambda: mx.array(limit, mx.float32))
+    return dispatch.scalar(float(limit))
 
 
 def swiglu_ops(y, w, limit: float, like):
@@ -58,8 +58,8 @@ def swiglu_kernel(y, w, limit: float, dtype, *, backend: str):
     """Kernel path of `swiglu`."""
     I = y.shape[-1] // 2
     R = y.size // (2 * I)
-    lim = dispatch.const(("f32_1", float(limit)), lambda: mx.array([limit], mx.float32))
-    wi = dispatch.const("zeros_f32_1", lambda: mx.zeros((1,), mx.float32)) if w is None else w
+    lim = dispatch.vector(float(limit))
+    wi = dispatch.unused() if w is None else w
     with mx.stream(mx.gpu):
         (h,) = dispatch.build_kernel(backend, src.swiglu_source(backend))(
             inputs=[y, wi, lim],

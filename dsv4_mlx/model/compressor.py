@@ -51,13 +51,11 @@ class Compressor(nn.Module):
         r = state.num_pending
         assert r == offset % m, "compressor state out of step with the position"
 
-        if T == 1:  # one token: the projection kernel converts x itself (ops: the same cast)
-            src = x
+        if T == 1:  # one token: the projection kernel converts x itself and adds the gate's
+            # ape row (ops: the same cast and add)
+            kv, gate = linear_f32_pair(self.wkv, self.wgate, x, self.ape, offset)
         else:
             src = x.astype(mx.float32) if x32 is None else x32
-        if T == 1:  # the gate's ape row added in the same kernel on a GPU
-            kv, gate = linear_f32_pair(self.wkv, self.wgate, src, self.ape, offset)
-        else:
             kv, gate = linear_f32_pair(self.wkv, self.wgate, src)
             gate = gate + self.ape.astype(mx.float32)[mx.array(np.arange(offset, offset + T) % m, mx.int32)]
         if r:

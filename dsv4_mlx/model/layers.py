@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..kernels.gemv import matvec, matvec_pair
+from ..kernels.gemv import add_ape_row, matvec, matvec_pair
 
 
 class RMSNorm(nn.Module):
@@ -56,6 +56,5 @@ def linear_f32_pair(a: nn.Module, b: nn.Module, x: mx.array, ape=None,
         return matvec_pair(a.weight, b.weight, x, ape, offset)
     ya, yb = linear_f32(a, x), linear_f32(b, x)
     if ape is not None:
-        r = offset % ape.shape[0]
-        yb = yb + ape.astype(mx.float32)[r: r + 1]
+        yb = add_ape_row(yb, ape, offset)
     return ya, yb
