@@ -5,13 +5,16 @@
 #
 #   bash bench/gpu_session.sh [STEP ...]     (default: tests decode)
 #
-# tests   the GPU tests of every custom kernel not yet confirmed on a GPU (2026-12-07: the
-#         embedding fix, the indexer's resident queries and register top-k), then the rest;
-#         verbose, so a timeout still shows what passed (log: $OUT/gpu_tests.log)
-# decode  bench/gpu_decode.py (Flash dimensions, 4 layers, 256 experts, to 8K) on this tree and,
-#         if OLD_TREE names a directory holding another tree (the device gets no .git: make it
+# tests   the GPU tests of the custom kernels not yet confirmed on a GPU (2026-12-07: the
+#         embedding fix, the indexer's resident queries and register top-k, the FP4 round
+#         trip); tests-all: every kernel's; verbose, so a timeout still shows what passed
+#         (log: $OUT/gpu_tests.log)
+# decode  bench/gpu_decode.py (Flash dimensions, 4 layers, 256 experts, to 64K or MAX_CONTEXT) on
+#         this tree and, to 8K, if OLD_TREE names a directory holding another tree (the device gets no .git: make it
 #         here first, e.g. `mkdir old && git archive 94ebe39 dsv4_mlx bench | tar -x -C old`,
 #         untracked so it travels), on that one minutes apart on the same machine
+# profile bench/decode_profile.py (build vs evaluation of a step, 4K context, 3 rounds) on this
+#         tree and, with OLD_TREE, on that one
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
@@ -23,22 +26,33 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests decode)
 for step in "${steps[@]}"; do
   case $step in
-    tests)
-      timeout 280 python -m pytest -v -p no:cacheprovider --tb=short -k gpu \
-        tests/test_embed_kernel.py tests/test_indexer_kernel.py tests/test_gemv_kernel.py \
-        tests/test_kv_store_kernel.py tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py \
-        tests/test_mhc_kernel.py tests/test_router_kernel.py tests/test_attention_kernel.py \
-        tests/test_fp4_round_kernel.py > "$OUT/gpu_tests.log" 2>&1
+    tests|tests-all)
+      files=(tests/test_embed_kernel.py tests/test_indexer_kernel.py tests/test_fp4_round_kernel.py)
+      [ "$step" = tests-all ] && files+=(tests/test_gemv_kernel.py tests/test_kv_store_kernel.py \
+        tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py tests/test_mhc_kernel.py \
+        tests/test_router_kernel.py tests/test_attention_kernel.py)
+      timeout 280 python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
+        > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
       grep -cE "PASSED" "$OUT/gpu_tests.log" | sed 's/^/passed: /'
       tail -1 "$OUT/gpu_tests.log" ;;
     decode)
-      timeout 140 python bench/gpu_decode.py --preset flash --layers 4 --experts 256 \
-        --max-context 8192 --decode-tokens 16 --out "$OUT/new" 2>&1 | tail -12
+      timeout 200 python bench/gpu_decode.py --preset flash --layers 4 --experts 256 \
+        --max-context ${MAX_CONTEXT:-65536} --decode-tokens 32 --out "$OUT/new" 2>&1 | tail -12
       if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
         (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 140 python bench/gpu_decode.py \
-          --preset flash --layers 4 --experts 256 --max-context 8192 --decode-tokens 16 \
+          --preset flash --layers 4 --experts 256 --max-context 8192 --decode-tokens 32 \
           --out "$OUT/old" 2>&1 | tail -12)
+      fi ;;
+    profile)
+      timeout 150 python bench/decode_profile.py --preset flash --layers 4 --experts 64 \
+        --context 4096 --rounds 3 > "$OUT/profile_new.log" 2>&1
+      tail -25 "$OUT/profile_new.log"
+      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
+        (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 150 python bench/decode_profile.py \
+          --preset flash --layers 4 --experts 64 --context 4096 --rounds 3) \
+          > "$OUT/profile_old.log" 2>&1
+        tail -25 "$OUT/profile_old.log"
       fi ;;
     indexer)
       ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
