@@ -15,6 +15,7 @@
 #         untracked so it travels), on that one minutes apart on the same machine
 # profile bench/decode_profile.py (build vs evaluation of a step, 4K context, 3 rounds) on this
 #         tree and, with OLD_TREE, on that one
+# gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
@@ -54,6 +55,11 @@ for step in "${steps[@]}"; do
           > "$OUT/profile_old.log" 2>&1
         tail -25 "$OUT/profile_old.log"
       fi ;;
+    gputime)
+      timeout 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        --log-file "$OUT/step.csv" python bench/decode_gpu_time.py --preset flash --layers 4 \
+        --experts 64 --context 4096 --profile > "$OUT/step.log" 2>&1
+      python bench/decode_gpu_time.py --parse-ncu "$OUT/step.csv" --steps 5 | tee "$OUT/step_parsed.log" | head -40 ;;
     indexer)
       ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
         bench/indexer.py --profile-parts --entries 65536,262144 > "$OUT/parts.cases" 2>&1
