@@ -17,6 +17,7 @@
 #         tree and, with OLD_TREE, on that one
 # gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
+# ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
@@ -64,6 +65,9 @@ for step in "${steps[@]}"; do
       ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
         bench/indexer.py --profile-parts --entries 65536,262144 > "$OUT/parts.cases" 2>&1
       python bench/indexer.py --parse-ncu "$OUT/parts.csv" | tail -30 ;;
+    ixwall)
+      timeout 200 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
+        --out "$OUT" 2>&1 | tail -16 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
