@@ -94,6 +94,9 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--build-time", type=int, default=0, metavar="N",
+                    help="also time building one decode step's graph (Python, no evaluation) "
+                         "N times, each on a fresh copy of the state; prints the median")
     a = ap.parse_args()
     sys.path.insert(0, str(Path(a.tree) / "bench"))
     sys.path.insert(0, a.tree)
@@ -124,6 +127,21 @@ def main():
           + (f"; {p['per_block']:.1f} a block without the embedding and head"
              if "per_block" in p else ""))
     print("  by op: " + ", ".join(f"{k} {v}" for k, v in p["by_op"].items()))
+    if a.build_time:
+        import statistics
+        import time
+
+        y = mx.array([[tokens[a.context]]])
+        ms = []
+        for _ in range(a.build_time):
+            c = restore(snapshot(cache))
+            mx.eval([s.state for s in c])
+            t0 = time.perf_counter()
+            out = model(y, cache=c)
+            ms.append(1e3 * (time.perf_counter() - t0))
+            del out, c
+        print(f"  building a step's graph: median {statistics.median(ms):.3f} ms over "
+              f"{a.build_time} (min {min(ms):.3f})")
 
 
 if __name__ == "__main__":

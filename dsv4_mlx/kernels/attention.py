@@ -135,7 +135,7 @@ def kernel_backend(q, codec, ncomp: int = 0, rope=None) -> str:
     rd = 0 if rope is None else rope.dims
     if rd % 2 or rd > C:
         return "ops"
-    key = f"{backend}/attn/{mode}/{q.dtype}/C{C}/n{nope}/b{block}/r{rd}"
+    key = (backend, "attn", mode, q.dtype, C, nope, block, rd)
 
     def probe():
         qq = mx.zeros((1, 1, 1, C), q.dtype)

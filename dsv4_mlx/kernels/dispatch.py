@@ -62,8 +62,23 @@ def available_backends() -> tuple[str, ...]:
     return tuple(out)
 
 
+_selected: dict = {}
+
+
 def select_backend(env_var: str = ENV_VAR) -> str:
-    """``"metal"``, ``"cuda"`` or ``"ops"`` for the next call."""
+    """``"metal"``, ``"cuda"`` or ``"ops"`` for the next call (asked at every launch: the
+    answer is remembered for the variable's value, the default device and the availability
+    probes in use)."""
+    raw = os.environ.get(env_var)
+    key = (env_var, raw, mx.default_device().type, metal_available, cuda_available,
+           available_backends)
+    got = _selected.get(key)
+    if got is None:
+        got = _selected[key] = _select_backend(env_var)
+    return got
+
+
+def _select_backend(env_var: str) -> str:
     req = requested(env_var)
     if req == "ops":
         return "ops"
@@ -101,12 +116,12 @@ def vector(*values, dtype=mx.float32) -> mx.array:
     """The 1-D constant array of `values` ([v] for one value: a kernel input a body reads as
     ``v[0]``), made once and shared by every call and kernel: no new array per call. Keyed by
     its own values, dtype and shape, so two different arrays never share a key."""
-    return _const(("vector", str(dtype), values), lambda: mx.array(list(values), dtype))
+    return _const(("vector", dtype, values), lambda: mx.array(list(values), dtype))
 
 
 def scalar(value, dtype=mx.float32) -> mx.array:
     """The 0-d constant `value` (for ops: a kernel takes `vector` inputs), made once."""
-    return _const(("scalar", str(dtype), value), lambda: mx.array(value, dtype))
+    return _const(("scalar", dtype, value), lambda: mx.array(value, dtype))
 
 
 def unused(dtype=mx.float32) -> mx.array:
@@ -150,15 +165,15 @@ _broken: dict[str, str] = {}  # variant key -> reason
 _ok: set[str] = set()
 
 
-def warn_once(key: str, message: str) -> None:
+def warn_once(key, message: str) -> None:
     if key in _warned:
         return
     _warned.add(key)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def kernel_usable(key: str, probe: Callable[[], None], what: str) -> bool:
-    """True if the kernel variant `key` builds and runs; probes it once (`probe` builds and
+def kernel_usable(key, probe: Callable[[], None], what: str) -> bool:
+    """True if the kernel variant `key` (hashable) builds and runs; probes it once (`probe` builds and
     evaluates it on tiny inputs). On failure: one warning, then False for good."""
     if key in _ok:
         return True
@@ -176,7 +191,8 @@ def kernel_usable(key: str, probe: Callable[[], None], what: str) -> bool:
 
 
 def reset() -> None:
-    """Forget probes and warnings (tests)."""
+    """Forget probes, warnings and remembered backend choices (tests)."""
+    _selected.clear()
     _warned.clear()
     _broken.clear()
     _ok.clear()

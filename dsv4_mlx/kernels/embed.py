@@ -61,9 +61,9 @@ def _backend(embed, ids) -> str:
                 or embed.scales.dtype not in _FLOATS or embed.biases.dtype != embed.scales.dtype
                 or embed.weight.dtype != mx.uint32):
             return "ops"
-        key = f"{backend}/embed/q{embed.bits}/g{embed.group_size}/{embed.scales.dtype}"
+        key = (backend, "embed", embed.bits, embed.group_size, embed.scales.dtype)
     elif isinstance(embed, nn.Embedding) and embed.weight.dtype in _FLOATS:
-        key = f"{backend}/embed/{embed.weight.dtype}"
+        key = (backend, "embed", embed.weight.dtype)
     else:
         return "ops"
 

@@ -46,7 +46,7 @@ def kernel_backend(q, codec) -> str:
     if (backend == "ops" or not isinstance(codec, FP4IndexCodec) or q.dtype not in _FLOATS
             or TG % codec.block or q.size == 0):
         return "ops"
-    key = f"{backend}/fp4_round/{q.dtype}/B{codec.block}"
+    key = (backend, "fp4_round", q.dtype, codec.block)
 
     def probe():
         mx.eval(roundtrip_kernel(mx.ones((2 * codec.block,), mx.float32), q.dtype, codec.block,

@@ -29,29 +29,40 @@ def matvec_ops(W: mx.array, x: mx.array) -> mx.array:
     return y.reshape(*x.shape[:-1], W.shape[0])
 
 
-def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, offset=0):
+_plans: dict = {}
+
+
+def _plan(backend, Ws, x, lead, round_to, scale, ape):
+    """(kernel, template, grid, output shapes, output dtypes, scale input) of a launch,
+    made once per shape (a step makes ~17 of these calls)."""
     K = x.size
-    O0 = Ws[0].shape[0]
-    O1 = Ws[1].shape[0] if len(Ws) == 2 else 0
-    lead = x.shape[:-1] if out_lead is None else out_lead
-    rows = sum(w.shape[0] for w in Ws)
     pair = len(Ws) == 2
-    sc = dispatch.unused() if scale is None else dispatch.vector(scale)
+    O0 = Ws[0].shape[0]
+    O1 = Ws[1].shape[0] if pair else 0
+    ks = src.gemv_source(backend, pair, Ws[0].dtype == mx.float32)
+    template = [("XT", x.dtype), ("WT", Ws[0].dtype), ("K", K), ("TG", TG), ("O0", O0),
+                ("RT", round_to or mx.float32), ("SC", scale is not None),
+                *([("O1", O1), ("M", 0 if ape is None else ape.shape[0])] if pair else [])]
+    return (dispatch.build_kernel(backend, ks), template, ((O0 + O1) * TG, 1, 1),
+            [(*lead, w.shape[0]) for w in Ws], [mx.float32] * len(Ws),
+            dispatch.unused() if scale is None else dispatch.vector(scale))
+
+
+def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, offset=0):
+    lead = x.shape[:-1] if out_lead is None else out_lead
+    key = (backend, x.dtype, x.size, lead, round_to, scale, None if ape is None else ape.shape,
+           *[(w.dtype, w.shape) for w in Ws])
+    p = _plans.get(key)
+    if p is None:
+        p = _plans[key] = _plan(backend, Ws, x, lead, round_to, scale, ape)
+    kern, template, grid, shapes, dtypes, sc = p
     if ape is None:
         ape_in, pos = dispatch.unused(), dispatch.unused(mx.int32)
     else:
         ape_in, pos = ape.astype(mx.float32), dispatch.position(offset)
-    with mx.stream(mx.gpu):
-        ks = src.gemv_source(backend, pair, Ws[0].dtype == mx.float32)
-        return dispatch.build_kernel(backend, ks)(
-            inputs=[*Ws, x, sc, ape_in, pos],
-            template=[("XT", x.dtype), ("WT", Ws[0].dtype), ("K", K), ("TG", TG), ("O0", O0),
-                      ("RT", round_to or mx.float32), ("SC", scale is not None),
-                      *([("O1", O1), ("M", 0 if ape is None else ape.shape[0])] if pair else [])],
-            grid=(rows * TG, 1, 1), threadgroup=(TG, 1, 1),
-            output_shapes=[(*lead, w.shape[0]) for w in Ws],
-            output_dtypes=[mx.float32] * len(Ws),
-        )
+    return kern(inputs=[*Ws, x, sc, ape_in, pos], template=template, grid=grid,
+                threadgroup=(TG, 1, 1), output_shapes=shapes, output_dtypes=dtypes,
+                stream=mx.gpu)
 
 
 def _backend(Ws, x, K=None, wdtypes=(mx.float32,), variant: str = "") -> str:
@@ -67,7 +78,7 @@ def _backend(Ws, x, K=None, wdtypes=(mx.float32,), variant: str = "") -> str:
     wt = Ws[0].dtype
     if any(w.dtype != wt or w.dtype not in wdtypes or w.ndim != 2 or w.shape[1] != K for w in Ws):
         return "ops"
-    key = f"{backend}/gemv/{x.dtype}/{wt}/K{K}/n{len(Ws)}/{variant}"
+    key = (backend, "gemv", x.dtype, wt, K, len(Ws), variant)
 
     def probe():
         ws = [mx.zeros((2, K), wt) for _ in Ws]

@@ -49,7 +49,7 @@ def kernel_backend(ring, kv, codec) -> str:
             or kv.shape[1] != 1 or kv.dtype not in _FLOATS or ring["rope"].dtype != kv.dtype):
         return "ops"
     C, W = kv.shape[-1], ring["nope"].shape[1]
-    key = f"{backend}/kv_store/{kv.dtype}/C{C}/N{codec.nope}/B{codec.block}/W{W}"
+    key = (backend, "kv_store", kv.dtype, C, codec.nope, codec.block, W)
 
     def probe():
         r = {"nope": mx.zeros((1, W, codec.nope), mx.uint8),

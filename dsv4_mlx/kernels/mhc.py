@@ -79,7 +79,7 @@ def _backend(X) -> str:
 
 def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None, head: bool = False,
             norm: bool = False) -> bool:
-    key = f"{backend}/mhc/{X.dtype}/{F_dtype}/n{n}/D{D}/I{iters}/H{int(head)}/N{int(norm)}"
+    key = (backend, "mhc", X.dtype, F_dtype, n, D, iters, bool(head), bool(norm))
 
     def probe():
         x = mx.zeros((1, 1, n, D), X.dtype)

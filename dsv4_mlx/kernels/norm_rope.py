@@ -91,7 +91,7 @@ def _backend(q, kv, rope) -> str:
             or rope.dims % 2):
         return "ops"
     H = q.shape[-1] // C
-    key = f"{backend}/norm_rope/{q.dtype}/H{H}/C{C}/R{rope.dims}"
+    key = (backend, "norm_rope", q.dtype, H, C, rope.dims)
 
     def probe():
         mx.eval(norm_rope_kernel(mx.zeros((1, 1, H * C), q.dtype), mx.zeros((1, 1, C), q.dtype),
@@ -114,7 +114,7 @@ def _store_backend(q, kv, rope, cache) -> str:
         return "ops"
     C, W = kv.shape[-1], ring["nope"].shape[1]
     H = q.shape[-1] // C
-    key = f"{backend}/norm_rope_store/{q.dtype}/H{H}/C{C}/R{rope.dims}/N{codec.nope}/B{codec.block}/W{W}"
+    key = (backend, "norm_rope_store", q.dtype, H, C, rope.dims, codec.nope, codec.block, W)
 
     def probe():
         r = {"nope": mx.zeros((1, W, codec.nope), mx.uint8),

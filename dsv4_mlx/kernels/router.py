@@ -96,7 +96,7 @@ def _backend(logits, bias, hidx, k, ids=None) -> str:
         return "ops"
     E = logits.shape[-1]
     rows = ids is not None
-    key = f"{backend}/router/E{E}/k{k}/{'hash' if hidx is not None else 'learned'}/R{int(rows)}"
+    key = (backend, "router", E, k, hidx is not None, bool(rows))
 
     def probe():
         lg = mx.zeros((1, E), mx.float32)

@@ -76,7 +76,7 @@ def _backend(y, w, dtype) -> str:
     if (backend == "ops" or y.dtype not in _FLOATS or dtype not in _FLOATS or y.shape[-1] % 2
             or (w is not None and (w.dtype != mx.float32 or w.size * y.shape[-1] != y.size))):
         return "ops"
-    key = f"{backend}/swiglu/{y.dtype}/{dtype}/W{int(w is not None)}"
+    key = (backend, "swiglu", y.dtype, dtype, w is not None)
 
     def probe():
         mx.eval(swiglu_kernel(mx.zeros((1, 4), y.dtype), None if w is None else mx.ones((1,)),
