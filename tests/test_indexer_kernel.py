@@ -724,6 +724,42 @@ def test_failed_kernel_warns_once_and_falls_back(clean_dispatch):
     check_topk(b, ref, vis, 16, "fallback 2")
 
 
+@pytest.mark.parametrize("T,N,k,mode,qdtype", [
+    (1, 65536, 512, "fp4", "bfloat16"),   # sliced top-k and the merge, matrix units
+    (1, 4096, 512, "fp4", "bfloat16"),
+    (3, 2000, 64, "bf16", "bfloat16"),
+    (2, 1000, 64, "f32", "float32"),      # the fp32 scoring kernel
+    (1, 300, 512, "fp4", "float32"),      # fewer entries than k: the ops path
+])
+def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode, qdtype):
+    """`indexer_topk_kernel` with its defaults runs launches planned once per shape; they must
+    be the very launches (kernel, template, grid, group, outputs, inputs) that the explicit
+    path (`indexer_scores_kernel` + `indexer_select_kernel`) makes."""
+    log = []
+
+    def recorder(backend, ks):
+        def kern(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
+            log.append((ks.name, list(template), tuple(grid), tuple(threadgroup),
+                        [tuple(s) for s in output_shapes], list(output_dtypes),
+                        [(a.shape, a.dtype) for a in inputs]))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return kern
+
+    clean_dispatch.setattr(ki, "_kernel", recorder)
+    rng = np.random.default_rng(N + T)
+    q, w, keys = make_case(rng, 1, T, 64, 128, N)
+    kx = _mx_keys(mode, keys)[0]
+    qa = mx.array(q).astype(getattr(mx, qdtype))
+    vis = mx.array(np.full((T,), N, np.int32))
+    runs = []
+    for launch in (None, {"tpt": None}, None):  # planned, explicit, planned again (cached)
+        log.clear()
+        ki.indexer_topk_kernel(qa, mx.array(w), kx, vis, k, backend="cuda", launch=launch)
+        runs.append(list(log))
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 else 2)
+
+
 # --------------------------------------------------------------------------------------------
 # on the GPU: kernels vs the ops path and the reference
 

@@ -190,8 +190,19 @@ def kernel_usable(key, probe: Callable[[], None], what: str) -> bool:
     return True
 
 
+_remembered: list = []
+
+
+def remembered(d: dict) -> dict:
+    """Register a module's cache of probe outcomes, cleared by `reset` with the probes."""
+    _remembered.append(d)
+    return d
+
+
 def reset() -> None:
     """Forget probes, warnings and remembered backend choices (tests)."""
+    for d in _remembered:
+        d.clear()
     _selected.clear()
     _warned.clear()
     _broken.clear()

@@ -297,6 +297,8 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     ``e``, ``tpt`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r`` of the top-k
     kernel), for tuning.
     """
+    if not launch and select == "kernel" and mma is None:
+        return _planned(backend, q, w, keys, visible, topk)
     launch = launch or {}
     pick = lambda names: {a: launch[a] for a in names if a in launch}  # noqa: E731
     N = _num_entries(keys)
@@ -314,6 +316,69 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     with mx.stream(mx.gpu):
         idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
         return mx.where(idx >= visible[None, :, None], -1, idx)
+
+
+_plans: dict = {}
+_usable: dict = dispatch.remembered({})  # shape key -> the kernels take it (probed once)
+
+
+def _shape_key(backend, q, keys, topk):
+    """What a call's plan (and whether the kernels take it) depends on."""
+    if _is_fp4(keys):
+        return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
+                keys[1].dtype, keys[1].shape, topk)
+    return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk)
+
+
+def _plan(backend, q, keys, topk):
+    """The launches of one `indexer_topk_kernel` call with its default parameters, for these
+    shapes: [(kernel, template, grid, threadgroup, output shapes, output dtypes)] of the
+    scoring launch, the top-k launch and (S > 1) the merge; whether the scoring takes the
+    queries as uint32 (the matrix-unit kernel)."""
+    B, T, H, D = q.shape
+    key_mode, _, N, _ = _key_inputs(keys)
+    k = min(topk, N)
+    on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
+                                                 None, None, None, None, None)
+    launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
+    TG, U, S = topk_launch(B, T, N, k)
+    kern = _kernel(backend, src.topk_source(backend))
+    for m, (tgs, s, r) in enumerate([(TG, S, topk_regs(N, TG, S))]
+                                    + ([(1024, 1, topk_regs(S * k, 1024, 1))] if S > 1 else [])):
+        launches.append((kern, [("K", k), ("TG", tgs), ("U", U), ("S", s), ("MAPPED", m == 1),
+                                ("R", r)],
+                         (s * tgs, T, B), (tgs, 1, 1), [(B, T, s * k)] * 2,
+                         [mx.int32, mx.float32]))
+    return on_mma, launches
+
+
+def _planned(backend, q, w, keys, visible, topk):
+    """`indexer_topk_kernel` with its default launch parameters, the launches made once per
+    shape (the same kernels and parameters as `indexer_scores_kernel` and
+    `indexer_select_kernel` choose; a decode step makes one call a CSA layer)."""
+    q = _q_ready(q)
+    fp4 = _is_fp4(keys)
+    key = _shape_key(backend, q, keys, topk)
+    p = _plans.get(key)
+    if p is None:
+        N = _num_entries(keys)
+        p = _plans[key] = False if min(topk, N) == N else _plan(backend, q, keys, topk)
+    if p is False:  # every entry is selected: only visibility matters
+        return indexer_topk_ops(q, w, keys, visible, topk)
+    on_mma, launches = p
+    visible = _i32(visible)
+    key_in = list(keys) if fp4 else _key_inputs(keys)[1]  # (fp4: checked by the plan)
+    out = None
+    for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
+        if i == 0:
+            inputs = [q.view(mx.uint32) if on_mma else q, _f32(w), *key_in, visible]
+        elif i == 1:
+            inputs = [out[0], visible, _no_cidx()]
+        else:
+            inputs = [out[1], visible, out[0]]
+        out = kern(inputs=inputs, template=template, grid=grid, threadgroup=tg,
+                   output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu)
+    return out[0]
 
 
 @functools.lru_cache(maxsize=256)
@@ -368,9 +433,16 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
     k = min(topk, N)
     if backend != "ops" and q_exact_bf16 and q.dtype == mx.float32:
         q = q.astype(mx.bfloat16)  # exact (see above)
-    if backend != "ops" and k < N and kernel_supported(q, keys):
-        key, probe = _variant_key(backend, q, keys, k)
-        if dispatch.kernel_usable(key, probe, f"lightning indexer ({backend})"):
+    if backend != "ops" and k < N:
+        key = (_shape_key(backend, q, keys, topk), dispatch.kernel_usable)
+        ok = _usable.get(key)
+        if ok is None:  # once per shape: the checks, and the build probe (once per variant)
+            ok = kernel_supported(q, keys)
+            if ok:
+                vkey, probe = _variant_key(backend, q, keys, k)
+                ok = dispatch.kernel_usable(vkey, probe, f"lightning indexer ({backend})")
+            _usable[key] = ok
+        if ok:
             return indexer_topk_kernel(q, w, keys, visible, topk, backend=backend)
     return indexer_topk_ops(q, w, keys, visible, topk)
 
