@@ -33,13 +33,13 @@ for step in "${steps[@]}"; do
       [ "$step" = tests-all ] && files+=(tests/test_gemv_kernel.py tests/test_kv_store_kernel.py \
         tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py tests/test_mhc_kernel.py \
         tests/test_router_kernel.py tests/test_attention_kernel.py)
-      timeout 280 python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
+      timeout ${TESTS_TIMEOUT:-240} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
         > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
       grep -cE "PASSED" "$OUT/gpu_tests.log" | sed 's/^/passed: /'
       tail -1 "$OUT/gpu_tests.log" ;;
     decode)
-      timeout 200 python bench/gpu_decode.py --preset flash --layers 4 --experts 256 \
+      timeout ${DECODE_TIMEOUT:-170} python bench/gpu_decode.py --preset flash --layers 4 --experts 256 \
         --max-context ${MAX_CONTEXT:-65536} --decode-tokens 32 --out "$OUT/new" 2>&1 | tail -12
       if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
         (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 140 python bench/gpu_decode.py \
@@ -62,7 +62,7 @@ for step in "${steps[@]}"; do
         --experts 64 --context 4096 --profile > "$OUT/step.log" 2>&1
       python bench/decode_gpu_time.py --parse-ncu "$OUT/step.csv" --steps 5 | tee "$OUT/step_parsed.log" | head -40 ;;
     indexer)
-      ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
+      timeout 150 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
         bench/indexer.py --profile-parts --entries 65536,262144 > "$OUT/parts.cases" 2>&1
       python bench/indexer.py --parse-ncu "$OUT/parts.csv" | tail -30 ;;
     ixwall)
