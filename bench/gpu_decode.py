@@ -134,18 +134,20 @@ def main():
     dev = "cuda" if "gpu" in str(mx.default_device()) else "cpu"
     write_csv(rep, out / f"bench_{a.preset}{a.layers}_{dev}.csv")
     (out / f"bench_{a.preset}{a.layers}_{dev}.json").write_text(json.dumps(rep, indent=1))
-    print(f"{'context':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/tok':>7} {'state MiB':>10} {'peak GiB':>9} "
-          f"{'BW used':>8} {'prims/layer':>11}")
+    print(f"{'context':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'ms/tok':>7} {'build':>6} {'eval':>6} "
+          f"{'pipelined':>10} {'state MiB':>10} {'peak GiB':>9} {'BW used':>8} {'(pipel.)':>8} {'prims/layer':>11}")
     for r in rep["frontiers"]:
         print(f"{r['context']:>8} {r['prefill_tok_s']:>14.1f} {r['decode_tok_s']:>13.2f} {r['decode_ms_median']:>7.2f} "
+              f"{r['decode_build_ms']:>6.2f} {r['decode_eval_ms']:>6.2f} {r['decode_pipelined_tok_s']:>10.2f} "
               f"{r['state_bytes'] / 2**20:>10.1f} {r['peak_memory_bytes'] / 2**30:>9.2f} {100 * r['bandwidth_fraction']:>7.1f}% "
-              f"{r['primitives_per_layer']:>11.1f}")
+              f"{100 * r['bandwidth_fraction_pipelined']:>7.1f}% {r['primitives_per_layer']:>11.1f}")
     print(f"weights read per decode token {rep['weight_bytes_per_token'] / 2**20:.1f} MiB; copy bandwidth "
           f"{rep['bandwidth_gb_s']:.0f} GB/s; primitives per decode step at {rep['primitives']['context']} "
           f"{rep['primitives']['total']} ({rep['primitives']['per_layer']:.0f}/layer)")
     fr = {r["context"]: r for r in rep["frontiers"]}
     if 2048 in fr and a.max_context in fr:
-        print(f"decode at {a.max_context} / decode at 2048: {fr[a.max_context]['decode_tok_s'] / fr[2048]['decode_tok_s']:.2f}")
+        print(f"decode at {a.max_context} / decode at 2048: {fr[a.max_context]['decode_tok_s'] / fr[2048]['decode_tok_s']:.2f}"
+              f" (pipelined: {fr[a.max_context]['decode_pipelined_tok_s'] / fr[2048]['decode_pipelined_tok_s']:.2f})")
     if 8192 in fr:
         # matmul FLOPs per prefill token: 2 x (active weights), attention not counted
         flops = 2 * active * fr[8192]["prefill_tok_s"]

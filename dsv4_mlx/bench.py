@@ -7,7 +7,9 @@ state bytes; peak memory. Once per run: the weight bytes one decode token reads 
 loaded layout: every non-expert weight, k of E experts per MoE layer, one embedding row, the
 head), the memory bandwidth measured by a copy in the same process. At each frontier also the number
 of primitives one decode step dispatches (its MLX graph, `mx.export_to_dot`; a compiled region
-counts once); the report's headline count is the last frontier's.
+counts once); the report's headline count is the last frontier's. Decode is measured twice:
+step by step (each step built, then evaluated: the two medians tell which bounds it) and in
+mlx-lm's pipelined `generate_step` (what `dsv4 chat` gets).
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class FrontierResult:
     bandwidth_gb_s: float
     primitives_per_layer: float
     bandwidth_fraction: float
+    # the synchronous probe split: building a step's graph (Python) vs evaluating it
+    decode_build_ms: float = 0.0
+    decode_eval_ms: float = 0.0
+    # mlx-lm's generate_step (what `dsv4 chat` runs): step t+1 is built while step t runs
+    decode_pipelined_tok_s: float = 0.0
+    bandwidth_fraction_pipelined: float = 0.0
 
 
 def weight_bytes_per_token(model) -> int:
@@ -127,6 +135,23 @@ def count_primitives(model, cache: List[LayerCache], token: int = 5) -> Dict:
             "by_op": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
+def pipelined_step_times(model, cache: List[LayerCache], y: mx.array, n: int) -> List[float]:
+    """Seconds per token of `n` greedy tokens from mlx-lm's `generate_step` (the loop `dsv4
+    chat` runs: it builds step t+1's graph while step t is evaluated) from token `y` on
+    `cache` (which it advances); the first, which includes `y`'s own step, is left out."""
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    times = []
+    t = time.perf_counter()
+    for _ in zip(range(n + 1), generate_step(y.reshape(1), model, max_tokens=n + 1,
+                                             sampler=make_sampler(0.0), prompt_cache=cache)):
+        t2 = time.perf_counter()
+        times.append(t2 - t)
+        t = t2
+    return times[1:]
+
+
 def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequence[int] = FRONTIERS,
               decode_tokens: int = 32, prefill_chunk: int = 2048,
               progress: Optional[Callable[[str], None]] = None) -> Dict:
@@ -178,15 +203,22 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
             mx.eval(y)
         cache[:] = restore(snap)
         y = y0
-        times = []
+        times, build, evals = [], [], []
         for _ in range(decode_tokens):
             t = time.perf_counter()
             logits = model(y.reshape(1, 1), cache=cache)
             y = mx.argmax(logits[0, -1])
+            t1 = time.perf_counter()
             mx.eval(y)
-            times.append(time.perf_counter() - t)
+            t2 = time.perf_counter()
+            times.append(t2 - t)
+            build.append(t1 - t)
+            evals.append(t2 - t1)
+        cache[:] = restore(snap)
+        pipe = pipelined_step_times(model, cache, y0, decode_tokens)
         cache[:] = restore(snap)
         dec = decode_tokens / sum(times)
+        dec_pipe = len(pipe) / sum(pipe)
         r = FrontierResult(
             context=f, prefill_tokens=interval, prefill_s=pre_s, prefill_tok_s=interval / pre_s,
             decode_tokens=decode_tokens, decode_tok_s=dec, decode_ms_median=1000 * statistics.median(times),
@@ -194,6 +226,10 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
             weight_bytes_per_token=wbytes, bandwidth_gb_s=bw,
             bandwidth_fraction=wbytes * dec / (bw * 1e9),
             primitives_per_layer=prims["per_layer"],
+            decode_build_ms=1000 * statistics.median(build),
+            decode_eval_ms=1000 * statistics.median(evals),
+            decode_pipelined_tok_s=dec_pipe,
+            bandwidth_fraction_pipelined=wbytes * dec_pipe / (bw * 1e9),
         )
         results.append(r)
         say(f"context {f:,}: prefill {r.prefill_tok_s:,.1f} tok/s, decode {r.decode_tok_s:,.2f} tok/s")

@@ -23,6 +23,12 @@ def test_report_and_csv(tmp_path):
     rows = rep["frontiers"]
     assert [r["context"] for r in rows] == [32, 64] and rows[1]["prefill_tokens"] == 32
     assert all(r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in rows)
+    for r in rows:  # the step split and the pipelined loop
+        assert r["decode_build_ms"] > 0 and r["decode_eval_ms"] > 0
+        assert r["decode_build_ms"] + r["decode_eval_ms"] <= 1000 / r["decode_tok_s"] * 3
+        assert r["decode_pipelined_tok_s"] > 0
+        assert abs(r["bandwidth_fraction_pipelined"] / r["bandwidth_fraction"]
+                   - r["decode_pipelined_tok_s"] / r["decode_tok_s"]) < 1e-9
     assert rows[1]["state_bytes"] > rows[0]["state_bytes"] > 0
     assert rep["primitives"]["total"] > len(model.layers)
     write_csv(rep, tmp_path / "b.csv")
@@ -62,3 +68,16 @@ def test_probe_restores_state():
     cache[:] = restore(snap)
     b = np.array(model(mx.array([[7]]), cache=cache))
     np.testing.assert_array_equal(a, b)
+
+
+def test_pipelined_probe_times_each_token():
+    """mlx-lm's generate_step on our model and cache: one time a generated token, the first
+    (which includes the prompt token's step) left out."""
+    from dsv4_mlx.bench import pipelined_step_times
+
+    model = _model()
+    cache = model.make_cache()
+    mx.eval(model(mx.array([list(range(2, 30))]), cache=cache))
+    times = pipelined_step_times(model, cache, mx.array(7), 4)
+    assert len(times) == 4 and all(t > 0 for t in times)
+
