@@ -760,6 +760,21 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
     assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 else 2)
 
 
+def test_plans_stay_bounded_as_the_entries_grow(clean_dispatch):
+    """The entry count grows every few tokens all through a session: the per-shape plans and
+    decisions must not grow with it."""
+    clean_dispatch.setattr(ki, "_kernel", lambda backend, ks: lambda inputs, output_shapes,
+                           output_dtypes, **kw: [mx.zeros(s, d) for s, d in
+                                                 zip(output_shapes, output_dtypes)])
+    clean_dispatch.setattr(dispatch, "select_backend", lambda env_var=dispatch.ENV_VAR: "cuda")
+    clean_dispatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
+    q, w = mx.zeros((1, 1, 16, 32), mx.bfloat16), mx.zeros((1, 1, 16))
+    for N in range(40, 700):
+        keys = (mx.zeros((1, N, 4), mx.uint32), mx.zeros((1, N, 1), mx.uint8))
+        ki.indexer_topk(q, w, keys, mx.array([N], mx.int32), 32)
+    assert 0 < len(ki._plans) <= 512 and 0 < len(ki._usable) <= 512
+
+
 # --------------------------------------------------------------------------------------------
 # on the GPU: kernels vs the ops path and the reference
 

@@ -190,6 +190,15 @@ def kernel_usable(key, probe: Callable[[], None], what: str) -> bool:
     return True
 
 
+def bounded_put(d: dict, key, value, limit: int = 512):
+    """``d[key] = value``, first dropping the oldest entry once `d` holds `limit` (caches
+    keyed by the number of compressed entries, which grows all through a long session)."""
+    if len(d) >= limit:
+        del d[next(iter(d))]
+    d[key] = value
+    return value
+
+
 _remembered: list = []
 
 

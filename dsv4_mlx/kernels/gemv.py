@@ -50,11 +50,11 @@ def _plan(backend, Ws, x, lead, round_to, scale, ape):
 
 def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, offset=0):
     lead = x.shape[:-1] if out_lead is None else out_lead
-    key = (backend, x.dtype, x.size, lead, round_to, scale, None if ape is None else ape.shape,
-           *[(w.dtype, w.shape) for w in Ws])
+    key = (backend, dispatch.build_kernel, x.dtype, x.size, lead, round_to, scale,
+           None if ape is None else ape.shape, *[(w.dtype, w.shape) for w in Ws])
     p = _plans.get(key)
     if p is None:
-        p = _plans[key] = _plan(backend, Ws, x, lead, round_to, scale, ape)
+        p = dispatch.bounded_put(_plans, key, _plan(backend, Ws, x, lead, round_to, scale, ape))
     kern, template, grid, shapes, dtypes, sc = p
     if ape is None:
         ape_in, pos = dispatch.unused(), dispatch.unused(mx.int32)

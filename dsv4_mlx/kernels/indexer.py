@@ -362,7 +362,8 @@ def _planned(backend, q, w, keys, visible, topk):
     p = _plans.get(key)
     if p is None:
         N = _num_entries(keys)
-        p = _plans[key] = False if min(topk, N) == N else _plan(backend, q, keys, topk)
+        p = dispatch.bounded_put(_plans, key,
+                                 False if min(topk, N) == N else _plan(backend, q, keys, topk))
     if p is False:  # every entry is selected: only visibility matters
         return indexer_topk_ops(q, w, keys, visible, topk)
     on_mma, launches = p
@@ -441,7 +442,7 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
             if ok:
                 vkey, probe = _variant_key(backend, q, keys, k)
                 ok = dispatch.kernel_usable(vkey, probe, f"lightning indexer ({backend})")
-            _usable[key] = ok
+            dispatch.bounded_put(_usable, key, ok)
         if ok:
             return indexer_topk_kernel(q, w, keys, visible, topk, backend=backend)
     return indexer_topk_ops(q, w, keys, visible, topk)
