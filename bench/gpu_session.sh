@@ -33,7 +33,7 @@ for step in "${steps[@]}"; do
       [ "$step" = tests-all ] && files+=(tests/test_gemv_kernel.py tests/test_kv_store_kernel.py \
         tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py tests/test_mhc_kernel.py \
         tests/test_router_kernel.py tests/test_attention_kernel.py)
-      timeout ${TESTS_TIMEOUT:-240} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
+      timeout ${TESTS_TIMEOUT:-200} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
         > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
       grep -cE "PASSED" "$OUT/gpu_tests.log" | sed 's/^/passed: /'
@@ -62,11 +62,11 @@ for step in "${steps[@]}"; do
         --experts 64 --context 4096 --profile > "$OUT/step.log" 2>&1
       python bench/decode_gpu_time.py --parse-ncu "$OUT/step.csv" --steps 5 | tee "$OUT/step_parsed.log" | head -40 ;;
     indexer)
-      timeout 150 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
+      timeout 120 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
         bench/indexer.py --profile-parts --entries 65536,262144 > "$OUT/parts.cases" 2>&1
       python bench/indexer.py --parse-ncu "$OUT/parts.csv" | tail -30 ;;
     ixwall)
-      timeout 200 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
+      timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
