@@ -157,6 +157,34 @@ def build_kernel(backend: str, ks):
     return kern
 
 
+class Launch:
+    """One kernel launch with everything but its inputs fixed (template, grid, threadgroup,
+    output shapes and dtypes), made once per shape by `launch`: a decode step makes ~60
+    launches, and rebuilding these lists at every call is most of their Python cost."""
+
+    __slots__ = ("kern", "kw")
+
+    def __init__(self, backend: str, ks, **kw):
+        self.kern = build_kernel(backend, ks)
+        self.kw = dict(kw, stream=mx.gpu)
+
+    def __call__(self, inputs):
+        return self.kern(inputs=inputs, **self.kw)
+
+
+_launches: dict = {}
+
+
+def launch(key, make: Callable[[], Launch]) -> Launch:
+    """The `Launch` for `key` (hashable: the kernel's variant and shapes), made by `make` at
+    its first use (and again if the kernel builder was replaced, as tests do)."""
+    k = (key, build_kernel)
+    got = _launches.get(k)
+    if got is None:
+        got = bounded_put(_launches, k, make())
+    return got
+
+
 # --------------------------------------------------------------------------------------------
 # warn-once fallback
 

@@ -40,15 +40,16 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
     eps = dispatch.vector(hc_eps, norm_eps, out_eps)
     wn = (norm.weight.astype(X.dtype) if norm is not None
           else dispatch.unused())
-    with mx.stream(mx.gpu):
-        h, post, comb = dispatch.build_kernel(backend, src.pre_source(backend))(
-            inputs=[X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps, wn],
+    go = dispatch.launch(
+        ("mhc_pre", backend, X.dtype, X.shape, iters, head, norm is not None),
+        lambda: dispatch.Launch(
+            backend, src.pre_source(backend),
             template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG),
                       ("HEAD", head), ("NORM", norm is not None)],
             grid=(N * PRE_TG, 1, 1), threadgroup=(PRE_TG, 1, 1),
             output_shapes=[(B, S, D), (1,), (1,)] if head else [(B, S, D), (B, S, n), (B, S, n, n)],
-            output_dtypes=[X.dtype, mx.float32, mx.float32],
-        )
+            output_dtypes=[X.dtype, mx.float32, mx.float32]))
+    h, post, comb = go([X, mixraw, scale.astype(mx.float32), base.astype(mx.float32), eps, wn])
     return h, post, comb
 
 
@@ -59,14 +60,15 @@ def hc_post_kernel(X, F, post, comb, routed=None, *, backend: str):
     N = B * S
     R = dispatch.unused() if routed is None else routed
     KR = 0 if routed is None else routed.shape[2]
-    with mx.stream(mx.gpu):
-        (Y,) = dispatch.build_kernel(backend, src.post_source(backend))(
-            inputs=[X, F, post, comb, R],
+    go = dispatch.launch(
+        ("mhc_post", backend, X.dtype, X.shape, F.dtype, R.dtype, KR),
+        lambda: dispatch.Launch(
+            backend, src.post_source(backend),
             template=[("XT", X.dtype), ("FT", F.dtype), ("RT", R.dtype), ("KR", KR), ("NS", n),
                       ("D", D), ("TG", POST_TG)],
             grid=(-(-D // POST_TG) * POST_TG, N, 1), threadgroup=(POST_TG, 1, 1),
-            output_shapes=[(B, S, n, D)], output_dtypes=[X.dtype],
-        )
+            output_shapes=[(B, S, n, D)], output_dtypes=[X.dtype]))
+    (Y,) = go([X, F, post, comb, R])
     return Y
 
 

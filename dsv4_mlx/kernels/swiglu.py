@@ -60,14 +60,15 @@ def swiglu_kernel(y, w, limit: float, dtype, *, backend: str):
     R = y.size // (2 * I)
     lim = dispatch.vector(float(limit))
     wi = dispatch.unused() if w is None else w
-    with mx.stream(mx.gpu):
-        (h,) = dispatch.build_kernel(backend, src.swiglu_source(backend))(
-            inputs=[y, wi, lim],
+    go = dispatch.launch(
+        ("swiglu", backend, y.dtype, y.shape, dtype, w is not None),
+        lambda: dispatch.Launch(
+            backend, src.swiglu_source(backend),
             template=[("YT", y.dtype), ("OT", dtype), ("I", I), ("TG", TG),
                       ("WEIGHTED", w is not None)],
             grid=(-(-I // TG) * TG, R, 1), threadgroup=(TG, 1, 1),
-            output_shapes=[(*y.shape[:-1], I)], output_dtypes=[dtype],
-        )
+            output_shapes=[(*y.shape[:-1], I)], output_dtypes=[dtype]))
+    (h,) = go([y, wi, lim])
     return h
 
 
