@@ -91,27 +91,32 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
     NG = -(-H // hg)
     meta = mx.array([nring, ncomp], mx.int32)  # 8 bytes: see the kernel's note on host arrays
     fp = dispatch.vector(scale)
-    with mx.stream(mx.gpu):
-        pm, pl, pacc = dispatch.build_kernel(backend, src.decode_source(backend, mode))(
-            inputs=[q, *ring_a, *comp_a, idx, meta, fp],
+    split = dispatch.launch(
+        ("attn_split", backend, mode, q.dtype, q.shape, ring_a[-1].dtype, W, nope, block, tg, hg,
+         spl, ku, sparse, S),
+        lambda: dispatch.Launch(
+            backend, src.decode_source(backend, mode),
             template=[("QT", q.dtype), ("KV", ring_a[-1].dtype), ("C", C), ("NOPE", nope),
                       ("BLK", block), ("W", W), ("TG", tg), ("HG", hg), ("SPL", spl),
                       ("KU", ku), ("SPARSE", sparse)],
             grid=(NG * S * tg, B, 1), threadgroup=(tg, 1, 1),
             output_shapes=[(B, H, S), (B, H, S), (B, H, S, C)],
-            output_dtypes=[mx.float32] * 3,
-        )
-        if rope is None:
-            invf, pos = dispatch.unused(), dispatch.unused(mx.int32)
-        else:
-            invf, pos = rope.inv_freq_f32(), dispatch.position(offset)
-        (o,) = dispatch.build_kernel(backend, src.combine_source(backend))(
-            inputs=[pm, pl, pacc, sinks.astype(mx.float32), invf, pos],
-            template=[("QT", q.dtype), ("C", C), ("TG", COMBINE_TG),
-                      ("RD", 0 if rope is None else rope.dims)],
+            output_dtypes=[mx.float32] * 3))
+    pm, pl, pacc = split([q, *ring_a, *comp_a, idx, meta, fp])
+    if rope is None:
+        invf, pos = dispatch.unused(), dispatch.unused(mx.int32)
+    else:
+        invf, pos = rope.inv_freq_f32(), dispatch.position(offset)
+    rd = 0 if rope is None else rope.dims
+    oshape = tuple(out_shape or (B, H, 1, C))
+    combine = dispatch.launch(
+        ("attn_combine", backend, q.dtype, B, H, C, S, rd, oshape),
+        lambda: dispatch.Launch(
+            backend, src.combine_source(backend),
+            template=[("QT", q.dtype), ("C", C), ("TG", COMBINE_TG), ("RD", rd)],
             grid=(H * COMBINE_TG, B, 1), threadgroup=(COMBINE_TG, 1, 1),
-            output_shapes=[out_shape or (B, H, 1, C)], output_dtypes=[q.dtype],
-        )
+            output_shapes=[oshape], output_dtypes=[q.dtype]))
+    (o,) = combine([pm, pl, pacc, sinks.astype(mx.float32), invf, pos])
     return o
 
 

@@ -69,17 +69,19 @@ def norm_rope_store_kernel(q, kv, kv_norm, q_eps: float, rope, offset: int, ring
     codes, scl, rp = ring["nope"], ring["scale"], ring["rope"]
     W = codes.shape[1]
     eps = dispatch.vector(q_eps, kv_norm.eps)
-    with mx.stream(mx.gpu):
-        qo, oc, os_, orope = dispatch.build_kernel(backend, src.norm_rope_source(backend, True))(
-            inputs=[q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
-                    dispatch.position(offset), eps, codes, scl, rp],
+    go = dispatch.launch(
+        ("norm_rope_store", backend, q.dtype, H, C, rope.dims, codec.nope, codec.block,
+         codes.shape, codes.dtype, scl.shape, scl.dtype, rp.shape, rp.dtype),
+        lambda: dispatch.Launch(
+            backend, src.norm_rope_source(backend, True),
             template=[("XT", q.dtype), ("H", H), ("C", C), ("RD", rope.dims), ("PER", per),
                       ("TG", tg), ("P2", p2), ("NOPE", codec.nope), ("BLK", codec.block),
                       ("W", W)],
             grid=((H + W) * tg, 1, 1), threadgroup=(tg, 1, 1),
             output_shapes=[(1, H, 1, C), codes.shape, scl.shape, rp.shape],
-            output_dtypes=[q.dtype, codes.dtype, scl.dtype, rp.dtype],
-        )
+            output_dtypes=[q.dtype, codes.dtype, scl.dtype, rp.dtype]))
+    qo, oc, os_, orope = go([q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
+                             dispatch.position(offset), eps, codes, scl, rp])
     return qo, {"nope": oc, "scale": os_, "rope": orope}
 
 

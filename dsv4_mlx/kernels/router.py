@@ -68,17 +68,16 @@ def route_kernel(logits, bias, hidx, k: int, scale: float, *, backend: str, w_sh
         N *= d
     hashed = hidx is not None
     dummy = dispatch.unused(mx.int32)
-    with mx.stream(mx.gpu):
-        idx, w = dispatch.build_kernel(backend, src.route_source(backend))(
-            inputs=[logits, dispatch.unused() if hashed else bias,
-                    hidx if hashed else dummy,
-                    dispatch.vector(scale),
-                    dummy if ids is None else ids],
+    wsh = tuple(w_shape or (*lead, k))
+    go = dispatch.launch(
+        ("router", backend, logits.shape, k, hashed, ids is not None, wsh),
+        lambda: dispatch.Launch(
+            backend, src.route_source(backend),
             template=[("E", E), ("K", k), ("TG", TG), ("HASH", hashed), ("ROWS", ids is not None)],
             grid=(N * TG, 1, 1), threadgroup=(TG, 1, 1),
-            output_shapes=[(*lead, k), w_shape or (*lead, k)],
-            output_dtypes=[mx.uint32, mx.float32],
-        )
+            output_shapes=[(*lead, k), wsh], output_dtypes=[mx.uint32, mx.float32]))
+    idx, w = go([logits, dispatch.unused() if hashed else bias, hidx if hashed else dummy,
+                 dispatch.vector(scale), dummy if ids is None else ids])
     return idx, w
 
 
