@@ -35,6 +35,7 @@ _PRE_BODY = r"""
   const int t = ki_gx;
   KI_SHARED float ki_red[TG];
   KI_SHARED float ki_pre[NS];
+  KI_SHARED float ki_c[2][NS * NS];  // the Sinkhorn's matrix, double-buffered
   const int xbase = t * NS * D;
   // One token is one group, so nothing else hides the memory latency: with KEEP (D a
   // multiple of TG, at most 64 values a thread) a thread loads all its values at once into
@@ -80,51 +81,55 @@ _PRE_BODY = r"""
     if (ki_tid < s) ki_red[ki_tid] += ki_red[ki_tid + s];
     KI_BARRIER();
   }
-  if (ki_tid == 0) {
-    const float rs = KI_RSQRT(ki_red[0] / (float)(NS * D) + eps[1]);
-    const float hc_eps = eps[0];
-    float mix[(2 + NS) * NS];  // M of them read (the head's NS)
-    for (int i = 0; i < M; ++i) mix[i] = mixraw[t * M + i] * rs;
-    for (int j = 0; j < NS; ++j) {
-      const float a = mix[j] * scale[0] + base[j];
-      ki_pre[j] = 1.0f / (1.0f + KI_EXP(-a)) + hc_eps;
-    }
+  // The parameters, spread over the group (one thread an output; the Sinkhorn's NS x NS
+  // matrix one element a thread, double-buffered in shared memory, a barrier a half-round).
+  // Every value is computed with the operations, in the order, of a single-thread loop over
+  // rows then columns (each sum from its first term to its last): the same bits as the one-
+  // thread version this replaced (checked in the C++ emulation), whose serial Sinkhorn (20
+  // rounds of NS x NS fp32 divisions in one dependent stream) was the kernel's long pole.
+  const float rs = KI_RSQRT(ki_red[0] / (float)(NS * D) + eps[1]);
+  const float hc_eps = eps[0];
+  for (int j = ki_tid; j < NS; j += TG) {
+    const float a = mixraw[t * M + j] * rs * scale[0] + base[j];
+    ki_pre[j] = 1.0f / (1.0f + KI_EXP(-a)) + hc_eps;
     if (!HEAD) {
-      for (int j = 0; j < NS; ++j) {
-        const float b = mix[NS + j] * scale[1] + base[NS + j];
-        post[t * NS + j] = 2.0f / (1.0f + KI_EXP(-b));
-      }
-      float c[NS][NS];
-      for (int j = 0; j < NS; ++j) {  // row softmax (max-subtracted) + eps
-        float mx = KI_NEG_INF;
-        for (int k = 0; k < NS; ++k) {
-          c[j][k] = mix[2 * NS + j * NS + k] * scale[2] + base[2 * NS + j * NS + k];
-          mx = c[j][k] > mx ? c[j][k] : mx;
-        }
-        float sum = 0.0f;
-        for (int k = 0; k < NS; ++k) {
-          c[j][k] = KI_EXP(c[j][k] - mx);
-          sum += c[j][k];
-        }
-        for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / sum + hc_eps;
-      }
-      for (int it = 0; it < ITERS; ++it) {
-        if (it > 0) {  // row normalisation (the first iteration has only the column one)
-          for (int j = 0; j < NS; ++j) {
-            float sum = 0.0f;
-            for (int k = 0; k < NS; ++k) sum += c[j][k];
-            for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / (sum + hc_eps);
-          }
-        }
-        for (int k = 0; k < NS; ++k) {
-          float sum = 0.0f;
-          for (int j = 0; j < NS; ++j) sum += c[j][k];
-          for (int j = 0; j < NS; ++j) c[j][k] = c[j][k] / (sum + hc_eps);
-        }
-      }
-      for (int j = 0; j < NS; ++j)
-        for (int k = 0; k < NS; ++k) comb[(t * NS + j) * NS + k] = c[j][k];
+      const float b = mixraw[t * M + NS + j] * rs * scale[1] + base[NS + j];
+      post[t * NS + j] = 2.0f / (1.0f + KI_EXP(-b));
     }
+  }
+  if (!HEAD) {
+    for (int e = ki_tid; e < NS * NS; e += TG) {  // row softmax (max-subtracted) + eps
+      const int j = e / NS;
+      float cr[NS];
+      float mx = KI_NEG_INF;
+      for (int k = 0; k < NS; ++k) {
+        const int i = 2 * NS + j * NS + k;
+        cr[k] = mixraw[t * M + i] * rs * scale[2] + base[i];
+        mx = cr[k] > mx ? cr[k] : mx;
+      }
+      float sum = 0.0f;
+      for (int k = 0; k < NS; ++k) {
+        cr[k] = KI_EXP(cr[k] - mx);
+        sum += cr[k];
+      }
+      ki_c[0][e] = cr[e % NS] / sum + hc_eps;
+    }
+    int cur = 0;
+    for (int it = 0; it < ITERS; ++it) {
+      for (int half = it > 0 ? 0 : 1; half < 2; ++half) {  // rows (not in round 0), columns
+        KI_BARRIER();
+        for (int e = ki_tid; e < NS * NS; e += TG) {
+          const int j = e / NS;
+          const int k = e % NS;
+          float sum = 0.0f;
+          for (int m = 0; m < NS; ++m) sum += half == 0 ? ki_c[cur][j * NS + m] : ki_c[cur][m * NS + k];
+          ki_c[1 - cur][e] = ki_c[cur][e] / (sum + hc_eps);
+        }
+        cur = 1 - cur;
+      }
+    }
+    KI_BARRIER();
+    for (int e = ki_tid; e < NS * NS; e += TG) comb[t * NS * NS + e] = ki_c[cur][e];
   }
   KI_BARRIER();
   // The collapse. With NORM its rounded values are kept for the norm: in registers (KEEP),
