@@ -15,6 +15,7 @@
 #         untracked so it travels), on that one minutes apart on the same machine
 # profile bench/decode_profile.py (build vs evaluation of a step, 4K context, 3 rounds) on this
 #         tree and, with OLD_TREE, on that one
+# mhc     bench/mhc.py (the mHC pre kernel a decode token) on this tree and, with OLD_TREE, on that
 # gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
@@ -55,6 +56,11 @@ for step in "${steps[@]}"; do
           --preset flash --layers 4 --experts 64 --context 4096 --rounds 3) \
           > "$OUT/profile_old.log" 2>&1
         tail -25 "$OUT/profile_old.log"
+      fi ;;
+    mhc)
+      timeout 60 python bench/mhc.py 2>&1 | tail -6
+      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
+        (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 60 python bench/mhc.py 2>&1 | tail -6)
       fi ;;
     gputime)
       timeout 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
