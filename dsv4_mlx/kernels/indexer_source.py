@@ -71,6 +71,8 @@ inline float ki_log1p(float x) {
 #define KI_LOG1P(x) ki_log1p((float)(x))
 // the sum of x over the 32 lanes of a simdgroup, in every lane
 #define KI_WARP_SUM(x) simd_sum((float)(x))
+// x of lane `src` of this simdgroup (every lane calls it)
+#define KI_SHFL(x, src) simd_shuffle((float)(x), (ushort)(src))
 // 4 bytes at 32-bit word i of an array (the address a multiple of 4)
 #define KI_LOAD_U32(p, i) (((const device uint*)(p))[(i)])
 template <typename U>
@@ -156,6 +158,8 @@ __device__ __forceinline__ float ki_warp_sum(float x) {
   return x;
 }
 #define KI_WARP_SUM(x) ki_warp_sum((float)(x))
+// x of lane `src` of this warp (every lane calls it)
+#define KI_SHFL(x, src) __shfl_sync(0xffffffffu, (float)(x), (src))
 // 4 bytes at 32-bit word i of an array (the address a multiple of 4)
 #define KI_LOAD_U32(p, i) (reinterpret_cast<const unsigned int*>(p)[(i)])
 __device__ __forceinline__ float ki_to_float(float x) { return x; }
@@ -323,6 +327,16 @@ inline float ki_warp_sum(float x) {
   return s;
 }
 #define KI_WARP_SUM(x) ki_warp_sum((float)(x))
+// x of lane `src` (0..31) of this warp; every thread of the group must call it (two barriers)
+inline float ki_shfl(float x, int src) {
+  static float slot[1024];
+  slot[ki_emu::cur] = x;
+  ki_emu::barrier();
+  const float v = slot[(ki_emu::cur & ~31) + src];
+  ki_emu::barrier();
+  return v;
+}
+#define KI_SHFL(x, src) ki_shfl((float)(x), (src))
 // 4 bytes at 32-bit word i of an array (the address a multiple of 4)
 inline unsigned int ki_load_u32(const void* p, int64_t i) {
   unsigned int u;

@@ -35,7 +35,6 @@ _PRE_BODY = r"""
   const int t = ki_gx;
   KI_SHARED float ki_red[TG];
   KI_SHARED float ki_pre[NS];
-  KI_SHARED float ki_c[2][NS * NS];  // the Sinkhorn's matrix, double-buffered
   const int xbase = t * NS * D;
   // One token is one group, so nothing else hides the memory latency: with KEEP (D a
   // multiple of TG, at most 64 values a thread) a thread loads all its values at once into
@@ -81,12 +80,13 @@ _PRE_BODY = r"""
     if (ki_tid < s) ki_red[ki_tid] += ki_red[ki_tid + s];
     KI_BARRIER();
   }
-  // The parameters, spread over the group (one thread an output; the Sinkhorn's NS x NS
-  // matrix one element a thread, double-buffered in shared memory, a barrier a half-round).
-  // Every value is computed with the operations, in the order, of a single-thread loop over
-  // rows then columns (each sum from its first term to its last): the same bits as the one-
-  // thread version this replaced (checked in the C++ emulation), whose serial Sinkhorn (20
-  // rounds of NS x NS fp32 divisions in one dependent stream) was the kernel's long pole.
+  // The parameters: pre and post one thread an output; the Sinkhorn's NS x NS matrix
+  // (NS * NS <= 32) one element a lane, in every warp at once (each computes the whole
+  // matrix; warp 0 writes it), rows and columns summed through lane shuffles: no group
+  // barrier. Every value is computed with the operations, in the order, of a single-thread
+  // loop over rows then columns (each sum from its first term to its last): the same bits as
+  // the one-thread version this replaced (checked in the C++ emulation), whose serial
+  // Sinkhorn (20 rounds of NS x NS fp32 divisions in one dependent stream) was a long pole.
   const float rs = KI_RSQRT(ki_red[0] / (float)(NS * D) + eps[1]);
   const float hc_eps = eps[0];
   for (int j = ki_tid; j < NS; j += TG) {
@@ -98,38 +98,34 @@ _PRE_BODY = r"""
     }
   }
   if (!HEAD) {
-    for (int e = ki_tid; e < NS * NS; e += TG) {  // row softmax (max-subtracted) + eps
-      const int j = e / NS;
-      float cr[NS];
-      float mx = KI_NEG_INF;
-      for (int k = 0; k < NS; ++k) {
-        const int i = 2 * NS + j * NS + k;
-        cr[k] = mixraw[t * M + i] * rs * scale[2] + base[i];
-        mx = cr[k] > mx ? cr[k] : mx;
-      }
-      float sum = 0.0f;
-      for (int k = 0; k < NS; ++k) {
-        cr[k] = KI_EXP(cr[k] - mx);
-        sum += cr[k];
-      }
-      ki_c[0][e] = cr[e % NS] / sum + hc_eps;
+    const int lane = ki_tid % 32;
+    const int e = lane < NS * NS ? lane : 0;  // (lanes past the matrix repeat element 0)
+    const int j = e / NS;
+    const int k = e % NS;
+    float cr[NS];  // row j: softmax (max-subtracted) + eps
+    float mx = KI_NEG_INF;
+    for (int m = 0; m < NS; ++m) {
+      const int i = 2 * NS + j * NS + m;
+      cr[m] = mixraw[t * M + i] * rs * scale[2] + base[i];
+      mx = cr[m] > mx ? cr[m] : mx;
     }
-    int cur = 0;
+    float sum = 0.0f;
+    for (int m = 0; m < NS; ++m) {
+      cr[m] = KI_EXP(cr[m] - mx);
+      sum += cr[m];
+    }
+    float c = cr[k] / sum + hc_eps;
     for (int it = 0; it < ITERS; ++it) {
-      for (int half = it > 0 ? 0 : 1; half < 2; ++half) {  // rows (not in round 0), columns
-        KI_BARRIER();
-        for (int e = ki_tid; e < NS * NS; e += TG) {
-          const int j = e / NS;
-          const int k = e % NS;
-          float sum = 0.0f;
-          for (int m = 0; m < NS; ++m) sum += half == 0 ? ki_c[cur][j * NS + m] : ki_c[cur][m * NS + k];
-          ki_c[1 - cur][e] = ki_c[cur][e] / (sum + hc_eps);
-        }
-        cur = 1 - cur;
+      if (it > 0) {  // rows (the first round has only the column normalisation)
+        float rsum = 0.0f;
+        for (int m = 0; m < NS; ++m) rsum += KI_SHFL(c, j * NS + m);
+        c = c / (rsum + hc_eps);
       }
+      float csum = 0.0f;
+      for (int m = 0; m < NS; ++m) csum += KI_SHFL(c, m * NS + k);
+      c = c / (csum + hc_eps);
     }
-    KI_BARRIER();
-    for (int e = ki_tid; e < NS * NS; e += TG) comb[t * NS * NS + e] = ki_c[cur][e];
+    if (ki_tid < NS * NS) comb[t * NS * NS + ki_tid] = c;
   }
   KI_BARRIER();
   // The collapse. With NORM its rounded values are kept for the norm: in registers (KEEP),
