@@ -6,8 +6,10 @@
 #   bash bench/gpu_session.sh [STEP ...]     (default: tests decode)
 #
 # tests   the GPU tests of the custom kernels not yet confirmed on a GPU (2026-12-07: the
-#         embedding fix, the indexer's resident queries and register top-k, the FP4 round
-#         trip); tests-all: every kernel's; verbose, so a timeout still shows what passed
+#         embedding fix, the mHC pre kernel's parallel Sinkhorn, the indexer's resident queries,
+#         register top-k and planned launches, the FP4 round trip); tests-all: then every
+#         other kernel's (their launch code moved to dispatch.Launch); verbose, so a timeout
+#         still shows what passed
 #         (log: $OUT/gpu_tests.log)
 # decode  bench/gpu_decode.py (Flash dimensions, 4 layers, 256 experts, to 64K or MAX_CONTEXT) on
 #         this tree and, to 8K, if OLD_TREE names a directory holding another tree (the device gets no .git: make it
@@ -30,10 +32,11 @@ steps=("$@")
 for step in "${steps[@]}"; do
   case $step in
     tests|tests-all)
-      files=(tests/test_embed_kernel.py tests/test_indexer_kernel.py tests/test_fp4_round_kernel.py)
-      [ "$step" = tests-all ] && files+=(tests/test_gemv_kernel.py tests/test_kv_store_kernel.py \
-        tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py tests/test_mhc_kernel.py \
-        tests/test_router_kernel.py tests/test_attention_kernel.py)
+      files=(tests/test_embed_kernel.py tests/test_mhc_kernel.py tests/test_indexer_kernel.py
+             tests/test_fp4_round_kernel.py)
+      [ "$step" = tests-all ] && files+=(tests/test_gemv_kernel.py tests/test_attention_kernel.py \
+        tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py tests/test_router_kernel.py \
+        tests/test_kv_store_kernel.py)
       timeout ${TESTS_TIMEOUT:-200} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
         > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
