@@ -247,6 +247,21 @@ def test_cpu_uses_ops(clean_dispatch):
         np.testing.assert_array_equal(np.array(g[0]), w)  # the very same ops
 
 
+def test_more_streams_than_a_warp_holds_use_ops(clean_dispatch):
+    """The pre kernel holds the n x n Sinkhorn matrix in one warp's 32 lanes: n = 6 must go
+    to the ops path (and n = 4 to the kernel) even where a GPU kernel would be chosen."""
+    calls = []
+    clean_dispatch.setattr(dispatch, "select_backend", lambda env_var=None: "cuda")
+    clean_dispatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
+    clean_dispatch.setattr(km, "hc_pre_kernel", lambda *a, **k: calls.append(a[0].shape[2]))
+    for n in (6, 4):
+        rng = np.random.default_rng(n)
+        X, fn, scale, base = _case(rng, 1, n, 32)
+        km.hc_pre(mx.array(X)[None], mx.array(fn), mx.array(scale), mx.array(base), n, 20,
+                  1e-6, 1e-6)
+    assert calls == [4]
+
+
 def test_env_var_validated(clean_dispatch):
     clean_dispatch.setenv(km.ENV_VAR, "tpu")
     with pytest.raises(ValueError, match=km.ENV_VAR):
