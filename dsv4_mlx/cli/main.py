@@ -228,6 +228,7 @@ def run():  # pragma: no cover - console entry point
 from . import chat as _chat, generate_cmd as _generate_cmd, sessions_cmd as _sessions_cmd  # noqa: E402,F401
 
 from . import bench_cmd as _bench_cmd  # noqa: E402,F401
+from . import check_cmd as _check_cmd  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
