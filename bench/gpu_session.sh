@@ -3,8 +3,9 @@
 # Prepare the machine as ../shared/device/mlx-cuda-setup.sh says (call 1 carries .devcarry/a),
 # then, carrying .devcarry/b:
 #
-#   bash bench/gpu_session.sh [STEP ...]     (default: tests decode)
+#   bash bench/gpu_session.sh [STEP ...]     (default: check tests decode)
 #
+# check   `dsv4 check` on the demo model (every kernel family vs the ops path, bf16 mixed-4-8)
 # tests   the GPU tests of the custom kernels not yet confirmed on a GPU (2026-12-07: the
 #         embedding fix, the mHC pre kernel's parallel Sinkhorn, the indexer's resident queries,
 #         register top-k and planned launches, the FP4 round trip); tests-all: then every
@@ -28,9 +29,11 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 OLD_TREE=${OLD_TREE:-}
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests decode)
+[ ${#steps[@]} -eq 0 ] && steps=(check tests decode)
 for step in "${steps[@]}"; do
   case $step in
+    check)
+      DSV4_HOME=${DSV4_HOME:-/tmp/dsv4home} timeout 150 python -m dsv4_mlx check 2>&1 | tail -20 ;;
     tests|tests-all)
       files=(tests/test_embed_kernel.py tests/test_mhc_kernel.py tests/test_indexer_kernel.py
              tests/test_fp4_round_kernel.py)
