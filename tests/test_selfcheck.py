@@ -86,3 +86,11 @@ def test_prompt_passes_the_top_k():
         a = ModelArgs.from_dict(preset_config(preset))
         ratio = min(r for r in a.compress_ratios if r)
         assert selfcheck.prompt_length(a) // ratio > a.index_topk
+
+
+def test_same_path_twice_agrees_exactly(demo_home, forced):
+    """Both runs on the ops path: the comparison itself adds nothing (fixed decode tokens)."""
+    forced(_zeros, {})
+    model, _ = load(demo_home[1])
+    rep = selfcheck.check(model, decode=3, families={})
+    assert rep["ok"] and rep["rel_diff"] == 0.0 and rep["families"] == []

@@ -71,15 +71,15 @@ def _env(values: Dict[str, Optional[str]]):
 
 
 def _logits(model, ids: List[int], decode: int) -> np.ndarray:
-    """Logits of the last prompt token and of `decode` greedy steps after it (fp32 numpy)."""
+    """Logits (fp32 numpy) of the prompt's last token, prefilled with all but the last
+    `decode` ids, then of each of those fed as one decode step (fixed tokens, not sampled: a
+    near-tie picked differently by the two paths must not make them read different text)."""
     cache = model.make_cache()
-    out = []
-    logits = model(mx.array([ids]), cache=cache, last_only=True)
-    for _ in range(decode + 1):
-        last = logits[0, -1].astype(mx.float32)
-        out.append(last)
-        y = mx.argmax(last)
-        logits = model(y.reshape(1, 1), cache=cache)
+    n = len(ids) - decode
+    out = [model(mx.array([ids[:n]]), cache=cache, last_only=True)[0, -1]]
+    for t in ids[n:]:
+        out.append(model(mx.array([[t]]), cache=cache)[0, -1])
+    out = [x.astype(mx.float32) for x in out]
     mx.eval(out)
     return np.stack([np.array(x) for x in out])
 
@@ -119,7 +119,7 @@ def check(model, layers: Optional[int] = 4, decode: int = 4, seed: int = 0,
     try:
         n = prompt_length(model.args)
         rng = np.random.default_rng(seed)
-        ids = rng.integers(2, model.args.vocab_size, n).tolist()
+        ids = rng.integers(2, model.args.vocab_size, n + decode).tolist()
         report["prompt_tokens"] = n
         off = {v: "ops" for v in families.values()}
         on = {v: None for v in families.values()}
