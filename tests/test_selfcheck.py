@@ -94,3 +94,13 @@ def test_same_path_twice_agrees_exactly(demo_home, forced):
     model, _ = load(demo_home[1])
     rep = selfcheck.check(model, decode=3, families={})
     assert rep["ok"] and rep["rel_diff"] == 0.0 and rep["families"] == []
+
+
+def test_fewer_layers_than_the_model(demo_home, forced):
+    """Checking the first layers only: the caches of the layers left out are not run."""
+    forced(_zeros, {})
+    model, _ = load(demo_home[1])
+    L = len(model.layers)
+    rep = selfcheck.check(model, layers=2, decode=2, families={})
+    assert rep["ok"] and rep["rel_diff"] == 0.0 and len(model.layers) == L
+

@@ -97,6 +97,7 @@ _PRE_BODY = r"""
       post[t * NS + j] = 2.0f / (1.0f + KI_EXP(-b));
     }
   }
+  static_assert(HEAD || NS * NS <= 32, "the Sinkhorn matrix is held in one warp's lanes");
   if (!HEAD) {
     const int lane = ki_tid % 32;
     const int e = lane < NS * NS ? lane : 0;  // (lanes past the matrix repeat element 0)

@@ -74,7 +74,7 @@ def _logits(model, ids: List[int], decode: int) -> np.ndarray:
     """Logits (fp32 numpy) of the prompt's last token, prefilled with all but the last
     `decode` ids, then of each of those fed as one decode step (fixed tokens, not sampled: a
     near-tie picked differently by the two paths must not make them read different text)."""
-    cache = model.make_cache()
+    cache = model.make_cache()[: len(model.layers)]  # (the layers being checked)
     n = len(ids) - decode
     out = [model(mx.array([ids[:n]]), cache=cache, last_only=True)[0, -1]]
     for t in ids[n:]:
@@ -90,9 +90,10 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
 
 
-def prompt_length(args) -> int:
-    """Tokens enough for every CSA layer to hold more compressed entries than the top-k."""
-    ratios = [r for r in args.compress_ratios[: args.num_hidden_layers] if r]
+def prompt_length(args, layers: Optional[int] = None) -> int:
+    """Tokens enough for every CSA layer (of the first `layers`) to hold more compressed
+    entries than the top-k."""
+    ratios = [r for r in args.compress_ratios[: layers or args.num_hidden_layers] if r]
     csa = min(ratios) if ratios else 4
     return csa * args.index_topk + 4 * csa + 8
 
@@ -117,7 +118,7 @@ def check(model, layers: Optional[int] = 4, decode: int = 4, seed: int = 0,
     if layers is not None and layers < len(all_layers):
         model.layers = all_layers[:layers]
     try:
-        n = prompt_length(model.args)
+        n = prompt_length(model.args, len(model.layers))
         rng = np.random.default_rng(seed)
         ids = rng.integers(2, model.args.vocab_size, n + decode).tolist()
         report["prompt_tokens"] = n
