@@ -27,13 +27,10 @@ def bench(
 
     from .. import load
     from ..bench import run_bench, write_csv, write_png
-    from ..generate import ensure_demo_model
+    from .generate_cmd import resolve_model
 
     err = _console(stderr=True)
-    if model_dir is None:
-        model_dir = ensure_demo_model(err)
-    if not (model_dir / "config.json").is_file():
-        fail(f"{model_dir} is not a model folder (no config.json)")
+    model_dir = resolve_model(model_dir, err)[0]
     if kv_format not in ("fp8", "bf16"):
         fail(f"--kv-format must be fp8 or bf16, not {kv_format!r}")
     model, tok = load(model_dir)

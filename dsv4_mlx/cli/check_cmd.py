@@ -23,14 +23,11 @@ def check(
     from rich.table import Table
 
     from .. import load
-    from ..generate import ensure_demo_model
+    from .generate_cmd import resolve_model
     from ..kernels.selfcheck import check as run_check
 
     err = _console(stderr=True)
-    if model_dir is None:
-        model_dir = ensure_demo_model(err)
-    if not (model_dir / "config.json").is_file():
-        fail(f"{model_dir} is not a model folder (no config.json)")
+    model_dir = resolve_model(model_dir, err)[0]
     if layers < 0 or decode < 0:
         fail("--layers and --decode must be >= 0")
     model, _ = load(model_dir)
