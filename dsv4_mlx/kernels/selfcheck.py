@@ -52,22 +52,23 @@ class FamilyResult:
     detail: str = ""
 
 
+def _set_env(values: Dict[str, Optional[str]]) -> None:
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def _env(values: Dict[str, Optional[str]]):
+    """The variables set (None: unset) inside the block, as they were after it."""
     old = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(values)
         yield
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_env(old)
 
 
 def _logits(model, ids: List[int], decode: int) -> np.ndarray:
