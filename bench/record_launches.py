@@ -28,20 +28,20 @@ def main():
     a = ap.parse_args()
     sys.path.insert(0, str(Path(a.tree) / "bench"))
     sys.path.insert(0, a.tree)
+    import importlib.util
+
     import mlx.core as mx
 
-    import gpu_decode
-    import standin_primitives as sp
+    import gpu_decode  # the recorded tree's
     from dsv4_mlx.kernels import dispatch
     from dsv4_mlx.kernels import indexer as ki
 
-    gpu_decode.preset_config = sp.tiny_flash_config(gpu_decode.preset_config)
-    model, args = gpu_decode.build("tiny-flash", 4, 8)
-    tokens = [(7 * i + 3) % args.vocab_size for i in range(a.context + a.steps)]
-    cache = model.make_cache()
-    for p in range(0, a.context, 2048):  # the real ops path
-        mx.eval(model(mx.array([tokens[p: min(p + 2048, a.context)]]), cache=cache,
-                      last_only=True), [c.state for c in cache])
+    # the stand-ins from this checkout's bench/ (an older tree's may not have `prefilled`)
+    spec = importlib.util.spec_from_file_location(
+        "standin_here", Path(__file__).resolve().parent / "standin_primitives.py")
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    model, args, tokens, cache = sp.prefilled(gpu_decode, 4, 8, a.context, a.steps)
     sp.install()
     log = []
 

@@ -87,6 +87,20 @@ def install():
         [w, scales, biases])[0]
 
 
+def prefilled(gpu_decode, layers: int, experts: int, context: int, extra: int = 1):
+    """(model, args, tokens, cache): `gpu_decode`'s (the counted tree's) tiny model with
+    Flash's layer structure, prefilled on the real (ops) path to `context` tokens of a fixed
+    stream that runs `extra` tokens further."""
+    gpu_decode.preset_config = tiny_flash_config(gpu_decode.preset_config)
+    model, args = gpu_decode.build("tiny-flash", layers, experts)
+    tokens = [(7 * i + 3) % args.vocab_size for i in range(context + extra)]
+    cache = model.make_cache()
+    for p in range(0, context, 2048):
+        mx.eval(model(mx.array([tokens[p: min(p + 2048, context)]]), cache=cache,
+                      last_only=True), [c.state for c in cache])
+    return model, args, tokens, cache
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,13 +119,7 @@ def main():
 
     from dsv4_mlx.bench import count_primitives
 
-    gpu_decode.preset_config = tiny_flash_config(gpu_decode.preset_config)
-    model, args = gpu_decode.build("tiny-flash", a.layers, a.experts)
-    tokens = [(7 * i + 3) % args.vocab_size for i in range(a.context + 1)]
-    cache = model.make_cache()
-    for p in range(0, a.context, 2048):  # the real ops path
-        mx.eval(model(mx.array([tokens[p: p + 2048]]), cache=cache, last_only=True),
-                [c.state for c in cache])
+    model, args, tokens, cache = prefilled(gpu_decode, a.layers, a.experts, a.context)
     install()
     # one decode step first, as `dsv4 bench` warms up: small constants the kernels share are
     # made (and evaluated) once, at their first use, and are not part of a step's graph
