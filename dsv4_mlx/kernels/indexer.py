@@ -229,11 +229,16 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  bn, hc, e, mma, tpt)
     (scores,) = _kernel(backend, ks)(
-        inputs=[q.view(mx.uint32) if on_mma else q, _f32(w), *key_in, _i32(visible)],
+        inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
         output_shapes=[(B, T, N)], output_dtypes=[mx.float32], stream=mx.gpu,
     )
     return scores
+
+
+def _score_inputs(q, w, key_in, visible, on_mma: bool):
+    """The scoring kernel's inputs (the matrix-unit kernel reads bf16 queries as uint32)."""
+    return [q.view(mx.uint32) if on_mma else q, _f32(w), *key_in, visible]
 
 
 def _f32(a):
@@ -255,17 +260,20 @@ def _no_cidx():
     return _dummy["a"]
 
 
-def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None):
-    B, T, M = scores.shape
+def _topk_spec(B, T, M, k, tg, u, s, mapped, r=None):
+    """(template, grid, threadgroup, output shapes, output dtypes) of one top-k launch over
+    rows of M scores; the outputs [B, T, S*k] written directly (row-contiguous: the same
+    memory as [B, T, S, k])."""
     r = topk_regs(M, tg, s) if r is None else r
-    kern = _kernel(backend, src.topk_source(backend))
-    # [B, T, S*k] written directly (row-contiguous: the same memory as [B, T, S, k])
-    idx, val = kern(
-        inputs=[scores, visible, cidx],
-        template=[("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped), ("R", r)],
-        grid=(s * tg, T, B), threadgroup=(tg, 1, 1),
-        output_shapes=[(B, T, s * k), (B, T, s * k)], output_dtypes=[mx.int32, mx.float32],
-        stream=mx.gpu,
+    return ([("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped), ("R", r)],
+            (s * tg, T, B), (tg, 1, 1), [(B, T, s * k)] * 2, [mx.int32, mx.float32])
+
+
+def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None):
+    template, grid, tgs, shapes, dtypes = _topk_spec(*scores.shape, k, tg, u, s, mapped, r)
+    idx, val = _kernel(backend, src.topk_source(backend))(
+        inputs=[scores, visible, cidx], template=template, grid=grid, threadgroup=tgs,
+        output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
     )
     return idx, val
 
@@ -343,12 +351,9 @@ def _plan(backend, q, keys, topk):
     launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
     TG, U, S = topk_launch(B, T, N, k)
     kern = _kernel(backend, src.topk_source(backend))
-    for m, (tgs, s, r) in enumerate([(TG, S, topk_regs(N, TG, S))]
-                                    + ([(1024, 1, topk_regs(S * k, 1024, 1))] if S > 1 else [])):
-        launches.append((kern, [("K", k), ("TG", tgs), ("U", U), ("S", s), ("MAPPED", m == 1),
-                                ("R", r)],
-                         (s * tgs, T, B), (tgs, 1, 1), [(B, T, s * k)] * 2,
-                         [mx.int32, mx.float32]))
+    launches.append((kern, *_topk_spec(B, T, N, k, TG, U, S, False)))
+    if S > 1:  # the merge, as `indexer_select_kernel` makes it
+        launches.append((kern, *_topk_spec(B, T, S * k, k, 1024, U, 1, True)))
     return on_mma, launches
 
 
@@ -372,7 +377,7 @@ def _planned(backend, q, w, keys, visible, topk):
     out = None
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
         if i == 0:
-            inputs = [q.view(mx.uint32) if on_mma else q, _f32(w), *key_in, visible]
+            inputs = _score_inputs(q, w, key_in, visible, on_mma)
         elif i == 1:
             inputs = [out[0], visible, _no_cidx()]
         else:
