@@ -29,40 +29,32 @@ def matvec_ops(W: mx.array, x: mx.array) -> mx.array:
     return y.reshape(*x.shape[:-1], W.shape[0])
 
 
-_plans: dict = {}
-
-
-def _plan(backend, Ws, x, lead, round_to, scale, ape):
-    """(kernel, template, grid, output shapes, output dtypes, scale input) of a launch,
-    made once per shape (a step makes ~17 of these calls)."""
-    K = x.size
+def _make_launch(backend, Ws, x, lead, round_to, scale, ape) -> dispatch.Launch:
+    """The launch for these shapes (a step makes ~17 of these calls)."""
     pair = len(Ws) == 2
     O0 = Ws[0].shape[0]
     O1 = Ws[1].shape[0] if pair else 0
-    ks = src.gemv_source(backend, pair, Ws[0].dtype == mx.float32)
-    template = [("XT", x.dtype), ("WT", Ws[0].dtype), ("K", K), ("TG", TG), ("O0", O0),
-                ("RT", round_to or mx.float32), ("SC", scale is not None),
-                *([("O1", O1), ("M", 0 if ape is None else ape.shape[0])] if pair else [])]
-    return (dispatch.build_kernel(backend, ks), template, ((O0 + O1) * TG, 1, 1),
-            [(*lead, w.shape[0]) for w in Ws], [mx.float32] * len(Ws),
-            dispatch.unused() if scale is None else dispatch.vector(scale))
+    return dispatch.Launch(
+        backend, src.gemv_source(backend, pair, Ws[0].dtype == mx.float32),
+        template=[("XT", x.dtype), ("WT", Ws[0].dtype), ("K", x.size), ("TG", TG), ("O0", O0),
+                  ("RT", round_to or mx.float32), ("SC", scale is not None),
+                  *([("O1", O1), ("M", 0 if ape is None else ape.shape[0])] if pair else [])],
+        grid=((O0 + O1) * TG, 1, 1), threadgroup=(TG, 1, 1),
+        output_shapes=[(*lead, w.shape[0]) for w in Ws], output_dtypes=[mx.float32] * len(Ws))
 
 
 def _launch(backend, Ws, x, out_lead=None, round_to=None, scale=None, ape=None, offset=0):
     lead = x.shape[:-1] if out_lead is None else out_lead
-    key = (backend, dispatch.build_kernel, x.dtype, x.size, lead, round_to, scale,
-           None if ape is None else ape.shape, *[(w.dtype, w.shape) for w in Ws])
-    p = _plans.get(key)
-    if p is None:
-        p = dispatch.bounded_put(_plans, key, _plan(backend, Ws, x, lead, round_to, scale, ape))
-    kern, template, grid, shapes, dtypes, sc = p
+    go = dispatch.launch(
+        ("gemv", backend, x.dtype, x.size, lead, round_to, scale is not None,
+         None if ape is None else ape.shape, *[(w.dtype, w.shape) for w in Ws]),
+        lambda: _make_launch(backend, Ws, x, lead, round_to, scale, ape))
+    sc = dispatch.unused() if scale is None else dispatch.vector(scale)
     if ape is None:
         ape_in, pos = dispatch.unused(), dispatch.unused(mx.int32)
     else:
         ape_in, pos = ape.astype(mx.float32), dispatch.position(offset)
-    return kern(inputs=[*Ws, x, sc, ape_in, pos], template=template, grid=grid,
-                threadgroup=(TG, 1, 1), output_shapes=shapes, output_dtypes=dtypes,
-                stream=mx.gpu)
+    return go([*Ws, x, sc, ape_in, pos])
 
 
 def _backend(Ws, x, K=None, wdtypes=(mx.float32,), variant: str = "") -> str:
