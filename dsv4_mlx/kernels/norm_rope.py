@@ -47,15 +47,16 @@ def norm_rope_kernel(q, kv, kv_norm, q_eps: float, rope, offset: int, *, backend
     H = q.shape[-1] // C
     per, tg, p2 = launch_shape(C)
     eps = dispatch.vector(q_eps, kv_norm.eps)
-    with mx.stream(mx.gpu):
-        qo, kvo = dispatch.build_kernel(backend, src.norm_rope_source(backend))(
-            inputs=[q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
-                    dispatch.position(offset), eps],
+    go = dispatch.launch(
+        ("norm_rope", backend, q.dtype, H, C, rope.dims),
+        lambda: dispatch.Launch(
+            backend, src.norm_rope_source(backend),
             template=[("XT", q.dtype), ("H", H), ("C", C), ("RD", rope.dims), ("PER", per),
                       ("TG", tg), ("P2", p2)],
             grid=((H + 1) * tg, 1, 1), threadgroup=(tg, 1, 1),
-            output_shapes=[(1, H, 1, C), (1, 1, C)], output_dtypes=[q.dtype, q.dtype],
-        )
+            output_shapes=[(1, H, 1, C), (1, 1, C)], output_dtypes=[q.dtype, q.dtype]))
+    qo, kvo = go([q, kv, kv_norm.weight.astype(q.dtype), rope.inv_freq_f32(),
+                  dispatch.position(offset), eps])
     return qo, kvo
 
 
