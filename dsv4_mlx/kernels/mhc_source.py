@@ -98,6 +98,7 @@ _PRE_BODY = r"""
     }
   }
   static_assert(HEAD || NS * NS <= 32, "the Sinkhorn matrix is held in one warp's lanes");
+  static_assert(HEAD || TG % 32 == 0, "every lane of a warp takes part in the shuffles");
   if (!HEAD) {
     const int lane = ki_tid % 32;
     const int e = lane < NS * NS ? lane : 0;  // (lanes past the matrix repeat element 0)
