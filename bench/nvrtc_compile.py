@@ -16,7 +16,8 @@ It renders the indexer (scoring: fp32, matrix-unit with resident and re-read que
 and without register keys), mHC (pre, head, post) and one-token projection (single, pair)
 kernels, the query/KV norm + RoPE kernel (and its KV-store variant), the router, the
 experts' SwiGLU, the embedding and the attention's combining kernel (with the inverse RoPE), at Flash sizes exactly as `mx.fast.cuda_kernel` wraps them, compiles each for sm_90a
-and prints one line a kernel (warnings in full); exit status 1 if any fails. A compile error
+and prints one line a kernel (with its compile time: what the first use of each costs a
+process whose kernel cache is cold; warnings in full); exit status 1 if any fails. A compile error
 here is one the GPU would hit at its first call (and fall back to the ops path with a warning).
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -154,15 +156,19 @@ def main():
     ap.add_argument("--include", action="append", default=[], help="an include folder")
     a = ap.parse_args()
     lib = ctypes.CDLL(a.nvrtc)
-    bad = 0
+    bad, total = 0, 0.0
     for name, ks, inputs, outs, tmpl in launches():
+        t = time.perf_counter()
         r, log = compile_cuda(lib, isrc.render_cuda(ks, inputs, outs, tmpl), "k", a.include)
+        dt = time.perf_counter() - t
+        total += dt
         warn = [ln for ln in log.splitlines() if "warning" in ln.lower()]
-        print(f"{name:34s} {'ok' if r == 0 else 'FAILED'}"
+        print(f"{name:34s} {'ok' if r == 0 else 'FAILED'} {dt:6.2f} s"
               f"{f', {len(warn)} warnings' if warn else ''}")
         if r or warn:
             print(log[-4000:])
         bad += r != 0
+    print(f"compile time, all {len(launches())} kernels: {total:.1f} s (NVRTC on this CPU, one thread)")
     sys.exit(1 if bad else 0)
 
 
