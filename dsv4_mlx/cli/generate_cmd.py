@@ -128,6 +128,8 @@ def resolve_model(model: Optional[Path], err: Console):
         except OSError as e:
             fail(f"could not build the demo model in {e.filename or 'the cache folder'} ({e.strerror or e}); "
                  "set DSV4_HOME to a writable folder")
+        except RuntimeError as e:  # e.g. the tokenizer package is not installed
+            fail(f"could not build the demo model: {e}")
     else:
         folder = Path(model).expanduser()
         if not folder.exists():
