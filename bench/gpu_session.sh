@@ -19,6 +19,8 @@
 # profile bench/decode_profile.py (build vs evaluation of a step, 4K context, 3 rounds) on this
 #         tree and, with OLD_TREE, on that one
 # mhc     bench/mhc.py (the mHC pre kernel a decode token) on this tree and, with OLD_TREE, on that
+# mhcbisect  bench/mhc.py on every tree under trees/ and this one (which change slowed the
+#         mHC pre kernel: 27.1 us at 94ebe39, 33.2 us now)
 # gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
 # steps   bench/decode_steps.py --bisect (per-step decode time at CONTEXT, each kernel family
@@ -73,6 +75,16 @@ for step in "${steps[@]}"; do
       if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
         (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 60 python bench/mhc.py 2>&1 | tail -6)
       fi ;;
+    mhcbisect)
+      # every tree under trees/ (made here first: for c in 94ebe39 13ee819 f2aab72 53bb6f8; do
+      # mkdir -p trees/$c && git archive $c dsv4_mlx bench | tar -x -C trees/$c; done),
+      # then this one, then the first again (drift)
+      dirs=(trees/* . $(ls -d trees/* | head -1))
+      for d in "${dirs[@]}"; do
+        [ -d "$d" ] || continue
+        echo "== $d"
+        (cd "$d" && PYTHONPATH=$PWD:/tmp/site timeout 60 python bench/mhc.py --calls 16 2>&1 | tail -2)
+      done ;;
     gputime)
       timeout 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
         --log-file "$OUT/step.csv" python bench/decode_gpu_time.py --preset flash --layers 4 \
