@@ -47,7 +47,7 @@ for step in "${steps[@]}"; do
       [ "$step" = tests-all ] && files+=(tests/test_gemv_kernel.py tests/test_attention_kernel.py \
         tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py tests/test_router_kernel.py \
         tests/test_kv_store_kernel.py)
-      timeout ${TESTS_TIMEOUT:-200} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
+      timeout ${TESTS_TIMEOUT:-300} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
         > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
       grep -cE "PASSED" "$OUT/gpu_tests.log" | sed 's/^/passed: /'
