@@ -71,7 +71,7 @@ for step in "${steps[@]}"; do
         tail -25 "$OUT/profile_old.log"
       fi ;;
     mhc)
-      timeout 60 python bench/mhc.py 2>&1 | tail -6
+      timeout 90 python bench/mhc.py 2>&1 | tail -12
       if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
         (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 60 python bench/mhc.py 2>&1 | tail -6)
       fi ;;
@@ -83,7 +83,7 @@ for step in "${steps[@]}"; do
       for d in "${dirs[@]}"; do
         [ -d "$d" ] || continue
         echo "== $d"
-        (cd "$d" && PYTHONPATH=$PWD:/tmp/site timeout 60 python bench/mhc.py --calls 16 2>&1 | tail -2)
+        (cd "$d" && PYTHONPATH=$PWD:/tmp/site timeout 90 python bench/mhc.py --calls 16 2>&1 | tail -12)
       done ;;
     gputime)
       timeout 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \

@@ -82,14 +82,17 @@ def launches():
                     [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
                     ["int32", "float32"],
                     [("K", 512), ("TG", tg), ("U", 4), ("S", s), ("MAPPED", mapped), ("R", r)]))
-    for head, norm in ((False, False), (True, False), (False, True), (True, True)):
-        out.append((f"mhc pre{' (head)' if head else ''}{' + norm' if norm else ''}",
+    for head, norm, sink, reg in ((False, False, 2, True), (True, False, 2, True),
+                                  (False, True, 2, True), (True, True, 2, True),
+                                  (False, False, 1, True), (False, False, 0, False)):
+        out.append((f"mhc pre{' (head)' if head else ''}{' + norm' if norm else ''}"
+                    f"{'' if (sink, reg) == (2, True) else f' SINK {sink} REG {int(reg)}'}",
                     msrc.pre_source("cuda"),
                     [("bfloat16", 3, 65536), ("float32", 2, 24), ("float32", 1, 3),
                      ("float32", 1, 24), ("float32", 1, 3), ("bfloat16", 1, 4096)],
                     ["bfloat16", "float32", "float32"],
                     [("XT", "bfloat16"), ("NS", 4), ("D", 4096), ("ITERS", 20), ("TG", 512),
-                     ("HEAD", head), ("NORM", norm)]))
+                     ("HEAD", head), ("NORM", norm), ("SINK", sink), ("REG", reg)]))
     out.append(("query/KV norm + RoPE", nsrc.norm_rope_source("cuda"),
                 [("bfloat16", 3, 64 * 512), ("bfloat16", 3, 512), ("bfloat16", 1, 512),
                  ("float32", 1, 32), ("int32", 1, 1), ("float32", 1, 2)],

@@ -42,7 +42,7 @@ def _ops_pre(X, fn, scale, base, iters, hc_eps=1e-6, norm_eps=1e-6):
 
 
 def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6, wn=None,
-             out_eps=1e-6, head=False):
+             out_eps=1e-6, head=False, sink=km.PRE_SINK, reg=km.PRE_REG):
     N, n, D = X.shape
     mixraw = (X.reshape(N, n * D).astype(np.float64) @ fn.T.astype(np.float64)).astype(np.float32)
     eps = np.array([hc_eps, norm_eps, out_eps], np.float32)
@@ -50,7 +50,7 @@ def _emu_pre(emu, X, fn, scale, base, iters, tg, hc_eps=1e-6, norm_eps=1e-6, wn=
                    [X, mixraw, scale, base, eps, np.zeros(1, np.float32) if wn is None else wn],
                    [(N, D), (1,), (1,)] if head else [(N, D), (N, n), (N, n, n)], ["float32"] * 3,
                    [("XT", "float32"), ("NS", n), ("D", D), ("ITERS", iters), ("TG", tg),
-                    ("HEAD", head), ("NORM", wn is not None)],
+                    ("HEAD", head), ("NORM", wn is not None), ("SINK", sink), ("REG", reg)],
                    (N * tg, 1, 1), tg)
 
 
@@ -127,6 +127,27 @@ def test_emulated_pre_with_norm_matches_ops(emu, N, n, D, tg, head):
     assert np.abs(got[0] - other).max() > 100 * ATOL
 
 
+@pytest.mark.parametrize("N,n,D,tg,norm", [(2, 4, 4096, 512, False), (3, 4, 64, 32, True),
+                                            (2, 3, 72, 64, False), (1, 2, 256, 128, True)])
+def test_emulated_pre_variants_give_the_same_bits(emu, N, n, D, tg, norm):
+    """Who runs the Sinkhorn (every warp, warp 0, thread 0) and whether the values stay in
+    registers change only the speed: h, post and comb are bit-identical across all six."""
+    rng = np.random.default_rng(N * 11 + D)
+    X, fn, scale, base = _case(rng, N, n, D, sharp=4.0)
+    wn = rng.uniform(0.5, 1.5, D).astype(np.float32) if norm else None
+    outs = {(sink, reg): _emu_pre(emu, X, fn, scale, base, 20, tg, wn=wn, sink=sink, reg=reg)
+            for sink in (0, 1, 2) for reg in (False, True)}
+    ref = outs[(km.PRE_SINK, km.PRE_REG)]
+    for key, got in outs.items():
+        for name, g, w in zip(("h", "post", "comb"), got, ref):
+            np.testing.assert_array_equal(g, w, err_msg=f"{name} SINK/REG {key}")
+    want = _ops_pre(X, fn, scale, base, 20)
+    np.testing.assert_allclose(ref[2], want[2], rtol=RTOL, atol=ATOL)
+    # not vacuous: two rounds instead of 20 change comb
+    fewer = _emu_pre(emu, X, fn, scale, base, 2, tg, wn=wn, sink=1)
+    assert not np.array_equal(fewer[2], ref[2])
+
+
 def test_emulated_pre_sharp_logits(emu):
     """Large logits (softmax saturates; the max subtraction matters)."""
     rng = np.random.default_rng(7)
@@ -196,16 +217,19 @@ _VARIANTS = [(xt, ft) for xt in ("float32", "bfloat16", "float16") for ft in (xt
 def _launches(dialect, xt, ft):
     """(name, source, inputs, output dtypes, template) of both kernels at Flash sizes."""
     return [
-        *[(f"pre{'_norm' * norm}_D{D}", src.pre_source(dialect),
+        *[(f"pre{'_norm' * norm}_D{D}_sink{sink}_reg{int(reg)}", src.pre_source(dialect),
            [(xt, 3, 65536), ("float32", 2, 24), ("float32", 1, 3), ("float32", 1, 24),
             ("float32", 1, 3), (xt, 1, 4096)], [xt, "float32", "float32"],
            [("XT", xt), ("NS", 4), ("D", D), ("ITERS", 20), ("TG", km.PRE_TG),
-            ("HEAD", False), ("NORM", norm)]) for norm in (False, True) for D in (4096, 1000)],
+            ("HEAD", False), ("NORM", norm), ("SINK", sink), ("REG", reg)])
+          for norm in (False, True) for D in (4096, 1000)
+          for sink, reg in ((km.PRE_SINK, km.PRE_REG), (0, False), (1, True))],
         *[(f"head{'_norm' * norm}", src.pre_source(dialect),
            [(xt, 3, 65536), ("float32", 2, 4), ("float32", 1, 1), ("float32", 1, 4),
             ("float32", 1, 3), (xt, 1, 4096)], [xt, "float32", "float32"],
            [("XT", xt), ("NS", 4), ("D", 4096), ("ITERS", 1), ("TG", km.PRE_TG),
-            ("HEAD", True), ("NORM", norm)]) for norm in (False, True)],
+            ("HEAD", True), ("NORM", norm), ("SINK", km.PRE_SINK), ("REG", km.PRE_REG)])
+          for norm in (False, True)],
         ("post", src.post_source(dialect),
          [(xt, 3, 65536), (ft, 2, 4096), ("float32", 2, 4), ("float32", 3, 16),
           ("float32", 1, 1)], [xt],

@@ -237,7 +237,7 @@ namespace ki_emu {
 inline ucontext_t sched_ctx;
 inline std::vector<ucontext_t> ctxs;
 inline std::vector<std::vector<char>> stacks;
-inline std::vector<int> state;  // 0 running, 1 at barrier, 2 returned
+inline std::vector<int> state;  // 0 running, 1 at barrier, 2 returned, 3 at a warp's barrier
 inline int cur = 0;
 inline int group[3] = {0, 0, 0};
 inline std::function<void()>* job = nullptr;
@@ -248,6 +248,12 @@ inline void entry() {
 }
 inline void barrier() {
   state[cur] = 1;
+  swapcontext(&ctxs[cur], &sched_ctx);
+}
+// A barrier of the calling thread's warp only (every lane of that warp calls it): released at
+// the next sweep, while threads waiting at a group barrier stay held until no warp waits.
+inline void warp_barrier() {
+  state[cur] = 3;
   swapcontext(&ctxs[cur], &sched_ctx);
 }
 // Runs `f` once per thread of each threadgroup of a (gx, gy, gz) grid of groups of `tg`.
@@ -271,16 +277,21 @@ inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
           state[i] = 0;
         }
         for (;;) {
-          int at_barrier = 0, returned = 0;
+          int at_barrier = 0, at_warp = 0, returned = 0;
+          bool warp_wait = false;
+          for (int i = 0; i < tg; ++i) warp_wait = warp_wait || state[i] == 3;
           for (int i = 0; i < tg; ++i) {
             if (state[i] == 2) { ++returned; continue; }
+            if (warp_wait && state[i] == 1) { ++at_barrier; continue; }  // held
             cur = i;
             state[i] = 0;
             swapcontext(&sched_ctx, &ctxs[i]);
-            if (state[i] == 1) ++at_barrier; else ++returned;
+            if (state[i] == 1) ++at_barrier;
+            else if (state[i] == 3) ++at_warp;
+            else ++returned;
           }
-          if (at_barrier == 0) break;
-          if (returned != 0) {
+          if (at_barrier == 0 && at_warp == 0) break;
+          if (at_warp == 0 && returned != 0) {
             std::fprintf(stderr, "ki_emu: non-uniform barrier in group (%d, %d, %d)\n", x, y, z);
             std::abort();
           }
@@ -327,13 +338,14 @@ inline float ki_warp_sum(float x) {
   return s;
 }
 #define KI_WARP_SUM(x) ki_warp_sum((float)(x))
-// x of lane `src` (0..31) of this warp; every thread of the group must call it (two barriers)
+// x of lane `src` (0..31) of this warp; every lane of the warp must call it (it waits at two
+// barriers of the warp)
 inline float ki_shfl(float x, int src) {
   static float slot[1024];
   slot[ki_emu::cur] = x;
-  ki_emu::barrier();
+  ki_emu::warp_barrier();
   const float v = slot[(ki_emu::cur & ~31) + src];
-  ki_emu::barrier();
+  ki_emu::warp_barrier();
   return v;
 }
 #define KI_SHFL(x, src) ki_shfl((float)(x), (src))

@@ -22,6 +22,12 @@ from .gemv import matvec_flat
 
 ENV_VAR = "DSV4_MHC_KERNEL"
 PRE_TG = 512  # one group a token; 512 measured best of 256/512/1024 (bench/mhc.py, H100)
+# Who runs the pre kernel's Sinkhorn (2: every warp, 1: warp 0, 0: thread 0) and whether a
+# thread keeps its stream values in registers: the same bits either way, only the speed differs
+# (`bench/mhc.py --sink --reg` times each on a GPU; the kernel took 33.2 us a call with these,
+# 27.1 us at 94ebe39, which had SINK 0 and no registers, with another mix projection).
+PRE_SINK = 2
+PRE_REG = True
 POST_TG = 256
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float, *, backend: str,
@@ -36,16 +42,28 @@ def hc_pre_kernel(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: float
         mixraw = matvec_flat(fn, X)
     else:
         mixraw = X.reshape(N, n * D).astype(mx.float32) @ fn.astype(mx.float32).T  # [N, M]
+    return hc_pre_from_mix(X, mixraw, scale, base, iters, hc_eps, norm_eps, backend=backend,
+                           head=head, norm=norm)
+
+
+def hc_pre_from_mix(X, mixraw, scale, base, iters: int, hc_eps: float, norm_eps: float, *,
+                    backend: str, head: bool = False, norm=None):
+    """The pre kernel's launch alone, on the projected logits `mixraw` [N, M] f32 (what
+    `hc_pre_kernel` computes first): for timing the two apart (`bench/mhc.py`)."""
+    B, S, n, D = X.shape
+    N = B * S
     out_eps = norm.eps if norm is not None else 0.0
     eps = dispatch.vector(hc_eps, norm_eps, out_eps)
     wn = (norm.weight.astype(X.dtype) if norm is not None
           else dispatch.unused())
     go = dispatch.launch(
-        ("mhc_pre", backend, X.dtype, X.shape, iters, head, norm is not None),
+        ("mhc_pre", backend, X.dtype, X.shape, iters, head, norm is not None, PRE_TG, PRE_SINK,
+         PRE_REG),
         lambda: dispatch.Launch(
             backend, src.pre_source(backend),
             template=[("XT", X.dtype), ("NS", n), ("D", D), ("ITERS", iters), ("TG", PRE_TG),
-                      ("HEAD", head), ("NORM", norm is not None)],
+                      ("HEAD", head), ("NORM", norm is not None), ("SINK", PRE_SINK),
+                      ("REG", PRE_REG)],
             grid=(N * PRE_TG, 1, 1), threadgroup=(PRE_TG, 1, 1),
             output_shapes=[(B, S, D), (1,), (1,)] if head else [(B, S, D), (B, S, n), (B, S, n, n)],
             output_dtypes=[X.dtype, mx.float32, mx.float32]))
@@ -81,8 +99,8 @@ def _backend(X) -> str:
 
 def _usable(backend: str, X, n: int, D: int, iters: int, F_dtype=None, head: bool = False,
             norm: bool = False) -> bool:
-    if n * n > 32:  # the pre kernel's Sinkhorn holds the n x n matrix in one warp's lanes
-        return False
+    if n * n > 32 and PRE_SINK:  # the pre kernel's Sinkhorn holds the n x n matrix in one
+        return False                # warp's lanes
     key = (backend, "mhc", X.dtype, F_dtype, n, D, iters, bool(head), bool(norm))
 
     def probe():

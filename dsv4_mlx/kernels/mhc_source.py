@@ -29,7 +29,11 @@ from .indexer_source import KernelSource, make_source
 # With NORM, h is the collapse through the RMSNorm that follows it in the block (attn_norm,
 # ffn_norm; the model's final norm after HEAD), as `mx.fast.rms_norm` computes it: the sum of
 # squares of the collapse rounded to XT, y = XT(h * rsqrt(mean + eps)), h' = XT(wn * y).
-# Template: XT, NS, D, ITERS, TG (a power of two), HEAD, NORM. Grid (N * TG, 1, 1), groups of TG.
+# Template: XT, NS, D, ITERS, TG (a power of two), HEAD, NORM, SINK, REG. Grid (N * TG, 1, 1),
+# groups of TG. SINK: who runs the Sinkhorn (2: every warp, one matrix element a lane; 1: warp
+# 0 alone, the same way; 0: thread 0 alone, a loop over rows then columns); REG: a thread's
+# values held in registers where they fit (KEEP below) or always read twice. Every choice gives
+# the same bits (the same operations in the same order); they differ only in speed.
 _PRE_BODY = r"""
   constexpr int M = HEAD ? NS : (2 + NS) * NS;
   const int t = ki_gx;
@@ -43,7 +47,7 @@ _PRE_BODY = r"""
   // needs; otherwise four loads in flight, and the collapse reads X again. Either way value
   // u of a thread goes to partial sum u % 4.
   constexpr int PER = (NS * D + TG - 1) / TG;
-  constexpr bool KEEP = D % TG == 0 && PER <= 64;
+  constexpr bool KEEP = REG && D % TG == 0 && PER <= 64;
   float xv[PER];  // (unused, so never allocated, without KEEP)
   float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
   if (KEEP) {
@@ -97,9 +101,42 @@ _PRE_BODY = r"""
       post[t * NS + j] = 2.0f / (1.0f + KI_EXP(-b));
     }
   }
-  static_assert(HEAD || NS * NS <= 32, "the Sinkhorn matrix is held in one warp's lanes");
-  static_assert(HEAD || TG % 32 == 0, "every lane of a warp takes part in the shuffles");
-  if (!HEAD) {
+  static_assert(HEAD || SINK == 0 || NS * NS <= 32, "the Sinkhorn matrix is held in one warp's lanes");
+  static_assert(HEAD || SINK == 0 || TG % 32 == 0, "every lane of a warp takes part in the shuffles");
+  if (!HEAD && SINK == 0 && ki_tid == 0) {
+    float c[NS][NS];
+    for (int j = 0; j < NS; ++j) {  // row softmax (max-subtracted) + eps
+      float mx = KI_NEG_INF;
+      for (int k = 0; k < NS; ++k) {
+        const int i = 2 * NS + j * NS + k;
+        c[j][k] = mixraw[t * M + i] * rs * scale[2] + base[i];
+        mx = c[j][k] > mx ? c[j][k] : mx;
+      }
+      float sum = 0.0f;
+      for (int k = 0; k < NS; ++k) {
+        c[j][k] = KI_EXP(c[j][k] - mx);
+        sum += c[j][k];
+      }
+      for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / sum + hc_eps;
+    }
+    for (int it = 0; it < ITERS; ++it) {
+      if (it > 0) {  // rows (the first round has only the column normalisation)
+        for (int j = 0; j < NS; ++j) {
+          float sum = 0.0f;
+          for (int k = 0; k < NS; ++k) sum += c[j][k];
+          for (int k = 0; k < NS; ++k) c[j][k] = c[j][k] / (sum + hc_eps);
+        }
+      }
+      for (int k = 0; k < NS; ++k) {
+        float sum = 0.0f;
+        for (int j = 0; j < NS; ++j) sum += c[j][k];
+        for (int j = 0; j < NS; ++j) c[j][k] = c[j][k] / (sum + hc_eps);
+      }
+    }
+    for (int j = 0; j < NS; ++j)
+      for (int k = 0; k < NS; ++k) comb[(t * NS + j) * NS + k] = c[j][k];
+  }
+  if (!HEAD && SINK > 0 && (SINK == 2 || ki_tid < 32)) {
     const int lane = ki_tid % 32;
     const int e = lane < NS * NS ? lane : 0;  // (lanes past the matrix repeat element 0)
     const int j = e / NS;
