@@ -26,6 +26,7 @@
 # steps   bench/decode_steps.py --bisect (per-step decode time at CONTEXT, each kernel family
 #         sent to the ops path in turn: what makes a step slow)
 # slicedtopk  the sliced top-k GPU test alone, a traceback if it hangs
+# qgemv   bench/qgemv.py (the opt-in 8-bit head GEMV vs MLX's quantized matmul) and its GPU tests
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
@@ -100,6 +101,10 @@ for step in "${steps[@]}"; do
     slicedtopk)
       timeout 150 python -m pytest -v -s -p no:cacheprovider --tb=short -o faulthandler_timeout=100 \
         tests/test_indexer_kernel.py -k "gpu_sliced_topk" 2>&1 | tail -40 ;;
+    qgemv)
+      timeout 120 python bench/qgemv.py 2>&1 | tail -8
+      DSV4_QGEMV_KERNEL=auto timeout 120 python -m pytest -q -p no:cacheprovider -k gpu \
+        tests/test_qgemv_kernel.py 2>&1 | tail -3 ;;
     ixwall)
       timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;

@@ -36,6 +36,7 @@ from dsv4_mlx.kernels import embed_source as esrc  # noqa: E402
 from dsv4_mlx.kernels import gemv_source as gsrc  # noqa: E402
 from dsv4_mlx.kernels import indexer_source as isrc  # noqa: E402
 from dsv4_mlx.kernels import mhc_source as msrc  # noqa: E402
+from dsv4_mlx.kernels import qgemv_source as qsrc  # noqa: E402
 from dsv4_mlx.kernels import norm_rope_source as nsrc  # noqa: E402
 from dsv4_mlx.kernels import router_source as rsrc  # noqa: E402
 from dsv4_mlx.kernels import swiglu_source as ssrc  # noqa: E402
@@ -149,6 +150,11 @@ def launches():
                  ("float32", 1, 1), ("int32", 1, 1)], ["float32"],
                 [("XT", "bfloat16"), ("WT", "bfloat16"), ("K", 4096), ("TG", 256), ("O0", 64),
                  ("RT", "bfloat16"), ("SC", True)]))
+    out.append(("8-bit head GEMV (opt-in)", qsrc.qgemv_source("cuda"),
+                [("uint32", 2, 129280 * 1024), ("float32", 2, 129280 * 64),
+                 ("float32", 2, 129280 * 64), ("float32", 1, 4096)], ["float32"],
+                [("XT", "float32"), ("ST", "float32"), ("OT", "float32"), ("K", 4096),
+                 ("GS", 64), ("TG", 256), ("RW", 8)]))
     return out
 
 

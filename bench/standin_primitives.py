@@ -67,7 +67,8 @@ def install():
     from dsv4_mlx.kernels import dispatch
     from dsv4_mlx.kernels import indexer as ki
 
-    dispatch.select_backend = lambda env_var=dispatch.ENV_VAR: "cuda"
+    dispatch.select_backend = lambda env_var=dispatch.ENV_VAR, default="auto": (
+        "ops" if default == "ops" else "cuda")  # (an opt-in kernel stays off, as on a GPU)
     dispatch.cuda_available = lambda: True
     dispatch.available_backends = lambda: ("cuda",)
     dispatch.kernel_usable = lambda key, probe, what: True

@@ -295,7 +295,7 @@ def test_cpu_uses_ops(clean_dispatch):
 
 def test_many_dense_keys_use_ops(clean_dispatch, monkeypatch):
     """Past MAX_COMPRESSED_KEYS the ops path serves (measured faster there), GPU or not."""
-    monkeypatch.setattr(dispatch, "select_backend", lambda env: "cuda")
+    monkeypatch.setattr(dispatch, "select_backend", lambda env=None, default="auto": "ops" if default == "ops" else "cuda")
     monkeypatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
     q, codec = mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8)
     assert ka.kernel_backend(q, codec, ka.MAX_COMPRESSED_KEYS) == "cuda"
@@ -305,7 +305,7 @@ def test_many_dense_keys_use_ops(clean_dispatch, monkeypatch):
 def test_dims_not_in_fours_use_ops(clean_dispatch, monkeypatch):
     """The kernel loads 4 dims at a time: C (and for FP8, the non-RoPE dims and the scale
     block) must be multiples of 4; the plain format has no such parts and takes the kernel."""
-    monkeypatch.setattr(dispatch, "select_backend", lambda env: "cuda")
+    monkeypatch.setattr(dispatch, "select_backend", lambda env=None, default="auto": "ops" if default == "ops" else "cuda")
     monkeypatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
     assert ka.kernel_backend(mx.zeros((1, 2, 1, 64)), PlainCodec(64)) == "cuda"
     assert ka.kernel_backend(mx.zeros((1, 2, 1, 64)), FP8KVCodec(64, 8)) == "cuda"

@@ -704,7 +704,7 @@ def test_dispatch_cpu_matches_ops(clean_dispatch):
 
 def test_failed_kernel_warns_once_and_falls_back(clean_dispatch):
     """A kernel that does not build: one RuntimeWarning, then the ops path, silently."""
-    clean_dispatch.setattr(dispatch, "select_backend", lambda env_var=dispatch.ENV_VAR: "metal")
+    clean_dispatch.setattr(dispatch, "select_backend", lambda env_var=dispatch.ENV_VAR, default="auto": "ops" if default == "ops" else "metal")
 
     def broken(backend, ks):
         raise RuntimeError("[metal_kernel] Unable to build metal library from source (stub)")
@@ -766,7 +766,7 @@ def test_plans_stay_bounded_as_the_entries_grow(clean_dispatch):
     clean_dispatch.setattr(ki, "_kernel", lambda backend, ks: lambda inputs, output_shapes,
                            output_dtypes, **kw: [mx.zeros(s, d) for s, d in
                                                  zip(output_shapes, output_dtypes)])
-    clean_dispatch.setattr(dispatch, "select_backend", lambda env_var=dispatch.ENV_VAR: "cuda")
+    clean_dispatch.setattr(dispatch, "select_backend", lambda env_var=dispatch.ENV_VAR, default="auto": "ops" if default == "ops" else "cuda")
     clean_dispatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
     q, w = mx.zeros((1, 1, 16, 32), mx.bfloat16), mx.zeros((1, 1, 16))
     for N in range(40, 700):

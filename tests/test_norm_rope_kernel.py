@@ -155,7 +155,7 @@ def test_store_dispatch_needs_the_fp8_ring_and_the_store_kernel(clean_dispatch, 
     would (``DSV4_KV_STORE_KERNEL=ops`` turns it off too); the bf16 ring keeps the plain one."""
     from dsv4_mlx.cache import LayerCache
 
-    monkeypatch.setattr(dispatch, "select_backend", lambda env=None: "cuda")
+    monkeypatch.setattr(dispatch, "select_backend", lambda env=None, default="auto": "ops" if default == "ops" else "cuda")
     monkeypatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
     from dsv4_mlx.kernels import kv_store
     q, kv, rope = mx.zeros((1, 1, 4 * 64), mx.bfloat16), mx.zeros((1, 1, 64), mx.bfloat16), _rope(16)
@@ -166,7 +166,8 @@ def test_store_dispatch_needs_the_fp8_ring_and_the_store_kernel(clean_dispatch, 
     bf16.ring = bf16.codec.encode(mx.zeros((1, 8, 64), mx.bfloat16))
     assert kn._store_backend(q, kv, rope, bf16) == "ops"
     monkeypatch.setattr(kv_store.dispatch, "select_backend",
-                        lambda env=None: "ops" if env == kv_store.ENV_VAR else "cuda")
+                        lambda env=None, default="auto":
+                        "ops" if env == kv_store.ENV_VAR or default == "ops" else "cuda")
     assert kn._store_backend(q, kv, rope, fp8) == "ops"
 
 

@@ -42,7 +42,8 @@ def forced(clean_dispatch):
     """Kernels 'on' for every family not set to ops (as on a GPU), built by `build`."""
     mp = clean_dispatch
     mp.setattr(dispatch, "select_backend",
-               lambda env_var=dispatch.ENV_VAR: "ops" if os.environ.get(env_var) == "ops" else "cuda")
+               lambda env_var=dispatch.ENV_VAR, default="auto":
+               "ops" if (os.environ.get(env_var) or default) == "ops" else "cuda")
     mp.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
     mp.setattr(mx, "stream", lambda *a, **k: contextlib.nullcontext())
     # every family but the ones a test checks stays on the ops path in both runs

@@ -26,12 +26,12 @@ ENV_VAR = "DSV4_INDEXER_KERNEL"
 CHOICES = ("auto", "metal", "cuda", "ops")
 
 
-def requested(env_var: str = ENV_VAR) -> str:
-    """The value of the override variable, validated (``auto`` when unset or empty)."""
+def requested(env_var: str = ENV_VAR, default: str = "auto") -> str:
+    """The value of the override variable, validated (`default` when unset or empty)."""
     raw = os.environ.get(env_var)
     if not raw:
-        return "auto"
-    value = raw.strip().lower() or "auto"
+        return default
+    value = raw.strip().lower() or default
     if value not in CHOICES:
         raise ValueError(f"{env_var}={value!r}: expected one of {', '.join(CHOICES)}")
     return value
@@ -65,21 +65,22 @@ def available_backends() -> tuple[str, ...]:
 _selected: dict = {}
 
 
-def select_backend(env_var: str = ENV_VAR) -> str:
+def select_backend(env_var: str = ENV_VAR, default: str = "auto") -> str:
     """``"metal"``, ``"cuda"`` or ``"ops"`` for the next call (asked at every launch: the
     answer is remembered for the variable's value, the default device and the availability
-    probes in use)."""
+    probes in use). `default`: what an unset variable means (``"ops"`` for a kernel that is
+    used only when asked for)."""
     raw = os.environ.get(env_var)
-    key = (env_var, raw, mx.default_device().type, metal_available, cuda_available,
+    key = (env_var, raw, default, mx.default_device().type, metal_available, cuda_available,
            available_backends)
     got = _selected.get(key)
     if got is None:
-        got = _selected[key] = _select_backend(env_var)
+        got = _selected[key] = _select_backend(env_var, default)
     return got
 
 
-def _select_backend(env_var: str) -> str:
-    req = requested(env_var)
+def _select_backend(env_var: str, default: str = "auto") -> str:
+    req = requested(env_var, default)
     if req == "ops":
         return "ops"
     if req in ("metal", "cuda"):

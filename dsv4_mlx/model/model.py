@@ -19,6 +19,7 @@ from .kv_formats import DEFAULT_KV_FORMAT
 from .layers import RMSNorm
 from ..kernels.embed import embed_streams
 from ..kernels.mhc import hc_head, hc_post, hc_pre
+from ..kernels.qgemv import head_logits
 from .moe import MoE
 
 
@@ -151,8 +152,8 @@ class Model(nn.Module):
     def lm_head(self, y: mx.array) -> mx.array:
         """fp32 logits; a quantized head takes fp32 input at no extra weight traffic (with its
         scales and biases in fp32, see `sanitize`)."""
-        if isinstance(self.head, nn.QuantizedLinear):
-            return self.head(y.astype(mx.float32))
+        if isinstance(self.head, nn.QuantizedLinear):  # (one token: `kernels.qgemv`, opt-in)
+            return head_logits(self.head, y.astype(mx.float32))
         return self.head(y).astype(mx.float32)
 
     def mtp_predict(self, streams, next_ids, cache: Optional[List[LayerCache]] = None, i: int = 0):

@@ -1,0 +1,77 @@
+"""One-token 8-bit affine projection (the output head, spec §4.14): a Metal kernel with a CUDA
+twin, and the ops path (MLX's `quantized_matmul`).
+
+``head_logits(head, y)`` -> ``head(y)`` for a `QuantizedLinear` head (affine, 8 bits) and one
+token y. **Opt-in, not yet measured on a GPU**: ``DSV4_QGEMV_KERNEL=auto`` (or ``metal`` /
+``cuda``) uses the kernel; unset or ``ops``, MLX's quantized matmul runs as before. It becomes
+the default only once `bench/qgemv.py` shows it faster than MLX's on a GPU. Same dequantized
+values (``q s + b``) and fp32 sums as MLX's, in another order. fp32 x, scales and biases only
+(the head's case, see `Model.sanitize`); MLX rounds half-precision dequantized weights to the
+half type, which this kernel does not do, so those stay on MLX's path.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import dispatch
+from . import qgemv_source as src
+
+ENV_VAR = "DSV4_QGEMV_KERNEL"
+DEFAULT = "ops"  # until measured (see the module docstring)
+TG = 256
+RW = 8          # rows a warp
+MAX_K = 7168    # x staged in threadgroup memory: 28 KiB of fp32 (Metal's limit is 32 KiB)
+
+
+def qgemv_kernel(w, scales, biases, x, group_size: int, *, backend: str) -> mx.array:
+    """y [..., O] fp32 for x [..., K] fp32 (one token): w uint32 [O, K/4] affine 8-bit codes,
+    scales and biases [O, K/GS] fp32."""
+    O = w.shape[0]
+    K = x.shape[-1]
+    rows = (TG // 32) * RW
+    go = dispatch.launch(
+        ("qgemv8", backend, x.dtype, x.shape, w.shape, scales.dtype, group_size),
+        lambda: dispatch.Launch(
+            backend, src.qgemv_source(backend),
+            template=[("XT", x.dtype), ("ST", scales.dtype), ("OT", x.dtype), ("K", K),
+                      ("GS", group_size), ("TG", TG), ("RW", RW)],
+            grid=(-(-O // rows) * TG, 1, 1), threadgroup=(TG, 1, 1),
+            output_shapes=[(*x.shape[:-1], O)], output_dtypes=[x.dtype]))
+    return go([w, scales, biases, x])[0]
+
+
+def _backend(head, x) -> str:
+    backend = dispatch.select_backend(ENV_VAR, DEFAULT)
+    if backend == "ops" or not isinstance(head, nn.QuantizedLinear):
+        return "ops"
+    if (head.mode != "affine" or head.bits != 8 or "bias" in head or head.get("biases") is None
+            or head.weight.dtype != mx.uint32):
+        return "ops"
+    K = x.shape[-1]
+    gs = head.group_size
+    if (x.size != K or x.dtype != mx.float32 or head.scales.dtype != mx.float32
+            or head.biases.dtype != mx.float32 or K % 16 or gs % 16 or K % gs or K > MAX_K
+            or head.weight.shape[-1] * 4 != K):
+        return "ops"
+    key = (backend, "qgemv8", x.dtype, K, gs)
+
+    def probe():
+        mx.eval(qgemv_kernel(mx.zeros((3, K // 4), mx.uint32), mx.ones((3, K // gs), x.dtype),
+                             mx.zeros((3, K // gs), x.dtype), mx.zeros((K,), x.dtype), gs,
+                             backend=backend))
+
+    return backend if dispatch.kernel_usable(key, probe, f"8-bit GEMV ({backend})") else "ops"
+
+
+def head_logits(head, y: mx.array) -> mx.array:
+    """``head(y)`` (see the module docstring)."""
+    backend = _backend(head, y)
+    if backend == "ops":
+        return head(y)
+    return qgemv_kernel(head.weight, head.scales, head.biases, y, head.group_size,
+                        backend=backend)
+
+
+__all__ = ["head_logits", "qgemv_kernel", "ENV_VAR", "DEFAULT"]
