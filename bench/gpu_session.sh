@@ -102,7 +102,7 @@ for step in "${steps[@]}"; do
       timeout 150 python -m pytest -v -s -p no:cacheprovider --tb=short -o faulthandler_timeout=100 \
         tests/test_indexer_kernel.py -k "gpu_sliced_topk" 2>&1 | tail -40 ;;
     qgemv)
-      timeout 120 python bench/qgemv.py 2>&1 | tail -8
+      timeout 150 python bench/qgemv.py 2>&1 | tail -14
       DSV4_QGEMV_KERNEL=auto timeout 120 python -m pytest -q -p no:cacheprovider -k gpu \
         tests/test_qgemv_kernel.py 2>&1 | tail -3 ;;
     ixwall)

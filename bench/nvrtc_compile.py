@@ -155,6 +155,11 @@ def launches():
                  ("float32", 2, 129280 * 64), ("float32", 1, 4096)], ["float32"],
                 [("XT", "float32"), ("ST", "float32"), ("OT", "float32"), ("K", 4096),
                  ("GS", 64), ("TG", 256), ("RW", 8)]))
+    out.append(("mxfp8 GEMV (FP8 linears; bench only)", qsrc.qgemv_source("cuda", "mxfp8"),
+                [("uint32", 2, 32768 * 256), ("uint8", 2, 32768 * 32), ("float32", 1, 1),
+                 ("bfloat16", 1, 1024)], ["bfloat16"],
+                [("XT", "bfloat16"), ("ST", "uint8"), ("OT", "bfloat16"), ("K", 1024),
+                 ("GS", 32), ("TG", 256), ("RW", 8)]))
     return out
 
 

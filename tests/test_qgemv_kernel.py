@@ -59,6 +59,44 @@ def test_emulated_matches_numpy(emu, O, K, gs, rw, tg):
     np.testing.assert_allclose(y, mlx, rtol=RTOL, atol=ATOL * np.abs(want).max())
 
 
+def _emu_mxfp8(emu, w, s, x, rw=kq.RW, tg=kq.TG):
+    O, K = w.shape[0], x.shape[-1]
+    rows = (tg // 32) * rw
+    (y,) = emu.run(src.qgemv_source("cpp", "mxfp8"),
+                   [np.array(w), np.array(s), np.zeros(1, np.float32), np.array(x)],
+                   [(O,)], ["float32"],
+                   [("XT", "float32"), ("ST", "uint8"), ("OT", "float32"), ("K", K),
+                    ("GS", 32), ("TG", tg), ("RW", rw)],
+                   (-(-O // rows) * tg, 1, 1), tg)
+    return y
+
+
+@pytest.mark.parametrize("O,K,rw,tg", [(100, 4096, 8, 256), (9, 96, 2, 64)])
+def test_emulated_mxfp8_every_code(emu, O, K, rw, tg):
+    """The FP8 linears' layout (MLX mxfp8: e4m3 codes, a UE8M0 scale per 32): every code but
+    the two NaNs (subnormals, both zeros, the largest), scales 2^-20 .. 2^12 and 2^-127 (0),
+    against MLX's own dequantization."""
+    rng = np.random.default_rng(O + K)
+    codes = rng.integers(0, 256, (O, K)).astype(np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x01  # no NaN codes
+    every = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # 254 codes
+    n = min(K, every.size)
+    codes[0, :n] = every[:n]
+    w = mx.array(codes.reshape(O, K // 4, 4).view(np.uint32).reshape(O, K // 4))
+    e8 = rng.integers(107, 140, (O, K // 32)).astype(np.uint8)
+    e8[-1, 0] = 0
+    sc = mx.array(e8)
+    x = mx.array(rng.standard_normal(K).astype(np.float32))
+    Wdq = np.array(mx.dequantize(w, sc, group_size=32, bits=8, mode="mxfp8").astype(mx.float32))
+    assert np.isfinite(Wdq).all()
+    y = _emu_mxfp8(emu, w, sc, x, rw, tg)
+    want = Wdq.astype(np.float64) @ np.array(x).astype(np.float64)
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL * np.abs(want).max())
+    # not vacuous: the sign bit ignored gives other sums
+    flipped = mx.array((codes & 0x7F).reshape(O, K // 4, 4).view(np.uint32).reshape(O, K // 4))
+    assert not np.allclose(_emu_mxfp8(emu, flipped, sc, x, rw, tg), y, rtol=1e-3)
+
+
 def test_emulated_can_fail(emu):
     """Not vacuous: the codes read with the wrong group size give other values."""
     rng = np.random.default_rng(2)
@@ -73,11 +111,13 @@ def test_emulated_can_fail(emu):
 # --------------------------------------------------------------------------------------------
 # Metal and CUDA sources
 
-def _launch(dialect, xt, K=4096, O=129280, gs=64):
-    return (src.qgemv_source(dialect),
-            [("uint32", 2, O * K // 4), (xt, 2, O * K // gs), (xt, 2, O * K // gs), (xt, 1, K)],
+def _launch(dialect, xt, K=4096, O=129280, gs=64, mode="affine"):
+    st = "uint8" if mode == "mxfp8" else xt
+    return (src.qgemv_source(dialect, mode),
+            [("uint32", 2, O * K // 4), (st, 2, O * K // gs),
+             (xt, 2, O * K // gs) if mode == "affine" else ("float32", 1, 1), (xt, 1, K)],
             [xt],
-            [("XT", xt), ("ST", xt), ("OT", xt), ("K", K), ("GS", gs), ("TG", kq.TG),
+            [("XT", xt), ("ST", st), ("OT", xt), ("K", K), ("GS", gs), ("TG", kq.TG),
              ("RW", kq.RW)])
 
 
@@ -86,15 +126,21 @@ def _launch(dialect, xt, K=4096, O=129280, gs=64):
 def test_metal_source_compiles_as_cpp(xt, tmp_path):
     assert_metal_compiles(_launch("metal", xt), tmp_path, f"qgemv_{xt}")
     assert_metal_compiles(_launch("metal", xt, K=7168), tmp_path, f"qgemv_{xt}_pro")
+    for t in ("bfloat16", "float32"):  # the FP8 linears (bf16 activations)
+        assert_metal_compiles(_launch("metal", t, K=1024, O=32768, gs=32, mode="mxfp8"),
+                              tmp_path, f"qgemv_mxfp8_{t}")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
     assert_nvcc_compiles(_launch("cuda", "float32"), tmp_path, "qgemv")
+    assert_nvcc_compiles(_launch("cuda", "bfloat16", K=1024, O=32768, gs=32, mode="mxfp8"),
+                         tmp_path, "qgemv_mxfp8")
 
 
 def test_body_stays_in_the_common_subset():
-    assert_common_subset(src.qgemv_source("metal"))
+    for mode in ("affine", "mxfp8"):
+        assert_common_subset(src.qgemv_source("metal", mode))
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,19 +22,23 @@ ENV_VAR = "DSV4_QGEMV_KERNEL"
 DEFAULT = "ops"  # until measured (see the module docstring)
 TG = 256
 RW = 8          # rows a warp
-MAX_K = 7168    # x staged in threadgroup memory: 28 KiB of fp32 (Metal's limit is 32 KiB)
+MAX_K = 8192    # x staged in threadgroup memory as fp32: 32 KiB, Metal's limit
 
 
-def qgemv_kernel(w, scales, biases, x, group_size: int, *, backend: str) -> mx.array:
-    """y [..., O] fp32 for x [..., K] fp32 (one token): w uint32 [O, K/4] affine 8-bit codes,
-    scales and biases [O, K/GS] fp32."""
+def qgemv_kernel(w, scales, biases, x, group_size: int, *, backend: str,
+                 mode: str = "affine") -> mx.array:
+    """y [..., O] in x's dtype for x [..., K] (one token): w uint32 [O, K/4] 8-bit codes;
+    affine: scales and biases [O, K/GS] (fp32 where the model uses it); mxfp8: scales uint8
+    [O, K/32] (UE8M0), biases None."""
     O = w.shape[0]
     K = x.shape[-1]
     rows = (TG // 32) * RW
+    if biases is None:
+        biases = dispatch.unused()
     go = dispatch.launch(
-        ("qgemv8", backend, x.dtype, x.shape, w.shape, scales.dtype, group_size),
+        ("qgemv8", backend, mode, x.dtype, x.shape, w.shape, scales.dtype, group_size),
         lambda: dispatch.Launch(
-            backend, src.qgemv_source(backend),
+            backend, src.qgemv_source(backend, mode),
             template=[("XT", x.dtype), ("ST", scales.dtype), ("OT", x.dtype), ("K", K),
                       ("GS", group_size), ("TG", TG), ("RW", RW)],
             grid=(-(-O // rows) * TG, 1, 1), threadgroup=(TG, 1, 1),
