@@ -27,9 +27,16 @@
 #         sent to the ops path in turn: what makes a step slow)
 # slicedtopk  the sliced top-k GPU test alone, a traceback if it hangs
 # qgemv   bench/qgemv.py (the opt-in 8-bit head GEMV vs MLX's quantized matmul) and its GPU tests
+# saveptx MLX's CUDA kernel cache as $OUT/ptxcache.tgz (copy it to .devcarry/b/: later sessions
+#         restore it before the first step and skip most first-use compiles)
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
+# MLX's CUDA kernel cache (PTX, /tmp/mlx/<version>/ptx) from an earlier session, if carried:
+# a fresh machine otherwise compiles every kernel at first use (~1 s each, minutes in all)
+if [ -f .devcarry/b/ptxcache.tgz ] && [ ! -d /tmp/mlx ]; then
+  tar -xzf .devcarry/b/ptxcache.tgz -C /tmp && echo "kernel cache restored: $(ls -R /tmp/mlx | grep -c '\.ptx$') modules"
+fi
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -105,6 +112,9 @@ for step in "${steps[@]}"; do
       timeout 150 python bench/qgemv.py 2>&1 | tail -14
       DSV4_QGEMV_KERNEL=auto timeout 120 python -m pytest -q -p no:cacheprovider -k gpu \
         tests/test_qgemv_kernel.py 2>&1 | tail -3 ;;
+    saveptx)
+      # (bring back $OUT/ptxcache.tgz and put it in .devcarry/b/ for the next session)
+      tar -czf "$OUT/ptxcache.tgz" -C /tmp mlx && ls -la "$OUT/ptxcache.tgz" ;;
     ixwall)
       timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;
