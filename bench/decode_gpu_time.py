@@ -91,10 +91,18 @@ def parse(path: str, steps: int, top: int):
     total = sum(us for _, us in kept)
     print(f"{len(kept) / steps:.1f} kernels a step, GPU time {total / steps / 1e3:.3f} ms a step "
           f"(sum of kernel durations under ncu, which locks the clocks to base; {steps} steps)")
-    print(f"{'kernel':60s} {'us/step':>9s} {'n/step':>7s} {'share':>6s} {'median us/call':>15s}")
+    print(f"{'kernel':60s} {'us/step':>9s} {'n/step':>7s} {'share':>6s} {'median us/call':>15s} "
+          f"{'max us/call':>12s}")
     for name, v in sorted(by.items(), key=lambda kv: -sum(kv[1]))[:top]:
         print(f"{name:60s} {sum(v) / steps:9.1f} {len(v) / steps:7.1f} {100 * sum(v) / total:5.1f}% "
-              f"{statistics.median(v):15.1f}")
+              f"{statistics.median(v):15.1f} {max(v):12.1f}")
+    # the longest single calls of one step (the first): which launch a kernel's time is in
+    # (e.g. MLX's qmv: the head's one call vs the layers' projections)
+    n = len(kept) // steps
+    first = sorted(enumerate(kept[:n]), key=lambda iv: -iv[1][1])[:10]
+    print("longest calls of the first step (position in the step, kernel, us):")
+    for i, (name, us) in first:
+        print(f"  {i:4d} {name.split('(')[0][:70]:70s} {us:8.1f}")
 
 
 def main():
