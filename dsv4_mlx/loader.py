@@ -15,7 +15,10 @@ def get_model_classes(config: dict):
 def load_model(path, lazy: bool = False):
     from mlx_lm.utils import load_model as _load
 
+    from .kernels.qgemv import use_for_linears
+
     model, _config = _load(Path(path), lazy=lazy, get_model_classes=get_model_classes)
+    use_for_linears(model)  # (opt-in: DSV4_QGEMV_KERNEL; nothing changes when unset)
     return model
 
 

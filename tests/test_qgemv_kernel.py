@@ -182,6 +182,77 @@ def test_env_var_validated(clean_dispatch):
         kq.head_logits(_head(np.random.default_rng(1)), mx.zeros((1, 1, 256)))
 
 
+def _mxfp8_model():
+    from conftest import FLASH_LIKE
+
+    from dsv4_mlx.model import Model, ModelArgs
+    from dsv4_mlx.random_weights import load_random
+
+    model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, num_nextn_predict_layers=0))),
+                        seed=3)
+    fp8 = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "shared_experts.w2")
+    nn.quantize(model, group_size=32, bits=8, mode="mxfp8",
+                class_predicate=lambda p, m: (isinstance(m, nn.Linear) and p.endswith(fp8)
+                                              and m.weight.shape[1] % 32 == 0))
+    return model
+
+
+def test_linears_swapped_only_when_asked(clean_dispatch):
+    """Unset: no module changes class. Set: every mxfp8 linear becomes the one-token class,
+    and on the CPU (ops path) the logits stay bit-identical."""
+    from conftest import prefill_then_decode
+
+    model = _mxfp8_model()
+    n_fp8 = sum(1 for _, m in model.named_modules()
+                if isinstance(m, nn.QuantizedLinear) and m.mode == "mxfp8")
+    assert n_fp8 >= 5
+    ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    before = prefill_then_decode(model, ids, 6)
+    assert kq.use_for_linears(model) == 0
+    assert not any(isinstance(m, kq.OneTokenQuantizedLinear) for _, m in model.named_modules())
+    clean_dispatch.setenv(kq.ENV_VAR, "auto")
+    assert kq.use_for_linears(model) == n_fp8
+    assert kq.use_for_linears(model) == 0  # (already swapped)
+    np.testing.assert_array_equal(np.array(prefill_then_decode(model, ids, 6)), np.array(before))
+
+
+def test_one_token_calls_go_to_the_kernel(clean_dispatch):
+    """With the backend forced (as on a GPU): one-token calls of a swapped linear go to the
+    kernel (mxfp8 mode, the layer's codes and scales), several tokens stay on MLX's matmul."""
+    rng = np.random.default_rng(4)
+    lin = nn.Linear(256, 96)
+    lin.weight = mx.array(rng.standard_normal((96, 256)).astype(np.float32) / 16)
+    q = nn.QuantizedLinear.from_linear(lin, group_size=32, bits=8, mode="mxfp8")
+    calls = []
+
+    def kernel(w, scales, biases, x, gs, *, backend, mode="affine"):
+        calls.append((mode, gs, backend, x.shape, biases))
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=gs, bits=8,
+                                   mode=mode)
+
+    clean_dispatch.setattr(dispatch, "select_backend",
+                           lambda env_var=None, default="auto": "cuda")
+    clean_dispatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
+    clean_dispatch.setattr(kq, "qgemv_kernel", kernel)
+    clean_dispatch.setenv(kq.ENV_VAR, "auto")
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = q
+
+    h = Holder()
+    assert kq.use_for_linears(h) == 1 and isinstance(h.proj, kq.OneTokenQuantizedLinear)
+    x1 = mx.array(rng.standard_normal((1, 1, 256)).astype(np.float32)).astype(mx.bfloat16)
+    want1 = nn.QuantizedLinear.__call__(h.proj, x1)
+    got1 = h.proj(x1)
+    assert calls == [("mxfp8", 32, "cuda", (1, 1, 256), None)]
+    np.testing.assert_array_equal(np.array(got1.astype(mx.float32)),
+                                  np.array(want1.astype(mx.float32)))
+    x3 = mx.zeros((1, 3, 256), mx.bfloat16)
+    assert h.proj(x3).shape == (1, 3, 96) and len(calls) == 1  # several tokens: MLX's
+
+
 # --------------------------------------------------------------------------------------------
 # on a GPU
 
@@ -237,6 +308,47 @@ def test_gpu_model_with_kernel_matches_ops(clean_dispatch):
             nn.quantize(model, group_size=64, bits=8, class_predicate=lambda p, m: p == "head")
             model.head.scales = model.head.scales.astype(mx.float32)
             model.head.biases = model.head.biases.astype(mx.float32)
+            ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]])
+            got = prefill_then_decode(model, ids, 12)
+            clean_dispatch.setenv(kq.ENV_VAR, "ops")
+            want = prefill_then_decode(model, ids, 12)
+        finally:
+            mx.set_default_device(mx.cpu)
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("O,K", [(1024, 4096), (32768, 1024), (4096, 8192), (100, 96)])
+def test_gpu_mxfp8_matches_quantized_matmul(clean_dispatch, O, K):
+    """The FP8 linears' layout with bf16 x: the same exact dequantized weights and fp32 sums as
+    MLX's, in another order: within one bf16 ulp of the output."""
+    clean_dispatch.setenv(kq.ENV_VAR, "auto")
+    rng = np.random.default_rng(K)
+    with mx.stream(mx.gpu):
+        w, s = mx.quantize(mx.array(rng.standard_normal((O, K)).astype(np.float32) / np.sqrt(K)),
+                           group_size=32, bits=8, mode="mxfp8")
+        x = mx.array(rng.standard_normal((1, 1, K)).astype(np.float32)).astype(mx.bfloat16)
+        got = kq.qgemv_kernel(w, s, None, x, 32, backend=dispatch.select_backend(), mode="mxfp8")
+        want = mx.quantized_matmul(x, w, s, None, transpose=True, group_size=32, bits=8,
+                                   mode="mxfp8")
+        assert got.shape == want.shape and got.dtype == want.dtype == mx.bfloat16
+        g, w_ = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
+        assert (np.abs(g - w_) <= np.abs(w_) * 2.0 ** -7 + 1e-6).all()
+
+
+@needs_gpu
+def test_gpu_model_with_mxfp8_linears_matches_ops(clean_dispatch):
+    """A whole tiny model with mxfp8 linears swapped in (`use_for_linears`), prefill then
+    decode: the decode steps' one-token projections through the kernel, against
+    DSV4_QGEMV_KERNEL=ops."""
+    from conftest import prefill_then_decode
+
+    clean_dispatch.setenv(kq.ENV_VAR, "auto")
+    with mx.stream(mx.gpu):
+        mx.set_default_device(mx.gpu)
+        try:
+            model = _mxfp8_model()
+            assert kq.use_for_linears(model) >= 5
             ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]])
             got = prefill_then_decode(model, ids, 12)
             clean_dispatch.setenv(kq.ENV_VAR, "ops")

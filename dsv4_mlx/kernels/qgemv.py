@@ -2,8 +2,10 @@
 twin, and the ops path (MLX's `quantized_matmul`).
 
 ``head_logits(head, y)`` -> ``head(y)`` for a `QuantizedLinear` head (affine, 8 bits) and one
-token y. **Opt-in, not yet measured on a GPU**: ``DSV4_QGEMV_KERNEL=auto`` (or ``metal`` /
-``cuda``) uses the kernel; unset or ``ops``, MLX's quantized matmul runs as before. It becomes
+token y; `use_for_linears(model)` (at load) routes the one-token calls of the mxfp8 linears
+(the FP8 checkpoint's) the same way. **Opt-in, not yet measured on a GPU**:
+``DSV4_QGEMV_KERNEL=auto`` (or ``metal`` / ``cuda``) uses the kernel; unset or ``ops``, MLX's
+quantized matmul runs as before. It becomes
 the default only once `bench/qgemv.py` shows it faster than MLX's on a GPU. Same dequantized
 values (``q s + b``) and fp32 sums as MLX's, in another order. fp32 x, scales and biases only
 (the head's case, see `Model.sanitize`); MLX rounds half-precision dequantized weights to the
@@ -78,4 +80,60 @@ def head_logits(head, y: mx.array) -> mx.array:
                         backend=backend)
 
 
-__all__ = ["head_logits", "qgemv_kernel", "ENV_VAR", "DEFAULT"]
+_LINEAR_X = (mx.float32, mx.bfloat16, mx.float16)
+
+
+def _linear_backend(layer, x) -> str:
+    """The backend for a one-token call of an mxfp8 `QuantizedLinear`, or "ops"."""
+    backend = dispatch.select_backend(ENV_VAR, DEFAULT)
+    if backend == "ops":
+        return "ops"
+    K = x.shape[-1]
+    if (x.size != K or x.dtype not in _LINEAR_X or layer.mode != "mxfp8" or layer.bits != 8
+            or layer.group_size != 32 or layer.scales.dtype != mx.uint8
+            or layer.weight.dtype != mx.uint32 or layer.weight.shape[-1] * 4 != K
+            or K % 32 or K > MAX_K):
+        return "ops"
+    key = (backend, "qgemv_mxfp8", x.dtype, K)
+
+    def probe():
+        mx.eval(qgemv_kernel(mx.zeros((3, K // 4), mx.uint32), mx.full((3, K // 32), 127, mx.uint8),
+                             None, mx.zeros((K,), x.dtype), 32, backend=backend, mode="mxfp8"))
+
+    return backend if dispatch.kernel_usable(key, probe, f"mxfp8 GEMV ({backend})") else "ops"
+
+
+class OneTokenQuantizedLinear(nn.QuantizedLinear):
+    """An mxfp8 `QuantizedLinear` whose one-token calls run the kernel (where it applies and
+    `DSV4_QGEMV_KERNEL` asks for it); otherwise, and for several tokens, MLX's quantized matmul
+    as before. Same parameters and names: only the class of the module changes
+    (`use_for_linears`)."""
+
+    def __call__(self, x):
+        backend = _linear_backend(self, x)
+        if backend == "ops":
+            return super().__call__(x)
+        y = qgemv_kernel(self["weight"], self["scales"], None, x, self.group_size,
+                         backend=backend, mode="mxfp8")
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+def use_for_linears(model) -> int:
+    """With ``DSV4_QGEMV_KERNEL`` set to other than ``ops`` when the model is loaded: the
+    model's 8-bit mxfp8 linears (the FP8 checkpoint's, after `dsv4 convert`) become
+    `OneTokenQuantizedLinear`; how many. Unset (the default), nothing changes and a call costs
+    nothing more."""
+    if dispatch.requested(ENV_VAR, DEFAULT) == "ops":
+        return 0
+    n = 0
+    for _, m in model.named_modules():
+        if type(m) is nn.QuantizedLinear and m.mode == "mxfp8" and m.bits == 8:
+            m.__class__ = OneTokenQuantizedLinear
+            n += 1
+    return n
+
+
+__all__ = ["head_logits", "qgemv_kernel", "OneTokenQuantizedLinear", "use_for_linears",
+           "ENV_VAR", "DEFAULT"]
