@@ -79,10 +79,10 @@ def main():
     if a.compare:  # the same model and state with one kernel family forced to the ops path
         variants = [(f"{a.compare}=ops", "ops"), ("kernels (auto)", None)]
     def use(val):
-        if val is None:
-            os.environ.pop(a.compare or "_", None)
-        else:
-            os.environ[a.compare] = val
+        if a.compare is None:
+            return
+        # "auto" rather than unset: an opt-in family (DSV4_QGEMV_KERNEL) is off when unset
+        os.environ[a.compare] = "auto" if val is None else val
 
     counts = {}
     for name, val in variants:  # counted at one and the same position
