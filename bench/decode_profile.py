@@ -22,24 +22,16 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import build  # noqa: E402
 
-from dsv4_mlx.bench import count_primitives  # noqa: E402
+from dsv4_mlx.bench import count_primitives, decode_steps  # noqa: E402
 
 VIEWS = {"Reshape", "Transpose", "ExpandDims", "Broadcast", "BroadcastAxes", "Unflatten", "Flatten",
          "Squeeze", "Slice", "View float32", "View uint32", "View bfloat16", "View uint8", "Copy"}
 
 
 def decode_sync(model, cache, y, steps):
-    build_ms, eval_ms = [], []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        logits = model(y.reshape(1, 1), cache=cache)
-        y = mx.argmax(logits[0, -1])
-        t1 = time.perf_counter()
-        mx.eval(y)
-        t2 = time.perf_counter()
-        build_ms.append(1e3 * (t1 - t0))
-        eval_ms.append(1e3 * (t2 - t1))
-    return y, build_ms, eval_ms
+    """(last token, build ms, eval ms) of `steps` steps (`dsv4 bench`'s step loop)."""
+    _, build, evals, y = decode_steps(model, cache, y, steps)
+    return y, [1e3 * b for b in build], [1e3 * e for e in evals]
 
 
 def decode_pipelined(model, cache, y, steps):

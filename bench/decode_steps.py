@@ -21,7 +21,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_decode import build  # noqa: E402
 
-from dsv4_mlx.bench import count_primitives, fixed_tokens  # noqa: E402
+from dsv4_mlx.bench import count_primitives, decode_steps, fixed_tokens  # noqa: E402
 from dsv4_mlx.cache import restore, snapshot  # noqa: E402
 from dsv4_mlx.kernels import dispatch  # noqa: E402
 from dsv4_mlx.kernels import indexer as ki  # noqa: E402
@@ -42,20 +41,15 @@ def cache_sizes() -> str:
             f"plans {len(ki._plans)} probed {len(dispatch._ok)}")
 
 
+def _show(i: int, build_s: float, eval_s: float) -> None:
+    print(f"  step {i:>3}: build {1000 * build_s:7.2f} ms  eval {1000 * eval_s:8.2f} ms  "
+          f"{cache_sizes()}", flush=True)
+
+
 def steps(model, cache, y, n: int, verbose: bool):
-    out = []
-    for i in range(n):
-        t = time.perf_counter()
-        logits = model(y.reshape(1, 1), cache=cache)
-        y = mx.argmax(logits[0, -1])
-        t1 = time.perf_counter()
-        mx.eval(y)
-        t2 = time.perf_counter()
-        out.append((1000 * (t1 - t), 1000 * (t2 - t1)))
-        if verbose:
-            print(f"  step {i:>3}: build {out[-1][0]:7.2f} ms  eval {out[-1][1]:8.2f} ms  "
-                  f"{cache_sizes()}", flush=True)
-    return out
+    """[(build ms, eval ms)] of `n` steps (`dsv4 bench`'s step loop)."""
+    _, build, evals, _ = decode_steps(model, cache, y, n, _show if verbose else None)
+    return [(1000 * b, 1000 * e) for b, e in zip(build, evals)]
 
 
 def main():

@@ -161,11 +161,13 @@ def pipelined_step_times(model, cache: List[LayerCache], y: mx.array, n: int) ->
     return times[1:]
 
 
-def decode_steps(model, cache: List[LayerCache], y: mx.array, n: int):
+def decode_steps(model, cache: List[LayerCache], y: mx.array, n: int,
+                 on_step: Optional[Callable[[int, float, float], None]] = None):
     """`n` greedy one-token steps from token `y` on `cache` (which they advance), each built
-    then evaluated: (seconds a step, of which building its graph, evaluating it)."""
+    then evaluated: (seconds a step, of which building its graph, evaluating it; the last
+    token). `on_step(i, build_s, eval_s)` after each step."""
     times, build, evals = [], [], []
-    for _ in range(n):
+    for i in range(n):
         t = time.perf_counter()
         logits = model(y.reshape(1, 1), cache=cache)
         y = mx.argmax(logits[0, -1])
@@ -175,7 +177,9 @@ def decode_steps(model, cache: List[LayerCache], y: mx.array, n: int):
         times.append(t2 - t)
         build.append(t1 - t)
         evals.append(t2 - t1)
-    return times, build, evals
+        if on_step is not None:
+            on_step(i, t1 - t, t2 - t1)
+    return times, build, evals, y
 
 
 def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequence[int] = FRONTIERS,
@@ -230,7 +234,7 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
         decode_steps(model, cache, y0, decode_tokens + 2)
         warm_s = time.perf_counter() - t
         cache[:] = restore(snap)
-        times, build, evals = decode_steps(model, cache, y0, decode_tokens)
+        times, build, evals, _ = decode_steps(model, cache, y0, decode_tokens)
         cache[:] = restore(snap)
         pipe = pipelined_step_times(model, cache, y0, decode_tokens)
         cache[:] = restore(snap)

@@ -85,16 +85,20 @@ def prefill_then_decode(model, ids, n_prefill: int):
     return np.array(mx.concatenate([a] + b, axis=1))
 
 
-def gpu_logits_kernel_on_off(monkeypatch, env_var: str):
+def gpu_logits_kernel_on_off(monkeypatch, env_var: str, make_model=None, on=None):
     """(kernels as dispatched, `env_var`=ops): logits of one tiny Flash-like model (fp32, random
-    weights, seed 2), prefill of 12 tokens then 6 decode steps, on the GPU."""
+    weights, seed 2; or `make_model()`, built on the GPU), prefill of 12 tokens then 6 decode
+    steps, on the GPU. `on`: the value of `env_var` for the first run (an opt-in family)."""
     from dsv4_mlx.model import Model, ModelArgs
     from dsv4_mlx.random_weights import load_random
 
+    if on is not None:
+        monkeypatch.setenv(env_var, on)
     with mx.stream(mx.gpu):
         mx.set_default_device(mx.gpu)
         try:
-            model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, num_nextn_predict_layers=0))), seed=2)
+            model = make_model() if make_model is not None else \
+                load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, num_nextn_predict_layers=0))), seed=2)
             ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50, 28]])
             got = prefill_then_decode(model, ids, 12)
             monkeypatch.setenv(env_var, "ops")

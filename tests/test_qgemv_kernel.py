@@ -294,26 +294,20 @@ def test_gpu_falls_back_where_it_does_not_apply(clean_dispatch):
 def test_gpu_model_with_kernel_matches_ops(clean_dispatch):
     """A whole tiny model with an 8-bit head (fp32 scales, as `sanitize` leaves it), prefill
     then decode, the kernel against DSV4_QGEMV_KERNEL=ops."""
-    from conftest import FLASH_LIKE, prefill_then_decode
+    from conftest import FLASH_LIKE, gpu_logits_kernel_on_off
 
     from dsv4_mlx.model import Model, ModelArgs
     from dsv4_mlx.random_weights import load_random
 
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
-    with mx.stream(mx.gpu):
-        mx.set_default_device(mx.gpu)
-        try:
-            model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE,
-                                                               num_nextn_predict_layers=0))), seed=2)
-            nn.quantize(model, group_size=64, bits=8, class_predicate=lambda p, m: p == "head")
-            model.head.scales = model.head.scales.astype(mx.float32)
-            model.head.biases = model.head.biases.astype(mx.float32)
-            ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]])
-            got = prefill_then_decode(model, ids, 12)
-            clean_dispatch.setenv(kq.ENV_VAR, "ops")
-            want = prefill_then_decode(model, ids, 12)
-        finally:
-            mx.set_default_device(mx.cpu)
+    def make():
+        model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE,
+                                                           num_nextn_predict_layers=0))), seed=2)
+        nn.quantize(model, group_size=64, bits=8, class_predicate=lambda p, m: p == "head")
+        model.head.scales = model.head.scales.astype(mx.float32)
+        model.head.biases = model.head.biases.astype(mx.float32)
+        return model
+
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.ENV_VAR, make, on="auto")
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
 
 
@@ -341,18 +335,12 @@ def test_gpu_model_with_mxfp8_linears_matches_ops(clean_dispatch):
     """A whole tiny model with mxfp8 linears swapped in (`use_for_linears`), prefill then
     decode: the decode steps' one-token projections through the kernel, against
     DSV4_QGEMV_KERNEL=ops."""
-    from conftest import prefill_then_decode
+    from conftest import gpu_logits_kernel_on_off
 
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
-    with mx.stream(mx.gpu):
-        mx.set_default_device(mx.gpu)
-        try:
-            model = _mxfp8_model()
-            assert kq.use_for_linears(model) >= 5
-            ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]])
-            got = prefill_then_decode(model, ids, 12)
-            clean_dispatch.setenv(kq.ENV_VAR, "ops")
-            want = prefill_then_decode(model, ids, 12)
-        finally:
-            mx.set_default_device(mx.cpu)
+    def make():
+        model = _mxfp8_model()
+        assert kq.use_for_linears(model) >= 5
+        return model
+
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.ENV_VAR, make, on="auto")
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
