@@ -73,7 +73,7 @@ def main():
     def use(val):
         if a.compare is None:
             return
-        # "auto" rather than unset: an opt-in family (DSV4_QGEMV_KERNEL) is off when unset
+        # "auto" rather than unset: an opt-in family (DSV4_QGEMV_MXFP8_KERNEL) is off when unset
         os.environ[a.compare] = "auto" if val is None else val
 
     counts = {}

@@ -26,8 +26,9 @@
 # steps   bench/decode_steps.py --bisect (per-step decode time at CONTEXT, each kernel family
 #         sent to the ops path in turn: what makes a step slow)
 # slicedtopk  the sliced top-k GPU test alone, a traceback if it hangs
-# qgemv   bench/qgemv.py (the opt-in 8-bit head GEMV vs MLX's quantized matmul) and its GPU tests
-# qgemvstep  a decode step with the 8-bit GEMV kernel (head and FP8 linears) and without
+# qgemv   bench/qgemv.py (the 8-bit head GEMV and the opt-in mxfp8 one vs MLX's quantized
+#         matmul) and their GPU tests
+# qgemvstep  a decode step with the 8-bit head GEMV kernel (the default) and without
 # ixtune  bench/indexer.py --tune (scoring and top-k launch parameters timed apart: the slice
 #         count and registers chosen before the register top-k existed)
 # saveptx MLX's CUDA kernel cache as $OUT/ptxcache.tgz (copy it to .devcarry/b/: later sessions
@@ -113,10 +114,10 @@ for step in "${steps[@]}"; do
         tests/test_indexer_kernel.py -k "gpu_sliced_topk" 2>&1 | tail -40 ;;
     qgemv)
       timeout 150 python bench/qgemv.py 2>&1 | tail -14
-      DSV4_QGEMV_KERNEL=auto timeout 120 python -m pytest -q -p no:cacheprovider -k gpu \
+      timeout 120 python -m pytest -q -p no:cacheprovider -k gpu \
         tests/test_qgemv_kernel.py 2>&1 | tail -3 ;;
     qgemvstep)
-      DSV4_QGEMV_KERNEL=auto timeout 200 python bench/decode_profile.py --preset flash --layers 4 \
+      timeout 200 python bench/decode_profile.py --preset flash --layers 4 \
         --experts 64 --context 4096 --rounds 2 --compare DSV4_QGEMV_KERNEL 2>&1 | tail -8 ;;
     ixtune)
       timeout 200 python bench/indexer.py --tune --entries 65536 --queries 1 --keys fp4 \

@@ -13,11 +13,12 @@ mx.set_default_device(mx.cpu)
 def clean_dispatch(monkeypatch):
     """Kernel dispatch with no override variables and no remembered probes (yields monkeypatch)."""
     from dsv4_mlx.kernels import (attention, dispatch, embed, fp4_round, gemv, kv_store, mhc,
-                                  norm_rope, router, swiglu)
+                                  norm_rope, qgemv, router, swiglu)
 
     dispatch.reset()
     for var in (dispatch.ENV_VAR, mhc.ENV_VAR, attention.ENV_VAR, router.ENV_VAR, kv_store.ENV_VAR,
-                fp4_round.ENV_VAR, gemv.ENV_VAR, norm_rope.ENV_VAR, swiglu.ENV_VAR, embed.ENV_VAR):
+                fp4_round.ENV_VAR, gemv.ENV_VAR, norm_rope.ENV_VAR, swiglu.ENV_VAR, embed.ENV_VAR,
+                qgemv.ENV_VAR, qgemv.MXFP8_ENV_VAR):
         monkeypatch.delenv(var, raising=False)
     yield monkeypatch
     dispatch.reset()

@@ -4,7 +4,7 @@ against numpy and MLX's quantized matmul.
 On any machine: the body compiled as C++ with the CPU-emulation dialect (the head's layout from
 `mx.quantize`; rows not a multiple of a group's; K smaller than a warp's
 loads), the Metal source compiled as C++ against the stand-in <metal_stdlib>, the CUDA source
-with nvcc where there is one, the dispatch (opt-in: unset means the ops path). On a GPU: the
+with nvcc where there is one, the dispatch (the head on by default, the mxfp8 linears opt-in). On a GPU: the
 kernel against `mx.quantized_matmul`, and a whole model with it against the ops path.
 """
 
@@ -154,14 +154,21 @@ def _head(rng, O=64, K=256, dtype=mx.float32):
     return q
 
 
-def test_opt_in_by_default(clean_dispatch):
-    """Unset, the variable means the ops path (not yet measured on a GPU), whatever the
-    device; the other kernel families' default stays auto."""
-    assert dispatch.requested(kq.ENV_VAR, kq.DEFAULT) == "ops"
-    assert dispatch.select_backend(kq.ENV_VAR, kq.DEFAULT) == "ops"
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
+def test_defaults(clean_dispatch):
+    """Unset, the head's variable means auto (measured faster than MLX's on a GPU; the ops
+    path on a CPU) and the mxfp8 linears' means the ops path (measured slower), whatever the
+    device; each is set apart from the other."""
     assert dispatch.requested(kq.ENV_VAR, kq.DEFAULT) == "auto"
-    assert dispatch.requested(dispatch.ENV_VAR) == "auto"
+    assert dispatch.requested(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "ops"
+    assert dispatch.select_backend(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "ops"
+    with mx.stream(mx.cpu):
+        assert dispatch.select_backend(kq.ENV_VAR, kq.DEFAULT) in ("ops", *GPU)
+    clean_dispatch.setenv(kq.MXFP8_ENV_VAR, "auto")
+    assert dispatch.requested(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "auto"
+    assert dispatch.requested(kq.ENV_VAR, kq.DEFAULT) == "auto"
+    clean_dispatch.setenv(kq.ENV_VAR, "ops")
+    assert dispatch.select_backend(kq.ENV_VAR, kq.DEFAULT) == "ops"
+    assert dispatch.requested(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "auto"
 
 
 def test_cpu_is_the_layer(clean_dispatch):
@@ -210,7 +217,9 @@ def test_linears_swapped_only_when_asked(clean_dispatch):
     before = prefill_then_decode(model, ids, 6)
     assert kq.use_for_linears(model) == 0
     assert not any(isinstance(m, kq.OneTokenQuantizedLinear) for _, m in model.named_modules())
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
+    clean_dispatch.setenv(kq.ENV_VAR, "auto")  # (the head's variable alone swaps nothing)
+    assert kq.use_for_linears(model) == 0
+    clean_dispatch.setenv(kq.MXFP8_ENV_VAR, "auto")
     assert kq.use_for_linears(model) == n_fp8
     assert kq.use_for_linears(model) == 0  # (already swapped)
     np.testing.assert_array_equal(np.array(prefill_then_decode(model, ids, 6)), np.array(before))
@@ -234,7 +243,7 @@ def test_one_token_calls_go_to_the_kernel(clean_dispatch):
                            lambda env_var=None, default="auto": "cuda")
     clean_dispatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
     clean_dispatch.setattr(kq, "qgemv_kernel", kernel)
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
+    clean_dispatch.setenv(kq.MXFP8_ENV_VAR, "auto")
 
     class Holder(nn.Module):
         def __init__(self):
@@ -264,7 +273,6 @@ needs_gpu = pytest.mark.skipif(not GPU, reason="no Metal or CUDA backend in this
 @pytest.mark.parametrize("dtype,O,K", [("float32", 129280, 4096), ("float32", 1000, 7168),
                                        ("float32", 333, 1024)])
 def test_gpu_matches_quantized_matmul(clean_dispatch, dtype, O, K):
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
     dt = getattr(mx, dtype)
     rng = np.random.default_rng(O)
     with mx.stream(mx.gpu):
@@ -280,7 +288,6 @@ def test_gpu_matches_quantized_matmul(clean_dispatch, dtype, O, K):
 
 @needs_gpu
 def test_gpu_falls_back_where_it_does_not_apply(clean_dispatch):
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
     rng = np.random.default_rng(3)
     with mx.stream(mx.gpu):
         head = _head(rng)
@@ -307,7 +314,7 @@ def test_gpu_model_with_kernel_matches_ops(clean_dispatch):
         model.head.biases = model.head.biases.astype(mx.float32)
         return model
 
-    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.ENV_VAR, make, on="auto")
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.ENV_VAR, make)  # (on by default)
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)
 
 
@@ -316,7 +323,6 @@ def test_gpu_model_with_kernel_matches_ops(clean_dispatch):
 def test_gpu_mxfp8_matches_quantized_matmul(clean_dispatch, O, K):
     """The FP8 linears' layout with bf16 x: the same exact dequantized weights and fp32 sums as
     MLX's, in another order: within one bf16 ulp of the output."""
-    clean_dispatch.setenv(kq.ENV_VAR, "auto")
     rng = np.random.default_rng(K)
     with mx.stream(mx.gpu):
         w, s = mx.quantize(mx.array(rng.standard_normal((O, K)).astype(np.float32) / np.sqrt(K)),
@@ -334,7 +340,7 @@ def test_gpu_mxfp8_matches_quantized_matmul(clean_dispatch, O, K):
 def test_gpu_model_with_mxfp8_linears_matches_ops(clean_dispatch):
     """A whole tiny model with mxfp8 linears swapped in (`use_for_linears`), prefill then
     decode: the decode steps' one-token projections through the kernel, against
-    DSV4_QGEMV_KERNEL=ops."""
+    DSV4_QGEMV_MXFP8_KERNEL=ops."""
     from conftest import gpu_logits_kernel_on_off
 
     def make():
@@ -342,5 +348,5 @@ def test_gpu_model_with_mxfp8_linears_matches_ops(clean_dispatch):
         assert kq.use_for_linears(model) >= 5
         return model
 
-    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.ENV_VAR, make, on="auto")
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.MXFP8_ENV_VAR, make, on="auto")
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)

@@ -25,7 +25,8 @@ from typing import Dict, List, Optional
 import mlx.core as mx
 import numpy as np
 
-from . import attention, dispatch, embed, fp4_round, gemv, kv_store, mhc, norm_rope, router, swiglu
+from . import (attention, dispatch, embed, fp4_round, gemv, kv_store, mhc, norm_rope, qgemv, router,
+               swiglu)
 
 #: kernel family -> the variable that forces it onto the ops path
 FAMILIES: Dict[str, str] = {
@@ -39,6 +40,7 @@ FAMILIES: Dict[str, str] = {
     "norm + RoPE": norm_rope.ENV_VAR,
     "SwiGLU": swiglu.ENV_VAR,
     "embedding": embed.ENV_VAR,
+    "8-bit head GEMV": qgemv.ENV_VAR,
 }
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
 

@@ -152,7 +152,7 @@ class Model(nn.Module):
     def lm_head(self, y: mx.array) -> mx.array:
         """fp32 logits; a quantized head takes fp32 input at no extra weight traffic (with its
         scales and biases in fp32, see `sanitize`)."""
-        if isinstance(self.head, nn.QuantizedLinear):  # (one token: `kernels.qgemv`, opt-in)
+        if isinstance(self.head, nn.QuantizedLinear):  # (one token: `kernels.qgemv`)
             return head_logits(self.head, y.astype(mx.float32))
         return self.head(y).astype(mx.float32)
 
