@@ -33,6 +33,9 @@
 #         count and registers chosen before the register top-k existed)
 # saveptx MLX's CUDA kernel cache as $OUT/ptxcache.tgz (copy it to .devcarry/b/: later sessions
 #         restore it before the first step and skip most first-use compiles)
+# attn    the decode attention's GPU tests (-x), then its split + combine kernels' GPU time a call
+#         under Nsight Compute (bench/attention.py --profile), swept over ATTN_KU (1,2,4) and
+#         ATTN_SPL (32,64); with OLD_TREE, that tree's at its defaults first (the same machine)
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
@@ -125,6 +128,19 @@ for step in "${steps[@]}"; do
     saveptx)
       # (bring back $OUT/ptxcache.tgz and put it in .devcarry/b/ for the next session)
       tar -czf "$OUT/ptxcache.tgz" -C /tmp mlx && ls -la "$OUT/ptxcache.tgz" ;;
+    attn)
+      timeout 120 python -m pytest -q -x -p no:cacheprovider --tb=short -k gpu \
+        tests/test_attention_kernel.py 2>&1 | tail -4
+      ncu_attn() {  # $1: log name; the rest: sweep options
+        local f="$OUT/$1.csv"; shift
+        timeout 150 ncu --metrics gpu__time_duration.sum --csv --log-file "$f" -k regex:dsv4_sink \
+          python bench/attention.py --profile "$@" > /dev/null 2>&1
+        python bench/attention.py --parse-ncu "$f" "$@" 2>&1 | tail -40
+      }
+      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
+        echo "== $OLD_TREE"; (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site OUT=$OUT; ncu_attn attn_old)
+      fi
+      echo "== this tree"; ncu_attn attn_new --ku ${ATTN_KU:-1,2,4} --spl ${ATTN_SPL:-32,64} ;;
     ixwall)
       timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;

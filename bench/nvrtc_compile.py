@@ -42,8 +42,9 @@ from dsv4_mlx.kernels import router_source as rsrc  # noqa: E402
 from dsv4_mlx.kernels import swiglu_source as ssrc  # noqa: E402
 
 
-def compile_cuda(lib, code: str, name: str, includes) -> tuple[int, str]:
-    """(NVRTC status, log) of compiling `code` for sm_90a."""
+def compile_cuda(lib, code: str, name: str, includes, ptx_out=None) -> tuple[int, str]:
+    """(NVRTC status, log) of compiling `code` for sm_90a; the PTX appended to `ptx_out` (a
+    list) if given."""
     prog = ctypes.c_void_p()
     r = lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), f"{name}.cu".encode(), 0,
                                None, None)
@@ -56,6 +57,11 @@ def compile_cuda(lib, code: str, name: str, includes) -> tuple[int, str]:
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
     log = ctypes.create_string_buffer(n.value)
     lib.nvrtcGetProgramLog(prog, log)
+    if r == 0 and ptx_out is not None:
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+        ptx = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        ptx_out.append(ptx.value.decode())
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     return r, log.value.decode(errors="replace")
 
@@ -124,6 +130,15 @@ def launches():
                  ("bfloat16", 2, 129280 * 64)], ["bfloat16"],
                 [("XT", "bfloat16"), ("D", 4096), ("NS", 4), ("TG", 256), ("BITS", 8),
                  ("GS", 64)]))
+    # the split kernel of the decode attention, FP8 state, CSA (sparse picks): q, ring (codes,
+    # scales, RoPE dims), compressed (the same), idx, meta, fp
+    fp8 = [("uint8", 3, 448), ("uint8", 3, 7), ("bfloat16", 3, 64)]
+    out.append(("attention split (FP8 KV, picks)", asrc.decode_source("cuda", "fp8"),
+                [("bfloat16", 4, 64 * 512), *fp8, *fp8, ("int32", 2, 512), ("int32", 1, 2),
+                 ("float32", 1, 1)], ["float32"] * 3,
+                [("QT", "bfloat16"), ("KV", "bfloat16"), ("C", 512), ("NOPE", 448),
+                 ("BLK", 64), ("W", 128), ("TG", 128), ("HG", 2), ("SPL", 64), ("KU", 2),
+                 ("SPARSE", True)]))
     out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
                 [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),
                  ("float32", 1, 64), ("float32", 1, 32), ("int32", 1, 1)], ["bfloat16"],
@@ -163,17 +178,36 @@ def launches():
     return out
 
 
+def ptxas_usage(ptxas: str, ptx: str) -> str:
+    """ptxas's resource line for one kernel's PTX (registers, spills, shared memory)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "k.ptx"
+        f.write_text(ptx)
+        p = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(f), "-o", str(Path(d) / "k.cubin")],
+                           capture_output=True, text=True)
+    lines = [ln.split("info    : ")[-1] for ln in (p.stdout + p.stderr).splitlines()
+             if "Used" in ln or "spill" in ln]
+    return "; ".join(lines) if p.returncode == 0 else f"ptxas failed: {p.stderr[-500:]}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nvrtc", required=True, help="libnvrtc.so")
     ap.add_argument("--include", action="append", default=[], help="an include folder")
+    ap.add_argument("--ptxas", help="ptxas (e.g. from the nvidia-cuda-nvcc-cu12 wheel): also "
+                    "assemble each kernel's PTX for sm_90a and print its registers a thread, "
+                    "spilled bytes and static shared memory (what bounds its occupancy)")
     a = ap.parse_args()
     lib = ctypes.CDLL(a.nvrtc)
     bad, total = 0, 0.0
     for name, ks, inputs, outs, tmpl in launches():
         t = time.perf_counter()
-        r, log = compile_cuda(lib, isrc.render_cuda(ks, inputs, outs, tmpl), "k", a.include)
+        ptx = [] if a.ptxas else None
+        r, log = compile_cuda(lib, isrc.render_cuda(ks, inputs, outs, tmpl), "k", a.include, ptx)
         dt = time.perf_counter() - t
         total += dt
         warn = [ln for ln in log.splitlines() if "warning" in ln.lower()]
@@ -181,6 +215,8 @@ def main():
               f"{f', {len(warn)} warnings' if warn else ''}")
         if r or warn:
             print(log[-4000:])
+        if ptx:
+            print(f"    {ptxas_usage(a.ptxas, ptx[0])}")
         bad += r != 0
     print(f"compile time, all {len(launches())} kernels: {total:.1f} s (NVRTC on this CPU, one thread)")
     sys.exit(1 if bad else 0)

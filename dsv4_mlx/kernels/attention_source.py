@@ -34,22 +34,42 @@ KV_MODES = ("fp8", "plain")
 _PARTS = {"fp8": ("n", "s", "r"), "plain": ("k",)}
 
 
-def _load4(mode: str, src: str, row: str) -> str:
-    """Statements setting v0..v3 to the fp32 values of dims d0 .. d0+3 of stored row `row`
-    (batch offset included) of key set `src` (C, NOPE and BLK are multiples of 4, so the four
-    dims share a part and a scale block)."""
+def _raw_loads(mode: str) -> str:
+    """Statements loading, without decoding, what dims d0 .. d0+3 of stored row `sr` of the
+    chosen key set (ring or compressed: pointers picked by `ring`) hold into this (u, c)'s raw
+    registers, only where `ok` (a key and in range): predicated loads, no branch with math in
+    it, so that every load of a round is in flight before the first is used. C, NOPE and BLK
+    are multiples of 4, so the four dims share a part and a scale block."""
+    zero = "KI_UNROLL for (int i = 0; i < 4; ++i) xr[u][c][i] = ki_from_float<KV>(0.0f);\n"
     if mode == "plain":
-        return (f"const int64_t o = (int64_t)({row}) * C + d0;\n"
-                + "".join(f"v{u} = ki_to_float({src}k[o + {u}]);\n" for u in range(4)))
-    # FP8 non-RoPE dims: four e4m3 codes in one 32-bit load (lowest address = low byte) x
-    # 2^(scale - 127) (exact); RoPE dims as stored
-    return (f"if (d0 < NOPE) {{\n"
-            f"  const unsigned int cw = KI_LOAD_U32({src}n, ((int64_t)({row}) * NOPE + d0) / 4);\n"
-            f"  const float sc = KI_AS_FLOAT(((unsigned int){src}s[(int64_t)({row}) * (NOPE / BLK) + d0 / BLK]) << 23);\n"
-            + "".join(f"  v{u} = ki_e4m3((cw >> {8 * u}) & 255u) * sc;\n" for u in range(4))
-            + f"}} else {{\n  const int64_t o = (int64_t)({row}) * (C - NOPE) + d0 - NOPE;\n"
-            + "".join(f"  v{u} = ki_to_float({src}r[o + {u}]);\n" for u in range(4))
+        return (zero + "if (ok) {\n"
+                "  const int64_t o = sr * C + d0;\n"
+                + "".join(f"  xr[u][c][{i}] = (ring ? rk : ck)[o + {i}];\n" for i in range(4))
+                + "}\n")
+    # FP8 non-RoPE dims: four e4m3 codes in one 32-bit load (lowest address = low byte) and
+    # their block's scale byte; RoPE dims as stored
+    return ("cw[u][c] = 0u;\nsb[u][c] = 0u;\n" + zero + "if (ok && d0 < NOPE) {\n"
+            "  cw[u][c] = KI_LOAD_U32(ring ? rn : cn, (sr * NOPE + d0) / 4);\n"
+            "  sb[u][c] = (unsigned int)(ring ? rs : cs)[sr * (NOPE / BLK) + d0 / BLK];\n"
+            "}\n"
+            "if (ok && d0 >= NOPE) {\n"
+            "  const int64_t o = sr * (C - NOPE) + d0 - NOPE;\n"
+            + "".join(f"  xr[u][c][{i}] = (ring ? rr : cr)[o + {i}];\n" for i in range(4))
             + "}\n")
+
+
+def _decode(mode: str) -> str:
+    """Statements setting kv[u][4c .. 4c+3] from this (u, c)'s raw registers (0 where not
+    `ok`): the FP8 codes x 2^(scale - 127) (exact), the other values converted."""
+    conv = "".join(f"kv[u][4 * c + {i}] = ok ? ki_to_float(xr[u][c][{i}]) : 0.0f;\n"
+                   for i in range(4))
+    if mode == "plain":
+        return conv
+    return ("if (d0 < NOPE) {\n"
+            "  const float sc = ok ? KI_AS_FLOAT(sb[u][c] << 23) : 0.0f;\n"
+            + "".join(f"  kv[u][4 * c + {i}] = ki_e4m3((cw[u][c] >> {8 * i}) & 255u) * sc;\n"
+                      for i in range(4))
+            + "} else {\n" + _indent(conv, 2) + "\n}\n")
 
 
 _BODY = """\
@@ -130,23 +150,23 @@ _BODY = """\
       const int jj = (it * NW + wp) * KU + u;
       r[u] = jj < SPL ? ki_rows[jj] : -1;
     }
+    // all the round's loads first (predicated, into raw registers), then their decoding
+@RAWDECL@
     KI_UNROLL for (int u = 0; u < KU; ++u) {
       KI_UNROLL for (int c = 0; c < NCH; ++c) {
         const int d0 = 128 * c + 4 * lane;
         const int row = r[u];
-        float v0 = 0.0f, v1 = 0.0f, v2 = 0.0f, v3 = 0.0f;
-        if (d0 < C && row >= 0) {
-          if (row < B * W) {
-@RLOAD@
-          } else {
-            const int rc = row - B * W;
-@CLOAD@
-          }
-        }
-        kv[u][4 * c] = v0;
-        kv[u][4 * c + 1] = v1;
-        kv[u][4 * c + 2] = v2;
-        kv[u][4 * c + 3] = v3;
+        const bool ok = d0 < C && row >= 0;
+        const bool ring = row < B * W;
+        const int64_t sr = ring ? (int64_t)row : (int64_t)(row - B * W);
+@RAW@
+      }
+    }
+    KI_UNROLL for (int u = 0; u < KU; ++u) {
+      KI_UNROLL for (int c = 0; c < NCH; ++c) {
+        const int d0 = 128 * c + 4 * lane;
+        const bool ok = d0 < C && r[u] >= 0;
+@DEC@
       }
     }
     KI_UNROLL for (int u = 0; u < KU; ++u) {
@@ -289,8 +309,11 @@ def decode_source(dialect: str, mode: str) -> KernelSource:
         raise ValueError(f"unknown KV mode {mode!r}; expected one of {KV_MODES}")
     parts = _PARTS[mode]
     body = (_BODY.replace("@CAPSHAPE@", "c" + parts[0] + "_shape")
-            .replace("@RLOAD@", _indent(_load4(mode, "r", "row"), 12))
-            .replace("@CLOAD@", _indent(_load4(mode, "c", "rc"), 12)))
+            .replace("@RAWDECL@", ("" if mode == "plain" else
+                                   "    unsigned int cw[KU][NCH];\n    unsigned int sb[KU][NCH];\n")
+                     + "    KV xr[KU][NCH][4];")
+            .replace("@RAW@", _indent(_raw_loads(mode), 8))
+            .replace("@DEC@", _indent(_decode(mode), 8)))
     return make_source(dialect, f"dsv4_sink_decode_{mode}",
                        ("q", *("r" + p for p in parts), *("c" + p for p in parts), "idx", "meta", "fp"),
                        ("pm", "pl", "pacc"), body)
