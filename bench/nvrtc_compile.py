@@ -137,7 +137,7 @@ def launches():
                 [("bfloat16", 4, 64 * 512), *fp8, *fp8, ("int32", 2, 512), ("int32", 1, 2),
                  ("float32", 1, 1)], ["float32"] * 3,
                 [("QT", "bfloat16"), ("KV", "bfloat16"), ("C", 512), ("NOPE", 448),
-                 ("BLK", 64), ("W", 128), ("TG", 128), ("HG", 2), ("SPL", 64), ("KU", 2),
+                 ("BLK", 64), ("W", 128), ("TG", 128), ("HG", 2), ("SPL", 64), ("KU", 1),
                  ("SPARSE", True)]))
     out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
                 [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),

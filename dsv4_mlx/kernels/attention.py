@@ -46,7 +46,10 @@ def _arrays(mode: str, parts: Dict[str, mx.array]):
 TG = 128        # threads a group of the split kernel: TG / 32 warps, one key a warp at a time
 HG = 2          # heads a group (each lane holds 2 x HG x C / 32 floats in registers)
 SPL = 64        # keys a split
-KU = 2          # keys a warp loads at once (all in flight before the math)
+# keys a warp loads at once (all in flight before the math): 1 measured best over the six cases
+# of bench/attention.py once the loads of a round were issued together (H100, ncu, split
+# kernel: 492 us in all vs 511 for 2 and 555 for 4; bench/results/attention_ncu_20261207d.log)
+KU = 1
 COMBINE_TG = 128
 # Past this many compressed keys (dense HCA entries, ~256K tokens of context at rate 128) the
 # ops path's matmuls beat the kernel's split loop on an H100 (bench/attention.py: kernel
