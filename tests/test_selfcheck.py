@@ -63,8 +63,12 @@ def forced(clean_dispatch):
 def test_wrong_kernels_are_named(demo_home, forced, maker, status):
     on = forced(maker, {"mHC": mhc.ENV_VAR, "SwiGLU": swiglu.ENV_VAR})
     model, _ = load(demo_home[1])
-    rep = selfcheck.check(model, decode=2, families=on)
+    said = []
+    rep = selfcheck.check(model, decode=2, families=on, progress=said.append)
     assert not rep["ok"] and rep["backend"] == "cuda"
+    assert [w.split(" (")[0] for w in said] == ["the plain-ops path", "the cuda kernels",
+                                               "the mHC kernels alone",
+                                               "the SwiGLU kernels alone"]
     assert [(f["family"], f["status"]) for f in rep["families"]] == [("mHC", status),
                                                                      ("SwiGLU", status)]
     assert len(model.layers) == model.args.num_hidden_layers  # restored
@@ -74,7 +78,8 @@ def test_check_command_exits_non_zero_on_a_wrong_kernel(demo_home, forced):
     forced(_zeros, {"one-token projections": gemv.ENV_VAR, "embedding": embed.ENV_VAR})
     r = CliRunner().invoke(app, ["check", "--json", "--decode", "1"])
     assert r.exit_code == 1, r.output
-    rep = json.loads(r.output)
+    assert "checking: the plain-ops path" in r.stderr  # (progress on stderr, not in the JSON)
+    rep = json.loads(r.stdout)
     assert not rep["ok"] and rep["rel_diff"] > rep["tolerance"]
 
 

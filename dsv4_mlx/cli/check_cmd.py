@@ -31,7 +31,13 @@ def check(
     if layers < 0 or decode < 0:
         fail("--layers and --decode must be >= 0")
     model, _ = load(model_dir)
-    rep = run_check(model, layers=layers or None, decode=decode)
+    if err.is_terminal:  # a spinner naming the run in progress
+        with err.status("checking the GPU kernels") as status:
+            rep = run_check(model, layers=layers or None, decode=decode,
+                            progress=lambda what: status.update(f"checking: {what}"))
+    else:  # (a log) one line a run, as it starts
+        rep = run_check(model, layers=layers or None, decode=decode,
+                        progress=lambda what: err.print(f"checking: {what}", soft_wrap=True))
     if as_json:
         typer.echo(json.dumps(rep, indent=1))
     else:

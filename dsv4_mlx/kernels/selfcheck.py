@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -102,11 +102,15 @@ def prompt_length(args, layers: Optional[int] = None) -> int:
 
 
 def check(model, layers: Optional[int] = 4, decode: int = 4, seed: int = 0,
-          families: Optional[Dict[str, str]] = None) -> dict:
+          families: Optional[Dict[str, str]] = None,
+          progress: Optional[Callable[[str], None]] = None) -> dict:
     """Kernels vs the ops path on `model` (its first `layers` layers; None: all). Returns
     {"backend", "dtype", "tolerance", "prompt_tokens", "rel_diff", "ok", "families": [...]}
-    (families listed only when the whole-model comparison fails)."""
+    (families listed only when the whole-model comparison fails). `progress(what)` is told
+    each run as it starts (the first on a new machine compiles every kernel it meets: minutes
+    on a GPU whose kernel cache is cold)."""
     families = dict(FAMILIES if families is None else families)
+    say = progress or (lambda what: None)
     with _env({v: None for v in FAMILIES.values()}):  # what runs when nothing is overridden
         backend = dispatch.select_backend()
     dtype = str(model.embed.scales.dtype if hasattr(model.embed, "scales")
@@ -127,8 +131,10 @@ def check(model, layers: Optional[int] = 4, decode: int = 4, seed: int = 0,
         report["prompt_tokens"] = n
         off = {v: "ops" for v in families.values()}
         on = {v: None for v in families.values()}
+        say(f"the plain-ops path ({n:,}-token prompt + {decode} decode steps)")
         with _env(off):
             want = _logits(model, ids, decode)
+        say(f"the {backend} kernels (the same tokens)")
         try:
             with _env(on):
                 got = _logits(model, ids, decode)
@@ -140,7 +146,8 @@ def check(model, layers: Optional[int] = 4, decode: int = 4, seed: int = 0,
         report["fallbacks"] = {str(k): v for k, v in dispatch._broken.items()}
         if report["ok"]:
             return report
-        for name, var in families.items():
+        for i, (name, var) in enumerate(families.items()):
+            say(f"the {name} kernels alone ({i + 1} of {len(families)})")
             try:
                 with _env(dict(off, **{var: None})):
                     r = _rel(_logits(model, ids, decode), want)
