@@ -85,11 +85,11 @@ def parse_ncu(path, cases):
     per = 2 * PROFILE_CALLS
     if len(t) != per * len(cases):
         sys.exit(f"{path}: {len(t)} kernels, expected {per * len(cases)} for this sweep")
-    print(f"{'case':>28} {'SPL':>4} {'TG':>4} {'HG':>3} {'KU':>3} {'split us':>9} {'combine us':>11} {'total us':>9}")
-    for i, (name, spl, tg, hg, ku) in enumerate(cases):
+    print(f"{'case':>28} {'SPL':>4} {'TG':>4} {'HG':>3} {'KU':>3} {'PF':>3} {'split us':>9} {'combine us':>11} {'total us':>9}")
+    for i, (name, spl, tg, hg, ku, pf) in enumerate(cases):
         sp = statistics.median(t[i * per: (i + 1) * per: 2])
         co = statistics.median(t[i * per + 1: (i + 1) * per: 2])
-        print(f"{name:>28} {spl:>4} {tg:>4} {hg:>3} {ku:>3} {sp:>9.1f} {co:>11.1f} {sp + co:>9.1f}")
+        print(f"{name:>28} {spl:>4} {tg:>4} {hg:>3} {ku:>3} {pf:>3} {sp:>9.1f} {co:>11.1f} {sp + co:>9.1f}")
 
 
 def main():
@@ -102,13 +102,16 @@ def main():
     ap.add_argument("--tg", default=None, help="comma list of threads a group (kernels.attention.TG)")
     ap.add_argument("--hg", default=None, help="comma list of heads a group (kernels.attention.HG)")
     ap.add_argument("--ku", default=None, help="comma list of keys a warp at once (kernels.attention.KU)")
+    ap.add_argument("--pf", default=None,
+                    help="comma list of 0/1: the next round's loads during this round's math "
+                         "(kernels.attention.PF)")
     ap.add_argument("--profile", action="store_true",
                     help="(under ncu) only the kernel, PROFILE_CALLS evaluated calls a case")
     ap.add_argument("--parse-ncu", default=None, metavar="CSV")
     a = ap.parse_args()
     ints = lambda v, d: [int(x) for x in v.split(",")] if v else [d]  # noqa: E731
-    launches = [(s, t, h, u) for s in ints(a.spl, ka.SPL) for t in ints(a.tg, ka.TG)
-                for h in ints(a.hg, ka.HG) for u in ints(a.ku, ka.KU)]
+    launches = [(s, t, h, u, f) for s in ints(a.spl, ka.SPL) for t in ints(a.tg, ka.TG)
+                for h in ints(a.hg, ka.HG) for u in ints(a.ku, ka.KU) for f in ints(a.pf, ka.PF)]
     if a.parse_ncu:
         return parse_ncu(a.parse_ncu, [(c[0], *v) for c in CASES for v in launches])
     backend = dispatch.select_backend(ka.ENV_VAR)
@@ -122,24 +125,24 @@ def main():
     print(f"{mx.default_device()} ({backend}), H {H}, C {C}, window {W}, {a.kv_format} KV, "
           f"{a.calls} calls an evaluation")
     if a.profile:
-        for (name, cap, n, sparse), (spl, tg, hg, ku) in [(c, v) for c in CASES for v in launches]:
+        for (name, cap, n, sparse), (spl, tg, hg, ku, pf) in [(c, v) for c in CASES for v in launches]:
             ring, comp, idx, q, sinks = _inputs(codec, rng, cap, n, sparse, H, C, W)
             for _ in range(PROFILE_CALLS):
                 mx.eval(ka.sink_decode(q, ring, W, comp if cap else None, n, idx, sinks, scale, codec,
-                                       backend, tg=tg, hg=hg, spl=spl, ku=ku))
+                                       backend, tg=tg, hg=hg, spl=spl, ku=ku, pf=pf))
         return
-    print(f"{'case':>28} {'SPL':>4} {'TG':>4} {'HG':>3} {'KU':>3} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} "
+    print(f"{'case':>28} {'SPL':>4} {'TG':>4} {'HG':>3} {'KU':>3} {'PF':>3} {'ops ms':>8} {'kernel ms':>10} {'ratio':>6} "
           f"{'max |diff|':>11}")
-    for (name, cap, n, sparse), (spl, tg, hg, ku) in [(c, v) for c in CASES for v in launches]:
+    for (name, cap, n, sparse), (spl, tg, hg, ku, pf) in [(c, v) for c in CASES for v in launches]:
         ring, comp, idx, q, sinks = _inputs(codec, rng, cap, n, sparse, H, C, W)
         f_ops = lambda: ops_path(codec, q, ring, comp, n, idx, sinks, scale)  # noqa: E731
         f_ker = lambda: ka.sink_decode(q, ring, W, comp if cap else None, n, idx, sinks, scale,  # noqa: E731
-                                       codec, backend, tg=tg, hg=hg, spl=spl, ku=ku)
+                                       codec, backend, tg=tg, hg=hg, spl=spl, ku=ku, pf=pf)
         diff = float(mx.abs(f_ops().astype(mx.float32) - f_ker().astype(mx.float32)).max())
         t_ops, t_ker = timed(f_ops, a.calls), timed(f_ker, a.calls)
-        rows.append(dict(case=name, spl=spl, tg=tg, hg=hg, ku=ku, entries=cap, keys=W + n, ops_ms=t_ops,
+        rows.append(dict(case=name, spl=spl, tg=tg, hg=hg, ku=ku, pf=pf, entries=cap, keys=W + n, ops_ms=t_ops,
                          kernel_ms=t_ker, ratio=t_ops / t_ker, max_abs_diff=diff))
-        print(f"{name:>28} {spl:>4} {tg:>4} {hg:>3} {ku:>3} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
+        print(f"{name:>28} {spl:>4} {tg:>4} {hg:>3} {ku:>3} {pf:>3} {t_ops:>8.4f} {t_ker:>10.4f} {t_ops / t_ker:>6.2f} {diff:>11.2e}")
     write_rows_csv(a.csv, rows)
 
 

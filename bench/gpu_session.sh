@@ -34,8 +34,9 @@
 # saveptx MLX's CUDA kernel cache as $OUT/ptxcache.tgz (copy it to .devcarry/b/: later sessions
 #         restore it before the first step and skip most first-use compiles)
 # attn    the decode attention's GPU tests (-x), then its split + combine kernels' GPU time a call
-#         under Nsight Compute (bench/attention.py --profile), swept over ATTN_KU (1,2,4) and
-#         ATTN_SPL (32,64); with OLD_TREE, that tree's at its defaults first (the same machine)
+#         under Nsight Compute (bench/attention.py --profile), swept over ATTN_KU (1), ATTN_SPL
+#         (32,64), ATTN_TG (128,256) and ATTN_PF (0,1: the next round's loads early); with
+#         OLD_TREE, that tree's at its defaults first (the same machine)
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
@@ -140,7 +141,8 @@ for step in "${steps[@]}"; do
       if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
         echo "== $OLD_TREE"; (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site OUT=$OUT; ncu_attn attn_old)
       fi
-      echo "== this tree"; ncu_attn attn_new --ku ${ATTN_KU:-1,2,4} --spl ${ATTN_SPL:-32,64} ;;
+      echo "== this tree"; ncu_attn attn_new --ku ${ATTN_KU:-1} --spl ${ATTN_SPL:-32,64} \
+        --tg ${ATTN_TG:-128,256} --pf ${ATTN_PF:-0,1} ;;
     ixwall)
       timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;

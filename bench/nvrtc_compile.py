@@ -133,12 +133,13 @@ def launches():
     # the split kernel of the decode attention, FP8 state, CSA (sparse picks): q, ring (codes,
     # scales, RoPE dims), compressed (the same), idx, meta, fp
     fp8 = [("uint8", 3, 448), ("uint8", 3, 7), ("bfloat16", 3, 64)]
-    out.append(("attention split (FP8 KV, picks)", asrc.decode_source("cuda", "fp8"),
-                [("bfloat16", 4, 64 * 512), *fp8, *fp8, ("int32", 2, 512), ("int32", 1, 2),
-                 ("float32", 1, 1)], ["float32"] * 3,
-                [("QT", "bfloat16"), ("KV", "bfloat16"), ("C", 512), ("NOPE", 448),
-                 ("BLK", 64), ("W", 128), ("TG", 128), ("HG", 2), ("SPL", 64), ("KU", 1),
-                 ("SPARSE", True)]))
+    for pf in (0, 1):  # (PF: the next round's loads during this round's math)
+        out.append((f"attention split (FP8 KV, picks) PF{pf}", asrc.decode_source("cuda", "fp8"),
+                    [("bfloat16", 4, 64 * 512), *fp8, *fp8, ("int32", 2, 512), ("int32", 1, 2),
+                     ("float32", 1, 1)], ["float32"] * 3,
+                    [("QT", "bfloat16"), ("KV", "bfloat16"), ("C", 512), ("NOPE", 448),
+                     ("BLK", 64), ("W", 128), ("TG", 128), ("HG", 2), ("SPL", 64), ("KU", 1),
+                     ("SPARSE", True), ("PF", pf)]))
     out.append(("attention combine + inverse RoPE", asrc.combine_source("cuda"),
                 [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512),
                  ("float32", 1, 64), ("float32", 1, 32), ("int32", 1, 1)], ["bfloat16"],

@@ -84,7 +84,7 @@ CASES = [  # mode, B, H, C, R, W, nring, CAP, ncomp, sparse, k
 
 
 def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, scale, codec,
-             spl=None, tg=ka.TG, hg=ka.HG, ku=ka.KU, rope=None, pos=0):
+             spl=None, tg=ka.TG, hg=ka.HG, ku=ka.KU, rope=None, pos=0, pf=ka.PF):
     """Both kernels, emulated: the splits' partials, then their combination (with the
     inverse of `rope` at `pos`, if given)."""
     B, H, C = q.shape
@@ -106,7 +106,7 @@ def _emu_run(emu, mode, q, ring_parts, nring, comp_parts, ncomp, idx, sinks, sca
         [(B, H, S), (B, H, S), (B, H, S, C)], ["float32"] * 3,
         [("QT", "float32"), ("KV", "float32"), ("C", C), ("NOPE", nope), ("BLK", block),
          ("W", W), ("TG", tg), ("HG", hg), ("SPL", spl), ("KU", ku),
-         ("SPARSE", sparse)],
+         ("SPARSE", sparse), ("PF", pf)],
         (NG * S * tg, B, 1), tg)
     invf = np.zeros(1, np.float32) if rope is None else np.array(rope.inv_freq_f32())
     (o,) = emu.run(src.combine_source("cpp"),
@@ -167,15 +167,18 @@ def test_shared_memory_fits():
         assert ka.shared_bytes(512, tg, hg, spl) <= 32768
 
 
+@pytest.mark.parametrize("pf", [0, 1])
 @pytest.mark.parametrize("tg,hg,spl,ku", [(32, 1, 64, 1), (64, 2, 5, 2), (128, 8, 7, 4),
-                                          (256, 3, 64, 3), (64, 4, 32, 8)])
-def test_emulated_kernel_launch_variants(emu, tg, hg, spl, ku):
+                                          (256, 3, 64, 3), (64, 4, 32, 8), (128, 2, 64, 1)])
+def test_emulated_kernel_launch_variants(emu, tg, hg, spl, ku, pf):
     """Other warp counts, head groups (not dividing H) and split sizes (not multiples of the
-    warp count: warps without keys, splits without keys) give the same output."""
+    warp count: warps without keys, splits without keys) give the same output, with and
+    without the next round's loads issued early (PF)."""
     case = ("fp8", 2, 5, 128, 32, 16, 11, 40, 0, True, 17)
     codec, q, rp, ring, nring, cp, comp, ncomp, idx, sinks = _case(7, *case)
     idx[1, :9] = -1
-    got = _emu_run(emu, "fp8", q, rp, nring, cp, ncomp, idx, sinks, 0.2, codec, spl=spl, tg=tg, hg=hg, ku=ku)
+    got = _emu_run(emu, "fp8", q, rp, nring, cp, ncomp, idx, sinks, 0.2, codec, spl=spl, tg=tg,
+                   hg=hg, ku=ku, pf=pf)
     want = _reference(q, ring, nring, comp, ncomp, idx, sinks, 0.2)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
@@ -212,7 +215,7 @@ def test_emulated_kernel_can_fail(emu):
 _DT = [("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32")]
 
 
-def _launch(dialect, mode, qt, kv, sparse):
+def _launch(dialect, mode, qt, kv, sparse, pf=ka.PF):
     """[(source, inputs, output dtypes, template)] of both kernels at Flash sizes (H 64,
     C 512, W 128, 10 splits)."""
     parts = ([("uint8", 3, 128 * 448), ("uint8", 3, 128 * 7), (kv, 3, 128 * 64)] if mode == "fp8"
@@ -222,7 +225,7 @@ def _launch(dialect, mode, qt, kv, sparse):
               ("int32", 1, 2), ("float32", 1, 1)]
     tmpl = [("QT", qt), ("KV", kv), ("C", 512), ("NOPE", 448), ("BLK", 64), ("W", 128),
             ("TG", ka.TG), ("HG", ka.HG), ("SPL", ka.SPL), ("KU", ka.KU),
-            ("SPARSE", sparse)]
+            ("SPARSE", sparse), ("PF", pf)]
     part = [("float32", 3, 640), ("float32", 3, 640), ("float32", 4, 640 * 512), ("float32", 1, 64),
             ("float32", 1, 32), ("int32", 1, 1)]
     return [(src.decode_source(dialect, mode), inputs, ["float32"] * 3, tmpl),
@@ -235,7 +238,8 @@ def _launch(dialect, mode, qt, kv, sparse):
 @pytest.mark.parametrize("qt,kv", _DT)
 @pytest.mark.parametrize("sparse", [False, True])
 def test_metal_source_compiles_as_cpp(mode, qt, kv, sparse, tmp_path):
-    for i, launch in enumerate(_launch("metal", mode, qt, kv, sparse)):
+    for i, launch in enumerate(_launch("metal", mode, qt, kv, sparse)
+                               + _launch("metal", mode, qt, kv, sparse, 1 - ka.PF)[:1]):
         code = assert_metal_compiles(launch, tmp_path, f"attn{i}_{mode}_{qt}_{kv}_{sparse}")
         assert "[[threadgroup_position_in_grid]]" in code
 

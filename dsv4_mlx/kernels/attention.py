@@ -50,6 +50,9 @@ SPL = 64        # keys a split
 # of bench/attention.py once the loads of a round were issued together (H100, ncu, split
 # kernel: 492 us in all vs 511 for 2 and 555 for 4; bench/results/attention_ncu_20261207d.log)
 KU = 1
+# the next round's loads issued during this round's math (0: each round loads, then computes):
+# off until measured (bench/attention.py --pf 0,1 under ncu)
+PF = 0
 COMBINE_TG = 128
 # Past this many compressed keys (dense HCA entries, ~256K tokens of context at rate 128) the
 # ops path's matmuls beat the kernel's split loop on an H100 (bench/attention.py: kernel
@@ -69,16 +72,18 @@ def num_splits(nkeys: int, spl: int = SPL) -> int:
 def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale: float, *,
                        mode: str, nope: int, block: int, backend: str, rope=None, offset: int = 0,
                        out_shape=None, tg: int = None, hg: int = None, spl: int = None,
-                       ku: int = None):
+                       ku: int = None, pf: int = None):
     """q [B, H, 1, C]; ring: stored parts [B, W, ...]; comp: stored parts [B, CAP, ...] (or
     None); idx [B, k] int32 picks (None: the first `ncomp` entries, dense); sinks [H].
     -> [B, H, 1, C] in q's dtype, through the inverse of `rope` at position `offset` if
     given; `out_shape`: another shape of the same row-major output (the grouped output
     projection's [G, 1, H C / G] for one token: no reshape node). Two launches: the splits,
     then their combination (with the inverse RoPE).
-    ``tg``, ``hg``, ``spl``, ``ku``: launch parameters (threads, heads and keys a group, keys
-    a warp at once; default the module's `TG`, `HG`, `SPL`, `KU`), for tuning."""
+    ``tg``, ``hg``, ``spl``, ``ku``, ``pf``: launch parameters (threads, heads and keys a
+    group, keys a warp at once, the next round's loads during this round's math; default the
+    module's `TG`, `HG`, `SPL`, `KU`, `PF`), for tuning."""
     tg, hg, spl, ku = tg or TG, hg or HG, spl or SPL, ku or KU
+    pf = PF if pf is None else int(bool(pf))
     B, H, _, C = q.shape
     ring_a = _arrays(mode, ring)
     W = ring_a[0].shape[1]
@@ -96,12 +101,12 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
     fp = dispatch.vector(scale)
     split = dispatch.launch(
         ("attn_split", backend, mode, q.dtype, q.shape, ring_a[-1].dtype, W, nope, block, tg, hg,
-         spl, ku, sparse, S),
+         spl, ku, pf, sparse, S),
         lambda: dispatch.Launch(
             backend, src.decode_source(backend, mode),
             template=[("QT", q.dtype), ("KV", ring_a[-1].dtype), ("C", C), ("NOPE", nope),
                       ("BLK", block), ("W", W), ("TG", tg), ("HG", hg), ("SPL", spl),
-                      ("KU", ku), ("SPARSE", sparse)],
+                      ("KU", ku), ("SPARSE", sparse), ("PF", pf)],
             grid=(NG * S * tg, B, 1), threadgroup=(tg, 1, 1),
             output_shapes=[(B, H, S), (B, H, S), (B, H, S, C)],
             output_dtypes=[mx.float32] * 3))

@@ -72,6 +72,23 @@ def _decode(mode: str) -> str:
             + "} else {\n" + _indent(conv, 2) + "\n}\n")
 
 
+_LOADS = """\
+KI_UNROLL for (int u = 0; u < KU; ++u) {
+  const int jj = (nx * NW + wp) * KU + u;
+  r[u] = jj < SPL ? ki_rows[jj] : -1;
+}
+KI_UNROLL for (int u = 0; u < KU; ++u) {
+  KI_UNROLL for (int c = 0; c < NCH; ++c) {
+    const int d0 = 128 * c + 4 * lane;
+    const int row = r[u];
+    const bool ok = d0 < C && row >= 0;
+    const bool ring = row < B * W;
+    const int64_t sr = ring ? (int64_t)row : (int64_t)(row - B * W);
+@RAW@
+  }
+}
+"""
+
 _BODY = """\
   // ---- one-query attention with sinks, split over keys: the partials of one split ----
   // Inputs: q [B, H, C] (QT), ring parts [B, W, ...], compressed parts [B, CAP, ...],
@@ -83,7 +100,8 @@ _BODY = """\
   // pacc [B, H, S, C] f32 (sum of exp(logit - pm) x value).
   // Template: QT, KV (dtype of the RoPE / plain parts), C, NOPE, BLK (C, NOPE, BLK multiples
   // of 4), W, TG (a multiple of 32: NW = TG / 32 warps), HG (heads a group), SPL (keys a
-  // split), KU (keys a warp takes at once), SPARSE.
+  // split), KU (keys a warp takes at once), SPARSE, PF (0/1: the next round's loads issued
+  // during this round's math).
   // Grid (NG * S * TG, B, 1): group x = split s * NG + head group g, NG = ceil(H / HG).
   // The split's stored rows are found first, in parallel. Then warp w takes keys
   // KU (r NW + w) .. + KU - 1 in round r: their loads all in flight before any math. Lane l
@@ -143,38 +161,41 @@ _BODY = """\
   }
   KI_BARRIER();
   constexpr int NT = (SPL + NW * KU - 1) / (NW * KU);  // rounds: the same in every warp
-  for (int it = 0; it < NT; ++it) {
-    int r[KU];
-    float kv[KU][DPL];
-    KI_UNROLL for (int u = 0; u < KU; ++u) {
-      const int jj = (it * NW + wp) * KU + u;
-      r[u] = jj < SPL ? ki_rows[jj] : -1;
-    }
-    // all the round's loads first (predicated, into raw registers), then their decoding
+  // A round's loads: its keys' rows into r, then every load of the round (predicated, into raw
+  // registers) before any of them is used. Without PF a round issues its own loads first;
+  // with PF the next round's go out right after this round's are decoded, and fly while this
+  // round's math runs (the raw registers are free again by then).
+  int r[KU];
 @RAWDECL@
-    KI_UNROLL for (int u = 0; u < KU; ++u) {
-      KI_UNROLL for (int c = 0; c < NCH; ++c) {
-        const int d0 = 128 * c + 4 * lane;
-        const int row = r[u];
-        const bool ok = d0 < C && row >= 0;
-        const bool ring = row < B * W;
-        const int64_t sr = ring ? (int64_t)row : (int64_t)(row - B * W);
-@RAW@
-      }
+  if (PF) {
+    const int nx = 0;
+@LOADS@
+  }
+  for (int it = 0; it < NT; ++it) {
+    if (!PF) {
+      const int nx = it;
+@LOADS@
     }
+    float kv[KU][DPL];
+    int rcur[KU];  // this round's rows (r may hold the next round's from here on)
     KI_UNROLL for (int u = 0; u < KU; ++u) {
+      rcur[u] = r[u];
       KI_UNROLL for (int c = 0; c < NCH; ++c) {
         const int d0 = 128 * c + 4 * lane;
         const bool ok = d0 < C && r[u] >= 0;
 @DEC@
       }
     }
+    if (PF && it + 1 < NT) {
+      const int nx = it + 1;
+@LOADS@
+    }
     KI_UNROLL for (int u = 0; u < KU; ++u) {
       KI_UNROLL for (int h = 0; h < HG; ++h) {
         float s = 0.0f;
         KI_UNROLL for (int t = 0; t < DPL; ++t) s += qv[h][t] * kv[u][t];
         s = KI_WARP_SUM(s);  // the same bits in every lane: the branches below are warp-uniform
-        if (r[u] >= 0) {
+        if (rcur[u] >= 0) {
           if (s > m[h]) {  // a new max: rescale by exp(m - s) (0 for the first key), weight 1
             const float c = KI_EXP(m[h] - s);
             l[h] = l[h] * c + 1.0f;
@@ -310,9 +331,9 @@ def decode_source(dialect: str, mode: str) -> KernelSource:
     parts = _PARTS[mode]
     body = (_BODY.replace("@CAPSHAPE@", "c" + parts[0] + "_shape")
             .replace("@RAWDECL@", ("" if mode == "plain" else
-                                   "    unsigned int cw[KU][NCH];\n    unsigned int sb[KU][NCH];\n")
-                     + "    KV xr[KU][NCH][4];")
-            .replace("@RAW@", _indent(_raw_loads(mode), 8))
+                                   "  unsigned int cw[KU][NCH];\n  unsigned int sb[KU][NCH];\n")
+                     + "  KV xr[KU][NCH][4];")
+            .replace("@LOADS@", _indent(_LOADS.replace("@RAW@", _indent(_raw_loads(mode), 4)), 6))
             .replace("@DEC@", _indent(_decode(mode), 8)))
     return make_source(dialect, f"dsv4_sink_decode_{mode}",
                        ("q", *("r" + p for p in parts), *("c" + p for p in parts), "idx", "meta", "fp"),
