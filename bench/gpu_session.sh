@@ -49,6 +49,7 @@ fi
 export PYTHONPATH=$PWD:$PYTHONPATH PYTHONUNBUFFERED=1
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
+OUT=$(realpath "$OUT")  # (steps that cd into OLD_TREE write here too)
 OLD_TREE=${OLD_TREE:-}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(check tests decode)
@@ -140,7 +141,7 @@ for step in "${steps[@]}"; do
         python bench/attention.py --parse-ncu "$f" "$@" 2>&1 | tail -40
       }
       if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
-        echo "== $OLD_TREE"; (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site OUT=$OUT; ncu_attn attn_old)
+        echo "== $OLD_TREE"; (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site ncu_attn attn_old)
       fi
       echo "== this tree"; ncu_attn attn_new --ku ${ATTN_KU:-1} --spl ${ATTN_SPL:-32,64} \
         --tg ${ATTN_TG:-128,256} --pf ${ATTN_PF:-0,1} ;;

@@ -170,14 +170,16 @@ def test_shared_memory_fits():
 @pytest.mark.parametrize("pf", [0, 1])
 @pytest.mark.parametrize("tg,hg,spl,ku", [(32, 1, 64, 1), (64, 2, 5, 2), (128, 8, 7, 4),
                                           (256, 3, 64, 3), (64, 4, 32, 8), (128, 2, 64, 1)])
-def test_emulated_kernel_launch_variants(emu, tg, hg, spl, ku, pf):
+@pytest.mark.parametrize("mode", ["fp8", "plain"])
+def test_emulated_kernel_launch_variants(emu, mode, tg, hg, spl, ku, pf):
     """Other warp counts, head groups (not dividing H) and split sizes (not multiples of the
     warp count: warps without keys, splits without keys) give the same output, with and
-    without the next round's loads issued early (PF)."""
-    case = ("fp8", 2, 5, 128, 32, 16, 11, 40, 0, True, 17)
+    without the next round's loads issued early (PF); plain: C = 40, lanes past C."""
+    case = ((mode, 2, 5, 128, 32, 16, 11, 40, 0, True, 17) if mode == "fp8"
+            else (mode, 2, 5, 40, 8, 16, 11, 40, 0, True, 17))
     codec, q, rp, ring, nring, cp, comp, ncomp, idx, sinks = _case(7, *case)
     idx[1, :9] = -1
-    got = _emu_run(emu, "fp8", q, rp, nring, cp, ncomp, idx, sinks, 0.2, codec, spl=spl, tg=tg,
+    got = _emu_run(emu, mode, q, rp, nring, cp, ncomp, idx, sinks, 0.2, codec, spl=spl, tg=tg,
                    hg=hg, ku=ku, pf=pf)
     want = _reference(q, ring, nring, comp, ncomp, idx, sinks, 0.2)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
@@ -258,7 +260,9 @@ def test_body_stays_in_the_common_subset():
 @pytest.mark.parametrize("mode", src.KV_MODES)
 def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
     for sparse in (False, True):
-        for i, launch in enumerate(_launch("cuda", mode, "bfloat16", "bfloat16", sparse)):
+        for i, launch in enumerate(_launch("cuda", mode, "bfloat16", "bfloat16", sparse)
+                                   + _launch("cuda", mode, "bfloat16", "bfloat16", sparse,
+                                             1 - ka.PF)[:1]):
             assert_nvcc_compiles(launch, tmp_path, f"attn{i}_{sparse}")
 
 
@@ -383,6 +387,12 @@ def test_gpu_kernel_matches_reference_and_ops(clean_dispatch, dtype, case):
         rope = RoPE(inv_freq_yarn(160000.0, R, 16.0, 65536, 32, 1), R)
         rot = ka.sink_decode(q, rp, nring, cp, ncomp, idx, sinks, scale, codec, GPU[0],
                              rope=rope, offset=777)
+        # the other PF choice (the next round's loads early): the same values summed in the
+        # same order, so the same bits
+        other = ka.sink_decode(q, rp, nring, cp, ncomp, idx, sinks, scale, codec, GPU[0],
+                               pf=1 - ka.PF)
+        np.testing.assert_array_equal(np.array(other.astype(mx.float32)),
+                                      np.array(got.astype(mx.float32)))
         tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else dict(rtol=1e-2, atol=1e-2)
         np.testing.assert_allclose(np.array(rot.astype(mx.float32)),
                                    np.array(rope(got, offset=777, inverse=True).astype(mx.float32)),
@@ -420,3 +430,14 @@ def test_gpu_model_with_attention_kernel_matches_ops(clean_dispatch, kv_format):
     finally:
         mx.set_default_device(mx.cpu)
     assert np.abs(got - want).max() < 1e-3
+
+
+def test_ring_and_compressed_keys_share_dtypes():
+    """The kernel reads a key through one pointer type whichever set it is in: stored sets of
+    different dtypes are refused with a clear error, before any launch."""
+    q = mx.zeros((1, 2, 1, 8), mx.bfloat16)
+    ring = {"kv": mx.zeros((1, 4, 8), mx.bfloat16)}
+    comp = {"kv": mx.zeros((1, 4, 8), mx.float32)}
+    with pytest.raises(ValueError, match="same dtypes"):
+        ka.sink_decode_kernel(q, ring, 4, comp, 2, None, mx.zeros((2,)), 0.3, mode="plain",
+                              nope=0, block=1, backend="cuda")

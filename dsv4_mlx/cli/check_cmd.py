@@ -37,7 +37,8 @@ def check(
                             progress=lambda what: status.update(f"checking: {what}"))
     else:  # (a log) one line a run, as it starts
         rep = run_check(model, layers=layers or None, decode=decode,
-                        progress=lambda what: err.print(f"checking: {what}", soft_wrap=True))
+                        progress=lambda what: err.print(f"checking: {what}", soft_wrap=True,
+                                                       markup=False))
     if as_json:
         typer.echo(json.dumps(rep, indent=1))
     else:

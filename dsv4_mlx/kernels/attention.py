@@ -88,6 +88,9 @@ def sink_decode_kernel(q, ring, nring: int, comp, ncomp: int, idx, sinks, scale:
     ring_a = _arrays(mode, ring)
     W = ring_a[0].shape[1]
     comp_a = _arrays(mode, comp) if comp is not None else ring_a
+    if [x.dtype for x in comp_a] != [x.dtype for x in ring_a]:  # (one pointer type each)
+        raise ValueError("the ring and the compressed keys must be stored in the same dtypes, "
+                         f"got {[x.dtype for x in ring_a]} and {[x.dtype for x in comp_a]}")
     if comp is None:
         ncomp = 0
     sparse = idx is not None
