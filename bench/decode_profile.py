@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,7 +21,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import build  # noqa: E402
 
-from dsv4_mlx.bench import count_primitives, decode_steps  # noqa: E402
+from dsv4_mlx.bench import count_primitives, decode_steps, pipelined_step_times  # noqa: E402
 
 VIEWS = {"Reshape", "Transpose", "ExpandDims", "Broadcast", "BroadcastAxes", "Unflatten", "Flatten",
          "Squeeze", "Slice", "View float32", "View uint32", "View bfloat16", "View uint8", "Copy"}
@@ -35,17 +34,9 @@ def decode_sync(model, cache, y, steps):
 
 
 def decode_pipelined(model, cache, y, steps):
-    from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
-
-    times = []
-    t = time.perf_counter()
-    for n, (tok, _) in zip(range(steps), generate_step(y.reshape(1), model, max_tokens=steps,
-                                                        sampler=make_sampler(0.0), prompt_cache=cache)):
-        t2 = time.perf_counter()
-        times.append(1e3 * (t2 - t))
-        t = t2
-    return times[1:]  # the first includes the prompt step
+    """ms a token of mlx-lm's pipelined loop over `steps` tokens (`dsv4 bench`'s
+    `pipelined_step_times`; the first, which includes `y`'s own step, is left out)."""
+    return [1e3 * t for t in pipelined_step_times(model, cache, y, steps - 1)]
 
 
 def main():
