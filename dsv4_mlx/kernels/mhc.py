@@ -24,8 +24,8 @@ ENV_VAR = "DSV4_MHC_KERNEL"
 PRE_TG = 512  # one group a token; 512 measured best of 256/512/1024 (bench/mhc.py, H100)
 # Who runs the pre kernel's Sinkhorn (2: every warp, 1: warp 0, 0: thread 0) and whether a
 # thread keeps its stream values in registers: the same bits either way, only the speed differs
-# (`bench/mhc.py --sink --reg` times each on a GPU; the kernel took 33.2 us a call with these,
-# 27.1 us at 94ebe39, which had SINK 0 and no registers, with another mix projection).
+# (`bench/mhc.py --sink --reg` times each on a GPU; H100, 2026-12-07: 17.8 us a call with
+# these, the best of the six; 22.5 us with 94ebe39's SINK 0 and no registers).
 PRE_SINK = 2
 PRE_REG = True
 POST_TG = 256
