@@ -78,6 +78,7 @@ def _emu_store(emu, codec, ring, kv, slot, tg):
     (1, 16, 512, 64, 5, "random", 128), (2, 8, 512, 64, 7, "edges", 128),
     (1, 8, 512, 64, 0, "tiny", 64), (2, 4, 512, 64, 3, "wide", 128),
     (1, 8, 64, 16, 2, "edges", 32),  # tiny model: 48 non-RoPE dims, blocks of 16
+    (1, 6, 42, 8, 1, "random", 32),  # 34 codes a row: not whole words, the byte-loop copy
 ])
 def test_emulated_store_is_bit_exact(emu, B, W, C, R, slot, kind, tg):
     codec, ring, kv = _ring_case(B * 100 + W + C, B, W, C, R, kind)

@@ -130,6 +130,21 @@ _BODY = """\
   const int L = W + ncomp;
   const int S = (L + SPL - 1) / SPL;
   const int j_lo = sp * SPL;
+  // the group's queries first: their loads fly while the split's rows are found
+  float qv[HG][DPL];
+  float acc[HG][DPL];
+  float m[HG];
+  float l[HG];
+  KI_UNROLL for (int h = 0; h < HG; ++h) {
+    const int hh = g * HG + h;
+    KI_UNROLL for (int t = 0; t < DPL; ++t) {
+      const int d = 128 * (t / 4) + 4 * lane + t % 4;
+      qv[h][t] = (hh < H && d < C) ? ki_to_float(q[((int64_t)b * H + hh) * C + d]) * fp[0] : 0.0f;
+      acc[h][t] = 0.0f;
+    }
+    m[h] = KI_NEG_INF;
+    l[h] = 0.0f;
+  }
   for (int i = ki_tid; i < SPL; i += TG) {
     // stored row of key j: ring rows b * W + slot, compressed rows B * W + b * CAP + entry;
     // -1 = no key
@@ -144,20 +159,6 @@ _BODY = """\
       }
     }
     ki_rows[i] = r;
-  }
-  float qv[HG][DPL];
-  float acc[HG][DPL];
-  float m[HG];
-  float l[HG];
-  KI_UNROLL for (int h = 0; h < HG; ++h) {
-    const int hh = g * HG + h;
-    KI_UNROLL for (int t = 0; t < DPL; ++t) {
-      const int d = 128 * (t / 4) + 4 * lane + t % 4;
-      qv[h][t] = (hh < H && d < C) ? ki_to_float(q[((int64_t)b * H + hh) * C + d]) * fp[0] : 0.0f;
-      acc[h][t] = 0.0f;
-    }
-    m[h] = KI_NEG_INF;
-    l[h] = 0.0f;
   }
   KI_BARRIER();
   constexpr int NT = (SPL + NW * KU - 1) / (NW * KU);  // rounds: the same in every warp

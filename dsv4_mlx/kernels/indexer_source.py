@@ -75,6 +75,8 @@ inline float ki_log1p(float x) {
 #define KI_SHFL(x, src) simd_shuffle((float)(x), (ushort)(src))
 // 4 bytes at 32-bit word i of an array (the address a multiple of 4)
 #define KI_LOAD_U32(p, i) (((const device uint*)(p))[(i)])
+// ... and stores them
+#define KI_STORE_U32(p, i, v) (((device uint*)(p))[(i)] = (v))
 template <typename U>
 inline float ki_to_float(U x) {
   return static_cast<float>(x);
@@ -162,6 +164,8 @@ __device__ __forceinline__ float ki_warp_sum(float x) {
 #define KI_SHFL(x, src) __shfl_sync(0xffffffffu, (float)(x), (src))
 // 4 bytes at 32-bit word i of an array (the address a multiple of 4)
 #define KI_LOAD_U32(p, i) (reinterpret_cast<const unsigned int*>(p)[(i)])
+// ... and stores them
+#define KI_STORE_U32(p, i, v) (reinterpret_cast<unsigned int*>(p)[(i)] = (v))
 __device__ __forceinline__ float ki_to_float(float x) { return x; }
 __device__ __forceinline__ float ki_to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float ki_to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -356,6 +360,11 @@ inline unsigned int ki_load_u32(const void* p, int64_t i) {
   return u;
 }
 #define KI_LOAD_U32(p, i) ki_load_u32((const void*)(p), (i))
+// ... and stores them
+inline void ki_store_u32(void* p, int64_t i, unsigned int v) {
+  std::memcpy(static_cast<char*>(p) + 4 * i, &v, 4);
+}
+#define KI_STORE_U32(p, i, v) ki_store_u32((void*)(p), (i), (v))
 inline float ki_to_float(float x) { return x; }
 template <typename T>
 inline T ki_from_float(float x) { return static_cast<T>(x); }
@@ -820,40 +829,79 @@ def topk_source(dialect: str) -> KernelSource:
 # scoring on the matrix units (tensor cores / simdgroup matrices), spec §4.7
 
 # Key tile loaders: entries n0 .. n0+NB, dims kc .. kc+KC of the keys -> kb (ki_mma_t),
-# rows past N as zeros. Only exact-in-bf16 key layouts: FP4 (e2m1 x 2^k) and bf16.
+# rows past N as zeros. Only exact-in-bf16 key layouts: FP4 (e2m1 x 2^k) and bf16. In two
+# parts, so that a thread's loads all leave before any is used and can be issued a tile
+# early: "decl" (the registers), "load" (global memory -> registers; reads kn0, the
+# tile's first entry, and kc),
+# "put" (registers -> the shared tile; reads the same n0 and kc). KL: a thread's share.
 _KEY_TILE = {
-    "bf16": """\
-    for (int i = ki_tid; i < NB * (KC / 8); i += TPG) {
-      const int r = i / (KC / 8);
-      const int g = i % (KC / 8);
-      const int n = n0 + r;
-      const int64_t row = (int64_t)b * N + (n < N ? n : 0);
-      const uint4 v = KI_LOAD4U(k + row * (D / 2), kc / 8 + g);
-      ki_put8_bf16(kb + r * LDK + 8 * g, n < N ? v : uint4_zero);
-    }
+    "bf16": {
+        "decl": """\
+  constexpr int KL = (NB * (KC / 8) + TPG - 1) / TPG;  // 16-byte pieces a thread
+  uint4 kv[KL];
 """,
-    "fp4": """\
-    // one (entry, 32-value scale group) a thread: 4 packed words and one UE8M0 scale
-    for (int i = ki_tid; i < NB * (KC / 32); i += TPG) {
-      const int r = i / (KC / 32);
-      const int g = i % (KC / 32);
-      const int n = n0 + r;
-      const int64_t row = (int64_t)b * N + (n < N ? n : 0);
-      const int gg = kc / 32 + g;
-      const float s = n < N ? ki_e8m0((unsigned int)ks[row * (D / 32) + gg]) : 0.0f;
-      const uint4 v = KI_LOAD4U(kq + row * (D / 8), gg);
-      const unsigned int vw[4] = {v.x, v.y, v.z, v.w};
+        "load": """\
       KI_UNROLL
-      for (int j = 0; j < 4; ++j) {
-        const unsigned int u = vw[j];
-        ki_put8(kb + r * LDK + 32 * g + 8 * j,
-                ki_e2m1(u & 15u) * s, ki_e2m1((u >> 4) & 15u) * s,
-                ki_e2m1((u >> 8) & 15u) * s, ki_e2m1((u >> 12) & 15u) * s,
-                ki_e2m1((u >> 16) & 15u) * s, ki_e2m1((u >> 20) & 15u) * s,
-                ki_e2m1((u >> 24) & 15u) * s, ki_e2m1((u >> 28) & 15u) * s);
+      for (int j = 0; j < KL; ++j) {
+        const int i = ki_tid + j * TPG;
+        const int n = kn0 + i / (KC / 8);
+        const int64_t row = (int64_t)b * N + (n < N ? n : 0);
+        kv[j] = i < NB * (KC / 8) ? KI_LOAD4U(k + row * (D / 2), kc / 8 + i % (KC / 8))
+                                  : uint4_zero;
       }
-    }
 """,
+        "put": """\
+      KI_UNROLL
+      for (int j = 0; j < KL; ++j) {
+        const int i = ki_tid + j * TPG;
+        if (i < NB * (KC / 8)) {
+          const int r = i / (KC / 8);
+          ki_put8_bf16(kb + r * LDK + 8 * (i % (KC / 8)), n0 + r < N ? kv[j] : uint4_zero);
+        }
+      }
+""",
+    },
+    "fp4": {
+        "decl": """\
+  // one (entry, 32-value scale group) a piece: 4 packed words and one UE8M0 scale
+  constexpr int KL = (NB * (KC / 32) + TPG - 1) / TPG;  // pieces a thread
+  uint4 kv[KL];
+  unsigned int ksv[KL];
+""",
+        "load": """\
+      KI_UNROLL
+      for (int j = 0; j < KL; ++j) {
+        const int i = ki_tid + j * TPG;
+        const int n = kn0 + i / (KC / 32);
+        const int64_t row = (int64_t)b * N + (n < N ? n : 0);
+        const int gg = kc / 32 + i % (KC / 32);
+        const bool in = i < NB * (KC / 32);
+        kv[j] = in ? KI_LOAD4U(kq + row * (D / 8), gg) : uint4_zero;
+        ksv[j] = in ? (unsigned int)ks[row * (D / 32) + gg] : 0u;
+      }
+""",
+        "put": """\
+      KI_UNROLL
+      for (int j = 0; j < KL; ++j) {
+        const int i = ki_tid + j * TPG;
+        if (i < NB * (KC / 32)) {
+          const int r = i / (KC / 32);
+          const int g = i % (KC / 32);
+          const float s = n0 + r < N ? ki_e8m0(ksv[j]) : 0.0f;
+          const unsigned int vw[4] = {kv[j].x, kv[j].y, kv[j].z, kv[j].w};
+          KI_UNROLL
+          for (int jj = 0; jj < 4; ++jj) {
+            const unsigned int u = vw[jj];
+            ki_put8(kb + r * LDK + 32 * g + 8 * jj,
+                    ki_e2m1(u & 15u) * s, ki_e2m1((u >> 4) & 15u) * s,
+                    ki_e2m1((u >> 8) & 15u) * s, ki_e2m1((u >> 12) & 15u) * s,
+                    ki_e2m1((u >> 16) & 15u) * s, ki_e2m1((u >> 20) & 15u) * s,
+                    ki_e2m1((u >> 24) & 15u) * s, ki_e2m1((u >> 28) & 15u) * s);
+          }
+        }
+      }
+""",
+    },
 }
 MMA_KEY_MODES = tuple(_KEY_TILE)
 
@@ -871,6 +919,10 @@ _SCORE_MMA_BODY = """\
   // once for the group's TPT tiles; otherwise each chunk of each tile reads its KC dims again.
   // Exact products need bf16-exact inputs (bf16 queries; FP4 or bf16 keys); the sums are
   // fp32 in another order than the ops path.
+  // Memory latency, not work, bounds a group (a tile is ~1 us of math): a thread issues all
+  // its loads of a kind (queries, a key tile, its head weights) before it uses any, and with
+  // QRES the next tile's keys are requested before this tile's products, and the first
+  // tile's together with the queries. A group then waits on memory about once a tile.
   // Grid: (ceil(N / (NB TPT)) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
   // Template: D, H (multiple of 16), NW, KC (multiple of 32 dividing D; D with QRES), SMEM4
   // (float4 words of the shared tile area), QRES, TPT (tiles a group).
@@ -889,14 +941,36 @@ _SCORE_MMA_BODY = """\
 @ROW@  const uint4 uint4_zero = KI_UINT4(0u, 0u, 0u, 0u);
   (void)uint4_zero;
   const int warp = ki_tid / 32;
+  // the weighted ReLU sum: thread (entry c, head slice sl) takes heads sl, sl + 2, ...
+  // (TPG = 2 NB); their weights are read once for all the group's tiles
+  const int c = ki_tid % NB;
+  const int sl = ki_tid / NB;
+  float wr[H / 2];
+  KI_UNROLL
+  for (int j = 0; j < H / 2; ++j) wr[j] = w[bt * H + sl + 2 * j];
+@KEY_DECL@  // queries: 16-byte pieces (8 bf16) a thread, all chunks (QRES) or one chunk
+  constexpr int QL = (H * ((QRES ? D : KC) / 8) + TPG - 1) / TPG;
 
   if (QRES) {
-    // queries (b, t, 0..H, 0..D) -> qs once, 8 bf16 (one uint4 of pairs) at a time; the
+    // queries (b, t, 0..H, 0..D) -> qs once, with the first tile's keys in flight too; the
     // barrier before the first products orders these writes
-    for (int i = ki_tid; i < H * (D / 8); i += TPG) {
-      const int h = i / (D / 8);
-      const int g = i % (D / 8);
-      ki_put8_bf16(qs + h * LDQ + 8 * g, KI_LOAD4U(q + (bt * H + h) * (D / 2), g));
+    uint4 qv[QL];
+    KI_UNROLL
+    for (int j = 0; j < QL; ++j) {
+      const int i = ki_tid + j * TPG;
+      qv[j] = i < H * (D / 8) ? KI_LOAD4U(q + (bt * H + i / (D / 8)) * (D / 2), i % (D / 8))
+                              : uint4_zero;
+    }
+    {
+      const int kn0 = ki_gx * TPT * NB;
+      const int kc = 0;
+      if (kn0 < N && kn0 < vis) {
+@KEY_LOAD@      }
+    }
+    KI_UNROLL
+    for (int j = 0; j < QL; ++j) {
+      const int i = ki_tid + j * TPG;
+      if (i < H * (D / 8)) ki_put8_bf16(qs + (i / (D / 8)) * LDQ + 8 * (i % (D / 8)), qv[j]);
     }
   }
   for (int tile = 0; tile < TPT; ++tile) {
@@ -915,14 +989,29 @@ _SCORE_MMA_BODY = """\
     for (int kc = 0; kc < D; kc += KC) {
       KI_BARRIER();  // the previous chunk's (or tile's) tiles, cs and ki_part are consumed
       if (!QRES) {
-        // queries (b, t, 0..H, kc..kc+KC) -> qs
-        for (int i = ki_tid; i < H * (KC / 8); i += TPG) {
-          const int h = i / (KC / 8);
-          const int g = i % (KC / 8);
-          ki_put8_bf16(qs + h * LDQ + 8 * g, KI_LOAD4U(q + (bt * H + h) * (D / 2), kc / 8 + g));
+        // queries (b, t, 0..H, kc..kc+KC) and this chunk's keys, all requested, then stored
+        uint4 qv[QL];
+        KI_UNROLL
+        for (int j = 0; j < QL; ++j) {
+          const int i = ki_tid + j * TPG;
+          qv[j] = i < H * (KC / 8)
+                      ? KI_LOAD4U(q + (bt * H + i / (KC / 8)) * (D / 2), kc / 8 + i % (KC / 8))
+                      : uint4_zero;
+        }
+        const int kn0 = n0;
+@KEY_LOAD@        KI_UNROLL
+        for (int j = 0; j < QL; ++j) {
+          const int i = ki_tid + j * TPG;
+          if (i < H * (KC / 8)) ki_put8_bf16(qs + (i / (KC / 8)) * LDQ + 8 * (i % (KC / 8)), qv[j]);
         }
       }
-@KEY_TILE@      KI_BARRIER();
+@KEY_PUT@      if (QRES) {
+        // the next tile's keys (the only chunk: kc = 0) requested now, used after this tile
+        const int kn0 = n0 + NB;
+        if (tile + 1 < TPT && kn0 < N && kn0 < vis) {
+@KEY_LOAD@        }
+      }
+      KI_BARRIER();
       KI_UNROLL
       for (int kk = 0; kk < KC; kk += 16) {
         KI_UNROLL
@@ -936,14 +1025,11 @@ _SCORE_MMA_BODY = """\
     for (int m = 0; m < MT; ++m) ki_mma_store(cs + 16 * m * LDC + 16 * warp, LDC, acc[m]);
     KI_BARRIER();
     {
-      // thread (entry c, head slice sl): the weighted ReLU sum over heads sl, sl + 2, ...
-      const int c = ki_tid % NB;
-      const int sl = ki_tid / NB;
       float a = 0.0f;
       KI_UNROLL
-      for (int h = sl; h < H; h += 2) {
-        const float v = cs[h * LDC + c];
-        a += w[bt * H + h] * (v > 0.0f ? v : 0.0f);
+      for (int j = 0; j < H / 2; ++j) {
+        const float v = cs[(sl + 2 * j) * LDC + c];
+        a += wr[j] * (v > 0.0f ? v : 0.0f);
       }
       ki_part[ki_tid] = a;
     }
@@ -994,8 +1080,13 @@ def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
-    tile = textwrap.indent(_KEY_TILE[key_mode], "  ")  # inside the loop over tiles
-    body = _SCORE_MMA_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0]).replace("@KEY_TILE@", tile)
+    parts = _KEY_TILE[key_mode]
+    body = (_SCORE_MMA_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0])
+            .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_PUT@", parts["put"]))
+    # the load part at its three places: the first tile's (with the queries), a chunk's
+    # (without QRES), the next tile's (with QRES)
+    assert body.count("@KEY_LOAD@") == 3
+    body = body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
     return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}", ("q", "w", *keys, "visible"),
                        ("scores",), body)
 

@@ -75,6 +75,47 @@ FP8_ENCODE = (r"""
     }
 """.replace("@MIN_AMAX@", _f32_bits(1e-4)).replace("@INV_448@", _f32_bits(1.0 / 448.0)))
 
+# A ring row (codes, scale bytes, RoPE dims of element type @T@) copied through by one
+# threadgroup: where the codes and RoPE rows are whole 32-bit words (Flash: 112 + 32 words,
+# 7 scale bytes), every load a thread makes is issued before its first store -- one memory
+# round trip; byte loops (one round trip an iteration, ~16 in a row) otherwise.
+# Needs: row, NOPE, NB, R, TG, codes/scl/rope, ocodes/oscl/orope.
+ROW_COPY = """\
+    constexpr bool WORDS = NOPE % 4 == 0 && (R * (int)sizeof(@T@)) % 4 == 0 && NB <= TG;
+    constexpr int WC = WORDS ? NOPE / 4 : 0;                 // words of codes
+    constexpr int WR = WORDS ? R * (int)sizeof(@T@) / 4 : 0; // words of RoPE dims
+    constexpr int CW = WORDS ? (WC + WR + TG - 1) / TG : 1;  // words a thread
+    if (WORDS) {
+      unsigned int cw[CW];
+      KI_UNROLL
+      for (int j = 0; j < CW; ++j) {
+        const int i = ki_tid + j * TG;
+        cw[j] = i < WC ? KI_LOAD_U32(codes, row * WC + i)
+                       : (i < WC + WR ? KI_LOAD_U32(rope, row * WR + (i - WC)) : 0u);
+      }
+      const unsigned int sb = ki_tid < NB ? (unsigned int)scl[row * NB + ki_tid] : 0u;
+      KI_UNROLL
+      for (int j = 0; j < CW; ++j) {
+        const int i = ki_tid + j * TG;
+        if (i < WC) {
+          KI_STORE_U32(ocodes, row * WC + i, cw[j]);
+        } else if (i < WC + WR) {
+          KI_STORE_U32(orope, row * WR + (i - WC), cw[j]);
+        }
+      }
+      if (ki_tid < NB) oscl[row * NB + ki_tid] = (uint8_t)sb;
+    } else {
+      for (int i = ki_tid; i < NOPE; i += TG) ocodes[row * NOPE + i] = codes[row * NOPE + i];
+      for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
+      for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
+    }"""
+
+
+def row_copy(elem_type: str) -> str:
+    """`ROW_COPY` for RoPE dims of template type `elem_type` (e.g. "KT")."""
+    return ROW_COPY.replace("@T@", elem_type)
+
+
 # Inputs: kv [B, C] (KT), codes [B, W, NOPE] u8, scl [B, W, NOPE / BLK] u8, rope [B, W, C - NOPE]
 # (KT), slot [1] int32. Outputs: ocodes, oscl, orope (the new ring, same shapes).
 # Template: KT, C, NOPE, BLK, W, TG. Grid (W * TG, B, 1), groups of TG.
@@ -87,9 +128,7 @@ _STORE_BODY = r"""
   const int b = ki_gy;
   const int64_t row = (int64_t)b * W + w;
   if (w != slot[0]) {
-    for (int i = ki_tid; i < NOPE; i += TG) ocodes[row * NOPE + i] = codes[row * NOPE + i];
-    for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
-    for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
+@ROW_COPY@
   } else {
     // the values into shared memory in one coalesced pass, then the block maxima from there
     // (a loop of BLK global loads in one thread would serialise their latency)
@@ -98,7 +137,7 @@ _STORE_BODY = r"""
 @ENCODE@
     for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = kv[b * C + NOPE + i];
   }
-""".replace("@ENCODE@", FP8_ENCODE.strip("\n"))
+""".replace("@ENCODE@", FP8_ENCODE.strip("\n")).replace("@ROW_COPY@", row_copy("KT"))
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch

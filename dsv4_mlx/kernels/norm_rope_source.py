@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 
 from .indexer_source import KernelSource, make_source
-from .kv_store_source import FP8_ENCODE
+from .kv_store_source import FP8_ENCODE, row_copy
 
 # RoPE of the pair (d, d + 1) -- fp32 values y0, y1 -- when d is among the last RD of C dims,
 # at position L with the pairs' inverse frequencies invf (`mx.fast.rope`'s forward rotation;
@@ -105,9 +105,7 @@ _STORE = {"@SETUP@": """\
   KI_SHARED float ki_amax[NB];
   const int64_t row = isq ? 0 : g - H;
   if (!isq && row != pos[0] % W) {  // (a whole group: no barrier is left waiting)
-    for (int i = ki_tid; i < NOPE; i += TG) ocodes[row * NOPE + i] = codes[row * NOPE + i];
-    for (int i = ki_tid; i < NB; i += TG) oscl[row * NB + i] = scl[row * NB + i];
-    for (int i = ki_tid; i < R; i += TG) orope[row * R + i] = rope[row * R + i];
+@ROW_COPY@
     return;
   }""", "@KV_WRITE@": """\
       const XT k0 = ki_from_float<XT>(y0);
@@ -127,6 +125,7 @@ _STORE = {"@SETUP@": """\
 
 def _body(parts: dict) -> str:
     body = _BODY.replace("@ROPE@", rope_pair(4))
+    parts = {**parts, "@ROW_COPY@": row_copy("XT")}
     for k, v in parts.items():
         body = body.replace(k, v)
     return body
