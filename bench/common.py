@@ -35,6 +35,21 @@ def cuda_marker(name: str) -> None:
                  stream=mx.gpu)[0])
 
 
+def cuda_profiler(on: bool) -> None:
+    """cuProfilerStart/Stop (driver API), so that `ncu --profile-from-start off` profiles
+    only the calls of interest (not the set-up's kernels); harmless without ncu."""
+    import ctypes
+    import sys
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        rc = (lib.cuProfilerStart if on else lib.cuProfilerStop)()
+    except OSError as e:
+        rc = str(e)
+    if rc:
+        print(f"cuProfiler{'Start' if on else 'Stop'}: {rc}", file=sys.stderr)
+
+
 def write_rows_csv(path, rows: list[dict]) -> Path:
     """Rows (dicts with the same keys) as a CSV file with a header; the folder is made."""
     path = Path(path)

@@ -23,21 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_marker, ncu_kernel_times  # noqa: E402
-
-
-def _profiler(on: bool):
-    """cuProfilerStart/Stop (driver API), so that `ncu --profile-from-start off` skips the
-    prefill's kernels; harmless without ncu."""
-    import ctypes
-
-    try:
-        lib = ctypes.CDLL("libcuda.so.1")
-        rc = (lib.cuProfilerStart if on else lib.cuProfilerStop)()
-    except OSError as e:
-        rc = str(e)
-    if rc:
-        print(f"cuProfiler{'Start' if on else 'Stop'}: {rc}", file=sys.stderr)
+from common import cuda_marker, cuda_profiler as _profiler, ncu_kernel_times  # noqa: E402
 
 
 def run(a):

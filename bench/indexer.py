@@ -39,7 +39,7 @@ from dsv4_mlx.kernels import dispatch  # noqa: E402
 from dsv4_mlx.kernels import indexer as ki  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cuda_marker, ncu_kernel_times, write_rows_csv  # noqa: E402
+from common import cuda_marker, cuda_profiler, ncu_kernel_times, write_rows_csv  # noqa: E402
 
 MiB = 2**20
 
@@ -170,10 +170,12 @@ def profile(backend, H, D, K, entries):
                     mx.eval(fn())
                 i = len(cases)
                 cases.append((fmt, N, path))
+                cuda_profiler(True)  # (with ncu --profile-from-start off: only these calls)
                 _marker(i, "begin")
                 for _ in range(PROFILE_CALLS):
                     mx.eval(fn())
                 _marker(i, "end")
+                cuda_profiler(False)
                 a = None  # (rebound, not deleted: the closures above name it)
     for i, c in enumerate(cases):
         print(f"case {i}: {c[0]} N={c[1]} {c[2]}")
@@ -185,18 +187,25 @@ SELECT_VARIANTS = ((1024, 4, 1, 0), (512, 4, 8, 0), (512, 4, 16, 0), (512, 4, 8,
 MMA_TILES = (1, 2, 4, 8, 16)
 
 
-def profile_parts(backend, H, D, K, entries):
-    """Like `profile`, the scoring kernels and top-k launch variants apart (fp4 keys, T=1)."""
+def profile_parts(backend, H, D, K, entries, defaults_only=False):
+    """Like `profile`, the scoring kernels and top-k launch variants apart (fp4 keys, T=1);
+    ``defaults_only``: the scoring and top-k as the dispatch launches them, nothing else."""
     cases = []
     for N in entries:
         a = make_inputs(1, N, H, D, "fp4")
         s = ki.indexer_scores_kernel(*a, backend=backend)
         mx.eval(s)
-        fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend, mma=False))]
-        for tpt in MMA_TILES:
+        if defaults_only:
+            fns = [("score (default)", lambda: ki.indexer_scores_kernel(*a, backend=backend)),
+                   ("select (default)", lambda: ki.indexer_select_kernel(s, a[3], K,
+                                                                          backend=backend))]
+        else:
+            fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend,
+                                                                   mma=False))]
+        for tpt in () if defaults_only else MMA_TILES:
             fns.append((f"score mma tpt{tpt}", lambda tpt=tpt: ki.indexer_scores_kernel(
                 *a, backend=backend, mma=True, tpt=tpt)))
-        for tg, u, sl, r in SELECT_VARIANTS:
+        for tg, u, sl, r in () if defaults_only else SELECT_VARIANTS:
             fns.append((f"select tg{tg}/u{u}/s{sl}/r{'auto' if r is None else r}",
                         lambda tg=tg, u=u, sl=sl, r=r: ki.indexer_select_kernel(
                             s, a[3], K, backend=backend, tg=tg, u=u, s=sl, r=r)))
@@ -205,10 +214,12 @@ def profile_parts(backend, H, D, K, entries):
                 mx.eval(fn())
             i = len(cases)
             cases.append(f"N={N} {name}")
+            cuda_profiler(True)  # (with ncu --profile-from-start off: only these calls)
             _marker(i, "begin")
             for _ in range(PROFILE_CALLS):
                 mx.eval(fn())
             _marker(i, "end")
+            cuda_profiler(False)
         a = s = None  # (rebound, not deleted: the closures above name them)
     for i, c in enumerate(cases):
         print(f"case {i}: {c}")
@@ -252,6 +263,8 @@ def main(argv=None):
                     help="(CUDA, under ncu) decode calls bracketed by marker kernels")
     ap.add_argument("--profile-parts", action="store_true",
                     help="(CUDA, under ncu) scoring kernels and top-k launch variants apart")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="with --profile-parts: only the launches the dispatch makes")
     ap.add_argument("--parse-ncu", default=None, metavar="CSV",
                     help="sum the GPU time a call from an ncu --csv log of --profile")
     ap.add_argument("--tune", action="store_true",
@@ -293,7 +306,8 @@ def main(argv=None):
           f"mlx {mx.__version__}; H={H} d={D} topk={K}, batch 1, bf16 queries")
 
     if args.profile_parts:
-        profile_parts(backend, args.heads, args.dim, args.topk, args.entries or [65536, 262144])
+        profile_parts(backend, args.heads, args.dim, args.topk, args.entries or [65536, 262144],
+                      args.defaults_only)
         return
     if args.profile:
         profile(backend, args.heads, args.dim, args.topk, args.entries or [65536, 262144])
