@@ -23,6 +23,8 @@
 #         mHC pre kernel: 27.1 us at 94ebe39, 33.2 us now)
 # gputime bench/decode_gpu_time.py under Nsight Compute (the GPU time a decode step, by kernel);
 #         with OLD_TREE, that tree's first (GPUTIME_LINES lines of each table, default 40)
+# ixdetail  the indexer's default launches at 64K under ncu's speed-of-light, occupancy and
+#         warp-state sections (what each launch waits on)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part;
 #         IX_DEFAULTS=1: only the launches the dispatch makes; IX_ENTRIES, default
 #         65536,262144); with OLD_TREE, this tree's script against that tree's package first
@@ -105,6 +107,15 @@ for step in "${steps[@]}"; do
         echo "== $d"
         (cd "$d" && PYTHONPATH=$PWD:/tmp/site timeout 90 python bench/mhc.py --calls 16 2>&1 | tail -12)
       done ;;
+    ixdetail)
+      # the indexer's scoring and top-k launches at IX_ENTRIES (65536) under Nsight Compute's
+      # speed-of-light, occupancy and warp-state sections: what a launch waits on
+      timeout ${IX_TIMEOUT:-200} ncu --profile-from-start off --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section LaunchStats -k regex:dsv4_indexer \
+        -c 9 python bench/indexer.py --profile-parts --entries ${IX_ENTRIES:-65536} \
+        --defaults-only > "$OUT/ixdetail.log" 2>&1
+      grep -E "dsv4_indexer|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Memory Throughput|Compute \(SM\)|Block Size|Grid Size|Waves Per SM" \
+        "$OUT/ixdetail.log" | head -${IXDETAIL_LINES:-140} ;;
     gputime)
       # with OLD_TREE: that tree first (its own scripts), then this one, on the same machine
       gputime() {  # $1: tree, $2: tag
