@@ -393,6 +393,52 @@ def test_emulated_scores_mma(emu, B, T, H, D, kc, tpt, mode):
     np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5 * np.abs(ref[fin]).max())
 
 
+@needs_cxx
+def test_e2m1_bf16_bits_equal_the_rounded_product(emu):
+    """The scorer's integer FP4 decode (`ki_e2m1_bf16`): for every code and every scale byte
+    in 3..251 the bf16 bits of the fp32 product ``e2m1(c) * 2^(sb - 127)`` (which is exact);
+    outside that range the kernel takes the fp32 path, and the integer one would differ."""
+    body = """
+  const unsigned int i = (unsigned int)(ki_gx * 256 + ki_tid);
+  const unsigned int c = i & 15u;
+  const unsigned int sb = i >> 4;
+  bits[i] = ki_e2m1_bf16(c, sb);
+  prod[i] = KI_AS_UINT(ki_e2m1(c) * ki_e8m0(sb));
+"""
+    ks = src.make_source("cpp", "e2m1_bits_test", ("x",), ("bits", "prod"), body)
+    bits, prod = emu.run(ks, [np.zeros(1, np.uint32)], [(4096,), (4096,)],
+                         ["uint32", "uint32"], [], (4096, 1, 1), 256)
+    sb = np.arange(4096) >> 4
+    fast = (sb >= 3) & (sb <= 251)
+    assert not np.any(prod[fast] & 0xFFFF)  # exact in bf16: rounding is truncation
+    np.testing.assert_array_equal(bits[fast], prod[fast] >> 16)
+    assert np.any(bits[~fast] != prod[~fast] >> 16)  # why the kernel keeps the fp32 path
+
+
+@needs_cxx
+@pytest.mark.parametrize("sbs,qf", [((1, 2, 3, 4), 2.0 ** 100), ((250, 251, 252), 2.0 ** -110)])
+def test_emulated_scores_mma_scale_ends(emu, sbs, qf):
+    """FP4 keys whose UE8M0 scales sit at the ends of the range (subnormal and near-overflow
+    products: the scorer's fp32 decode path beside its integer one), queries scaled to keep
+    the dot products normal."""
+    rng = np.random.default_rng(len(sbs))
+    B, T, H, D, N = 1, 2, 16, 64, 100
+    words = rng.integers(0, 2 ** 32, size=(B, N, D // 8), dtype=np.uint64).astype(np.uint32)
+    sc = rng.choice(np.array(sbs, np.uint8), size=(B, N, D // 32))
+    codes = (words[..., None] >> (4 * np.arange(8, dtype=np.uint32))) & 15
+    mag = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6])[codes & 7] * np.where(codes & 8, -1.0, 1.0)
+    kf = mag.reshape(B, N, D) * np.repeat(2.0 ** (sc.astype(np.float64) - 127), 32, axis=-1)
+    q = to_bf16((rng.standard_normal((B, T, H, D)) * qf).astype(np.float32))
+    w = (rng.standard_normal((B, T, H)) / np.sqrt(H * D)).astype(np.float32)
+    vis = np.array([N, N - 3], np.int32)
+    got = emu.score_mma(q, w, [words, sc], "fp4", vis)
+    ref = _masked(ref_scores(q, w, kf), vis)
+    assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+    fin = np.isfinite(ref)
+    assert np.abs(ref[fin]).max() > 0
+    np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5 * np.abs(ref[fin]).max())
+
+
 def test_mma_layout_fits():
     """Flash/Pro indexer shapes (H = 64, d = 128) fit Metal's 32 KiB (fp32 tiles, 32 dims a
     chunk, queries re-read) and CUDA's 48 KiB (bf16 tiles, all 128 dims of the queries
