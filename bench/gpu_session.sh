@@ -7,8 +7,9 @@
 #
 # check   `dsv4 check` on the demo model (every kernel family vs the ops path, bf16 mixed-4-8)
 # tests   the GPU tests of the custom kernels not yet confirmed on a GPU with their current
-#         code (after 2026-12-07's fifth session: the indexer's matrix-unit scoring, the KV
-#         store and norm + RoPE kernels' row copy, the decode attention's early query loads);
+#         code (after 2026-12-07's fifth session: the indexer scorer's integer FP4 decode
+#         and the top-k's warp walk, WALK 1, in test_gpu_sliced_topk; the KV store, norm +
+#         RoPE and attention files passed that session and are quick);
 #         tests-all: then every other kernel's (all passed in the fifth session);
 #         verbose, so a timeout still shows what passed
 #         (log: $OUT/gpu_tests.log)

@@ -84,11 +84,14 @@ def launches():
                 [("uint32", 4, 4096), ("float32", 3, 64), ("uint32", 3, 2048), ("int32", 1, 1)],
                 ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc2), ("SMEM4", smem2),
                               ("QRES", False), ("TPT", 1)]))
-    for tg, s, mapped, r in ((512, 16, False, 8), (1024, 1, True, 8), (256, 1, False, 0)):
-        out.append((f"indexer top-k TG{tg} S{s} R{r}", isrc.topk_source("cuda"),
+    for tg, s, mapped, r, walk in ((512, 16, False, 8, 0), (1024, 1, True, 8, 0),
+                                   (256, 1, False, 0, 0), (512, 16, False, 8, 1),
+                                   (1024, 1, True, 8, 1)):
+        out.append((f"indexer top-k TG{tg} S{s} R{r} W{walk}", isrc.topk_source("cuda"),
                     [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
                     ["int32", "float32"],
-                    [("K", 512), ("TG", tg), ("U", 4), ("S", s), ("MAPPED", mapped), ("R", r)]))
+                    [("K", 512), ("TG", tg), ("U", 4), ("S", s), ("MAPPED", mapped), ("R", r),
+                     ("WALK", walk)]))
     for head, norm, sink, reg in ((False, False, 2, True), (True, False, 2, True),
                                   (False, True, 2, True), (True, True, 2, True),
                                   (False, False, 1, True), (False, False, 0, False)):

@@ -297,22 +297,25 @@ class Emulator:
                         (ngroups * tpg, T, B), tpg)
         return s
 
-    def _select(self, scores, visible, cidx, k, tg, u, s, mapped, r):
+    def _select(self, scores, visible, cidx, k, tg, u, s, mapped, r, walk):
         B, T, M = scores.shape
         ks = src.topk_source("cpp")
         r = ki.topk_regs(M, tg, s) if r is None else r
         idx, val = self.run(ks, [scores, visible, cidx], [(B, T, s, k)] * 2, ["int32", "float32"],
                             [("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped),
-                             ("R", r)],
+                             ("R", r), ("WALK", walk)],
                             (s * tg, T, B), tg)
         return idx.reshape(B, T, s * k), val.reshape(B, T, s * k)
 
-    def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None):
+    def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None, walk=None):
         """As `indexer.indexer_select_kernel` chains the launches (``r`` None: registers
-        where `topk_regs` says; 0: none)."""
-        idx, val = self._select(scores, visible, np.zeros(1, np.int32), k, tg, u, s, False, r)
+        where `topk_regs` says; 0: none; ``walk`` None: `indexer.TOPK_WALK`)."""
+        walk = ki.TOPK_WALK if walk is None else int(walk)
+        idx, val = self._select(scores, visible, np.zeros(1, np.int32), k, tg, u, s, False, r,
+                                walk)
         if s > 1:
-            idx, _ = self._select(val, visible, idx, k, tg, u, 1, True, 0 if r == 0 else None)
+            idx, _ = self._select(val, visible, idx, k, tg, u, 1, True, 0 if r == 0 else None,
+                                  walk)
         return idx
 
 
@@ -482,7 +485,8 @@ def test_topk_regs():
                                           (64, 2, 8, None), (64, 4, 1, 2)])
 def test_emulated_topk(emu, case, k, u, nslice, r):
     """Radix select: scores streamed at every pass (r = 0), held in registers (None: as many
-    as the slice needs), or too few registers for the slice (r = 2 < 700 / 256: streamed)."""
+    as the slice needs), or too few registers for the slice (r = 2 < 700 / 256: streamed);
+    each pass's digit found by one thread (WALK 0) and by the first warp (WALK 1)."""
     rng = np.random.default_rng(len(case) * 10 + k)
     B, T, N = 2, 9, 700
     s = rng.standard_normal((B, T, N)).astype(np.float32)
@@ -502,8 +506,14 @@ def test_emulated_topk(emu, case, k, u, nslice, r):
         vis = np.minimum(vis, k + 2)
     vis = np.clip(vis, 0, N)
     s = _masked(s.astype(np.float64), vis).astype(np.float32)  # what the score kernel writes
-    idx = emu.topk(s, vis, k, u=u, s=nslice, r=r)
-    check_topk(idx, np.where(np.isfinite(s), s, -1e30), vis, k, f"emu topk {case}")
+    picks = []
+    for walk in (0, 1):  # the serial walk of the bins, and the warp's
+        idx = emu.topk(s, vis, k, u=u, s=nslice, r=r, walk=walk)
+        check_topk(idx, np.where(np.isfinite(s), s, -1e30), vis, k, f"emu topk {case} w{walk}")
+        picks.append(idx)
+    # the same digits every pass: the same picks in the same slots (the emulation's thread
+    # order is fixed)
+    np.testing.assert_array_equal(picks[0], picks[1])
 
 
 @needs_cxx
@@ -553,11 +563,13 @@ def _metal_variants():
                     ("QRES", qres), ("TPT", 4)]
             out.append((f"score-mma-{mode}-D{D}", src.score_mma_source("metal", mode), inputs,
                         ["float32"], tmpl))
-    for K, TG, U, S, MAPPED, R in ((512, 1024, 4, 1, False, 0), (3, 256, 1, 16, True, 8)):
-        out.append((f"topk-K{K}-S{S}-R{R}", src.topk_source("metal"),
+    for K, TG, U, S, MAPPED, R, WALK in ((512, 1024, 4, 1, False, 0, 0),
+                                         (3, 256, 1, 16, True, 8, 1)):
+        out.append((f"topk-K{K}-S{S}-R{R}-W{WALK}", src.topk_source("metal"),
                     [("float32", 3, 5), ("int32", 1, 37), ("int32", 1, 1)],
                     ["int32", "float32"],
-                    [("K", K), ("TG", TG), ("U", U), ("S", S), ("MAPPED", MAPPED), ("R", R)]))
+                    [("K", K), ("TG", TG), ("U", U), ("S", S), ("MAPPED", MAPPED), ("R", R),
+                     ("WALK", WALK)]))
     return out
 
 
@@ -689,7 +701,7 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
          [("QT", "bfloat16"), ("D", 128), ("H", 64), ("HC", 64), ("BN", 128), ("E", 2)]),
         ("topk", src.topk_source("cuda"), [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
          ["int32", "float32"], [("K", 512), ("TG", 1024), ("U", 4), ("S", 1), ("MAPPED", False),
-                                ("R", 8)]),
+                                ("R", 8), ("WALK", 1)]),
     ]
     if mode in src.MMA_KEY_MODES:
         kc, smem4, qres = src.mma_layout("cuda", 64, 128)
@@ -939,6 +951,11 @@ def test_gpu_sliced_topk(gpu, mode):
             idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu,
                                          launch={} if s is None else {"s": s})
             check_topk(idx, ref, vis, k, f"sliced {mode} {kind} s={s}")
+        scores = ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu)
+        for walk in (0, 1):  # each pass's digit by one thread or by the first warp
+            for s in (None, 1):
+                idx = ki.indexer_select_kernel(scores, va, k, backend=gpu, s=s, walk=walk)
+                check_topk(idx, ref, vis, k, f"sliced {mode} {kind} s={s} walk={walk}")
         check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, va[:1], k), ref[:, :1], vis[:1], k,
                    f"dispatch decode {mode} {kind}")
 

@@ -260,17 +260,27 @@ def _no_cidx():
     return _dummy["a"]
 
 
-def _topk_spec(B, T, M, k, tg, u, s, mapped, r=None):
+# How a top-k pass finds the bin of the krem-th key: 0, 16 threads sum 16 bins each and one
+# thread walks them; 1, the first warp in parallel (shuffles; one barrier fewer). The same
+# picks either way (emulation tests); 0 until the GPU tests and timings of 1 have run
+# (`bench/indexer.py --profile-parts --defaults-only` times both).
+TOPK_WALK = 0
+
+
+def _topk_spec(B, T, M, k, tg, u, s, mapped, r=None, walk=None):
     """(template, grid, threadgroup, output shapes, output dtypes) of one top-k launch over
     rows of M scores; the outputs [B, T, S*k] written directly (row-contiguous: the same
     memory as [B, T, S, k])."""
     r = topk_regs(M, tg, s) if r is None else r
-    return ([("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped), ("R", r)],
+    walk = TOPK_WALK if walk is None else int(bool(walk))
+    return ([("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped), ("R", r),
+             ("WALK", walk)],
             (s * tg, T, B), (tg, 1, 1), [(B, T, s * k)] * 2, [mx.int32, mx.float32])
 
 
-def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None):
-    template, grid, tgs, shapes, dtypes = _topk_spec(*scores.shape, k, tg, u, s, mapped, r)
+def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, walk=None):
+    template, grid, tgs, shapes, dtypes = _topk_spec(*scores.shape, k, tg, u, s, mapped, r,
+                                                     walk)
     idx, val = _kernel(backend, src.topk_source(backend))(
         inputs=[scores, visible, cidx], template=template, grid=grid, threadgroup=tgs,
         output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
@@ -279,19 +289,20 @@ def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None):
 
 
 def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None,
-                          r=None):
+                          r=None, walk=None):
     """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks).
 
     ``r``: register keys a thread of the first launch (default `topk_regs`; 0: none, in
-    either launch, the scores read at every pass)."""
+    either launch, the scores read at every pass). ``walk``: `TOPK_WALK` by default."""
     B, T, N = scores.shape
     TG, U, S = topk_launch(B, T, N, k)
     TG, U, S = tg or TG, u or U, s or S
     visible = _i32(visible)
-    idx, val = _select_launch(backend, scores, visible, _no_cidx(), k, TG, U, S, False, r)
+    idx, val = _select_launch(backend, scores, visible, _no_cidx(), k, TG, U, S, False, r,
+                              walk)
     if S > 1:  # the S * k candidates of each row, selected by one group of 1024
         idx, _ = _select_launch(backend, val, visible, idx, k, 1024, U, 1, True,
-                                0 if r == 0 else None)
+                                0 if r == 0 else None, walk)
     return idx
 
 
@@ -302,8 +313,8 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
-    ``e``, ``tpt`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r`` of the top-k
-    kernel), for tuning.
+    ``e``, ``tpt`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``, ``walk`` of the
+    top-k kernel), for tuning.
     """
     if not launch and select == "kernel" and mma is None:
         return _planned(backend, q, w, keys, visible, topk)
@@ -318,7 +329,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
                                    **pick(("bn", "hc", "e", "tpt")))
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend,
-                                     **pick(("tg", "u", "s", "r")))
+                                     **pick(("tg", "u", "s", "r", "walk")))
     if select != "argpartition":
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     with mx.stream(mx.gpu):
