@@ -196,7 +196,8 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
         s = ki.indexer_scores_kernel(*a, backend=backend)
         mx.eval(s)
         if defaults_only:
-            fns = [("score (default)", lambda: ki.indexer_scores_kernel(*a, backend=backend))]
+            fns = [(f"score (default) idec {i}", lambda i=i: ki.indexer_scores_kernel(
+                *a, backend=backend, idec=i)) for i in (0, 1)]
             fns += [(f"select (default) walk {w}", lambda w=w: ki.indexer_select_kernel(
                 s, a[3], K, backend=backend, walk=w)) for w in (0, 1)]
         else:

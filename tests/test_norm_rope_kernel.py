@@ -112,7 +112,8 @@ def _emu_store(emu, q, kv, norm, q_eps, rope, pos, ring, codec):
 
 
 @pytest.mark.parametrize("H,C,R,W,pos", [(64, 512, 64, 128, 4100), (4, 64, 16, 8, 13),
-                                         (3, 40, 8, 6, 6)])
+                                         (3, 40, 8, 6, 6),
+                                         (3, 42, 8, 6, 9)])  # 34 codes a row: the byte-loop copy
 def test_emulated_store_matches_ops(emu, H, C, R, W, pos):
     """The store variant: q as the plain variant's, and the ring as `LayerCache.store_token`
     leaves it (the ops path's encode of the ops path's KV into slot pos % W; every other slot

@@ -191,9 +191,17 @@ def mma_tiles(rows: int, N: int, qres: bool) -> int:
     return tpt
 
 
+# How the matrix-unit scorer decodes FP4 keys into its bf16 tile: 0, each value as the fp32
+# product e2m1 x scale rounded to bf16; 1, the same bits built with integer operations where
+# the scale byte allows (3..251; ~20% fewer instructions for the decode, emulation-tested
+# bit for bit). 0 until the GPU tests and timings of 1 have run
+# (`bench/indexer.py --profile-parts --defaults-only` times both).
+MMA_INT_DECODE = 0
+
+
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
-                bn, hc, e, mma, tpt):
+                bn, hc, e, mma, tpt, idec=None):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
@@ -206,7 +214,8 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
         ngroups = -(-N // (16 * MMA_WARPS * tpt))
         return (True, src.score_mma_source(backend, key_mode),
                 [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4),
-                 ("QRES", qres), ("TPT", tpt)],
+                 ("QRES", qres), ("TPT", tpt),
+                 ("IDEC", MMA_INT_DECODE if idec is None else int(bool(idec)))],
                 (ngroups * tpg, T, B), (tpg, 1, 1))
     BN, HC, E = score_launch(B, T, N, H, D)
     BN, HC, E = bn or BN, hc or HC, e or E
@@ -217,17 +226,18 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
 
 
 def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
-                          mma=None, tpt=None):
+                          mma=None, tpt=None, idec=None):
     """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries.
 
     ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
     True / False force one (True raises where it does not apply). ``tpt``: tiles a group of
-    the matrix-unit kernel (default `mma_tiles`)."""
+    the matrix-unit kernel (default `mma_tiles`); ``idec``: its FP4 decode (default
+    `MMA_INT_DECODE`)."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
-                                                 bn, hc, e, mma, tpt)
+                                                 bn, hc, e, mma, tpt, idec)
     (scores,) = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
@@ -313,7 +323,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
-    ``e``, ``tpt`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``, ``walk`` of the
+    ``e``, ``tpt``, ``idec`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``, ``walk`` of the
     top-k kernel), for tuning.
     """
     if not launch and select == "kernel" and mma is None:
@@ -326,7 +336,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         return indexer_topk_ops(q, w, keys, visible, topk)
     visible = _i32(visible)
     scores = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma,
-                                   **pick(("bn", "hc", "e", "tpt")))
+                                   **pick(("bn", "hc", "e", "tpt", "idec")))
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend,
                                      **pick(("tg", "u", "s", "r", "walk")))

@@ -945,9 +945,9 @@ _KEY_TILE = {
           const int g = i % (KC / 32);
           const unsigned int vw[4] = {kv[j].x, kv[j].y, kv[j].z, kv[j].w};
           const unsigned int sb = ksv[j];
-          if (n0 + r < N && sb >= 3u && sb <= 251u) {
-            // bf16 bits from integer operations (the common case; the same bits as the
-            // fp32 path below, ~20% fewer instructions: 112 vs 136 SASS for 8 codes)
+          if (IDEC && n0 + r < N && sb >= 3u && sb <= 251u) {
+            // IDEC: bf16 bits from integer operations (the same bits as the fp32 path
+            // below, ~20% fewer instructions: 112 vs 136 SASS for 8 codes)
             KI_UNROLL
             for (int jj = 0; jj < 4; ++jj) {
               const unsigned int u = vw[jj];
@@ -956,8 +956,8 @@ _KEY_TILE = {
                                     ki_e2m1x2_bf16(u >> 16, sb), ki_e2m1x2_bf16(u >> 24, sb)));
             }
           } else {
-            // rows past N (zeros), and scales at the ends of the range (subnormal or
-            // infinite products): the fp32 product rounded to the tile's type
+            // the fp32 product rounded to the tile's type; with IDEC only for rows past N
+            // (zeros) and scales at the ends of the range (subnormal or infinite products)
             const float s = n0 + r < N ? ki_e8m0(sb) : 0.0f;
             KI_UNROLL
             for (int jj = 0; jj < 4; ++jj) {
@@ -996,7 +996,9 @@ _SCORE_MMA_BODY = """\
   // tile's together with the queries. A group then waits on memory about once a tile.
   // Grid: (ceil(N / (NB TPT)) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
   // Template: D, H (multiple of 16), NW, KC (multiple of 32 dividing D; D with QRES), SMEM4
-  // (float4 words of the shared tile area), QRES, TPT (tiles a group).
+  // (float4 words of the shared tile area), QRES, TPT (tiles a group), IDEC (0/1: how FP4
+  // keys are decoded; the same bits either way).
+  static_assert(!QRES || KC == D, "resident queries: one chunk of all D dims");
   constexpr int NB = 16 * NW;
   constexpr int TPG = 32 * NW;
   constexpr int MT = H / 16;
@@ -1011,6 +1013,7 @@ _SCORE_MMA_BODY = """\
   KI_TG float* cs = QRES ? (KI_TG float*)kb : (KI_TG float*)ki_smem;
 @ROW@  const uint4 uint4_zero = KI_UINT4(0u, 0u, 0u, 0u);
   (void)uint4_zero;
+  (void)IDEC;  // (read by the FP4 keys' decode only)
   const int warp = ki_tid / 32;
   // the weighted ReLU sum: thread (entry c, head slice sl) takes heads sl, sl + 2, ...
   // (TPG = 2 NB); their weights are read once for all the group's tiles
@@ -1146,7 +1149,8 @@ def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int, boo
 def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
     """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
     f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]
-    f32. Template: D, H, NW, KC, SMEM4, QRES (see `mma_layout`), TPT (tiles a group)."""
+    f32. Template: D, H, NW, KC, SMEM4, QRES (see `mma_layout`), TPT (tiles a group), IDEC
+    (the FP4 keys' decode: fp32 products, or the same bits from integers)."""
     if key_mode not in _KEY_TILE:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")
