@@ -8,8 +8,9 @@
 # check   `dsv4 check` on the demo model (every kernel family vs the ops path, bf16 mixed-4-8)
 # tests   the GPU tests of the custom kernels not yet confirmed on a GPU with their current
 #         code (after 2026-12-07's fifth session: the indexer scorer's integer FP4 decode,
-#         IDEC 1, in test_gpu_mma_scores, and the top-k's warp walk, WALK 1, in
-#         test_gpu_sliced_topk, both opt-in until measured by `indexer`; the KV store, norm +
+#         IDEC 1, and its ldmatrix + mma.sync products, MMAPTX 1, in test_gpu_mma_scores,
+#         and the top-k's warp walk, WALK 1, in test_gpu_sliced_topk, all three opt-in until
+#         measured by `IX_DEFAULTS=1 ... indexer`; the KV store, norm +
 #         RoPE and attention files passed that session and are quick);
 #         tests-all: then every other kernel's (all that ran passed in the fifth session;
 #         the GEMV's were cut short by the time limit there, all passed the session before);

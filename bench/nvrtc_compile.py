@@ -75,22 +75,22 @@ def launches():
          [("bfloat16", 4, 8192), ("float32", 3, 64), *fp4, ("int32", 1, 1)], ["float32"],
          [("QT", "bfloat16"), ("D", 128), ("H", 64), ("HC", 64), ("BN", 128), ("E", 2)]),
     ]
-    for idec in (0, 1):
-        out.append((f"indexer score mma, resident q, IDEC {idec}",
+    for idec, ptx in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        out.append((f"indexer score mma, resident q, IDEC {idec} MMAPTX {ptx}",
                      isrc.score_mma_source("cuda", "fp4"),
                      [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
                      ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
                                    ("SMEM4", smem4), ("QRES", qres), ("TPT", 4),
-                                   ("IDEC", idec)]))
+                                   ("IDEC", idec), ("MMAPTX", ptx)]))
     out.append(("indexer score mma, resident q, bf16 keys", isrc.score_mma_source("cuda", "bf16"),
                 [("uint32", 4, 4096), ("float32", 3, 64), ("uint32", 3, 2048), ("int32", 1, 1)],
                 ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc), ("SMEM4", smem4),
-                              ("QRES", qres), ("TPT", 4), ("IDEC", 0)]))
+                              ("QRES", qres), ("TPT", 4), ("IDEC", 0), ("MMAPTX", 1)]))
     kc2, smem2, _ = isrc.mma_layout("metal", 64, 128)  # a re-read layout (32-dim chunks)
     out.append(("indexer score mma, re-read q", isrc.score_mma_source("cuda", "bf16"),
                 [("uint32", 4, 4096), ("float32", 3, 64), ("uint32", 3, 2048), ("int32", 1, 1)],
                 ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc2), ("SMEM4", smem2),
-                              ("QRES", False), ("TPT", 1), ("IDEC", 0)]))
+                              ("QRES", False), ("TPT", 1), ("IDEC", 0), ("MMAPTX", 1)]))
     for tg, s, mapped, r, walk in ((512, 16, False, 8, 0), (1024, 1, True, 8, 0),
                                    (256, 1, False, 0, 0), (512, 16, False, 8, 1),
                                    (1024, 1, True, 8, 1)):

@@ -295,7 +295,8 @@ class Emulator:
         (s,) = self.run(ks, [qw, w, *key_arrays, visible], [(B, T, N)], ["float32"],
                         [("D", D), ("H", H), ("NW", ki.MMA_WARPS), ("KC", KC),
                          ("SMEM4", SMEM4), ("QRES", QRES), ("TPT", TPT),
-                         ("IDEC", ki.MMA_INT_DECODE if idec is None else int(idec))],
+                         ("IDEC", ki.MMA_INT_DECODE if idec is None else int(idec)),
+                         ("MMAPTX", 0)],  # (the cpp dialect ignores it)
                         (ngroups * tpg, T, B), tpg)
         return s
 
@@ -574,7 +575,7 @@ def _metal_variants():
             kc, smem4, qres = src.mma_layout("metal", H, D)
             inputs = [("uint32", 4, 2048), ("float32", 3, 64), *keyin, ("int32", 1, 1)]
             tmpl = [("D", D), ("H", H), ("NW", 4), ("KC", kc), ("SMEM4", smem4),
-                    ("QRES", qres), ("TPT", 4), ("IDEC", 1)]
+                    ("QRES", qres), ("TPT", 4), ("IDEC", 1), ("MMAPTX", 1)]
             out.append((f"score-mma-{mode}-D{D}", src.score_mma_source("metal", mode), inputs,
                         ["float32"], tmpl))
     for K, TG, U, S, MAPPED, R, WALK in ((512, 1024, 4, 1, False, 0, 0),
@@ -723,7 +724,7 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
                      [("uint32", 4, 4096), ("float32", 3, 64), *keyin, ("int32", 1, 1)],
                      ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
                                    ("SMEM4", smem4), ("QRES", qres), ("TPT", 4),
-                                   ("IDEC", 1)]))
+                                   ("IDEC", 1), ("MMAPTX", 1)]))
     for name, ks, inputs, outs, tmpl in jobs:
         r = nvcc_compile(src.render_cuda(ks, inputs, outs, tmpl), tmp_path, name, "-Xptxas", "-v")
         assert r.returncode == 0, r.stderr[-4000:]
@@ -943,6 +944,15 @@ def test_gpu_mma_scores(gpu, B, T, H, D, mode):
             a, b = (np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=True,
                                                       idec=i)) for i in (0, 1))
             np.testing.assert_array_equal(a, b, err_msg=f"idec {kind}")
+        if gpu == "cuda":  # ldmatrix + mma.sync: the same products in the same order
+            a, b = (np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=True,
+                                                      mmaptx=p)) for p in (0, 1))
+            assert np.array_equal(np.isneginf(a), np.isneginf(b)), f"mmaptx {kind}"
+            np.testing.assert_allclose(b[fin], want[fin], rtol=1e-4,
+                                       atol=1e-5 * (np.abs(want[fin]).max() + 1e-6),
+                                       err_msg=f"mmaptx {kind}")
+            np.testing.assert_allclose(b[fin], a[fin], rtol=1e-6, atol=1e-7 * np.abs(a[fin]).max(),
+                                       err_msg=f"mmaptx vs wmma {kind}")
         for mma in (True, False):
             got = np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=mma))
             assert np.array_equal(np.isneginf(got), np.isneginf(want)), (mma, kind)

@@ -197,11 +197,16 @@ def mma_tiles(rows: int, N: int, qres: bool) -> int:
 # bit for bit). 0 until the GPU tests and timings of 1 have run
 # (`bench/indexer.py --profile-parts --defaults-only` times both).
 MMA_INT_DECODE = 0
+# How the CUDA dialect does the scorer's matrix products: 0, nvcuda::wmma (its fragment
+# loads from shared memory compile to generic-address loads, ~47% of the scorer's waiting
+# under Nsight Compute is on such L1TEX loads); 1, ldmatrix + mma.sync in PTX. Other dialects
+# ignore it. 0 until the GPU tests and timings of 1 have run.
+MMA_PTX = 0
 
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
-                bn, hc, e, mma, tpt, idec=None):
+                bn, hc, e, mma, tpt, idec=None, mmaptx=None):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
@@ -215,7 +220,8 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
         return (True, src.score_mma_source(backend, key_mode),
                 [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4),
                  ("QRES", qres), ("TPT", tpt),
-                 ("IDEC", MMA_INT_DECODE if idec is None else int(bool(idec)))],
+                 ("IDEC", MMA_INT_DECODE if idec is None else int(bool(idec))),
+                 ("MMAPTX", MMA_PTX if mmaptx is None else int(bool(mmaptx)))],
                 (ngroups * tpg, T, B), (tpg, 1, 1))
     BN, HC, E = score_launch(B, T, N, H, D)
     BN, HC, E = bn or BN, hc or HC, e or E
@@ -226,18 +232,18 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
 
 
 def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
-                          mma=None, tpt=None, idec=None):
+                          mma=None, tpt=None, idec=None, mmaptx=None):
     """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries.
 
     ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
     True / False force one (True raises where it does not apply). ``tpt``: tiles a group of
     the matrix-unit kernel (default `mma_tiles`); ``idec``: its FP4 decode (default
-    `MMA_INT_DECODE`)."""
+    `MMA_INT_DECODE`); ``mmaptx``: its CUDA matrix products (default `MMA_PTX`)."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
-                                                 bn, hc, e, mma, tpt, idec)
+                                                 bn, hc, e, mma, tpt, idec, mmaptx)
     (scores,) = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
@@ -323,7 +329,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
-    ``e``, ``tpt``, ``idec`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``, ``walk`` of the
+    ``e``, ``tpt``, ``idec``, ``mmaptx`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``, ``walk`` of the
     top-k kernel), for tuning.
     """
     if not launch and select == "kernel" and mma is None:
@@ -336,7 +342,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         return indexer_topk_ops(q, w, keys, visible, topk)
     visible = _i32(visible)
     scores = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma,
-                                   **pick(("bn", "hc", "e", "tpt", "idec")))
+                                   **pick(("bn", "hc", "e", "tpt", "idec", "mmaptx")))
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend,
                                      **pick(("tg", "u", "s", "r", "walk")))

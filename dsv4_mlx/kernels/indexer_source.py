@@ -184,13 +184,22 @@ __device__ __forceinline__ __nv_bfloat16 ki_from_float<__nv_bfloat16>(float x) {
 #define KI_TG
 #define KI_ALIGN32 __align__(32)
 typedef __nv_bfloat16 ki_mma_t;
+// Two implementations, chosen by the kernel's MMAPTX template constant (the body's
+// ki_mma / ki_mma_store calls are macros naming it): 0, nvcuda::wmma (its fragment loads
+// from shared memory compile to generic-address LD, 160 a tile a warp, which the scoreboard
+// tracks as L1TEX); 1, ldmatrix (one instruction a 16x16 fragment, a shared-memory
+// address) and mma.sync m16n8k16 in PTX, with the fragment layouts the PTX ISA documents.
 struct ki_mma_acc {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f;  // MMAPTX 0
+  float c[8];  // MMAPTX 1: n 0-7 in c[0..3], n 8-15 in c[4..7] (mma.sync's C layout)
 };
-__device__ __forceinline__ void ki_mma_zero(ki_mma_acc& c) { nvcuda::wmma::fill_fragment(c.f, 0.0f); }
+__device__ __forceinline__ void ki_mma_zero(ki_mma_acc& c) {
+  nvcuda::wmma::fill_fragment(c.f, 0.0f);
+  for (int i = 0; i < 8; ++i) c.c[i] = 0.0f;
+}
 // c += A B: A 16x16 row-major at a (row stride lda); B 16x16 with B(k, n) at b[n * ldb + k]
-__device__ __forceinline__ void ki_mma(ki_mma_acc& c, const ki_mma_t* a, int lda,
-                                       const ki_mma_t* b, int ldb) {
+__device__ __forceinline__ void ki_mma_wmma(ki_mma_acc& c, const ki_mma_t* a, int lda,
+                                            const ki_mma_t* b, int ldb) {
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16,
                          nvcuda::wmma::row_major> fa;
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16,
@@ -199,10 +208,69 @@ __device__ __forceinline__ void ki_mma(ki_mma_acc& c, const ki_mma_t* a, int lda
   nvcuda::wmma::load_matrix_sync(fb, b, ldb);
   nvcuda::wmma::mma_sync(c.f, fa, fb, c.f);
 }
+// four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of
+// matrix l / 8 (16-byte aligned rows); register i of lane l: row l / 4, elements 2 (l % 4)
+// and 2 (l % 4) + 1 of matrix i
+__device__ __forceinline__ void ki_ldsm_x4(unsigned int (&r)[4], const ki_mma_t* p) {
+  const unsigned int s = (unsigned int)__cvta_generic_to_shared(p);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+// c[0..3] += A (16x16, fragment a) B (16x8, fragment b0 b1), fp32 accumulators
+__device__ __forceinline__ void ki_mma_16816(float* c, const unsigned int (&a)[4],
+                                             unsigned int b0, unsigned int b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ki_mma_ptx(ki_mma_acc& c, const ki_mma_t* a, int lda,
+                                           const ki_mma_t* b, int ldb) {
+  const int lane = (int)(threadIdx.x & 31u);
+  unsigned int ra[4], rb[4];
+  // A: matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15)
+  ki_ldsm_x4(ra, a + (lane & 15) * lda + (lane >> 4) * 8);
+  // B^T rows (n) at b: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15)
+  ki_ldsm_x4(rb, b + ((lane >> 4) * 8 + (lane & 7)) * ldb + ((lane >> 3) & 1) * 8);
+  ki_mma_16816(c.c, ra, rb[0], rb[1]);
+  ki_mma_16816(c.c + 4, ra, rb[2], rb[3]);
+}
 // the tile, row-major, at d (row stride ldd)
-__device__ __forceinline__ void ki_mma_store(float* d, int ldd, const ki_mma_acc& c) {
+__device__ __forceinline__ void ki_mma_store_wmma(float* d, int ldd, const ki_mma_acc& c) {
   nvcuda::wmma::store_matrix_sync(d, c.f, ldd, nvcuda::wmma::mem_row_major);
 }
+// mma.sync's C layout: c[4n + 0, 1] at row l / 4, columns 8n + 2 (l % 4) + 0, 1; c[4n + 2, 3]
+// 8 rows lower (ldd and d even: 8-byte stores)
+__device__ __forceinline__ void ki_mma_store_ptx(float* d, int ldd, const ki_mma_acc& c) {
+  const int lane = (int)(threadIdx.x & 31u);
+  const int g = lane >> 2;
+  const int t = 2 * (lane & 3);
+  for (int n = 0; n < 2; ++n) {
+    *reinterpret_cast<float2*>(d + g * ldd + 8 * n + t) = make_float2(c.c[4 * n], c.c[4 * n + 1]);
+    *reinterpret_cast<float2*>(d + (g + 8) * ldd + 8 * n + t) =
+        make_float2(c.c[4 * n + 2], c.c[4 * n + 3]);
+  }
+}
+template <int P>
+__device__ __forceinline__ void ki_mma_sel(ki_mma_acc& c, const ki_mma_t* a, int lda,
+                                           const ki_mma_t* b, int ldb) {
+  if (P) {
+    ki_mma_ptx(c, a, lda, b, ldb);
+  } else {
+    ki_mma_wmma(c, a, lda, b, ldb);
+  }
+}
+template <int P>
+__device__ __forceinline__ void ki_mma_store_sel(float* d, int ldd, const ki_mma_acc& c) {
+  if (P) {
+    ki_mma_store_ptx(d, ldd, c);
+  } else {
+    ki_mma_store_wmma(d, ldd, c);
+  }
+}
+#define ki_mma(...) ki_mma_sel<MMAPTX>(__VA_ARGS__)
+#define ki_mma_store(...) ki_mma_store_sel<MMAPTX>(__VA_ARGS__)
 // 8 tile elements (16 bytes, one store) from 8 bf16 (a uint4 of pairs) / from 8 floats
 __device__ __forceinline__ void ki_put8_bf16(ki_mma_t* d, uint4 v) {
   *reinterpret_cast<uint4*>(d) = v;
@@ -997,7 +1065,8 @@ _SCORE_MMA_BODY = """\
   // Grid: (ceil(N / (NB TPT)) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
   // Template: D, H (multiple of 16), NW, KC (multiple of 32 dividing D; D with QRES), SMEM4
   // (float4 words of the shared tile area), QRES, TPT (tiles a group), IDEC (0/1: how FP4
-  // keys are decoded; the same bits either way).
+  // keys are decoded; the same bits either way), MMAPTX (0/1: CUDA's matrix products by
+  // nvcuda::wmma or by ldmatrix + mma.sync; other dialects ignore it).
   static_assert(!QRES || KC == D, "resident queries: one chunk of all D dims");
   constexpr int NB = 16 * NW;
   constexpr int TPG = 32 * NW;
@@ -1014,6 +1083,7 @@ _SCORE_MMA_BODY = """\
 @ROW@  const uint4 uint4_zero = KI_UINT4(0u, 0u, 0u, 0u);
   (void)uint4_zero;
   (void)IDEC;  // (read by the FP4 keys' decode only)
+  (void)MMAPTX;  // (read by the CUDA dialect's ki_mma macros only)
   const int warp = ki_tid / 32;
   // the weighted ReLU sum: thread (entry c, head slice sl) takes heads sl, sl + 2, ...
   // (TPG = 2 NB); their weights are read once for all the group's tiles
@@ -1150,7 +1220,8 @@ def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
     """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
     f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]
     f32. Template: D, H, NW, KC, SMEM4, QRES (see `mma_layout`), TPT (tiles a group), IDEC
-    (the FP4 keys' decode: fp32 products, or the same bits from integers)."""
+    (the FP4 keys' decode: fp32 products, or the same bits from integers), MMAPTX (CUDA:
+    wmma, or ldmatrix + mma.sync)."""
     if key_mode not in _KEY_TILE:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")
