@@ -47,6 +47,8 @@
 #         (32,64), ATTN_TG (128,256) and ATTN_PF (0,1: the next round's loads early); with
 #         OLD_TREE, that tree's at its defaults first (the same machine)
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
+#         (DSV4_INDEXER_VARIANTS=mmaptx,idec,walk before the command: with the opt-in
+#         variants; `check` likewise)
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
 # MLX's CUDA kernel cache (PTX, /tmp/mlx/<version>/ptx) from an earlier session, if carried:

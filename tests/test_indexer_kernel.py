@@ -474,6 +474,22 @@ def test_mma_layout_fits():
             assert 16 * smem4 >= max(block, 128 * (kc + 8) * eb)
 
 
+def test_variants_env(monkeypatch):
+    """`DSV4_INDEXER_VARIANTS` turns the opt-in variants on by name (explicit arguments win),
+    is read at each call, and a name it does not know is a clear error."""
+    monkeypatch.delenv(ki.VARIANTS_ENV, raising=False)
+    spec = lambda walk=None: dict(ki._topk_spec(1, 1, 65536, 512, 512, 4, 16, False,  # noqa: E731
+                                                walk=walk)[0])
+    assert spec()["WALK"] == ki.TOPK_WALK == 0
+    monkeypatch.setenv(ki.VARIANTS_ENV, " Walk, idec ")
+    assert ki.variants() == {"walk", "idec"}
+    assert spec()["WALK"] == 1 and spec(walk=0)["WALK"] == 0
+    assert ki._flag("idec", None, 0) == 1 and ki._flag("mmaptx", None, 0) == 0
+    monkeypatch.setenv(ki.VARIANTS_ENV, "walk,fast")
+    with pytest.raises(ValueError, match="unknown fast"):
+        ki.variants()
+
+
 def test_mma_tiles():
     """Tiles a group: only with resident queries, powers of two <= 16, >= 512 groups left."""
     assert ki.mma_tiles(1, 65536, False) == 1

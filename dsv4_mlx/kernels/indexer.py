@@ -20,6 +20,7 @@ Keys come either as a float array [B, N, d] (fp32/bf16/fp16) or, for the FP4 ind
 from __future__ import annotations
 
 import functools
+import os
 
 import mlx.core as mx
 
@@ -203,6 +204,33 @@ MMA_INT_DECODE = 0
 # ignore it. 0 until the GPU tests and timings of 1 have run.
 MMA_PTX = 0
 
+# Opt-in variants by name, for measuring them without editing this module: a comma list of
+# "idec" (MMA_INT_DECODE), "mmaptx" (MMA_PTX), "walk" (TOPK_WALK); read at each call.
+VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
+VARIANT_NAMES = ("idec", "mmaptx", "walk")
+_variants: dict = {}
+
+
+def variants() -> frozenset:
+    """The variant names `VARIANTS_ENV` turns on (validated; remembered per value)."""
+    raw = os.environ.get(VARIANTS_ENV, "")
+    got = _variants.get(raw)
+    if got is None:
+        names = frozenset(v.strip().lower() for v in raw.split(",") if v.strip())
+        bad = sorted(names - set(VARIANT_NAMES))
+        if bad:
+            raise ValueError(f"{VARIANTS_ENV}={raw!r}: unknown {', '.join(bad)}; expected a "
+                             f"comma list of {', '.join(VARIANT_NAMES)}")
+        got = _variants[raw] = names
+    return got
+
+
+def _flag(name: str, value, default: int) -> int:
+    """An explicit 0/1 `value`, else 1 where `VARIANTS_ENV` names it, else `default`."""
+    if value is not None:
+        return int(bool(value))
+    return 1 if name in variants() else default
+
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
@@ -243,7 +271,9 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
-                                                 bn, hc, e, mma, tpt, idec, mmaptx)
+                                                 bn, hc, e, mma, tpt,
+                                                 _flag("idec", idec, MMA_INT_DECODE),
+                                                 _flag("mmaptx", mmaptx, MMA_PTX))
     (scores,) = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
@@ -288,7 +318,7 @@ def _topk_spec(B, T, M, k, tg, u, s, mapped, r=None, walk=None):
     rows of M scores; the outputs [B, T, S*k] written directly (row-contiguous: the same
     memory as [B, T, S, k])."""
     r = topk_regs(M, tg, s) if r is None else r
-    walk = TOPK_WALK if walk is None else int(bool(walk))
+    walk = _flag("walk", walk, TOPK_WALK)
     return ([("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped), ("R", r),
              ("WALK", walk)],
             (s * tg, T, B), (tg, 1, 1), [(B, T, s * k)] * 2, [mx.int32, mx.float32])
@@ -361,8 +391,8 @@ def _shape_key(backend, q, keys, topk):
     """What a call's plan (and whether the kernels take it) depends on."""
     if _is_fp4(keys):
         return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
-                keys[1].dtype, keys[1].shape, topk)
-    return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk)
+                keys[1].dtype, keys[1].shape, topk, variants())
+    return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants())
 
 
 def _plan(backend, q, keys, topk):
@@ -374,7 +404,9 @@ def _plan(backend, q, keys, topk):
     key_mode, _, N, _ = _key_inputs(keys)
     k = min(topk, N)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
-                                                 None, None, None, None, None)
+                                                 None, None, None, None, None,
+                                                 _flag("idec", None, MMA_INT_DECODE),
+                                                 _flag("mmaptx", None, MMA_PTX))
     launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
     TG, U, S = topk_launch(B, T, N, k)
     kern = _kernel(backend, src.topk_source(backend))
