@@ -466,6 +466,8 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     key_mode, key_in, N, d = _key_inputs(keys)
     key, (BN, HC, E, TG, U, S, R, mma, tpt) = _variant(backend, q.dtype, B, T, H, D, key_mode,
                                                         N, k)
+    if variants():  # (the opt-in variants compile apart)
+        key += "/" + "+".join(sorted(variants()))
 
     def probe():
         n = max(2 * k + 2, S * (k + 1))  # more entries than k a slice: the radix path runs
