@@ -234,8 +234,9 @@ def _flag(name: str, value, default: int) -> int:
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
-                bn, hc, e, mma, tpt, idec=None, mmaptx=None):
-    """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch."""
+                bn, hc, e, mma, tpt, idec: int, mmaptx: int):
+    """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch
+    (`idec`, `mmaptx`: resolved by `_flag`, outside this cache)."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
@@ -248,8 +249,7 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
         return (True, src.score_mma_source(backend, key_mode),
                 [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4),
                  ("QRES", qres), ("TPT", tpt),
-                 ("IDEC", MMA_INT_DECODE if idec is None else int(bool(idec))),
-                 ("MMAPTX", MMA_PTX if mmaptx is None else int(bool(mmaptx)))],
+                 ("IDEC", idec), ("MMAPTX", mmaptx)],
                 (ngroups * tpg, T, B), (tpg, 1, 1))
     BN, HC, E = score_launch(B, T, N, H, D)
     BN, HC, E = bn or BN, hc or HC, e or E

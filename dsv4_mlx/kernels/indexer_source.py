@@ -953,11 +953,11 @@ def topk_source(dialect: str) -> KernelSource:
 # scoring on the matrix units (tensor cores / simdgroup matrices), spec §4.7
 
 # Key tile loaders: entries n0 .. n0+NB, dims kc .. kc+KC of the keys -> kb (ki_mma_t),
-# rows past N as zeros. Only exact-in-bf16 key layouts: FP4 (e2m1 x 2^k) and bf16. In two
-# parts, so that a thread's loads all leave before any is used and can be issued a tile
-# early: "decl" (the registers), "load" (global memory -> registers; reads kn0, the
-# tile's first entry, and kc),
-# "put" (registers -> the shared tile; reads the same n0 and kc). KL: a thread's share.
+# rows past N as zeros. Only exact-in-bf16 key layouts: FP4 (e2m1 x 2^k) and bf16. Loading
+# and storing are apart, so that a thread's loads all leave before any is used and can be
+# issued a tile early: "decl" (the registers), "load" (global memory -> registers; reads
+# kn0, the tile's first entry, and kc), "put" (registers -> the shared tile; reads n0, the
+# same entry, and kc). KL: a thread's share.
 _KEY_TILE = {
     "bf16": {
         "decl": """\
@@ -1044,6 +1044,26 @@ _KEY_TILE = {
 }
 MMA_KEY_MODES = tuple(_KEY_TILE)
 
+# The queries (b, t, 0..H, kc..kc+KC) -> qs: every load of a thread requested ("load", into
+# qv), then stored ("put"); with resident queries once (kc = 0, KC = D), else each chunk.
+_Q_LOAD = """\
+    uint4 qv[QL];
+    KI_UNROLL
+    for (int j = 0; j < QL; ++j) {
+      const int i = ki_tid + j * TPG;
+      qv[j] = i < H * (KC / 8)
+                  ? KI_LOAD4U(q + (bt * H + i / (KC / 8)) * (D / 2), kc / 8 + i % (KC / 8))
+                  : uint4_zero;
+    }
+"""
+_Q_PUT = """\
+    KI_UNROLL
+    for (int j = 0; j < QL; ++j) {
+      const int i = ki_tid + j * TPG;
+      if (i < H * (KC / 8)) ki_put8_bf16(qs + (i / (KC / 8)) * LDQ + 8 * (i % (KC / 8)), qv[j]);
+    }
+"""
+
 _SCORE_MMA_BODY = """\
   // ---- lightning-indexer scores on the matrix units (spec §4.7) ----
   //   score[b, t, n] = sum_h w[b, t, h] * relu(q[b, t, h, :] . K[b, n, :])   n < visible[t]
@@ -1058,7 +1078,7 @@ _SCORE_MMA_BODY = """\
   // once for the group's TPT tiles; otherwise each chunk of each tile reads its KC dims again.
   // Exact products need bf16-exact inputs (bf16 queries; FP4 or bf16 keys); the sums are
   // fp32 in another order than the ops path.
-  // Memory latency, not work, bounds a group (a tile is ~1 us of math): a thread issues all
+  // Memory latency, not work, bounds a group: a thread issues all
   // its loads of a kind (queries, a key tile, its head weights) before it uses any, and with
   // QRES the next tile's keys are requested before this tile's products, and the first
   // tile's together with the queries. A group then waits on memory about once a tile.
@@ -1092,31 +1112,17 @@ _SCORE_MMA_BODY = """\
   float wr[H / 2];
   KI_UNROLL
   for (int j = 0; j < H / 2; ++j) wr[j] = w[bt * H + sl + 2 * j];
-@KEY_DECL@  // queries: 16-byte pieces (8 bf16) a thread, all chunks (QRES) or one chunk
-  constexpr int QL = (H * ((QRES ? D : KC) / 8) + TPG - 1) / TPG;
+@KEY_DECL@  // queries: 16-byte pieces (8 bf16) of a chunk a thread
+  constexpr int QL = (H * (KC / 8) + TPG - 1) / TPG;
 
   if (QRES) {
-    // queries (b, t, 0..H, 0..D) -> qs once, with the first tile's keys in flight too; the
-    // barrier before the first products orders these writes
-    uint4 qv[QL];
-    KI_UNROLL
-    for (int j = 0; j < QL; ++j) {
-      const int i = ki_tid + j * TPG;
-      qv[j] = i < H * (D / 8) ? KI_LOAD4U(q + (bt * H + i / (D / 8)) * (D / 2), i % (D / 8))
-                              : uint4_zero;
-    }
-    {
-      const int kn0 = ki_gx * TPT * NB;
-      const int kc = 0;
-      if (kn0 < N && kn0 < vis) {
-@KEY_LOAD@      }
-    }
-    KI_UNROLL
-    for (int j = 0; j < QL; ++j) {
-      const int i = ki_tid + j * TPG;
-      if (i < H * (D / 8)) ki_put8_bf16(qs + (i / (D / 8)) * LDQ + 8 * (i % (D / 8)), qv[j]);
-    }
-  }
+    // queries (b, t, 0..H, 0..D) -> qs once (the one chunk: KC = D), with the first tile's
+    // keys in flight too; the barrier before the first products orders these writes
+    const int kc = 0;
+@Q_LOAD@    const int kn0 = ki_gx * TPT * NB;
+    if (kn0 < N && kn0 < vis) {
+@KEY_LOAD@    }
+@Q_PUT@  }
   for (int tile = 0; tile < TPT; ++tile) {
     const int n0 = (ki_gx * TPT + tile) * NB;  // (every test below is uniform in the group)
     if (n0 >= N) break;
@@ -1134,21 +1140,8 @@ _SCORE_MMA_BODY = """\
       KI_BARRIER();  // the previous chunk's (or tile's) tiles, cs and ki_part are consumed
       if (!QRES) {
         // queries (b, t, 0..H, kc..kc+KC) and this chunk's keys, all requested, then stored
-        uint4 qv[QL];
-        KI_UNROLL
-        for (int j = 0; j < QL; ++j) {
-          const int i = ki_tid + j * TPG;
-          qv[j] = i < H * (KC / 8)
-                      ? KI_LOAD4U(q + (bt * H + i / (KC / 8)) * (D / 2), kc / 8 + i % (KC / 8))
-                      : uint4_zero;
-        }
-        const int kn0 = n0;
-@KEY_LOAD@        KI_UNROLL
-        for (int j = 0; j < QL; ++j) {
-          const int i = ki_tid + j * TPG;
-          if (i < H * (KC / 8)) ki_put8_bf16(qs + (i / (KC / 8)) * LDQ + 8 * (i % (KC / 8)), qv[j]);
-        }
-      }
+@Q_LOAD@        const int kn0 = n0;
+@KEY_LOAD@@Q_PUT@      }
 @KEY_PUT@      if (QRES) {
         // the next tile's keys (the only chunk: kc = 0) requested now, used after this tile
         const int kn0 = n0 + NB;
@@ -1232,7 +1225,8 @@ def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
     # the load part at its three places: the first tile's (with the queries), a chunk's
     # (without QRES), the next tile's (with QRES)
     assert body.count("@KEY_LOAD@") == 3
-    body = body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
+    body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
+            .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
     return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}", ("q", "w", *keys, "visible"),
                        ("scores",), body)
 

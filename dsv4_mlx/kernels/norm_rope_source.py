@@ -107,7 +107,7 @@ _STORE = {"@SETUP@": """\
   if (!isq && row != pos[0] % W) {  // (a whole group: no barrier is left waiting)
 @ROW_COPY@
     return;
-  }""", "@KV_WRITE@": """\
+  }""".replace("@ROW_COPY@", row_copy("XT")), "@KV_WRITE@": """\
       const XT k0 = ki_from_float<XT>(y0);
       const XT k1 = ki_from_float<XT>(y1);
       if (d < NOPE) {
@@ -125,7 +125,6 @@ _STORE = {"@SETUP@": """\
 
 def _body(parts: dict) -> str:
     body = _BODY.replace("@ROPE@", rope_pair(4))
-    parts = {**parts, "@ROW_COPY@": row_copy("XT")}
     for k, v in parts.items():
         body = body.replace(k, v)
     return body
