@@ -61,6 +61,10 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")  # (steps that cd into OLD_TREE write here too)
 OLD_TREE=${OLD_TREE:-}
+old_tree() { [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; }
+# "$@" run inside tree $1, its package ahead of the PYTHONPATH exported above (which names
+# this tree's): every step that runs another tree goes through here
+in_tree() { local d=$1; shift; (cd "$d" && PYTHONPATH=$PWD:$PYTHONPATH "$@"); }
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(check tests decode)
 for step in "${steps[@]}"; do
@@ -83,26 +87,22 @@ for step in "${steps[@]}"; do
     decode)
       timeout ${DECODE_TIMEOUT:-170} python bench/gpu_decode.py --preset flash --layers 4 --experts 256 \
         --max-context ${MAX_CONTEXT:-65536} --decode-tokens 32 --out "$OUT/new" 2>&1 | tail -12
-      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
-        (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 140 python bench/gpu_decode.py \
-          --preset flash --layers 4 --experts 256 --max-context 8192 --decode-tokens 32 \
-          --out "$OUT/old" 2>&1 | tail -12)
+      if old_tree; then
+        in_tree "$OLD_TREE" timeout 140 python bench/gpu_decode.py --preset flash --layers 4 \
+          --experts 256 --max-context 8192 --decode-tokens 32 --out "$OUT/old" 2>&1 | tail -12
       fi ;;
     profile)
       timeout 150 python bench/decode_profile.py --preset flash --layers 4 --experts 64 \
         --context 4096 --rounds 3 > "$OUT/profile_new.log" 2>&1
       tail -25 "$OUT/profile_new.log"
-      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
-        (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 150 python bench/decode_profile.py \
-          --preset flash --layers 4 --experts 64 --context 4096 --rounds 3) \
-          > "$OUT/profile_old.log" 2>&1
+      if old_tree; then
+        in_tree "$OLD_TREE" timeout 150 python bench/decode_profile.py --preset flash \
+          --layers 4 --experts 64 --context 4096 --rounds 3 > "$OUT/profile_old.log" 2>&1
         tail -25 "$OUT/profile_old.log"
       fi ;;
     mhc)
       timeout 90 python bench/mhc.py 2>&1 | tail -12
-      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
-        (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site timeout 60 python bench/mhc.py 2>&1 | tail -6)
-      fi ;;
+      if old_tree; then in_tree "$OLD_TREE" timeout 60 python bench/mhc.py 2>&1 | tail -6; fi ;;
     mhcbisect)
       # every tree under trees/ (made here first: for c in 94ebe39 13ee819 f2aab72 53bb6f8; do
       # mkdir -p trees/$c && git archive $c dsv4_mlx bench | tar -x -C trees/$c; done),
@@ -111,7 +111,7 @@ for step in "${steps[@]}"; do
       for d in "${dirs[@]}"; do
         [ -d "$d" ] || continue
         echo "== $d"
-        (cd "$d" && PYTHONPATH=$PWD:/tmp/site timeout 90 python bench/mhc.py --calls 16 2>&1 | tail -12)
+        in_tree "$d" timeout 90 python bench/mhc.py --calls 16 2>&1 | tail -12
       done ;;
     ixdetail)
       # the indexer's scoring and top-k launches at IX_ENTRIES (65536) under Nsight Compute's
@@ -125,29 +125,28 @@ for step in "${steps[@]}"; do
     gputime)
       # with OLD_TREE: that tree first (its own scripts), then this one, on the same machine
       gputime() {  # $1: tree, $2: tag
-        # (PYTHONPATH set inside the tree: the one set above names this tree's package)
-        (cd "$1" && PYTHONPATH=$PWD:/tmp/site timeout ${GPUTIME_TIMEOUT:-240} ncu --profile-from-start off \
+        in_tree "$1" timeout ${GPUTIME_TIMEOUT:-240} ncu --profile-from-start off \
           --metrics gpu__time_duration.sum --csv --log-file "$OUT/step$2.csv" \
           python bench/decode_gpu_time.py --preset flash --layers 4 --experts 64 \
-          --context 4096 --profile > "$OUT/step$2.log" 2>&1)
+          --context 4096 --profile > "$OUT/step$2.log" 2>&1
         echo "== $1"
         python bench/decode_gpu_time.py --parse-ncu "$OUT/step$2.csv" --steps 5 \
           | tee "$OUT/step$2_parsed.log" | head -${GPUTIME_LINES:-40}
       }
-      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then gputime "$OLD_TREE" _old; fi
+      if old_tree; then gputime "$OLD_TREE" _old; fi
       gputime . "" ;;
     indexer)
       # IX_DEFAULTS=1: only the scoring and top-k launches the dispatch makes; with OLD_TREE,
       # this tree's bench script run against that tree's package first (same machine)
       ixparts() {  # $1: tree, $2: tag
         [ "$1" = . ] || { mkdir -p "$1/bench" && cp bench/indexer.py bench/common.py "$1/bench/"; }
-        (cd "$1" && timeout ${IX_TIMEOUT:-200} ncu --profile-from-start off \
+        in_tree "$1" timeout ${IX_TIMEOUT:-200} ncu --profile-from-start off \
           --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts$2.csv" python \
           bench/indexer.py --profile-parts --entries ${IX_ENTRIES:-65536,262144} \
-          $([ "${IX_DEFAULTS:-0}" = 1 ] && echo --defaults-only) > "$OUT/parts$2.cases" 2>&1)
+          $([ "${IX_DEFAULTS:-0}" = 1 ] && echo --defaults-only) > "$OUT/parts$2.cases" 2>&1
         echo "== $1"; python bench/indexer.py --parse-ncu "$OUT/parts$2.csv" | tail -30
       }
-      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then ixparts "$OLD_TREE" _old; fi
+      if old_tree; then ixparts "$OLD_TREE" _old; fi
       ixparts . "" ;;
     steps)
       timeout ${STEPS_TIMEOUT:-200} python bench/decode_steps.py --experts ${EXPERTS:-256} \
@@ -177,9 +176,7 @@ for step in "${steps[@]}"; do
           python bench/attention.py --profile "$@" > /dev/null 2>&1
         python bench/attention.py --parse-ncu "$f" "$@" 2>&1 | tail -40
       }
-      if [ -n "$OLD_TREE" ] && [ -d "$OLD_TREE" ]; then
-        echo "== $OLD_TREE"; (cd "$OLD_TREE" && PYTHONPATH=$PWD:/tmp/site ncu_attn attn_old)
-      fi
+      if old_tree; then echo "== $OLD_TREE"; in_tree "$OLD_TREE" ncu_attn attn_old; fi
       echo "== this tree"; ncu_attn attn_new --ku ${ATTN_KU:-1} --spl ${ATTN_SPL:-32,64} \
         --tg ${ATTN_TG:-128,256} --pf ${ATTN_PF:-0,1} ;;
     ixwall)

@@ -155,6 +155,19 @@ def _marker(i: int, what: str):
 PROFILE_CALLS = 3
 
 
+def _profiled(i: int, fn) -> None:
+    """Case `i`: two untimed calls of `fn`, then PROFILE_CALLS evaluated calls between its
+    marker kernels, the profiler on only around them (with ncu --profile-from-start off)."""
+    for _ in range(2):
+        mx.eval(fn())
+    cuda_profiler(True)
+    _marker(i, "begin")
+    for _ in range(PROFILE_CALLS):
+        mx.eval(fn())
+    _marker(i, "end")
+    cuda_profiler(False)
+
+
 def profile(backend, H, D, K, entries):
     """Run under ``ncu --metrics gpu__time_duration.sum --csv --log-file F``; then
     ``--parse-ncu F`` sums the kernel durations between the markers of each case."""
@@ -166,16 +179,8 @@ def profile(backend, H, D, K, entries):
                 fn = (lambda: ki.indexer_topk_ops(*a, K)) if path == "ops" else \
                     (lambda: ki.indexer_topk_kernel(*a, K, backend=backend,
                                                     mma=None if path == "kernel" else False))
-                for _ in range(2):
-                    mx.eval(fn())
-                i = len(cases)
+                _profiled(len(cases), fn)
                 cases.append((fmt, N, path))
-                cuda_profiler(True)  # (with ncu --profile-from-start off: only these calls)
-                _marker(i, "begin")
-                for _ in range(PROFILE_CALLS):
-                    mx.eval(fn())
-                _marker(i, "end")
-                cuda_profiler(False)
                 a = None  # (rebound, not deleted: the closures above name it)
     for i, c in enumerate(cases):
         print(f"case {i}: {c[0]} N={c[1]} {c[2]}")
@@ -204,24 +209,15 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
         else:
             fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend,
                                                                    mma=False))]
-        for tpt in () if defaults_only else MMA_TILES:
-            fns.append((f"score mma tpt{tpt}", lambda tpt=tpt: ki.indexer_scores_kernel(
-                *a, backend=backend, mma=True, tpt=tpt)))
-        for tg, u, sl, r in () if defaults_only else SELECT_VARIANTS:
-            fns.append((f"select tg{tg}/u{u}/s{sl}/r{'auto' if r is None else r}",
-                        lambda tg=tg, u=u, sl=sl, r=r: ki.indexer_select_kernel(
-                            s, a[3], K, backend=backend, tg=tg, u=u, s=sl, r=r)))
+            fns += [(f"score mma tpt{tpt}", lambda tpt=tpt: ki.indexer_scores_kernel(
+                *a, backend=backend, mma=True, tpt=tpt)) for tpt in MMA_TILES]
+            fns += [(f"select tg{tg}/u{u}/s{sl}/r{'auto' if r is None else r}",
+                     lambda tg=tg, u=u, sl=sl, r=r: ki.indexer_select_kernel(
+                         s, a[3], K, backend=backend, tg=tg, u=u, s=sl, r=r))
+                    for tg, u, sl, r in SELECT_VARIANTS]
         for name, fn in fns:
-            for _ in range(2):
-                mx.eval(fn())
-            i = len(cases)
+            _profiled(len(cases), fn)
             cases.append(f"N={N} {name}")
-            cuda_profiler(True)  # (with ncu --profile-from-start off: only these calls)
-            _marker(i, "begin")
-            for _ in range(PROFILE_CALLS):
-                mx.eval(fn())
-            _marker(i, "end")
-            cuda_profiler(False)
         a = s = None  # (rebound, not deleted: the closures above name them)
     for i, c in enumerate(cases):
         print(f"case {i}: {c}")

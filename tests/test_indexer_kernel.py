@@ -377,6 +377,21 @@ def test_emulated_scores_launch_variants(emu, bn, hc, e, mode):
     np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5 * np.abs(ref[fin]).max())
 
 
+def _check_mma_decodes(emu, q, w, key_in, mode, vis, ref, **kw):
+    """The emulated matrix-unit scores against `ref` (masked), with each FP4 decode (fp32
+    products, IDEC 0; integers, IDEC 1) for FP4 keys: both within the tolerance, and the
+    same bits (the same tiles)."""
+    fin = np.isfinite(ref)
+    outs = []
+    for idec in ((0, 1) if mode == "fp4" else (0,)):
+        got = emu.score_mma(q, w, key_in, mode, vis, idec=idec, **kw)
+        assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+        np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref[fin]).max())
+        outs.append(got)
+    np.testing.assert_array_equal(outs[0], outs[-1])
+
+
 @needs_cxx
 @pytest.mark.parametrize("B,T,H,D,kc,tpt", [(1, 1, 64, 128, None, None), (2, 5, 16, 32, None, 2),
                                             (1, 3, 32, 128, 32, None), (2, 1, 48, 64, None, 4),
@@ -393,15 +408,7 @@ def test_emulated_scores_mma(emu, B, T, H, D, kc, tpt, mode):
     key_in, kf = _key_arrays(mode, keys)
     vis = np.array([N - 1, 0, 1, 63, 64, N][:T] if T > 1 else [N - 1], np.int32)
     ref = _masked(ref_scores(q, w, kf), vis)
-    fin = np.isfinite(ref)
-    outs = []
-    for idec in ((0, 1) if mode == "fp4" else (0,)):  # FP4 decoded by fp32 products / integers
-        got = emu.score_mma(q, w, key_in, mode, vis, kc=kc, tpt=tpt, idec=idec)
-        assert np.array_equal(np.isneginf(got), np.isneginf(ref))
-        np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4,
-                                   atol=1e-5 * np.abs(ref[fin]).max())
-        outs.append(got)
-    np.testing.assert_array_equal(outs[0], outs[-1])  # the same tiles: the same bits
+    _check_mma_decodes(emu, q, w, key_in, mode, vis, ref, kc=kc, tpt=tpt)
 
 
 @needs_cxx
@@ -445,16 +452,8 @@ def test_emulated_scores_mma_scale_ends(emu, sbs, qf):
     w = (rng.standard_normal((B, T, H)) / np.sqrt(H * D)).astype(np.float32)
     vis = np.array([N, N - 3], np.int32)
     ref = _masked(ref_scores(q, w, kf), vis)
-    fin = np.isfinite(ref)
-    assert np.abs(ref[fin]).max() > 0
-    outs = []
-    for idec in (0, 1):
-        got = emu.score_mma(q, w, [words, sc], "fp4", vis, idec=idec)
-        assert np.array_equal(np.isneginf(got), np.isneginf(ref))
-        np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4,
-                                   atol=1e-5 * np.abs(ref[fin]).max())
-        outs.append(got)
-    np.testing.assert_array_equal(outs[0], outs[1])
+    assert np.abs(ref[np.isfinite(ref)]).max() > 0
+    _check_mma_decodes(emu, q, w, [words, sc], "fp4", vis, ref)
 
 
 def test_mma_layout_fits():
