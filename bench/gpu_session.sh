@@ -29,6 +29,9 @@
 #         with OLD_TREE, that tree's first (GPUTIME_LINES lines of each table, default 40)
 # ixdetail  the indexer's default launches at 64K under ncu's speed-of-light, occupancy and
 #         warp-state sections (what each launch waits on)
+# ixsource  where the scorer (MMAPTX 1) and the top-k's two launches stall, per SASS
+#         instruction: ncu's source counters at 64K, the source page as CSV
+#         ($OUT/ixsource_*.csv; summarise here with bench/ncu_source.py)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part;
 #         IX_DEFAULTS=1: only the launches the dispatch makes; IX_ENTRIES, default
 #         65536,262144); with OLD_TREE, this tree's script against that tree's package first
@@ -122,6 +125,18 @@ for step in "${steps[@]}"; do
         --defaults-only > "$OUT/ixdetail.log" 2>&1
       grep -E "dsv4_indexer|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Memory Throughput|Compute \(SM\)|Block Size|Grid Size|Waves Per SM" \
         "$OUT/ixdetail.log" | head -${IXDETAIL_LINES:-140} ;;
+    ixsource)
+      # --defaults-only's launches at one N, in order: score (idec, mmaptx) = (0,0) (1,0) (0,1)
+      # (1,1), three calls each, then select walk 0 (two launches a call) three calls: skip 6
+      # and take the three (0,1) scorer calls and one top-k call's two launches
+      timeout ${IX_TIMEOUT:-240} ncu --profile-from-start off --section WarpStateStats \
+        --section SourceCounters --section LaunchStats -k regex:dsv4_indexer --launch-skip 6 \
+        -c 8 -f -o "$OUT/ixsource" python bench/indexer.py --profile-parts \
+        --entries ${IX_ENTRIES:-65536} --defaults-only > "$OUT/ixsource.log" 2>&1
+      tail -3 "$OUT/ixsource.log"
+      ncu -i "$OUT/ixsource.ncu-rep" --page source --csv --print-source sass \
+        > "$OUT/ixsource_sass.csv" 2> "$OUT/ixsource_err.log"
+      ls -la "$OUT"/ixsource*; head -c 600 "$OUT/ixsource_sass.csv"; tail -3 "$OUT/ixsource_err.log" ;;
     gputime)
       # with OLD_TREE: that tree first (its own scripts), then this one, on the same machine
       gputime() {  # $1: tree, $2: tag

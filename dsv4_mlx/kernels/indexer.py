@@ -195,14 +195,17 @@ def mma_tiles(rows: int, N: int, qres: bool) -> int:
 # How the matrix-unit scorer decodes FP4 keys into its bf16 tile: 0, each value as the fp32
 # product e2m1 x scale rounded to bf16; 1, the same bits built with integer operations where
 # the scale byte allows (3..251; ~20% fewer instructions for the decode, emulation-tested
-# bit for bit). 0 until the GPU tests and timings of 1 have run
-# (`bench/indexer.py --profile-parts --defaults-only` times both).
+# bit for bit). Its GPU tests passed (2026-12-07, sixth session) but the timings are mixed:
+# with MMA_PTX 1, 64K 35.2 / 35.0 / 32.5 us vs 33.8 / 30.5 / 31.4 without, 256K 65.5 / 64.9
+# vs 72.6 / 71.9 (`bench/indexer.py --profile-parts --defaults-only`): left at 0.
 MMA_INT_DECODE = 0
 # How the CUDA dialect does the scorer's matrix products: 0, nvcuda::wmma (its fragment
 # loads from shared memory compile to generic-address loads, ~47% of the scorer's waiting
-# under Nsight Compute is on such L1TEX loads); 1, ldmatrix + mma.sync in PTX. Other dialects
-# ignore it. 0 until the GPU tests and timings of 1 have run.
-MMA_PTX = 0
+# under Nsight Compute was on such L1TEX loads); 1, ldmatrix + mma.sync in PTX. Other dialects
+# ignore it. 1 since 2026-12-07 (sixth session, H100): its GPU tests passed and the 64K
+# scorer's GPU time fell in every one of four Nsight Compute runs (33.8 / 30.5 / 31.4 / 34.0
+# us vs 42.5 / 34.4 / 35.8 / 36.1 with wmma); 256K even (72.6 / 71.9 vs 69.0 / 72.5).
+MMA_PTX = 1
 
 # Opt-in variants by name, for measuring them without editing this module: a comma list of
 # "idec" (MMA_INT_DECODE), "mmaptx" (MMA_PTX), "walk" (TOPK_WALK); read at each call.
@@ -308,8 +311,9 @@ def _no_cidx():
 
 # How a top-k pass finds the bin of the krem-th key: 0, 16 threads sum 16 bins each and one
 # thread walks them; 1, the first warp in parallel (shuffles; one barrier fewer). The same
-# picks either way (emulation tests); 0 until the GPU tests and timings of 1 have run
-# (`bench/indexer.py --profile-parts --defaults-only` times both).
+# picks either way (emulation tests and, 2026-12-07's sixth session, the GPU tests). Left at
+# 0: two H100 runs of `bench/indexer.py --profile-parts --defaults-only` gave 30.1 / 30.3 us
+# vs 31.4 / 31.0 at 64K entries but 62.0 / 62.1 vs 53.1 / 53.3 at 256K.
 TOPK_WALK = 0
 
 
