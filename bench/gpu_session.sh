@@ -7,14 +7,14 @@
 #
 # check   `dsv4 check` on the demo model (every kernel family vs the ops path, bf16 mixed-4-8)
 # tests   the GPU tests of the custom kernels not yet confirmed on a GPU with their current
-#         code (after 2026-12-07's fifth session: the indexer scorer's integer FP4 decode,
-#         IDEC 1, and its ldmatrix + mma.sync products, MMAPTX 1, in test_gpu_mma_scores,
-#         and the top-k's warp walk, WALK 1, in test_gpu_sliced_topk, all three opt-in until
-#         measured by `IX_DEFAULTS=1 ... indexer`; the KV store, norm +
-#         RoPE and attention files passed that session and are quick);
+#         code (after 2026-12-07's sixth session: the indexer scorer's byte-permute FP4
+#         decode, IDEC 2, in test_gpu_mma_scores, opt-in until measured by `IX_DEFAULTS=1 ...
+#         indexer`; the KV store, norm + RoPE and attention files passed that session and are
+#         quick);
 #         tests-all: then every other kernel's (all that ran passed in the fifth session;
 #         the GEMV's were cut short by the time limit there, all passed the session before);
-#         verbose, so a timeout still shows what passed
+#         verbose, so a timeout still shows what passed; TESTS_FILES (space-separated) and
+#         TESTS_K (pytest -k, default gpu) narrow it
 #         (log: $OUT/gpu_tests.log)
 # decode  bench/gpu_decode.py (Flash dimensions, 4 layers, 256 experts, to 64K or MAX_CONTEXT) on
 #         this tree and, to 8K, if OLD_TREE names a directory holding another tree (the device gets no .git: make it
@@ -29,8 +29,8 @@
 #         with OLD_TREE, that tree's first (GPUTIME_LINES lines of each table, default 40)
 # ixdetail  the indexer's default launches at 64K under ncu's speed-of-light, occupancy and
 #         warp-state sections (what each launch waits on)
-# ixsource  where the scorer (MMAPTX 1) and the top-k's two launches stall, per SASS
-#         instruction: ncu's source counters at 64K, the source page as CSV
+# ixsource  where the scorer (MMAPTX 1, IDEC 0 and 2) and the top-k's two launches stall,
+#         per SASS instruction: ncu's source counters at 64K, the source page as CSV
 #         ($OUT/ixsource_*.csv; summarise here with bench/ncu_source.py)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part;
 #         IX_DEFAULTS=1: only the launches the dispatch makes; IX_ENTRIES, default
@@ -82,7 +82,9 @@ for step in "${steps[@]}"; do
       [ "$step" = tests-all ] && files+=(tests/test_swiglu_kernel.py tests/test_router_kernel.py \
         tests/test_qgemv_kernel.py tests/test_embed_kernel.py tests/test_mhc_kernel.py \
         tests/test_fp4_round_kernel.py tests/test_gemv_kernel.py)
-      timeout ${TESTS_TIMEOUT:-300} python -m pytest -v -p no:cacheprovider --tb=short -k gpu "${files[@]}" \
+      [ -n "${TESTS_FILES:-}" ] && read -ra files <<< "$TESTS_FILES"
+      timeout ${TESTS_TIMEOUT:-300} python -m pytest -v -p no:cacheprovider --tb=short \
+        -k "${TESTS_K:-gpu}" "${files[@]}" \
         > "$OUT/gpu_tests.log" 2>&1
       grep -E "FAILED|ERROR" "$OUT/gpu_tests.log" | head -20
       grep -cE "PASSED" "$OUT/gpu_tests.log" | sed 's/^/passed: /'
@@ -126,11 +128,13 @@ for step in "${steps[@]}"; do
       grep -E "dsv4_indexer|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Memory Throughput|Compute \(SM\)|Block Size|Grid Size|Waves Per SM" \
         "$OUT/ixdetail.log" | head -${IXDETAIL_LINES:-140} ;;
     ixsource)
-      # --defaults-only's launches at one N, in order: score (idec, mmaptx) = (0,0) (1,0) (0,1)
-      # (1,1), three calls each, then select walk 0 (two launches a call) three calls: skip 6
-      # and take the three (0,1) scorer calls and one top-k call's two launches
+      # --defaults-only's launches at one N, in order: score (idec, mmaptx) = (0,1) (1,1) (2,1)
+      # (0,0), three calls each, then select walk 0 (two launches a call) three calls: the
+      # filter keeps the (0,1) and (2,1) scorers' and the top-k's, -c 8 the first eight (three
+      # calls of each scorer, one top-k call's two launches)
       timeout ${IX_TIMEOUT:-240} ncu --profile-from-start off --section WarpStateStats \
-        --section SourceCounters --section LaunchStats -k regex:dsv4_indexer --launch-skip 6 \
+        --section SourceCounters --section LaunchStats --section InstructionStats \
+        -k 'regex:dsv4_indexer_(topk|score_mma_fp4_.*_[02]_1$)' \
         -c 8 -f -o "$OUT/ixsource" python bench/indexer.py --profile-parts \
         --entries ${IX_ENTRIES:-65536} --defaults-only > "$OUT/ixsource.log" 2>&1
       tail -3 "$OUT/ixsource.log"

@@ -203,7 +203,7 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
         if defaults_only:
             fns = [(f"score (default) idec {i} mmaptx {p}", lambda i=i, p=p:
                     ki.indexer_scores_kernel(*a, backend=backend, idec=i, mmaptx=p))
-                   for i, p in ((0, 0), (1, 0), (0, 1), (1, 1))]
+                   for i, p in ((0, 1), (1, 1), (2, 1), (0, 0))]
             fns += [(f"select (default) walk {w}", lambda w=w: ki.indexer_select_kernel(
                 s, a[3], K, backend=backend, walk=w)) for w in (0, 1)]
         else:

@@ -75,7 +75,7 @@ def launches():
          [("bfloat16", 4, 8192), ("float32", 3, 64), *fp4, ("int32", 1, 1)], ["float32"],
          [("QT", "bfloat16"), ("D", 128), ("H", 64), ("HC", 64), ("BN", 128), ("E", 2)]),
     ]
-    for idec, ptx in ((0, 0), (1, 0), (0, 1), (1, 1)):
+    for idec, ptx in ((0, 0), (1, 0), (0, 1), (1, 1), (2, 1), (2, 0)):
         out.append((f"indexer score mma, resident q, IDEC {idec} MMAPTX {ptx}",
                      isrc.score_mma_source("cuda", "fp4"),
                      [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],

@@ -379,17 +379,18 @@ def test_emulated_scores_launch_variants(emu, bn, hc, e, mode):
 
 def _check_mma_decodes(emu, q, w, key_in, mode, vis, ref, **kw):
     """The emulated matrix-unit scores against `ref` (masked), with each FP4 decode (fp32
-    products, IDEC 0; integers, IDEC 1) for FP4 keys: both within the tolerance, and the
-    same bits (the same tiles)."""
+    products, IDEC 0; integers, IDEC 1; byte-permute tables, IDEC 2) for FP4 keys: each
+    within the tolerance, and the same bits (the same tiles)."""
     fin = np.isfinite(ref)
     outs = []
-    for idec in ((0, 1) if mode == "fp4" else (0,)):
+    for idec in ((0, 1, 2) if mode == "fp4" else (0,)):
         got = emu.score_mma(q, w, key_in, mode, vis, idec=idec, **kw)
         assert np.array_equal(np.isneginf(got), np.isneginf(ref))
         np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4,
                                    atol=1e-5 * np.abs(ref[fin]).max())
         outs.append(got)
-    np.testing.assert_array_equal(outs[0], outs[-1])
+    for o in outs[1:]:
+        np.testing.assert_array_equal(outs[0], o)
 
 
 @needs_cxx
@@ -433,6 +434,33 @@ def test_e2m1_bf16_bits_equal_the_rounded_product(emu):
     np.testing.assert_array_equal(bits[fast], prod[fast] >> 16)
     wrong = np.unique(sb[bits != prod >> 16])
     np.testing.assert_array_equal(wrong, [0, 1, 253, 254, 255])  # why it keeps the fp32 path
+
+
+@needs_cxx
+def test_e2m1_table_decode_equals_the_integer_bits(emu):
+    """The scorer's byte-permute FP4 decode (`ki_e2m1x2_lut`, IDEC 2): for every byte (a pair
+    of codes), every byte position in a word and every scale byte in 3..251, the bits of
+    `ki_e2m1x2_bf16` (IDEC 1, itself checked against the fp32 product above). The byte's
+    neighbours in the word are random, so a permute that reads the wrong byte shows."""
+    body = """
+  const unsigned int i = (unsigned int)(ki_gx * 256 + ki_tid);  // (scale byte, byte)
+  const unsigned int sb = 3u + i / 256u;
+  const unsigned int byte = i % 256u;
+  const unsigned int lb0 = ki_e2m1_table(sb, 0u), hb0 = ki_e2m1_table(sb, 1u);
+  const unsigned int lb1 = ki_e2m1_table(sb, 2u), hb1 = ki_e2m1_table(sb, 3u);
+  for (unsigned int p = 0u; p < 4u; ++p) {
+    const unsigned int u = (noise[i] & ~(255u << (8u * p))) | (byte << (8u * p));
+    lut[4u * i + p] = ki_e2m1x2_lut(u, p, lb0, hb0, lb1, hb1);
+    ref[4u * i + p] = ki_e2m1x2_bf16(u >> (8u * p), sb);
+  }
+"""
+    n = 249 * 256
+    noise = np.random.default_rng(7).integers(0, 2 ** 32, n, dtype=np.uint64).astype(np.uint32)
+    ks = src.make_source("cpp", "e2m1_lut_test", ("noise",), ("lut", "ref"), body)
+    lut, ref = emu.run(ks, [noise], [(4 * n,), (4 * n,)], ["uint32", "uint32"], [],
+                       (n, 1, 1), 256)
+    assert np.count_nonzero(ref) > n  # (the kernel ran)
+    np.testing.assert_array_equal(lut, ref)
 
 
 @needs_cxx
@@ -484,6 +512,11 @@ def test_variants_env(monkeypatch):
     assert ki.variants() == {"walk", "idec"}
     assert spec()["WALK"] == 1 and spec(walk=0)["WALK"] == 0
     assert ki._flag("idec", None, 0) == 1 and ki._flag("mmaptx", None, 0) == 0
+    assert ki._idec(None) == 1 and ki._idec(0) == 0
+    monkeypatch.setenv(ki.VARIANTS_ENV, "idec,prmt")
+    assert ki._idec(None) == 2 and ki._idec(1) == 1
+    with pytest.raises(ValueError, match="idec must be"):
+        ki._idec(3)
     monkeypatch.setenv(ki.VARIANTS_ENV, "walk,fast")
     with pytest.raises(ValueError, match="unknown fast"):
         ki.variants()
@@ -955,10 +988,11 @@ def test_gpu_mma_scores(gpu, B, T, H, D, mode):
         fin = np.isfinite(want)
         wa, va = mx.array(w), mx.array(vis)
         assert ki.mma_usable(gpu, qb, mode)
-        if mode == "fp4":  # the integer FP4 decode: the same tiles, the same scores
-            a, b = (np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=True,
-                                                      idec=i)) for i in (0, 1))
-            np.testing.assert_array_equal(a, b, err_msg=f"idec {kind}")
+        if mode == "fp4":  # the integer / table FP4 decodes: the same tiles, the same scores
+            a, b, c = (np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=True,
+                                                         idec=i)) for i in (0, 1, 2))
+            np.testing.assert_array_equal(a, b, err_msg=f"idec 1 {kind}")
+            np.testing.assert_array_equal(a, c, err_msg=f"idec 2 {kind}")
         if gpu == "cuda":  # ldmatrix + mma.sync: the same products in the same order
             a, b = (np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=True,
                                                       mmaptx=p)) for p in (0, 1))

@@ -198,6 +198,9 @@ def mma_tiles(rows: int, N: int, qres: bool) -> int:
 # bit for bit). Its GPU tests passed (2026-12-07, sixth session) but the timings are mixed:
 # with MMA_PTX 1, 64K 35.2 / 35.0 / 32.5 us vs 33.8 / 30.5 / 31.4 without, 256K 65.5 / 64.9
 # vs 72.6 / 71.9 (`bench/indexer.py --profile-parts --defaults-only`): left at 0.
+# 2, the same bits again from two byte-permute tables a scale group (three permutes a pair of
+# codes, one more for their signs: ~3.4 instructions a value against ~14 / ~17), emulation-
+# tested bit for bit; opt-in ("prmt" below) until a GPU has run its tests and timings.
 MMA_INT_DECODE = 0
 # How the CUDA dialect does the scorer's matrix products: 0, nvcuda::wmma (its fragment
 # loads from shared memory compile to generic-address loads, ~47% of the scorer's waiting
@@ -208,9 +211,10 @@ MMA_INT_DECODE = 0
 MMA_PTX = 1
 
 # Opt-in variants by name, for measuring them without editing this module: a comma list of
-# "idec" (MMA_INT_DECODE), "mmaptx" (MMA_PTX), "walk" (TOPK_WALK); read at each call.
+# "idec" (MMA_INT_DECODE 1), "prmt" (MMA_INT_DECODE 2), "mmaptx" (MMA_PTX), "walk"
+# (TOPK_WALK); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
-VARIANT_NAMES = ("idec", "mmaptx", "walk")
+VARIANT_NAMES = ("idec", "prmt", "mmaptx", "walk")
 _variants: dict = {}
 
 
@@ -235,11 +239,22 @@ def _flag(name: str, value, default: int) -> int:
     return 1 if name in variants() else default
 
 
+def _idec(value) -> int:
+    """The FP4 decode of the matrix-unit scorer: an explicit 0/1/2 `value`, else 2 where
+    `VARIANTS_ENV` names "prmt", 1 where it names "idec", else `MMA_INT_DECODE`."""
+    if value is not None:
+        if int(value) not in (0, 1, 2):
+            raise ValueError(f"idec must be 0, 1 or 2, got {value!r}")
+        return int(value)
+    v = variants()
+    return 2 if "prmt" in v else 1 if "idec" in v else MMA_INT_DECODE
+
+
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
                 bn, hc, e, mma, tpt, idec: int, mmaptx: int):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch
-    (`idec`, `mmaptx`: resolved by `_flag`, outside this cache)."""
+    (`idec`, `mmaptx`: resolved by `_idec` and `_flag`, outside this cache)."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
@@ -268,14 +283,14 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
 
     ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
     True / False force one (True raises where it does not apply). ``tpt``: tiles a group of
-    the matrix-unit kernel (default `mma_tiles`); ``idec``: its FP4 decode (default
-    `MMA_INT_DECODE`); ``mmaptx``: its CUDA matrix products (default `MMA_PTX`)."""
+    the matrix-unit kernel (default `mma_tiles`); ``idec``: its FP4 decode (0, 1 or 2;
+    default `MMA_INT_DECODE`); ``mmaptx``: its CUDA matrix products (default `MMA_PTX`)."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  bn, hc, e, mma, tpt,
-                                                 _flag("idec", idec, MMA_INT_DECODE),
+                                                 _idec(idec),
                                                  _flag("mmaptx", mmaptx, MMA_PTX))
     (scores,) = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
@@ -409,7 +424,7 @@ def _plan(backend, q, keys, topk):
     k = min(topk, N)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
-                                                 _flag("idec", None, MMA_INT_DECODE),
+                                                 _idec(None),
                                                  _flag("mmaptx", None, MMA_PTX))
     launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
     TG, U, S = topk_launch(B, T, N, k)

@@ -140,6 +140,8 @@ _CUDA_DIALECT = r"""
   } while (0)
 #define KI_FLOAT4(a, b, c, d) make_float4((a), (b), (c), (d))
 #define KI_UINT4(a, b, c, d) make_uint4((a), (b), (c), (d))
+// PRMT: bytes 0-3 of a, 4-7 of b, one selector nibble (< 8) an output byte
+#define KI_PRMT(a, b, s) __byte_perm((a), (b), (s))
 #define KI_LOAD4F(p, i) (reinterpret_cast<const float4*>(p)[(i)])
 #define KI_LOAD4U(p, i) (reinterpret_cast<const uint4*>(p)[(i)])
 #define KI_AS_FLOAT(u) __uint_as_float((unsigned int)(u))
@@ -544,6 +546,41 @@ KI_FN unsigned int ki_e2m1_bf16(unsigned int c, unsigned int sb) {
 // the 8 codes of a 32-bit word (low nibble first) as 4 bf16 pairs (low half first)
 KI_FN unsigned int ki_e2m1x2_bf16(unsigned int u, unsigned int sb) {
   return ki_e2m1_bf16(u & 15u, sb) | (ki_e2m1_bf16((u >> 4) & 15u, sb) << 16);
+}
+// A byte permute (CUDA's PRMT in its copy mode): output byte k is byte ((s >> 4k) & 7) of
+// the 8 bytes {a (0-3), b (4-7)}. Dialects without the instruction get it from shifts.
+#ifndef KI_PRMT
+KI_FN unsigned int ki_prmt_sw(unsigned int a, unsigned int b, unsigned int s) {
+  unsigned int r = 0u;
+  for (unsigned int k = 0u; k < 4u; ++k) {
+    const unsigned int i = (s >> (4u * k)) & 7u;
+    r |= ((i < 4u ? a >> (8u * i) : b >> (8u * (i - 4u))) & 255u) << (8u * k);
+  }
+  return r;
+}
+#define KI_PRMT(a, b, s) ki_prmt_sw((a), (b), (s))
+#endif
+// IDEC 2: the bits of `ki_e2m1_bf16` (the same range of scale bytes) by table lookups. The
+// bf16 magnitudes g(em) of one scale byte, em = 0..7, are 8 16-bit values: their low bytes
+// (lb0: em 0-3, lb1: em 4-7) and high bytes (hb0, hb1) make two 8-byte tables, built once
+// per scale group; a pair of codes then takes three byte permutes (low bytes, high bytes,
+// interleaved) and one more for the two sign bits. g(em) = ((em - (em == 1)) << 6) + c for
+// em > 0, c = (sb << 7) - 128, and 0 for em = 0; no half carries into the other (< 2^16).
+KI_FN unsigned int ki_e2m1_table(unsigned int sb, unsigned int part) {
+  const unsigned int c = (sb << 7) - 128u;
+  const unsigned int c2 = c * 0x10001u;
+  // part 0 / 1: low / high bytes of em 0-3; part 2 / 3: of em 4-7
+  return part < 2u ? KI_PRMT(c << 16, 0x00c00080u + c2, part == 0u ? 0x6420u : 0x7531u)
+                   : KI_PRMT(0x01400100u + c2, 0x01c00180u + c2, part == 2u ? 0x6420u : 0x7531u);
+}
+// codes 2p (low nibble) and 2p + 1 of word u (byte p) as a bf16 pair, low half first
+KI_FN unsigned int ki_e2m1x2_lut(unsigned int u, unsigned int p, unsigned int lb0,
+                                 unsigned int hb0, unsigned int lb1, unsigned int hb1) {
+  const unsigned int sel = (u >> (8u * p)) & 0x77u;  // the two magnitude codes: table indices
+  const unsigned int mag = KI_PRMT(KI_PRMT(lb0, lb1, sel), KI_PRMT(hb0, hb1, sel), 0x5140u);
+  // sign bits 8p + 3 and 8p + 7 to bits 15 and 31: byte p of u << 4 and of u as bytes 1 and 3
+  const unsigned int sgn = KI_PRMT(u << 4, u, (p << 4) | ((p + 4u) << 12));
+  return mag | (sgn & 0x80008000u);
 }
 // Order-preserving map of fp32 to uint32: a > b  <=>  key(a) > key(b) (for non-NaN)
 KI_FN unsigned int ki_order_key(float f) {
@@ -1013,8 +1050,21 @@ _KEY_TILE = {
           const int g = i % (KC / 32);
           const unsigned int vw[4] = {kv[j].x, kv[j].y, kv[j].z, kv[j].w};
           const unsigned int sb = ksv[j];
-          if (IDEC && n0 + r < N && sb >= 3u && sb <= 251u) {
-            // IDEC: bf16 bits from integer operations (the same bits as the fp32 path
+          if (IDEC == 2 && n0 + r < N && sb >= 3u && sb <= 251u) {
+            // IDEC 2: the same bits by byte permutes from this group's tables
+            const unsigned int lb0 = ki_e2m1_table(sb, 0u), hb0 = ki_e2m1_table(sb, 1u);
+            const unsigned int lb1 = ki_e2m1_table(sb, 2u), hb1 = ki_e2m1_table(sb, 3u);
+            KI_UNROLL
+            for (int jj = 0; jj < 4; ++jj) {
+              const unsigned int u = vw[jj];
+              ki_put8_bf16(kb + r * LDK + 32 * g + 8 * jj,
+                           KI_UINT4(ki_e2m1x2_lut(u, 0u, lb0, hb0, lb1, hb1),
+                                    ki_e2m1x2_lut(u, 1u, lb0, hb0, lb1, hb1),
+                                    ki_e2m1x2_lut(u, 2u, lb0, hb0, lb1, hb1),
+                                    ki_e2m1x2_lut(u, 3u, lb0, hb0, lb1, hb1)));
+            }
+          } else if (IDEC == 1 && n0 + r < N && sb >= 3u && sb <= 251u) {
+            // IDEC 1: bf16 bits from integer operations (the same bits as the fp32 path
             // below, ~20% fewer instructions: 112 vs 136 SASS for 8 codes)
             KI_UNROLL
             for (int jj = 0; jj < 4; ++jj) {
@@ -1024,7 +1074,7 @@ _KEY_TILE = {
                                     ki_e2m1x2_bf16(u >> 16, sb), ki_e2m1x2_bf16(u >> 24, sb)));
             }
           } else {
-            // the fp32 product rounded to the tile's type; with IDEC only for rows past N
+            // the fp32 product rounded to the tile's type; with IDEC 1 / 2 only for rows past N
             // (zeros) and scales at the ends of the range (subnormal or infinite products)
             const float s = n0 + r < N ? ki_e8m0(sb) : 0.0f;
             KI_UNROLL
@@ -1084,8 +1134,9 @@ _SCORE_MMA_BODY = """\
   // tile's together with the queries. A group then waits on memory about once a tile.
   // Grid: (ceil(N / (NB TPT)) * TPG, T, B) threads in threadgroups of (TPG, 1, 1), TPG = 32 NW.
   // Template: D, H (multiple of 16), NW, KC (multiple of 32 dividing D; D with QRES), SMEM4
-  // (float4 words of the shared tile area), QRES, TPT (tiles a group), IDEC (0/1: how FP4
-  // keys are decoded; the same bits either way), MMAPTX (0/1: CUDA's matrix products by
+  // (float4 words of the shared tile area), QRES, TPT (tiles a group), IDEC (0/1/2: how FP4
+  // keys are decoded, fp32 products / integer operations / byte-permute tables; the same
+  // bits every way), MMAPTX (0/1: CUDA's matrix products by
   // nvcuda::wmma or by ldmatrix + mma.sync; other dialects ignore it).
   static_assert(!QRES || KC == D, "resident queries: one chunk of all D dims");
   constexpr int NB = 16 * NW;
@@ -1213,7 +1264,8 @@ def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
     """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
     f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]
     f32. Template: D, H, NW, KC, SMEM4, QRES (see `mma_layout`), TPT (tiles a group), IDEC
-    (the FP4 keys' decode: fp32 products, or the same bits from integers), MMAPTX (CUDA:
+    (the FP4 keys' decode: fp32 products, or the same bits from integer operations, 1, or
+    from byte-permute tables, 2), MMAPTX (CUDA:
     wmma, or ldmatrix + mma.sync)."""
     if key_mode not in _KEY_TILE:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
