@@ -29,6 +29,8 @@
 #         with OLD_TREE, that tree's first (GPUTIME_LINES lines of each table, default 40)
 # ixdetail  the indexer's default launches at 64K under ncu's speed-of-light, occupancy and
 #         warp-state sections (what each launch waits on)
+# launchcost  bench/launch_cost.py: a custom-kernel launch's host cost (graph build and
+#         evaluation) by source size, 0.5-40 KB
 # ixsource  where the scorer (MMAPTX 1, IDEC 0 and 2) and the top-k's two launches stall,
 #         per SASS instruction: ncu's source counters at 64K, the source page as CSV
 #         ($OUT/ixsource_*.csv; summarise here with bench/ncu_source.py)
@@ -127,6 +129,8 @@ for step in "${steps[@]}"; do
         --defaults-only > "$OUT/ixdetail.log" 2>&1
       grep -E "dsv4_indexer|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Memory Throughput|Compute \(SM\)|Block Size|Grid Size|Waves Per SM" \
         "$OUT/ixdetail.log" | head -${IXDETAIL_LINES:-140} ;;
+    launchcost)
+      timeout 120 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -8 ;;
     ixsource)
       # --defaults-only's launches at one N, in order: score (idec, mmaptx) = (0,1) (1,1) (2,1)
       # (0,0), three calls each, then select walk 0 (two launches a call) three calls: the

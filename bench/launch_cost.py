@@ -1,0 +1,103 @@
+"""What one custom-kernel launch costs the host, and how much of it grows with the kernel's
+source text (GPU only: `mx.fast.cuda_kernel` / `mx.fast.metal_kernel`).
+
+    python bench/launch_cost.py [--calls 2000] [--chain 64] [--csv FILE]
+
+MLX builds the whole kernel source (its prelude, our header, the body) into a string at
+every call of a custom kernel, and MLX's CUDA backend hashes that string at every
+evaluation. Our kernels carry a ~11 KB dialect header each. This script times, for a trivial
+copy kernel with bodies padded by comment text to 0.5, 10, 20 and 40 KB:
+
+* build: the Python call that adds one launch to the graph (no evaluation), median of
+  ``--calls`` calls;
+* eval: ``--chain`` launches chained (each reads the previous one's output) evaluated at
+  once, per launch, median of 20 rounds (includes the GPU's ~2-3 us a launch).
+
+It prints one table row per size. The difference between rows is what trimming a kernel's
+source would save a launch; a decode step makes ~150 launches (4 layers: ~60 custom).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+
+from common import write_rows_csv  # noqa: E402
+
+_BODY = {
+    "cuda": "  const int i = blockIdx.x * blockDim.x + threadIdx.x;\n"
+            "  if (i < 256) y[i] = x[i] + 1.0f;\n",
+    "metal": "  const uint i = thread_position_in_grid.x;\n"
+             "  if (i < 256) y[i] = x[i] + 1.0f;\n",
+}
+
+
+def _kernel(backend: str, pad: int, tag: str):
+    line = "// " + "padding text of a comment, as a kernel's header carries " * 2 + "\n"
+    header = (line * (pad // len(line) + 1))[:pad] if pad else ""
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    return make(name=f"launch_cost_{tag}_{pad}", input_names=["x"], output_names=["y"],
+                source=_BODY[backend], header=header, ensure_row_contiguous=True)
+
+
+def _launch(kern, x):
+    return kern(inputs=[x], output_shapes=[(256,)], output_dtypes=[mx.float32],
+                grid=(256, 1, 1), threadgroup=(256, 1, 1), stream=mx.gpu)[0]
+
+
+def measure(backend: str, pad: int, calls: int, chain: int, tag: str) -> dict:
+    kern = _kernel(backend, pad, tag)
+    x = mx.zeros((256,), mx.float32)
+    mx.eval(_launch(kern, x))  # compile once
+    build = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        _launch(kern, x)
+        build.append(time.perf_counter() - t0)
+    evals = []
+    for _ in range(20):
+        y = x
+        for _ in range(chain):
+            y = _launch(kern, y)
+        t0 = time.perf_counter()
+        mx.eval(y)
+        evals.append((time.perf_counter() - t0) / chain)
+    return {"backend": backend, "source_kb": round((pad + len(_BODY[backend])) / 1024, 1),
+            "build_us": round(1e6 * statistics.median(build), 2),
+            "eval_us_a_launch": round(1e6 * statistics.median(evals), 2)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--chain", type=int, default=64)
+    ap.add_argument("--csv", default=None)
+    args = ap.parse_args(argv)
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        backend = "cuda"
+    elif mx.metal.is_available():
+        backend = "metal"
+    else:
+        print("launch_cost: needs a GPU (MLX's CUDA or Metal backend); nothing measured.")
+        return 1
+    tag = str(int(time.time()))  # fresh kernel names: no cached library from another run
+    rows = [measure(backend, pad, args.calls, args.chain, tag)
+            for pad in (0, 10240, 20480, 40960)]
+    print(f"{backend}: host cost of one custom-kernel launch by source size (medians)")
+    print("| source KB | build us | eval us a launch |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['source_kb']} | {r['build_us']} | {r['eval_us_a_launch']} |")
+    if args.csv:
+        write_rows_csv(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
