@@ -109,6 +109,8 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--compile", action="store_true",
+                    help="one-token MoE halves as compiled functions (DSV4_COMPILE_DECODE=1)")
     ap.add_argument("--build-time", type=int, default=0, metavar="N",
                     help="also time building one decode step's graph (Python, no evaluation) "
                          "N times, each on a fresh copy of the state; prints the median")
@@ -126,8 +128,11 @@ def main():
     # made (and evaluated) once, at their first use, and are not part of a step's graph
     from dsv4_mlx.cache import restore, snapshot
 
-    warm = restore(snapshot(cache))
-    mx.eval(model(mx.array([[tokens[a.context]]]), cache=warm), [c.state for c in warm])
+    if a.compile:
+        model.set_compile_decode(True)
+    for _ in range(2 if a.compile else 1):  # (compiled: the second step traces)
+        warm = restore(snapshot(cache))
+        mx.eval(model(mx.array([[tokens[a.context]]]), cache=warm), [c.state for c in warm])
     p = count_primitives(model, cache)
     views = sum(v for k, v in p["by_op"].items() if k in VIEWS)
     print(f"{a.tree}: ratios {args.compress_ratios[:a.layers]}, context {a.context}: "

@@ -6,6 +6,7 @@ every position, ``model.make_cache()``, ``model.layers``, ``model.sanitize(weigh
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Dict, List, Optional
 
@@ -34,8 +35,32 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded into this model."""
 
 
+#: environment variable: "1" runs the MoE half of every block in one-token steps as an
+#: `mx.compile`d function (see `Block`), "0" (the default) as plain calls
+COMPILE_ENV = "DSV4_COMPILE_DECODE"
+
+
+def compile_decode_default() -> bool:
+    """Whether `COMPILE_ENV` asks for the compiled one-token MoE half."""
+    raw = os.environ.get(COMPILE_ENV, "0").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{COMPILE_ENV}={raw!r}: expected 0 or 1")
+    return raw == "1"
+
+
 class Block(nn.Module):
-    """One decoder block (spec §4.2): mHC around attention, then around the MoE."""
+    """One decoder block (spec §4.2): mHC around attention, then around the MoE.
+
+    With `compile_decode`, a one-token step runs the MoE half (mHC pre, router, experts,
+    shared expert, mHC post: no state) as one `mx.compile`d function of (streams, token ids):
+    traced at the block's second one-token call (the first runs plainly: first-use work such
+    as fusing w1/w3 happens there), then replayed by MLX without rebuilding its graph in
+    Python. The weights are constants of the traced function: changing them (`update`,
+    `update_modules`, `load_weights`, here or on the model) drops it.
+    """
+
+    #: see the class docstring; `Model` sets it on every block (default `COMPILE_ENV`)
+    compile_decode: bool = False
 
     def __init__(self, args: ModelArgs, ratio: int, hash_routed: bool):
         super().__init__()
@@ -63,10 +88,35 @@ class Block(nn.Module):
         h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                  self.attn_norm)
         X = hc_post(X, self.attn(h, cache), post, comb)
+        if self.compile_decode and X.shape[1] == 1:
+            f = self.__dict__.get("_ffn_compiled")
+            if f is None and self.__dict__.get("_ffn_warm"):
+                f = mx.compile(self._ffn_half)
+                object.__setattr__(self, "_ffn_compiled", f)
+            if f is not None:
+                return f(X, input_ids)
+            object.__setattr__(self, "_ffn_warm", True)
+        return self._ffn_half(X, input_ids)
+
+    def _ffn_half(self, X: mx.array, input_ids: mx.array) -> mx.array:
+        """The mHC site around the MoE: streams [B, S, n, D] -> streams."""
         h, post, comb = self._hc(X, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base,
                                  self.ffn_norm)
         routed, shared = self.ffn.branches(h, input_ids)
         return hc_post(X, shared, post, comb, routed)  # the MoE's sum happens in hc_post
+
+    def drop_compiled(self) -> None:
+        """Forget the traced MoE half (its weights are about to change)."""
+        self.__dict__.pop("_ffn_compiled", None)
+        self.__dict__.pop("_ffn_warm", None)
+
+    def update(self, parameters: dict, strict: bool = True) -> "Block":
+        self.drop_compiled()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "Block":
+        self.drop_compiled()
+        return super().update_modules(modules, strict=strict)
 
 
 class MTPBlock(Block):
@@ -119,6 +169,27 @@ class Model(nn.Module):
         self.head = nn.Linear(D, args.vocab_size, bias=False)
         if args.num_nextn_predict_layers:
             self.mtp = [MTPBlock(args, i) for i in range(args.num_nextn_predict_layers)]
+        self.set_compile_decode(compile_decode_default())
+
+    # -- compiled one-token MoE halves (see `Block`) --------------------------------------------
+    def _blocks(self):
+        return list(self.layers) + list(getattr(self, "mtp", None) or [])
+
+    def set_compile_decode(self, on: bool) -> None:
+        """Run (or stop running) every block's one-token MoE half as a compiled function."""
+        for b in self._blocks():
+            b.drop_compiled()
+            b.compile_decode = bool(on)
+
+    def update(self, parameters: dict, strict: bool = True) -> "Model":
+        for b in self._blocks():
+            b.drop_compiled()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "Model":
+        for b in self._blocks():
+            b.drop_compiled()
+        return super().update_modules(modules, strict=strict)
 
     # -- forward -----------------------------------------------------------------------------
     def __call__(

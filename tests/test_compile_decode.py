@@ -1,0 +1,107 @@
+"""The compiled one-token MoE half (`Block.compile_decode`, `DSV4_COMPILE_DECODE`): the same
+logits as the plain calls, bit for bit, in decode, MTP and after a weight change."""
+
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import FLASH_LIKE, prefill_then_decode
+
+from dsv4_mlx.model import Model, ModelArgs
+from dsv4_mlx.model import model as model_mod
+from dsv4_mlx.random_weights import load_random
+
+# MLX's CPU backend compiles fused elementwise kernels with the system's C++ compiler
+needs_cxx = pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                               reason="no C++ compiler for MLX's CPU compile")
+IDS = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50]])
+
+
+def _model(seed=3, **over):
+    return load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, **over))), seed=seed)
+
+
+def test_env_switch(monkeypatch):
+    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    assert not model_mod.compile_decode_default()
+    m = _model(num_hidden_layers=3, compress_ratios=[0, 4, 8, 0])
+    assert not any(b.compile_decode for b in m._blocks())
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "1")
+    m = _model(num_hidden_layers=3, compress_ratios=[0, 4, 8, 0])
+    assert all(b.compile_decode for b in m._blocks()) and len(m._blocks()) == 4
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "yes")
+    with pytest.raises(ValueError, match="expected 0 or 1"):
+        model_mod.compile_decode_default()
+
+
+@needs_cxx
+def test_compiled_decode_logits_equal_plain(monkeypatch):
+    """Prefill 11 tokens, then 6 one-token steps: the steps after the first run the traced
+    MoE halves; every logit equals the plain run's, and they really ran compiled."""
+    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    m = _model()
+    want = prefill_then_decode(m, IDS, 11)
+    m.set_compile_decode(True)
+    got = prefill_then_decode(m, IDS, 11)
+    assert all("_ffn_compiled" in b.__dict__ for b in m.layers)
+    np.testing.assert_array_equal(got, want)
+    # the MTP block's one-token prediction goes through the same compiled path
+    streams = m(IDS[:, :11], return_streams=True)[1]
+    for on in (False, True, True):
+        m.set_compile_decode(on)
+        cache = m.make_mtp_cache()
+        outs = [np.array(m.mtp_predict(streams[:, i:i + 1], IDS[:, i + 1:i + 2], cache)[0])
+                for i in range(4)]
+        if not on:
+            ref = outs
+        else:
+            np.testing.assert_array_equal(np.stack(outs), np.stack(ref))
+    assert "_ffn_compiled" in m.mtp[0].__dict__
+
+
+@needs_cxx
+def test_weight_change_drops_the_traced_function(monkeypatch):
+    """Weights are constants of the traced function: loading others re-traces it."""
+    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    m = _model(seed=5, num_nextn_predict_layers=0)
+    m.set_compile_decode(True)
+    prefill_then_decode(m, IDS, 12)
+    assert all("_ffn_compiled" in b.__dict__ for b in m.layers)
+    other = _model(seed=6, num_nextn_predict_layers=0)
+    want = prefill_then_decode(other, IDS, 12)
+    m.load_weights(list(_flat(other.parameters())))
+    assert not any("_ffn_compiled" in b.__dict__ for b in m.layers)
+    np.testing.assert_array_equal(prefill_then_decode(m, IDS, 12), want)
+    # a block's own update drops its function too
+    b = m.layers[2]
+    assert "_ffn_compiled" in b.__dict__
+    b.update({"ffn_norm": {"weight": b.ffn_norm.weight * 2}})
+    assert "_ffn_compiled" not in b.__dict__
+
+
+def _flat(tree, prefix=""):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree, prefix)
+
+
+GPU_BACKENDS = __import__("dsv4_mlx.kernels.dispatch", fromlist=["x"]).available_backends()
+
+
+@pytest.mark.skipif(not GPU_BACKENDS, reason="no Metal or CUDA backend in this MLX")
+def test_gpu_compiled_decode_logits_equal_plain(monkeypatch, clean_dispatch):
+    """On the GPU, with the kernels as dispatched: the compiled MoE halves give the plain
+    calls' logits (prefill 11, then 6 one-token steps), bit for bit."""
+    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    old = mx.default_device()
+    mx.set_default_device(mx.gpu)
+    try:
+        m = _model(num_nextn_predict_layers=0)
+        want = prefill_then_decode(m, IDS, 11)
+        m.set_compile_decode(True)
+        got = prefill_then_decode(m, IDS, 11)
+        assert all("_ffn_compiled" in b.__dict__ for b in m.layers)
+    finally:
+        mx.set_default_device(old)
+    np.testing.assert_array_equal(got, want)
