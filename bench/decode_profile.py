@@ -3,6 +3,7 @@ generation loop (mlx-lm's `generate_step`, which builds step t+1 while step t ru
 
     python bench/decode_profile.py --preset flash --layers 4 --experts 64 --context 4096
     python bench/decode_profile.py ... --compare DSV4_ATTN_KERNEL   # one kernel family off / on
+    python bench/decode_profile.py ... --compare DSV4_COMPILE_DECODE  # plain / compiled MoE halves
 
 Prints, per mode, the median milliseconds of one decode step over `--steps` tokens, and the
 primitives of one step split into views (no kernel) and the rest.
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_decode import build  # noqa: E402
 
 from dsv4_mlx.bench import count_primitives, decode_steps, pipelined_step_times  # noqa: E402
+from dsv4_mlx.model.model import COMPILE_ENV  # noqa: E402
 
 VIEWS = {"Reshape", "Transpose", "ExpandDims", "Broadcast", "BroadcastAxes", "Unflatten", "Flatten",
          "Squeeze", "Slice", "View float32", "View uint32", "View bfloat16", "View uint8", "Copy"}
@@ -59,10 +61,15 @@ def main():
     print(f"device {mx.default_device()}, {a.preset} dims, {a.layers} layers, {a.experts} experts, "
           f"context {a.context}")
     variants = [("as is", None)]
-    if a.compare:  # the same model and state with one kernel family forced to the ops path
+    if a.compare == COMPILE_ENV:  # the same model and state, plain vs compiled MoE halves
+        variants = [("plain", "0"), ("compiled MoE halves", "1")]
+    elif a.compare:  # the same model and state with one kernel family forced to the ops path
         variants = [(f"{a.compare}=ops", "ops"), ("kernels (auto)", None)]
     def use(val):
         if a.compare is None:
+            return
+        if a.compare == COMPILE_ENV:
+            model.set_compile_decode(val == "1")  # (traced again by the warm-up steps below)
             return
         # "auto" rather than unset: an opt-in family (DSV4_QGEMV_MXFP8_KERNEL) is off when unset
         os.environ[a.compare] = "auto" if val is None else val
@@ -70,6 +77,9 @@ def main():
     counts = {}
     for name, val in variants:  # counted at one and the same position
         use(val)
+        if a.compare == COMPILE_ENV and val == "1":  # (the first step runs plain, the second traces)
+            for _ in range(2):
+                count_primitives(model, cache)
         prims = counts[name] = count_primitives(model, cache)
         views = sum(v for k, v in prims["by_op"].items() if k in VIEWS)
         print(f"[{name}] primitives per step {prims['total']} ({prims['per_layer']:.1f}/layer): "

@@ -29,6 +29,8 @@
 #         with OLD_TREE, that tree's first (GPUTIME_LINES lines of each table, default 40)
 # ixdetail  the indexer's default launches at 64K under ncu's speed-of-light, occupancy and
 #         warp-state sections (what each launch waits on)
+# compile bench/decode_profile.py --compare DSV4_COMPILE_DECODE: build vs evaluation of a
+#         step with plain and with compiled MoE halves (same process, same state; 4K context)
 # launchcost  bench/launch_cost.py: a custom-kernel launch's host cost (graph build and
 #         evaluation) by source size, 0.5-40 KB
 # ixsource  where the scorer (MMAPTX 1, IDEC 0 and 2) and the top-k's two launches stall,
@@ -129,6 +131,11 @@ for step in "${steps[@]}"; do
         --defaults-only > "$OUT/ixdetail.log" 2>&1
       grep -E "dsv4_indexer|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Memory Throughput|Compute \(SM\)|Block Size|Grid Size|Waves Per SM" \
         "$OUT/ixdetail.log" | head -${IXDETAIL_LINES:-140} ;;
+    compile)
+      timeout ${COMPILE_TIMEOUT:-150} python bench/decode_profile.py --preset flash --layers 4 \
+        --experts 64 --context 4096 --steps 24 --rounds 2 --compare DSV4_COMPILE_DECODE \
+        > "$OUT/compile.log" 2>&1
+      grep -E "primitives per step|round|plain|compiled" "$OUT/compile.log" | grep -v "by op" | tail -8 ;;
     launchcost)
       timeout 120 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -8 ;;
     ixsource)
