@@ -3,7 +3,7 @@ generation loop (mlx-lm's `generate_step`, which builds step t+1 while step t ru
 
     python bench/decode_profile.py --preset flash --layers 4 --experts 64 --context 4096
     python bench/decode_profile.py ... --compare DSV4_ATTN_KERNEL   # one kernel family off / on
-    python bench/decode_profile.py ... --compare DSV4_COMPILE_DECODE  # plain / compiled MoE halves
+    python bench/decode_profile.py ... --compare DSV4_COMPILE_DECODE  # plain / compiled decode parts
 
 Prints, per mode, the median milliseconds of one decode step over `--steps` tokens, and the
 primitives of one step split into views (no kernel) and the rest.
@@ -61,8 +61,8 @@ def main():
     print(f"device {mx.default_device()}, {a.preset} dims, {a.layers} layers, {a.experts} experts, "
           f"context {a.context}")
     variants = [("as is", None)]
-    if a.compare == COMPILE_ENV:  # the same model and state, plain vs compiled MoE halves
-        variants = [("plain", "0"), ("compiled MoE halves", "1")]
+    if a.compare == COMPILE_ENV:  # the same model and state, plain vs compiled decode parts
+        variants = [("plain", "0"), ("compiled", "1")]
     elif a.compare:  # the same model and state with one kernel family forced to the ops path
         variants = [(f"{a.compare}=ops", "ops"), ("kernels (auto)", None)]
     def use(val):

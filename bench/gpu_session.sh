@@ -30,7 +30,7 @@
 # ixdetail  the indexer's default launches at 64K under ncu's speed-of-light, occupancy and
 #         warp-state sections (what each launch waits on)
 # compile bench/decode_profile.py --compare DSV4_COMPILE_DECODE: build vs evaluation of a
-#         step with plain and with compiled MoE halves (same process, same state; 4K context)
+#         step with plain and with compiled decode parts (same process, same state; 4K context)
 # launchcost  bench/launch_cost.py: a custom-kernel launch's host cost (graph build and
 #         evaluation) by source size, 0.5-40 KB
 # ixsource  where the scorer (MMAPTX 1, IDEC 0 and 2) and the top-k's two launches stall,

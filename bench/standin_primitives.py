@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--compile", action="store_true",
-                    help="one-token MoE halves as compiled functions (DSV4_COMPILE_DECODE=1)")
+                    help="a decode step's stateless parts as compiled functions (DSV4_COMPILE_DECODE=1)")
     ap.add_argument("--build-time", type=int, default=0, metavar="N",
                     help="also time building one decode step's graph (Python, no evaluation) "
                          "N times, each on a fresh copy of the state; prints the median")

@@ -1,5 +1,6 @@
-"""The compiled one-token MoE half (`Block.compile_decode`, `DSV4_COMPILE_DECODE`): the same
-logits as the plain calls, bit for bit, in decode, MTP and after a weight change."""
+"""The compiled decode parts (`Block.compile_decode`, `DSV4_COMPILE_DECODE`: the mHC steps,
+projections and MoE of a decode step as traced functions): the same logits as the plain
+calls, bit for bit, in decode, MTP and after a weight change."""
 
 import shutil
 
@@ -38,13 +39,13 @@ def test_env_switch(monkeypatch):
 @needs_cxx
 def test_compiled_decode_logits_equal_plain(monkeypatch):
     """Prefill 11 tokens, then 6 one-token steps: the steps after the first run the traced
-    MoE halves; every logit equals the plain run's, and they really ran compiled."""
+    decode parts; every logit equals the plain run's, and they really ran compiled."""
     monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
     m = _model()
     want = prefill_then_decode(m, IDS, 11)
     m.set_compile_decode(True)
     got = prefill_then_decode(m, IDS, 11)
-    assert all("_ffn_compiled" in b.__dict__ for b in m.layers)
+    assert all("_compiled" in b.__dict__ for b in m.layers)
     np.testing.assert_array_equal(got, want)
     # the MTP block's one-token prediction goes through the same compiled path
     streams = m(IDS[:, :11], return_streams=True)[1]
@@ -57,7 +58,7 @@ def test_compiled_decode_logits_equal_plain(monkeypatch):
             ref = outs
         else:
             np.testing.assert_array_equal(np.stack(outs), np.stack(ref))
-    assert "_ffn_compiled" in m.mtp[0].__dict__
+    assert "_compiled" in m.mtp[0].__dict__
 
 
 @needs_cxx
@@ -67,17 +68,17 @@ def test_weight_change_drops_the_traced_function(monkeypatch):
     m = _model(seed=5, num_nextn_predict_layers=0)
     m.set_compile_decode(True)
     prefill_then_decode(m, IDS, 12)
-    assert all("_ffn_compiled" in b.__dict__ for b in m.layers)
+    assert all("_compiled" in b.__dict__ for b in m.layers)
     other = _model(seed=6, num_nextn_predict_layers=0)
     want = prefill_then_decode(other, IDS, 12)
     m.load_weights(list(_flat(other.parameters())))
-    assert not any("_ffn_compiled" in b.__dict__ for b in m.layers)
+    assert not any("_compiled" in b.__dict__ for b in m.layers)
     np.testing.assert_array_equal(prefill_then_decode(m, IDS, 12), want)
     # a block's own update drops its function too
     b = m.layers[2]
-    assert "_ffn_compiled" in b.__dict__
+    assert "_compiled" in b.__dict__
     b.update({"ffn_norm": {"weight": b.ffn_norm.weight * 2}})
-    assert "_ffn_compiled" not in b.__dict__
+    assert "_compiled" not in b.__dict__
 
 
 def _flat(tree, prefix=""):
@@ -91,7 +92,7 @@ GPU_BACKENDS = __import__("dsv4_mlx.kernels.dispatch", fromlist=["x"]).available
 
 @pytest.mark.skipif(not GPU_BACKENDS, reason="no Metal or CUDA backend in this MLX")
 def test_gpu_compiled_decode_logits_equal_plain(monkeypatch, clean_dispatch):
-    """On the GPU, with the kernels as dispatched: the compiled MoE halves give the plain
+    """On the GPU, with the kernels as dispatched: the compiled decode parts give the plain
     calls' logits (prefill 11, then 6 one-token steps), bit for bit."""
     monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
     old = mx.default_device()
@@ -101,7 +102,7 @@ def test_gpu_compiled_decode_logits_equal_plain(monkeypatch, clean_dispatch):
         want = prefill_then_decode(m, IDS, 11)
         m.set_compile_decode(True)
         got = prefill_then_decode(m, IDS, 11)
-        assert all("_ffn_compiled" in b.__dict__ for b in m.layers)
+        assert all("_compiled" in b.__dict__ for b in m.layers)
     finally:
         mx.set_default_device(old)
     np.testing.assert_array_equal(got, want)

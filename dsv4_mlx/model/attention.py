@@ -151,6 +151,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, c = self.n_heads, self.head_dim
         s = cache.offset
+        if B * T == 1 and s > 0:  # one token continuing one sequence
+            return self._project(self.decode_core(x, self.decode_pre(x), cache))
 
         decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
         qr = self.q_norm(self.wq_a(x))
@@ -168,21 +170,13 @@ class Attention(nn.Module):
         n_dense = 0
         if self.ratio:
             x32 = x.astype(mx.float32)  # the compressors' projections are fp32; cast once
-            N = self.compressor(x, cache.comp, s, self.rope, x32)
-            if N and (self.ratio != 4 or N <= self.indexer.topk):
-                # HCA, or CSA while N <= top-k (the selection is every visible entry)
-                if self.ratio == 4:
-                    self.indexer.compressor(x, cache.index, s, self.rope, x32)  # keep its keys
-                n_dense = N
-                if not decode:  # a one-query step sees every entry (see _decode_attention)
-                    dense = cache.comp.entries
-                    dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
-            elif N:
-                idx = self.indexer(x, qr, cache.index, s, self.rope, x32)  # [B, T, k]
-                if not decode:
-                    sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
-            elif self.ratio == 4:
-                self.indexer.compressor(x, cache.index, s, self.rope, x32)
+            n_dense, idx = self._compressed(x, qr, cache, s, x32)
+            if n_dense and not decode:  # a one-query step sees every entry (_decode_attention)
+                N = n_dense
+                dense = cache.comp.entries
+                dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
+            elif idx is not None and not decode:
+                sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
 
         W = cache.window
         if decode:
@@ -209,6 +203,47 @@ class Attention(nn.Module):
         cache.update_ring(parts)
         cache.advance(T)
         return self._output(o, s)
+
+    def _compressed(self, x, qr, cache: LayerCache, s: int, x32):
+        """The compressed branch's state update and choice: (n_dense, idx). Every entry the
+        compressor has emitted (HCA; CSA while they number <= top-k: the selection is all of
+        them) is attended densely (n_dense = their count, idx None), or the indexer picks
+        top-k of them (idx [B, T, k]); the CSA indexer's own compressor keeps its keys
+        either way."""
+        N = self.compressor(x, cache.comp, s, self.rope, x32)
+        if N and (self.ratio != 4 or N <= self.indexer.topk):
+            if self.ratio == 4:
+                self.indexer.compressor(x, cache.index, s, self.rope, x32)  # keep its keys
+            return N, None
+        if N:
+            return 0, self.indexer(x, qr, cache.index, s, self.rope, x32)
+        if self.ratio == 4:
+            self.indexer.compressor(x, cache.index, s, self.rope, x32)
+        return 0, None
+
+    # -- one token continuing one sequence (B = T = 1, offset > 0): the stateless projections
+    # (`decode_pre`), what reads and writes the cache (`decode_core`), then `_project`; a block
+    # with `compile_decode` runs the first and the last inside compiled functions
+    def decode_pre(self, x: mx.array) -> list:
+        """[qr, wq_b(qr), wkv(x)] (+ x in fp32 for the compressors) of one token x [1, 1, D]."""
+        qr = self.q_norm(self.wq_a(x))
+        parts = [qr, self.wq_b(qr), self.wkv(x)]
+        if self.ratio:
+            parts.append(x.astype(mx.float32))  # the compressors' projections are fp32
+        return parts
+
+    def decode_core(self, x: mx.array, parts: list, cache: LayerCache) -> mx.array:
+        """The cache's part of one decode step (norms and RoPEs with the KV store, the
+        compressors, the indexer, the attention); the output before `_project`."""
+        s = cache.offset
+        qr, qb, kvp = parts[:3]
+        # both norms and RoPEs in one kernel on a GPU, which also stores the KV into the ring
+        # (then kv is None: stored)
+        q, kv = norm_rope(qb, kvp, self.kv_norm, self.eps, self.rope, s, cache)
+        n_dense, idx = self._compressed(x, qr, cache, s, parts[3]) if self.ratio else (0, None)
+        o = self._decode_attention(q, kv, cache, n_dense, idx)
+        cache.advance(1)
+        return o
 
     def _output(self, o: mx.array, s: int) -> mx.array:
         """Inverse RoPE at the query positions (undo the position carried by V), then the

@@ -35,13 +35,13 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded into this model."""
 
 
-#: environment variable: "1" runs the MoE half of every block in one-token steps as an
-#: `mx.compile`d function (see `Block`), "0" (the default) as plain calls
+#: environment variable: "1" runs every block's stateless parts of a decode step as
+#: `mx.compile`d functions (see `Block`), "0" (the default) as plain calls
 COMPILE_ENV = "DSV4_COMPILE_DECODE"
 
 
 def compile_decode_default() -> bool:
-    """Whether `COMPILE_ENV` asks for the compiled one-token MoE half."""
+    """Whether `COMPILE_ENV` asks for the compiled decode parts."""
     raw = os.environ.get(COMPILE_ENV, "0").strip()
     if raw not in ("0", "1"):
         raise ValueError(f"{COMPILE_ENV}={raw!r}: expected 0 or 1")
@@ -51,12 +51,14 @@ def compile_decode_default() -> bool:
 class Block(nn.Module):
     """One decoder block (spec §4.2): mHC around attention, then around the MoE.
 
-    With `compile_decode`, a one-token step runs the MoE half (mHC pre, router, experts,
-    shared expert, mHC post: no state) as one `mx.compile`d function of (streams, token ids):
-    traced at the block's second one-token call (the first runs plainly: first-use work such
-    as fusing w1/w3 happens there), then replayed by MLX without rebuilding its graph in
-    Python. The weights are constants of the traced function: changing them (`update`,
-    `update_modules`, `load_weights`, here or on the model) drops it.
+    With `compile_decode`, a decode step (one token continuing one sequence) runs all that
+    does not touch the cache as two `mx.compile`d functions: before the attention's cache
+    part, the mHC pre step and the query / KV projections (`_decode_pre`); after it, the
+    output projection, the mHC post step and the whole MoE half (`_decode_post`). They are
+    traced at the block's second decode call (the first runs plainly: first-use work such as
+    fusing w1/w3 happens there), then replayed by MLX without rebuilding their graphs in
+    Python. The weights are constants of the traced functions: changing them (`update`,
+    `update_modules`, `load_weights`, here or on the model) drops them.
     """
 
     #: see the class docstring; `Model` sets it on every block (default `COMPILE_ENV`)
@@ -85,17 +87,19 @@ class Block(nn.Module):
                       norm)
 
     def __call__(self, X: mx.array, input_ids: mx.array, cache: LayerCache) -> mx.array:
+        if self.compile_decode and X.shape[0] * X.shape[1] == 1 and cache.offset > 0:
+            f = self.__dict__.get("_compiled")
+            if f is None and self.__dict__.get("_warm"):
+                f = (mx.compile(self._decode_pre), mx.compile(self._decode_post))
+                object.__setattr__(self, "_compiled", f)
+            if f is not None:
+                pre, post_fn = f
+                h, post, comb, *parts = pre(X)
+                return post_fn(X, self.attn.decode_core(h, parts, cache), post, comb, input_ids)
+            object.__setattr__(self, "_warm", True)
         h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                  self.attn_norm)
         X = hc_post(X, self.attn(h, cache), post, comb)
-        if self.compile_decode and X.shape[1] == 1:
-            f = self.__dict__.get("_ffn_compiled")
-            if f is None and self.__dict__.get("_ffn_warm"):
-                f = mx.compile(self._ffn_half)
-                object.__setattr__(self, "_ffn_compiled", f)
-            if f is not None:
-                return f(X, input_ids)
-            object.__setattr__(self, "_ffn_warm", True)
         return self._ffn_half(X, input_ids)
 
     def _ffn_half(self, X: mx.array, input_ids: mx.array) -> mx.array:
@@ -105,10 +109,21 @@ class Block(nn.Module):
         routed, shared = self.ffn.branches(h, input_ids)
         return hc_post(X, shared, post, comb, routed)  # the MoE's sum happens in hc_post
 
+    # one decode token as [compiled] pre -> attention's cache part -> [compiled] post
+    def _decode_pre(self, X: mx.array) -> list:
+        """The attention's mHC pre step and its stateless projections (`decode_pre`)."""
+        h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
+                                 self.attn_norm)
+        return [h, post, comb, *self.attn.decode_pre(h)]
+
+    def _decode_post(self, X, o, post, comb, input_ids) -> mx.array:
+        """The attention's output projection and mHC post step, then the MoE half."""
+        return self._ffn_half(hc_post(X, self.attn._project(o), post, comb), input_ids)
+
     def drop_compiled(self) -> None:
-        """Forget the traced MoE half (its weights are about to change)."""
-        self.__dict__.pop("_ffn_compiled", None)
-        self.__dict__.pop("_ffn_warm", None)
+        """Forget the traced functions (their weights are about to change)."""
+        self.__dict__.pop("_compiled", None)
+        self.__dict__.pop("_warm", None)
 
     def update(self, parameters: dict, strict: bool = True) -> "Block":
         self.drop_compiled()
@@ -171,12 +186,12 @@ class Model(nn.Module):
             self.mtp = [MTPBlock(args, i) for i in range(args.num_nextn_predict_layers)]
         self.set_compile_decode(compile_decode_default())
 
-    # -- compiled one-token MoE halves (see `Block`) --------------------------------------------
+    # -- compiled decode parts (see `Block`) ----------------------------------------------------
     def _blocks(self):
         return list(self.layers) + list(getattr(self, "mtp", None) or [])
 
     def set_compile_decode(self, on: bool) -> None:
-        """Run (or stop running) every block's one-token MoE half as a compiled function."""
+        """Run (or stop running) every block's decode parts as compiled functions."""
         for b in self._blocks():
             b.drop_compiled()
             b.compile_decode = bool(on)
