@@ -6,11 +6,9 @@
 #   bash bench/gpu_session.sh [STEP ...]     (default: check tests decode)
 #
 # check   `dsv4 check` on the demo model (every kernel family vs the ops path, bf16 mixed-4-8)
-# tests   the GPU tests of the custom kernels not yet confirmed on a GPU with their current
-#         code (after 2026-12-07's sixth session: the indexer scorer's byte-permute FP4
-#         decode, IDEC 2, in test_gpu_mma_scores, opt-in until measured by `IX_DEFAULTS=1 ...
-#         indexer`; the KV store, norm + RoPE and attention files passed that session and are
-#         quick);
+# tests   the GPU tests of the custom kernels (2026-12-07, sixth session: the KV store,
+#         norm + RoPE, attention and indexer files all passed on d8d6302; then the FP4 scorer
+#         tests with IDEC 2 and the compiled-decode test, the only GPU code changed since);
 #         tests-all: then every other kernel's (all that ran passed in the fifth session;
 #         the GEMV's were cut short by the time limit there, all passed the session before);
 #         verbose, so a timeout still shows what passed; TESTS_FILES (space-separated) and
@@ -82,7 +80,7 @@ for step in "${steps[@]}"; do
       DSV4_HOME=${DSV4_HOME:-/tmp/dsv4home} timeout ${CHECK_TIMEOUT:-240} python -m dsv4_mlx check 2>&1 | tail -20 ;;
     tests|tests-all)
       files=(tests/test_kv_store_kernel.py tests/test_norm_rope_kernel.py
-             tests/test_attention_kernel.py tests/test_indexer_kernel.py)
+             tests/test_attention_kernel.py tests/test_indexer_kernel.py tests/test_compile_decode.py)
       [ "$step" = tests-all ] && files+=(tests/test_swiglu_kernel.py tests/test_router_kernel.py \
         tests/test_qgemv_kernel.py tests/test_embed_kernel.py tests/test_mhc_kernel.py \
         tests/test_fp4_round_kernel.py tests/test_gemv_kernel.py)

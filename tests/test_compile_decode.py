@@ -24,7 +24,7 @@ def _model(seed=3, **over):
 
 
 def test_env_switch(monkeypatch):
-    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "0")
     assert not model_mod.compile_decode_default()
     m = _model(num_hidden_layers=3, compress_ratios=[0, 4, 8, 0])
     assert not any(b.compile_decode for b in m._blocks())
@@ -32,15 +32,27 @@ def test_env_switch(monkeypatch):
     m = _model(num_hidden_layers=3, compress_ratios=[0, 4, 8, 0])
     assert all(b.compile_decode for b in m._blocks()) and len(m._blocks()) == 4
     monkeypatch.setenv(model_mod.COMPILE_ENV, "yes")
-    with pytest.raises(ValueError, match="expected 0 or 1"):
+    with pytest.raises(ValueError, match="expected 0, 1 or auto"):
         model_mod.compile_decode_default()
+    # auto: on with the CUDA backend's GPU as the default device, off on the CPU
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "auto")
+    from dsv4_mlx.kernels import dispatch
+    assert model_mod.compile_decode_default() == (
+        mx.default_device() == mx.gpu and dispatch.cuda_available())
+    with mx.stream(mx.cpu):
+        old = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        try:
+            assert not model_mod.compile_decode_default()
+        finally:
+            mx.set_default_device(old)
 
 
 @needs_cxx
 def test_compiled_decode_logits_equal_plain(monkeypatch):
     """Prefill 11 tokens, then 6 one-token steps: the steps after the first run the traced
     decode parts; every logit equals the plain run's, and they really ran compiled."""
-    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "0")
     m = _model()
     want = prefill_then_decode(m, IDS, 11)
     m.set_compile_decode(True)
@@ -64,7 +76,7 @@ def test_compiled_decode_logits_equal_plain(monkeypatch):
 @needs_cxx
 def test_weight_change_drops_the_traced_function(monkeypatch):
     """Weights are constants of the traced function: loading others re-traces it."""
-    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "0")
     m = _model(seed=5, num_nextn_predict_layers=0)
     m.set_compile_decode(True)
     prefill_then_decode(m, IDS, 12)
@@ -94,7 +106,7 @@ GPU_BACKENDS = __import__("dsv4_mlx.kernels.dispatch", fromlist=["x"]).available
 def test_gpu_compiled_decode_logits_equal_plain(monkeypatch, clean_dispatch):
     """On the GPU, with the kernels as dispatched: the compiled decode parts give the plain
     calls' logits (prefill 11, then 6 one-token steps), bit for bit."""
-    monkeypatch.delenv(model_mod.COMPILE_ENV, raising=False)
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "0")
     old = mx.default_device()
     mx.set_default_device(mx.gpu)
     try:

@@ -508,6 +508,8 @@ def test_variants_env(monkeypatch):
     spec = lambda walk=None: dict(ki._topk_spec(1, 1, 65536, 512, 512, 4, 16, False,  # noqa: E731
                                                 walk=walk)[0])
     assert spec()["WALK"] == ki.TOPK_WALK == 0
+    assert ki._idec(None, "cuda") == ki.MMA_INT_DECODE == 2
+    assert ki._idec(None, "metal") == ki.MMA_INT_DECODE_METAL == 0
     monkeypatch.setenv(ki.VARIANTS_ENV, " Walk, idec ")
     assert ki.variants() == {"walk", "idec"}
     assert spec()["WALK"] == 1 and spec(walk=0)["WALK"] == 0

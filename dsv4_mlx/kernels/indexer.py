@@ -200,8 +200,12 @@ def mma_tiles(rows: int, N: int, qres: bool) -> int:
 # vs 72.6 / 71.9 (`bench/indexer.py --profile-parts --defaults-only`): left at 0.
 # 2, the same bits again from two byte-permute tables a scale group (three permutes a pair of
 # codes, one more for their signs: ~3.4 instructions a value against ~14 / ~17), emulation-
-# tested bit for bit; opt-in ("prmt" below) until a GPU has run its tests and timings.
-MMA_INT_DECODE = 0
+# tested bit for bit. The default on CUDA since 2026-12-07 (sixth session, H100): its GPU
+# tests gave bit-identical scores and the 64K scorer took 25.8 us against 35.7 (IDEC 0) and
+# 30.7 (IDEC 1) in the same run. Metal has no byte-permute instruction (the dialect builds it
+# from shifts): 0 there until measured on a Mac.
+MMA_INT_DECODE = 2
+MMA_INT_DECODE_METAL = 0
 # How the CUDA dialect does the scorer's matrix products: 0, nvcuda::wmma (its fragment
 # loads from shared memory compile to generic-address loads, ~47% of the scorer's waiting
 # under Nsight Compute was on such L1TEX loads); 1, ldmatrix + mma.sync in PTX. Other dialects
@@ -211,8 +215,8 @@ MMA_INT_DECODE = 0
 MMA_PTX = 1
 
 # Opt-in variants by name, for measuring them without editing this module: a comma list of
-# "idec" (MMA_INT_DECODE 1), "prmt" (MMA_INT_DECODE 2), "mmaptx" (MMA_PTX), "walk"
-# (TOPK_WALK); read at each call.
+# "idec" (MMA_INT_DECODE 1), "prmt" (MMA_INT_DECODE 2: Metal's default is 0), "mmaptx"
+# (MMA_PTX), "walk" (TOPK_WALK); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
 VARIANT_NAMES = ("idec", "prmt", "mmaptx", "walk")
 _variants: dict = {}
@@ -239,15 +243,20 @@ def _flag(name: str, value, default: int) -> int:
     return 1 if name in variants() else default
 
 
-def _idec(value) -> int:
+def _idec(value, backend: str = "cuda") -> int:
     """The FP4 decode of the matrix-unit scorer: an explicit 0/1/2 `value`, else 2 where
-    `VARIANTS_ENV` names "prmt", 1 where it names "idec", else `MMA_INT_DECODE`."""
+    `VARIANTS_ENV` names "prmt", 1 where it names "idec", else the backend's default
+    (`MMA_INT_DECODE`; Metal: `MMA_INT_DECODE_METAL`)."""
     if value is not None:
         if int(value) not in (0, 1, 2):
             raise ValueError(f"idec must be 0, 1 or 2, got {value!r}")
         return int(value)
     v = variants()
-    return 2 if "prmt" in v else 1 if "idec" in v else MMA_INT_DECODE
+    if "prmt" in v:
+        return 2
+    if "idec" in v:
+        return 1
+    return MMA_INT_DECODE_METAL if backend == "metal" else MMA_INT_DECODE
 
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
@@ -290,7 +299,7 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     key_mode, key_in, N, d = _key_inputs(keys)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  bn, hc, e, mma, tpt,
-                                                 _idec(idec),
+                                                 _idec(idec, backend),
                                                  _flag("mmaptx", mmaptx, MMA_PTX))
     (scores,) = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
@@ -424,7 +433,7 @@ def _plan(backend, q, keys, topk):
     k = min(topk, N)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
-                                                 _idec(None),
+                                                 _idec(None, backend),
                                                  _flag("mmaptx", None, MMA_PTX))
     launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
     TG, U, S = topk_launch(B, T, N, k)

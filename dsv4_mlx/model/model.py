@@ -36,15 +36,23 @@ class WeightsError(ValueError):
 
 
 #: environment variable: "1" runs every block's stateless parts of a decode step as
-#: `mx.compile`d functions (see `Block`), "0" (the default) as plain calls
+#: `mx.compile`d functions (see `Block`), "0" as plain calls; "auto" (the default): compiled
+#: where that has been measured, MLX's CUDA backend with the GPU as default device (2026-12-07,
+#: H100: 260 -> 340 tok/s a step, 395 -> 585 pipelined, bit-identical logits). Not yet on
+#: Metal (never run there) nor on the CPU (MLX compiles fused CPU kernels with a C++
+#: compiler, which a machine may not have).
 COMPILE_ENV = "DSV4_COMPILE_DECODE"
 
 
 def compile_decode_default() -> bool:
     """Whether `COMPILE_ENV` asks for the compiled decode parts."""
-    raw = os.environ.get(COMPILE_ENV, "0").strip()
-    if raw not in ("0", "1"):
-        raise ValueError(f"{COMPILE_ENV}={raw!r}: expected 0 or 1")
+    raw = os.environ.get(COMPILE_ENV, "auto").strip().lower()
+    if raw not in ("0", "1", "auto"):
+        raise ValueError(f"{COMPILE_ENV}={raw!r}: expected 0, 1 or auto")
+    if raw == "auto":
+        from ..kernels import dispatch
+
+        return mx.default_device() == mx.gpu and dispatch.cuda_available()
     return raw == "1"
 
 
