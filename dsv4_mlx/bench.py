@@ -259,7 +259,8 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
     return {"frontiers": [asdict(r) for r in results], "primitives": dict(prims, context=fr[-1]),
             "weight_bytes_per_token": wbytes, "bandwidth_gb_s": bw,
             "device": str(mx.default_device()), "kv_format": getattr(model, "kv_format", "?"),
-            "layers": len(model.layers)}
+            "layers": len(model.layers),
+            "compiled_decode": bool(getattr(model.layers[0], "compile_decode", False))}
 
 
 def write_csv(report: Dict, path: Path) -> None:

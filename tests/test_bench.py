@@ -37,6 +37,7 @@ def test_report_and_csv(tmp_path):
     assert {"context", "prefill_tok_s", "decode_tok_s", "state_bytes", "peak_memory_bytes",
             "primitives_per_layer"} <= set(head)
     assert rep["primitives"]["context"] == 64
+    assert rep["compiled_decode"] is False  # (auto: compiled with CUDA only)
     assert rep["primitives"]["per_layer"] == rows[-1]["primitives_per_layer"]
     p, L = rep["primitives"], len(model.layers)
     assert 0 < p["embed_and_head"] < p["total"]  # the embedding and the head apart

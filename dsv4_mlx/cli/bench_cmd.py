@@ -43,7 +43,9 @@ def bench(
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:
-        t = Table(title=f"dsv4 bench: {model_dir.name} ({report['device']}, {report['layers']} layers, {kv_format})")
+        compiled = ", compiled decode" if report.get("compiled_decode") else ""
+        t = Table(title=f"dsv4 bench: {model_dir.name} ({report['device']}, {report['layers']} "
+                        f"layers, {kv_format}{compiled})")
         for c in ("context", "prefill tok/s", "decode tok/s", "build+eval ms", "pipelined tok/s",
                   "first pass s", "state MiB", "peak MiB", "BW used", "prims/layer"):
             t.add_column(c, justify="right")
