@@ -57,7 +57,7 @@ def test_compiled_decode_logits_equal_plain(monkeypatch):
     want = prefill_then_decode(m, IDS, 11)
     m.set_compile_decode(True)
     got = prefill_then_decode(m, IDS, 11)
-    assert all("_compiled" in b.__dict__ for b in m.layers)
+    assert all(b.is_compiled() for b in m.layers)
     np.testing.assert_array_equal(got, want)
     # the MTP block's one-token prediction goes through the same compiled path
     streams = m(IDS[:, :11], return_streams=True)[1]
@@ -70,7 +70,7 @@ def test_compiled_decode_logits_equal_plain(monkeypatch):
             ref = outs
         else:
             np.testing.assert_array_equal(np.stack(outs), np.stack(ref))
-    assert "_compiled" in m.mtp[0].__dict__
+    assert m.mtp[0].is_compiled()
 
 
 @needs_cxx
@@ -80,17 +80,17 @@ def test_weight_change_drops_the_traced_function(monkeypatch):
     m = _model(seed=5, num_nextn_predict_layers=0)
     m.set_compile_decode(True)
     prefill_then_decode(m, IDS, 12)
-    assert all("_compiled" in b.__dict__ for b in m.layers)
+    assert all(b.is_compiled() for b in m.layers)
     other = _model(seed=6, num_nextn_predict_layers=0)
     want = prefill_then_decode(other, IDS, 12)
     m.load_weights(list(_flat(other.parameters())))
-    assert not any("_compiled" in b.__dict__ for b in m.layers)
+    assert not any(b.is_compiled() for b in m.layers)
     np.testing.assert_array_equal(prefill_then_decode(m, IDS, 12), want)
     # a block's own update drops its function too
     b = m.layers[2]
-    assert "_compiled" in b.__dict__
+    assert b.is_compiled()
     b.update({"ffn_norm": {"weight": b.ffn_norm.weight * 2}})
-    assert "_compiled" not in b.__dict__
+    assert not b.is_compiled()
 
 
 def _flat(tree, prefix=""):
@@ -114,7 +114,24 @@ def test_gpu_compiled_decode_logits_equal_plain(monkeypatch, clean_dispatch):
         want = prefill_then_decode(m, IDS, 11)
         m.set_compile_decode(True)
         got = prefill_then_decode(m, IDS, 11)
-        assert all("_compiled" in b.__dict__ for b in m.layers)
+        assert all(b.is_compiled() for b in m.layers)
     finally:
         mx.set_default_device(old)
     np.testing.assert_array_equal(got, want)
+
+
+@needs_cxx
+def test_dispatch_change_traces_again(monkeypatch):
+    """The kernel dispatch reads DSV4_* variables while tracing: a step under another setting
+    (as `dsv4 check` and the GPU tests make on one model) gets its own traced functions."""
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "0")
+    monkeypatch.delenv("DSV4_ATTN_KERNEL", raising=False)
+    m = _model(seed=7, num_nextn_predict_layers=0)
+    m.set_compile_decode(True)
+    a = prefill_then_decode(m, IDS, 12)
+    assert all(len(b.__dict__["_compiled"]) == 1 for b in m.layers)
+    monkeypatch.setenv("DSV4_ATTN_KERNEL", "ops")
+    b = prefill_then_decode(m, IDS, 12)
+    assert all(len(blk.__dict__["_compiled"]) == 2 for blk in m.layers)
+    np.testing.assert_array_equal(a, b)  # (the CPU runs the ops path either way)
+    assert ("DSV4_ATTN_KERNEL", "ops") in model_mod.dispatch_key()[1]

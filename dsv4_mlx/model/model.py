@@ -6,6 +6,7 @@ every position, ``model.make_cache()``, ``model.layers``, ``model.sanitize(weigh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Dict, List, Optional
@@ -44,6 +45,14 @@ class WeightsError(ValueError):
 COMPILE_ENV = "DSV4_COMPILE_DECODE"
 
 
+def dispatch_key() -> tuple:
+    """What a traced decode part depends on besides its inputs and weights: the default
+    device and every DSV4_* variable (the kernel dispatch reads them while tracing, e.g.
+    `dsv4 check` and the GPU tests switch families to the ops path on one model)."""
+    return (str(mx.default_device()),
+            tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("DSV4_"))))
+
+
 def compile_decode_default() -> bool:
     """Whether `COMPILE_ENV` asks for the compiled decode parts."""
     raw = os.environ.get(COMPILE_ENV, "auto").strip().lower()
@@ -65,8 +74,10 @@ class Block(nn.Module):
     output projection, the mHC post step and the whole MoE half (`_decode_post`). They are
     traced at the block's second decode call (the first runs plainly: first-use work such as
     fusing w1/w3 happens there), then replayed by MLX without rebuilding their graphs in
-    Python. The weights are constants of the traced functions: changing them (`update`,
-    `update_modules`, `load_weights`, here or on the model) drops them.
+    Python; one pair per dispatch configuration (`dispatch_key`: the device and the DSV4_*
+    variables, which decide the kernels while tracing). The weights are constants of the
+    traced functions: changing them (`update`, `update_modules`, `load_weights`, here or on
+    the model) drops them.
     """
 
     #: see the class docstring; `Model` sets it on every block (default `COMPILE_ENV`)
@@ -96,15 +107,20 @@ class Block(nn.Module):
 
     def __call__(self, X: mx.array, input_ids: mx.array, cache: LayerCache) -> mx.array:
         if self.compile_decode and X.shape[0] * X.shape[1] == 1 and cache.offset > 0:
-            f = self.__dict__.get("_compiled")
-            if f is None and self.__dict__.get("_warm"):
-                f = (mx.compile(self._decode_pre), mx.compile(self._decode_post))
-                object.__setattr__(self, "_compiled", f)
+            # one pair of traced functions per dispatch configuration (`dispatch_key`; the
+            # model computes it once a step), each traced at its second call
+            key = self.__dict__.get("_step_key") or dispatch_key()
+            traced = self.__dict__.setdefault("_compiled", {})
+            f = traced.get(key)
+            if f is None and key in self.__dict__.setdefault("_warm", set()):
+                if len(traced) >= 8:  # (configurations come and go in checks and tests)
+                    traced.pop(next(iter(traced)))
+                f = traced[key] = (mx.compile(self._decode_pre), mx.compile(self._decode_post))
             if f is not None:
                 pre, post_fn = f
                 h, post, comb, *parts = pre(X)
                 return post_fn(X, self.attn.decode_core(h, parts, cache), post, comb, input_ids)
-            object.__setattr__(self, "_warm", True)
+            self._warm.add(key)
         h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                  self.attn_norm)
         X = hc_post(X, self.attn(h, cache), post, comb)
@@ -132,6 +148,10 @@ class Block(nn.Module):
         """Forget the traced functions (their weights are about to change)."""
         self.__dict__.pop("_compiled", None)
         self.__dict__.pop("_warm", None)
+
+    def is_compiled(self) -> bool:
+        """Whether a decode step of this block has run traced functions."""
+        return bool(self.__dict__.get("_compiled"))
 
     def update(self, parameters: dict, strict: bool = True) -> "Block":
         self.drop_compiled()
@@ -198,6 +218,19 @@ class Model(nn.Module):
     def _blocks(self):
         return list(self.layers) + list(getattr(self, "mtp", None) or [])
 
+    @contextlib.contextmanager
+    def _step_key(self, ids: mx.array, blocks):
+        """`dispatch_key` once for a one-token step's blocks (not a block at a time)."""
+        on = ids.size == 1 and blocks and blocks[0].compile_decode
+        key = dispatch_key() if on else None
+        for b in blocks if on else ():
+            object.__setattr__(b, "_step_key", key)
+        try:
+            yield
+        finally:
+            for b in blocks if on else ():
+                b.__dict__.pop("_step_key", None)
+
     def set_compile_decode(self, on: bool) -> None:
         """Run (or stop running) every block's decode parts as compiled functions."""
         for b in self._blocks():
@@ -235,8 +268,9 @@ class Model(nn.Module):
         if len(offsets) != 1:
             raise ValueError(f"inconsistent cache offsets {sorted(offsets)}")
         X = embed_streams(self.embed, inputs, self.args.hc_mult)  # [B, S, n, D]
-        for layer, c in zip(self.layers, cache):
-            X = layer(X, inputs, c)
+        with self._step_key(inputs, self.layers):
+            for layer, c in zip(self.layers, cache):
+                X = layer(X, inputs, c)
         a = self.args
         y = hc_head(X[:, -1:] if last_only else X, self.hc_head_fn, self.hc_head_scale,
                     self.hc_head_base, a.hc_eps, a.rms_norm_eps, self.norm)
@@ -254,7 +288,8 @@ class Model(nn.Module):
         """Run MTP block `i` on the main model's final streams and the next tokens."""
         if cache is None:
             cache = self.make_mtp_cache()
-        return self.mtp[i].predict(streams, next_ids, self.embed, self.lm_head, cache[i])
+        with self._step_key(next_ids, [self.mtp[i]]):
+            return self.mtp[i].predict(streams, next_ids, self.embed, self.lm_head, cache[i])
 
     # -- protocol ----------------------------------------------------------------------------
     #: storage format of the decode state: "fp8" (FP8 KV + FP4 indexer keys, the official
