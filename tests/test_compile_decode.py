@@ -34,18 +34,18 @@ def test_env_switch(monkeypatch):
     monkeypatch.setenv(model_mod.COMPILE_ENV, "yes")
     with pytest.raises(ValueError, match="expected 0, 1 or auto"):
         model_mod.compile_decode_default()
-    # auto: on with the CUDA backend's GPU as the default device, off on the CPU
+    # auto: on with the CUDA backend's GPU as the default device, off on the CPU and Metal
     monkeypatch.setenv(model_mod.COMPILE_ENV, "auto")
     from dsv4_mlx.kernels import dispatch
-    assert model_mod.compile_decode_default() == (
-        mx.default_device() == mx.gpu and dispatch.cuda_available())
-    with mx.stream(mx.cpu):
-        old = mx.default_device()
+    old = mx.default_device()
+    try:
         mx.set_default_device(mx.cpu)
-        try:
-            assert not model_mod.compile_decode_default()
-        finally:
-            mx.set_default_device(old)
+        assert not model_mod.compile_decode_default()
+        if "cuda" in dispatch.available_backends() or "metal" in dispatch.available_backends():
+            mx.set_default_device(mx.gpu)
+            assert model_mod.compile_decode_default() == dispatch.cuda_available()
+    finally:
+        mx.set_default_device(old)
 
 
 @needs_cxx
@@ -59,18 +59,31 @@ def test_compiled_decode_logits_equal_plain(monkeypatch):
     got = prefill_then_decode(m, IDS, 11)
     assert all(b.is_compiled() for b in m.layers)
     np.testing.assert_array_equal(got, want)
-    # the MTP block's one-token prediction goes through the same compiled path
+    # the MTP block's one-token prediction goes through the same compiled path (8 steps: a
+    # plain one, the trace, six replays)
     streams = m(IDS[:, :11], return_streams=True)[1]
-    for on in (False, True, True):
+    outs = {}
+    for on in (False, True):
         m.set_compile_decode(on)
         cache = m.make_mtp_cache()
-        outs = [np.array(m.mtp_predict(streams[:, i:i + 1], IDS[:, i + 1:i + 2], cache)[0])
-                for i in range(4)]
-        if not on:
-            ref = outs
-        else:
-            np.testing.assert_array_equal(np.stack(outs), np.stack(ref))
+        outs[on] = [np.array(m.mtp_predict(streams[:, i:i + 1], IDS[:, i + 1:i + 2], cache)[0])
+                    for i in range(8)]
     assert m.mtp[0].is_compiled()
+    np.testing.assert_array_equal(np.stack(outs[True]), np.stack(outs[False]))
+
+
+@needs_cxx
+def test_batched_decode_stays_plain(monkeypatch):
+    """Two sequences a step: the plain calls (the traced parts are for one token), the same
+    logits as with compile off."""
+    monkeypatch.setenv(model_mod.COMPILE_ENV, "0")
+    m = _model(seed=4, num_nextn_predict_layers=0)
+    ids = mx.concatenate([IDS, IDS[:, ::-1]], axis=0)
+    want = prefill_then_decode(m, ids, 11)
+    m.set_compile_decode(True)
+    got = prefill_then_decode(m, ids, 11)
+    assert not any(b.is_compiled() for b in m.layers)
+    np.testing.assert_array_equal(got, want)
 
 
 @needs_cxx
@@ -86,11 +99,15 @@ def test_weight_change_drops_the_traced_function(monkeypatch):
     m.load_weights(list(_flat(other.parameters())))
     assert not any(b.is_compiled() for b in m.layers)
     np.testing.assert_array_equal(prefill_then_decode(m, IDS, 12), want)
-    # a block's own update drops its function too
+    # a block's own update drops its functions too, and the next steps use the new weights
     b = m.layers[2]
     assert b.is_compiled()
     b.update({"ffn_norm": {"weight": b.ffn_norm.weight * 2}})
     assert not b.is_compiled()
+    got = prefill_then_decode(m, IDS, 12)
+    m.set_compile_decode(False)
+    np.testing.assert_array_equal(got, prefill_then_decode(m, IDS, 12))
+    assert np.abs(got - want).max() > 0  # (the doubled norm weight changed the logits)
 
 
 def _flat(tree, prefix=""):
@@ -134,4 +151,9 @@ def test_dispatch_change_traces_again(monkeypatch):
     b = prefill_then_decode(m, IDS, 12)
     assert all(len(blk.__dict__["_compiled"]) == 2 for blk in m.layers)
     np.testing.assert_array_equal(a, b)  # (the CPU runs the ops path either way)
-    assert ("DSV4_ATTN_KERNEL", "ops") in model_mod.dispatch_key()[1]
+    assert ("DSV4_ATTN_KERNEL", "ops") in model_mod.dispatch_key()[2]
+    # a dispatch reset (or a kernel found broken) is another configuration too
+    from dsv4_mlx.kernels import dispatch
+    before = model_mod.dispatch_key()
+    dispatch.reset()
+    assert model_mod.dispatch_key() != before

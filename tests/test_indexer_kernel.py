@@ -517,6 +517,10 @@ def test_variants_env(monkeypatch):
     assert ki._idec(None) == 1 and ki._idec(0) == 0
     monkeypatch.setenv(ki.VARIANTS_ENV, "idec,prmt")
     assert ki._idec(None) == 2 and ki._idec(1) == 1
+    monkeypatch.setenv(ki.VARIANTS_ENV, "f32dec,wmma")
+    assert ki._idec(None, "cuda") == 0 and ki._mmaptx(None) == 0 and ki._mmaptx(1) == 1
+    monkeypatch.setenv(ki.VARIANTS_ENV, "")
+    assert ki._mmaptx(None) == ki.MMA_PTX == 1
     with pytest.raises(ValueError, match="idec must be"):
         ki._idec(3)
     monkeypatch.setenv(ki.VARIANTS_ENV, "walk,fast")

@@ -192,6 +192,10 @@ def launch(key, make: Callable[[], Launch]) -> Launch:
 _warned: set[str] = set()
 _broken: dict[str, str] = {}  # variant key -> reason
 _ok: set[str] = set()
+# bumped whenever what a dispatch point would choose can change without an environment
+# variable changing (a kernel found broken, `reset`): part of the key under which traced
+# decode parts are kept (`model.dispatch_key`)
+generation = [0]
 
 
 def warn_once(key, message: str) -> None:
@@ -212,6 +216,7 @@ def kernel_usable(key, probe: Callable[[], None], what: str) -> bool:
         probe()
     except Exception as e:  # compile errors surface as RuntimeError / ValueError
         _broken[key] = f"{type(e).__name__}: {e}"
+        generation[0] += 1
         warn_once(key, f"{what}: the kernel failed to build or run ({_broken[key]}); "
                        f"falling back to the pure-ops path")
         return False
@@ -245,3 +250,4 @@ def reset() -> None:
     _warned.clear()
     _broken.clear()
     _ok.clear()
+    generation[0] += 1

@@ -214,11 +214,11 @@ MMA_INT_DECODE_METAL = 0
 # us vs 42.5 / 34.4 / 35.8 / 36.1 with wmma); 256K even (72.6 / 71.9 vs 69.0 / 72.5).
 MMA_PTX = 1
 
-# Opt-in variants by name, for measuring them without editing this module: a comma list of
-# "idec" (MMA_INT_DECODE 1), "prmt" (MMA_INT_DECODE 2: Metal's default is 0), "mmaptx"
-# (MMA_PTX), "walk" (TOPK_WALK); read at each call.
+# Variants by name, for measuring them without editing this module: a comma list of
+# "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
+# backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
-VARIANT_NAMES = ("idec", "prmt", "mmaptx", "walk")
+VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk")
 _variants: dict = {}
 
 
@@ -256,14 +256,25 @@ def _idec(value, backend: str = "cuda") -> int:
         return 2
     if "idec" in v:
         return 1
+    if "f32dec" in v:
+        return 0
     return MMA_INT_DECODE_METAL if backend == "metal" else MMA_INT_DECODE
+
+
+def _mmaptx(value) -> int:
+    """The CUDA scorer's matrix products: an explicit 0/1 `value`, else 0 where
+    `VARIANTS_ENV` names "wmma", 1 where it names "mmaptx", else `MMA_PTX`."""
+    if value is not None:
+        return int(bool(value))
+    v = variants()
+    return 0 if "wmma" in v else 1 if "mmaptx" in v else MMA_PTX
 
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
                 bn, hc, e, mma, tpt, idec: int, mmaptx: int):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch
-    (`idec`, `mmaptx`: resolved by `_idec` and `_flag`, outside this cache)."""
+    (`idec`, `mmaptx`: resolved by `_idec` and `_mmaptx`, outside this cache)."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
@@ -300,7 +311,7 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  bn, hc, e, mma, tpt,
                                                  _idec(idec, backend),
-                                                 _flag("mmaptx", mmaptx, MMA_PTX))
+                                                 _mmaptx(mmaptx))
     (scores,) = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
@@ -434,7 +445,7 @@ def _plan(backend, q, keys, topk):
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
-                                                 _flag("mmaptx", None, MMA_PTX))
+                                                 _mmaptx(None))
     launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
     TG, U, S = topk_launch(B, T, N, k)
     kern = _kernel(backend, src.topk_source(backend))

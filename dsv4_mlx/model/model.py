@@ -47,9 +47,13 @@ COMPILE_ENV = "DSV4_COMPILE_DECODE"
 
 def dispatch_key() -> tuple:
     """What a traced decode part depends on besides its inputs and weights: the default
-    device and every DSV4_* variable (the kernel dispatch reads them while tracing, e.g.
-    `dsv4 check` and the GPU tests switch families to the ops path on one model)."""
-    return (str(mx.default_device()),
+    device, every DSV4_* variable (the kernel dispatch reads them while tracing, e.g.
+    `dsv4 check` and the GPU tests switch families to the ops path on one model) and the
+    dispatch's generation (a kernel found broken, a reset). Not covered: module constants
+    changed at run time (tests and benchmarks that do so run plain calls)."""
+    from ..kernels import dispatch
+
+    return (str(mx.default_device()), dispatch.generation[0],
             tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("DSV4_"))))
 
 
@@ -76,8 +80,10 @@ class Block(nn.Module):
     fusing w1/w3 happens there), then replayed by MLX without rebuilding their graphs in
     Python; one pair per dispatch configuration (`dispatch_key`: the device and the DSV4_*
     variables, which decide the kernels while tracing). The weights are constants of the
-    traced functions: changing them (`update`, `update_modules`, `load_weights`, here or on
-    the model) drops them.
+    traced functions: changing them through `update`, `update_modules` or `load_weights` on
+    this block or on the model drops them; a change made below the block (a submodule's
+    `update`, assigning a parameter) is not seen: call `drop_compiled` (or the model's
+    `set_compile_decode`) after one.
     """
 
     #: see the class docstring; `Model` sets it on every block (default `COMPILE_ENV`)
