@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import weakref
 from typing import Dict, List, Optional
 
 import mlx.core as mx
@@ -121,7 +122,10 @@ class Block(nn.Module):
             if f is None and key in self.__dict__.setdefault("_warm", set()):
                 if len(traced) >= 8:  # (configurations come and go in checks and tests)
                     traced.pop(next(iter(traced)))
-                f = traced[key] = (mx.compile(self._decode_pre), mx.compile(self._decode_post))
+                me = weakref.proxy(self)  # (no block -> function -> block cycle: a dropped
+                # model's weights go when it does, not at the next garbage collection)
+                f = traced[key] = (mx.compile(lambda X: Block._decode_pre(me, X)),
+                                   mx.compile(lambda *a: Block._decode_post(me, *a)))
             if f is not None:
                 pre, post_fn = f
                 h, post, comb, *parts = pre(X)
