@@ -582,6 +582,13 @@ KI_FN unsigned int ki_e2m1x2_lut(unsigned int u, unsigned int p, unsigned int lb
   const unsigned int sgn = KI_PRMT(u << 4, u, (p << 4) | ((p + 4u) << 12));
   return mag | (sgn & 0x80008000u);
 }
+// codes 2p and 2p + 1 of word u as a bf16 pair by IDEC 1 (`ki_e2m1x2_bf16`, scale byte sb)
+// or IDEC 2 (`ki_e2m1x2_lut`, the group's tables); `idec` is a template constant at the call
+KI_FN unsigned int ki_e2m1x2_dec(int idec, unsigned int u, unsigned int p, unsigned int sb,
+                                 unsigned int lb0, unsigned int hb0, unsigned int lb1,
+                                 unsigned int hb1) {
+  return idec == 2 ? ki_e2m1x2_lut(u, p, lb0, hb0, lb1, hb1) : ki_e2m1x2_bf16(u >> (8u * p), sb);
+}
 // Order-preserving map of fp32 to uint32: a > b  <=>  key(a) > key(b) (for non-NaN)
 KI_FN unsigned int ki_order_key(float f) {
   const unsigned int u = KI_AS_UINT(f);
@@ -1050,28 +1057,22 @@ _KEY_TILE = {
           const int g = i % (KC / 32);
           const unsigned int vw[4] = {kv[j].x, kv[j].y, kv[j].z, kv[j].w};
           const unsigned int sb = ksv[j];
-          if (IDEC == 2 && n0 + r < N && sb >= 3u && sb <= 251u) {
-            // IDEC 2: the same bits by byte permutes from this group's tables
-            const unsigned int lb0 = ki_e2m1_table(sb, 0u), hb0 = ki_e2m1_table(sb, 1u);
-            const unsigned int lb1 = ki_e2m1_table(sb, 2u), hb1 = ki_e2m1_table(sb, 3u);
-            KI_UNROLL
-            for (int jj = 0; jj < 4; ++jj) {
-              const unsigned int u = vw[jj];
-              ki_put8_bf16(kb + r * LDK + 32 * g + 8 * jj,
-                           KI_UINT4(ki_e2m1x2_lut(u, 0u, lb0, hb0, lb1, hb1),
-                                    ki_e2m1x2_lut(u, 1u, lb0, hb0, lb1, hb1),
-                                    ki_e2m1x2_lut(u, 2u, lb0, hb0, lb1, hb1),
-                                    ki_e2m1x2_lut(u, 3u, lb0, hb0, lb1, hb1)));
-            }
-          } else if (IDEC == 1 && n0 + r < N && sb >= 3u && sb <= 251u) {
+          if (IDEC != 0 && n0 + r < N && sb >= 3u && sb <= 251u) {
             // IDEC 1: bf16 bits from integer operations (the same bits as the fp32 path
-            // below, ~20% fewer instructions: 112 vs 136 SASS for 8 codes)
+            // below, ~20% fewer instructions: 112 vs 136 SASS for 8 codes); IDEC 2: the same
+            // bits by byte permutes from this group's tables (made for IDEC 2 only)
+            const unsigned int lb0 = IDEC == 2 ? ki_e2m1_table(sb, 0u) : 0u;
+            const unsigned int hb0 = IDEC == 2 ? ki_e2m1_table(sb, 1u) : 0u;
+            const unsigned int lb1 = IDEC == 2 ? ki_e2m1_table(sb, 2u) : 0u;
+            const unsigned int hb1 = IDEC == 2 ? ki_e2m1_table(sb, 3u) : 0u;
             KI_UNROLL
             for (int jj = 0; jj < 4; ++jj) {
               const unsigned int u = vw[jj];
               ki_put8_bf16(kb + r * LDK + 32 * g + 8 * jj,
-                           KI_UINT4(ki_e2m1x2_bf16(u, sb), ki_e2m1x2_bf16(u >> 8, sb),
-                                    ki_e2m1x2_bf16(u >> 16, sb), ki_e2m1x2_bf16(u >> 24, sb)));
+                           KI_UINT4(ki_e2m1x2_dec(IDEC, u, 0u, sb, lb0, hb0, lb1, hb1),
+                                    ki_e2m1x2_dec(IDEC, u, 1u, sb, lb0, hb0, lb1, hb1),
+                                    ki_e2m1x2_dec(IDEC, u, 2u, sb, lb0, hb0, lb1, hb1),
+                                    ki_e2m1x2_dec(IDEC, u, 3u, sb, lb0, hb0, lb1, hb1)));
             }
           } else {
             // the fp32 product rounded to the tile's type; with IDEC 1 / 2 only for rows past N
