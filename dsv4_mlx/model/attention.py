@@ -154,12 +154,11 @@ class Attention(nn.Module):
         if B * T == 1 and s > 0:  # one token continuing one sequence
             return self._project(self.decode_core(x, self.decode_pre(x), cache))
 
-        decode = T == 1 and s > 0  # one query continuing a sequence: _decode_attention
+        decode = T == 1 and s > 0  # one query a sequence of several: _decode_attention
         qr = self.q_norm(self.wq_a(x))
-        if B * T == 1:  # one token: both norms and RoPEs in one kernel on a GPU, which for a
-            # decode step may also store the KV into the ring (then kv is None: stored)
+        if B * T == 1:  # the first token: both norms and RoPEs in one kernel on a GPU
             q, kv = norm_rope(self.wq_b(qr), self.wkv(x), self.kv_norm, self.eps, self.rope, s,
-                              cache if decode else None)
+                              None)
         else:
             q = rms_norm_0(self.wq_b(qr).reshape(B, T, H, c), self.eps).swapaxes(1, 2)
             q = self.rope(q, offset=s)  # [B, H, T, c]
@@ -172,9 +171,8 @@ class Attention(nn.Module):
             x32 = x.astype(mx.float32)  # the compressors' projections are fp32; cast once
             n_dense, idx = self._compressed(x, qr, cache, s, x32)
             if n_dense and not decode:  # a one-query step sees every entry (_decode_attention)
-                N = n_dense
                 dense = cache.comp.entries
-                dense_vis = mx.array(np.arange(N)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
+                dense_vis = mx.array(np.arange(n_dense)[None] < ((np.arange(s, s + T) + 1) // self.ratio)[:, None])
             elif idx is not None and not decode:
                 sel_keys, sel_valid = cache.comp.gather(idx), idx >= 0  # only the picks decoded
 

@@ -113,28 +113,36 @@ class Block(nn.Module):
                       norm)
 
     def __call__(self, X: mx.array, input_ids: mx.array, cache: LayerCache) -> mx.array:
-        if self.compile_decode and X.shape[0] * X.shape[1] == 1 and cache.offset > 0:
-            # one pair of traced functions per dispatch configuration (`dispatch_key`; the
-            # model computes it once a step), each traced at its second call
-            key = self.__dict__.get("_step_key") or dispatch_key()
-            traced = self.__dict__.setdefault("_compiled", {})
-            f = traced.get(key)
-            if f is None and key in self.__dict__.setdefault("_warm", set()):
-                if len(traced) >= 8:  # (configurations come and go in checks and tests)
-                    traced.pop(next(iter(traced)))
-                me = weakref.proxy(self)  # (no block -> function -> block cycle: a dropped
-                # model's weights go when it does, not at the next garbage collection)
-                f = traced[key] = (mx.compile(lambda X: Block._decode_pre(me, X)),
-                                   mx.compile(lambda *a: Block._decode_post(me, *a)))
-            if f is not None:
-                pre, post_fn = f
-                h, post, comb, *parts = pre(X)
-                return post_fn(X, self.attn.decode_core(h, parts, cache), post, comb, input_ids)
-            self._warm.add(key)
+        if X.shape[0] * X.shape[1] == 1 and cache.offset > 0:  # decode: plain or traced
+            pre, post_fn = self._decode_fns()
+            h, post, comb, *parts = pre(X)
+            return post_fn(X, self.attn.decode_core(h, parts, cache), post, comb, input_ids)
         h, post, comb = self._hc(X, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                  self.attn_norm)
         X = hc_post(X, self.attn(h, cache), post, comb)
         return self._ffn_half(X, input_ids)
+
+    def _decode_fns(self):
+        """(pre, post) of a decode step: `_decode_pre` and `_decode_post` themselves, or (with
+        `compile_decode`) their traced functions, one pair per dispatch configuration
+        (`dispatch_key`; the model computes it once a step), made at its second step."""
+        if not self.compile_decode:
+            return self._decode_pre, self._decode_post
+        key = self.__dict__.get("_step_key") or dispatch_key()
+        traced = self.__dict__.setdefault("_compiled", {})
+        f = traced.get(key)
+        if f is None:
+            warm = self.__dict__.setdefault("_warm", set())
+            if key not in warm:  # the first step runs plainly (first-use work happens there)
+                warm.add(key)
+                return self._decode_pre, self._decode_post
+            if len(traced) >= 8:  # (configurations come and go in checks and tests)
+                traced.pop(next(iter(traced)))
+            me = weakref.proxy(self)  # (no block -> function -> block cycle: a dropped
+            # model's weights go when it does, not at the next garbage collection)
+            f = traced[key] = (mx.compile(lambda X: Block._decode_pre(me, X)),
+                               mx.compile(lambda *a: Block._decode_post(me, *a)))
+        return f
 
     def _ffn_half(self, X: mx.array, input_ids: mx.array) -> mx.array:
         """The mHC site around the MoE: streams [B, S, n, D] -> streams."""
@@ -243,18 +251,20 @@ class Model(nn.Module):
 
     def set_compile_decode(self, on: bool) -> None:
         """Run (or stop running) every block's decode parts as compiled functions."""
+        self._drop_compiled()
         for b in self._blocks():
-            b.drop_compiled()
             b.compile_decode = bool(on)
 
-    def update(self, parameters: dict, strict: bool = True) -> "Model":
+    def _drop_compiled(self) -> None:
         for b in self._blocks():
             b.drop_compiled()
+
+    def update(self, parameters: dict, strict: bool = True) -> "Model":
+        self._drop_compiled()
         return super().update(parameters, strict=strict)
 
     def update_modules(self, modules: dict, strict: bool = True) -> "Model":
-        for b in self._blocks():
-            b.drop_compiled()
+        self._drop_compiled()
         return super().update_modules(modules, strict=strict)
 
     # -- forward -----------------------------------------------------------------------------
