@@ -518,9 +518,10 @@ def test_variants_env(monkeypatch):
     monkeypatch.setenv(ki.VARIANTS_ENV, "idec,prmt")
     assert ki._idec(None) == 2 and ki._idec(1) == 1
     monkeypatch.setenv(ki.VARIANTS_ENV, "f32dec,wmma")
-    assert ki._idec(None, "cuda") == 0 and ki._mmaptx(None) == 0 and ki._mmaptx(1) == 1
+    assert ki._idec(None, "cuda") == 0 and ki._flag("mmaptx", None, 1) == 0
+    assert ki._flag("mmaptx", 1, 0) == 1
     monkeypatch.setenv(ki.VARIANTS_ENV, "")
-    assert ki._mmaptx(None) == ki.MMA_PTX == 1
+    assert ki._flag("mmaptx", None, ki.MMA_PTX) == ki.MMA_PTX == 1
     with pytest.raises(ValueError, match="idec must be"):
         ki._idec(3)
     monkeypatch.setenv(ki.VARIANTS_ENV, "walk,fast")

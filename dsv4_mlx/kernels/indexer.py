@@ -219,11 +219,15 @@ MMA_PTX = 1
 # backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
 VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk")
-_variants: dict = {}
+# name -> (the launch choice it sets, the value); where two named set one choice, the earlier
+# in this table wins
+_VARIANT_CHOICES = {"prmt": ("idec", 2), "idec": ("idec", 1), "f32dec": ("idec", 0),
+                    "wmma": ("mmaptx", 0), "mmaptx": ("mmaptx", 1), "walk": ("walk", 1)}
+_variants: dict = {}  # raw value -> (names, {choice: value})
 
 
-def variants() -> frozenset:
-    """The variant names `VARIANTS_ENV` turns on (validated; remembered per value)."""
+def _parsed() -> tuple:
+    """(names, {choice: value}) of `VARIANTS_ENV` (validated; remembered per value)."""
     raw = os.environ.get(VARIANTS_ENV, "")
     got = _variants.get(raw)
     if got is None:
@@ -232,49 +236,44 @@ def variants() -> frozenset:
         if bad:
             raise ValueError(f"{VARIANTS_ENV}={raw!r}: unknown {', '.join(bad)}; expected a "
                              f"comma list of {', '.join(VARIANT_NAMES)}")
-        got = _variants[raw] = names
+        chosen: dict = {}
+        for name, (choice, value) in _VARIANT_CHOICES.items():
+            if name in names:
+                chosen.setdefault(choice, value)
+        got = _variants[raw] = (names, chosen)
     return got
 
 
+def variants() -> frozenset:
+    """The variant names `VARIANTS_ENV` turns on."""
+    return _parsed()[0]
+
+
 def _flag(name: str, value, default: int) -> int:
-    """An explicit 0/1 `value`, else 1 where `VARIANTS_ENV` names it, else `default`."""
+    """An explicit 0/1 `value`, else what `VARIANTS_ENV` names for the choice `name`, else
+    `default`."""
     if value is not None:
         return int(bool(value))
-    return 1 if name in variants() else default
+    return _parsed()[1].get(name, default)
 
 
 def _idec(value, backend: str = "cuda") -> int:
-    """The FP4 decode of the matrix-unit scorer: an explicit 0/1/2 `value`, else 2 where
-    `VARIANTS_ENV` names "prmt", 1 where it names "idec", else the backend's default
+    """The FP4 decode of the matrix-unit scorer: an explicit 0/1/2 `value`, else what
+    `VARIANTS_ENV` names ("prmt" 2, "idec" 1, "f32dec" 0), else the backend's default
     (`MMA_INT_DECODE`; Metal: `MMA_INT_DECODE_METAL`)."""
     if value is not None:
         if int(value) not in (0, 1, 2):
             raise ValueError(f"idec must be 0, 1 or 2, got {value!r}")
         return int(value)
-    v = variants()
-    if "prmt" in v:
-        return 2
-    if "idec" in v:
-        return 1
-    if "f32dec" in v:
-        return 0
-    return MMA_INT_DECODE_METAL if backend == "metal" else MMA_INT_DECODE
-
-
-def _mmaptx(value) -> int:
-    """The CUDA scorer's matrix products: an explicit 0/1 `value`, else 0 where
-    `VARIANTS_ENV` names "wmma", 1 where it names "mmaptx", else `MMA_PTX`."""
-    if value is not None:
-        return int(bool(value))
-    v = variants()
-    return 0 if "wmma" in v else 1 if "mmaptx" in v else MMA_PTX
+    return _parsed()[1].get("idec", MMA_INT_DECODE_METAL if backend == "metal"
+                            else MMA_INT_DECODE)
 
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
                 bn, hc, e, mma, tpt, idec: int, mmaptx: int):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch
-    (`idec`, `mmaptx`: resolved by `_idec` and `_mmaptx`, outside this cache)."""
+    (`idec`, `mmaptx`: resolved by `_idec` and `_flag`, outside this cache)."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
@@ -311,7 +310,7 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  bn, hc, e, mma, tpt,
                                                  _idec(idec, backend),
-                                                 _mmaptx(mmaptx))
+                                                 _flag("mmaptx", mmaptx, MMA_PTX))
     (scores,) = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
@@ -445,7 +444,7 @@ def _plan(backend, q, keys, topk):
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
-                                                 _mmaptx(None))
+                                                 _flag("mmaptx", None, MMA_PTX))
     launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
     TG, U, S = topk_launch(B, T, N, k)
     kern = _kernel(backend, src.topk_source(backend))
