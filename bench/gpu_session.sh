@@ -42,6 +42,9 @@
 # slicedtopk  the sliced top-k GPU test alone, a traceback if it hangs
 # qgemv   bench/qgemv.py (the 8-bit head GEMV and the opt-in mxfp8 one vs MLX's quantized
 #         matmul) and their GPU tests
+# mxgemv  the microscaled one-token kernel (mxfp8 linears, mxfp4 experts gathered): its GPU
+#         tests, then bench/qgemv.py against MLX's quantized_matmul / gather_qmm, every launch
+#         shape (MXGEMV_ARGS, default --sweep)
 # qgemvstep  a decode step with the 8-bit head GEMV kernel (the default) and without
 # ixtune  bench/indexer.py --tune (scoring and top-k launch parameters timed apart: the slice
 #         count and registers chosen before the register top-k existed)
@@ -186,6 +189,10 @@ for step in "${steps[@]}"; do
       timeout 150 python bench/qgemv.py 2>&1 | tail -14
       timeout 120 python -m pytest -q -p no:cacheprovider -k gpu \
         tests/test_qgemv_kernel.py 2>&1 | tail -3 ;;
+    mxgemv)
+      timeout ${MXGEMV_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider -k gpu \
+        tests/test_mxgemv_kernel.py 2>&1 | tail -4
+      timeout ${MXGEMV_TIMEOUT:-200} python bench/qgemv.py --affine "" ${MXGEMV_ARGS:---sweep} 2>&1 | tail -60 ;;
     qgemvstep)
       timeout 200 python bench/decode_profile.py --preset flash --layers 4 \
         --experts 64 --context 4096 --rounds 2 --compare DSV4_QGEMV_KERNEL 2>&1 | tail -8 ;;

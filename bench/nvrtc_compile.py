@@ -181,11 +181,21 @@ def launches():
                  ("float32", 2, 129280 * 64), ("float32", 1, 4096)], ["float32"],
                 [("XT", "float32"), ("ST", "float32"), ("OT", "float32"), ("K", 4096),
                  ("GS", 64), ("TG", 256), ("RW", 8)]))
-    out.append(("mxfp8 GEMV (FP8 linears; bench only)", qsrc.qgemv_source("cuda", "mxfp8"),
-                [("uint32", 2, 32768 * 256), ("uint8", 2, 32768 * 32), ("float32", 1, 1),
-                 ("bfloat16", 1, 1024)], ["bfloat16"],
-                [("XT", "bfloat16"), ("ST", "uint8"), ("OT", "bfloat16"), ("K", 1024),
-                 ("GS", 32), ("TG", 256), ("RW", 8)]))
+    from dsv4_mlx.kernels import qgemv as kq
+    for bits, O, K, gather, xpp, what in ((4, 4096, 4096, True, False, "experts w1/w3"),
+                                          (4, 4096, 2048, True, True, "experts w2"),
+                                          (8, 1024, 4096, False, False, "wq_a"),
+                                          (8, 32768, 1024, False, False, "wq_b")):
+        P = 6 if gather else 1
+        wpr, rw = kq.mx_launch(O, P, K, bits)
+        lead = (8 if gather else 1) * O
+        out.append((f"mx{bits} GEMV ({what})", qsrc.mx_gemv_source("cuda", bits),
+                    [("uint32", 3 if gather else 2, lead * K * bits // 32),
+                     ("uint8", 3 if gather else 2, lead * K // 32),
+                     ("bfloat16", 2, (P if xpp else 1) * K), ("uint32", 1, P)], ["bfloat16"],
+                    [("XT", "bfloat16"), ("OT", "bfloat16"), ("K", K), ("BITS", bits),
+                     ("TG", kq.MX_TG), ("WPR", wpr), ("RW", rw), ("GATHER", gather),
+                     ("XPP", xpp)]))
     return out
 
 

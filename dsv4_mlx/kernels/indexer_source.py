@@ -71,6 +71,9 @@ inline float ki_log1p(float x) {
 #define KI_LOG1P(x) ki_log1p((float)(x))
 // the sum of x over the 32 lanes of a simdgroup, in every lane
 #define KI_WARP_SUM(x) simd_sum((float)(x))
+// the f16 in the low / high half of a 32-bit word, as fp32 (exact)
+inline float ki_half_lo(uint h) { return (float)as_type<half>((ushort)(h & 0xffffu)); }
+inline float ki_half_hi(uint h) { return (float)as_type<half>((ushort)(h >> 16)); }
 // x of lane `src` of this simdgroup (every lane calls it)
 #define KI_SHFL(x, src) simd_shuffle((float)(x), (ushort)(src))
 // 4 bytes at 32-bit word i of an array (the address a multiple of 4)
@@ -142,6 +145,13 @@ _CUDA_DIALECT = r"""
 #define KI_UINT4(a, b, c, d) make_uint4((a), (b), (c), (d))
 // PRMT: bytes 0-3 of a, 4-7 of b, one selector nibble (< 8) an output byte
 #define KI_PRMT(a, b, s) __byte_perm((a), (b), (s))
+// the f16 in the low / high half of a 32-bit word, as fp32 (exact)
+__device__ __forceinline__ float ki_half_lo(unsigned int h) {
+  return __half2float(__ushort_as_half((unsigned short)(h & 0xffffu)));
+}
+__device__ __forceinline__ float ki_half_hi(unsigned int h) {
+  return __half2float(__ushort_as_half((unsigned short)(h >> 16)));
+}
 #define KI_LOAD4F(p, i) (reinterpret_cast<const float4*>(p)[(i)])
 #define KI_LOAD4U(p, i) (reinterpret_cast<const uint4*>(p)[(i)])
 #define KI_AS_FLOAT(u) __uint_as_float((unsigned int)(u))
@@ -438,6 +448,15 @@ inline void ki_store_u32(void* p, int64_t i, unsigned int v) {
 inline float ki_to_float(float x) { return x; }
 template <typename T>
 inline T ki_from_float(float x) { return static_cast<T>(x); }
+// the f16 in the low / high half of a 32-bit word, as fp32 (exact; subnormals, infinities, NaN)
+inline float ki_half_bits(unsigned int b) {
+  const unsigned int s = (b & 0x8000u) << 16, e = (b >> 10) & 31u, m = b & 1023u;
+  float v = e == 0u ? std::ldexp((float)m, -24)
+                    : (e == 31u ? (m ? NAN : INFINITY) : std::ldexp((float)(m | 1024u), (int)e - 25));
+  return ki_as_float(ki_as_uint(v) | s);
+}
+inline float ki_half_lo(unsigned int h) { return ki_half_bits(h & 0xffffu); }
+inline float ki_half_hi(unsigned int h) { return ki_half_bits(h >> 16); }
 // bfloat16 (the bits; arrays of uint16): widening exact, narrowing round-to-nearest-even
 struct ki_bf16 {
   uint16_t bits;
@@ -529,6 +548,16 @@ KI_FN float ki_e4m3(unsigned int c) {
   const unsigned int m = c & 7u;
   const float mag = e == 0u ? (float)m * 0.001953125f : KI_AS_FLOAT(((e + 120u) << 23) | (m << 20));
   return (c & 128u) ? -mag : mag;
+}
+// four e4m3 codes (the bytes of w, low first) -> values, NaN for S.1111.111 (weights: MLX's
+// mxfp8 dequantization gives NaN there). The CUDA dialect converts in hardware instead
+// (KI_E4M3X4 defined after this header: `_CUDA_TAIL`).
+KI_FN float ki_e4m3_w(unsigned int c) {
+  return (c & 127u) == 127u ? KI_AS_FLOAT(0x7fc00000u) : ki_e4m3(c);
+}
+KI_FN float4 ki_e4m3x4_sw(unsigned int w) {
+  return KI_FLOAT4(ki_e4m3_w(w & 255u), ki_e4m3_w((w >> 8) & 255u),
+                   ki_e4m3_w((w >> 16) & 255u), ki_e4m3_w(w >> 24));
 }
 // UE8M0 byte s -> 2^(s - 127), built from the fp32 bits (s = 0 is the subnormal 2^-127)
 KI_FN float ki_e8m0(unsigned int s) {
@@ -959,10 +988,34 @@ class KernelSource:
     source: str
 
 
+# After the common helpers, CUDA only: four e4m3 codes converted by the hardware (sm_89 on:
+# cvt.rn.f16x2.e4m3x2, exact, NaN for S.1111.111; the upper byte of each 16-bit half to the
+# upper f16), the common helper before that.
+_CUDA_TAIL = r"""
+__device__ __forceinline__ float4 ki_e4m3x4_hw(unsigned int w) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  unsigned int lo, hi;
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n"
+      " cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(w));
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&lo));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&hi));
+  return make_float4(a.x, a.y, b.x, b.y);
+#else
+  return ki_e4m3x4_sw(w);
+#endif
+}
+#define KI_E4M3X4(w) ki_e4m3x4_hw((w))
+"""
+_TAILS = {"cuda": _CUDA_TAIL, "metal": "\n#define KI_E4M3X4(w) ki_e4m3x4_sw((w))\n",
+          "cpp": "\n#define KI_E4M3X4(w) ki_e4m3x4_sw((w))\n"}
+
+
 def _header(dialect: str) -> str:
     if dialect not in _DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}; expected one of {sorted(_DIALECTS)}")
-    return _DIALECTS[dialect] + _COMMON_HEADER
+    return _DIALECTS[dialect] + _COMMON_HEADER + _TAILS[dialect]
 
 
 def make_source(dialect: str, name: str, input_names, output_names, body: str) -> KernelSource:

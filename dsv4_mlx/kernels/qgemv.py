@@ -83,6 +83,64 @@ def head_logits(head, y: mx.array) -> mx.array:
                         backend=backend)
 
 
+# --------------------------------------------------------------------------------------------
+# microscaled formats (mxfp8 linears, mxfp4 routed experts), one token
+
+MX_TG = 256
+# x is staged as padded fp32 (`qgemv_source._MX_BODY`): K (1 + 4 / codes a chunk) floats, within
+# Metal's 32 KiB of threadgroup memory (CUDA: 48 KiB)
+_MX_SHARED = {"metal": 32768, "cuda": 49152}
+
+
+def mx_launch(O: int, P: int, K: int, bits: int, tg: int = MX_TG) -> tuple[int, int]:
+    """(WPR warps a row, RW rows a warp group) of a one-token microscaled projection of O rows
+    for P picks: split K over more warps while there are fewer than 2048 warp rows (every SM
+    busy), then as many rows a warp group (<= 8) as keep >= 264 groups (two an H100 SM: x is
+    staged once a group, so fewer, longer groups read it less)."""
+    cpr = K * bits // 128
+    wpr = 1
+    while wpr < tg // 32 and O * P * wpr < 2048 and cpr >= 64 * wpr:
+        wpr *= 2
+    nwg = tg // 32 // wpr
+    rw = 8
+    while rw > 1 and -(-O // (nwg * rw)) * P < 264:
+        rw //= 2
+    return wpr, rw
+
+
+def mx_shared_bytes(K: int, bits: int, tg: int = MX_TG, rw: int = 8) -> int:
+    vpc = 128 // bits
+    return 4 * ((K // vpc) * (vpc + 4) + rw * (tg // 32))
+
+
+def mx_gemv_kernel(w, scales, x, *, bits: int, backend: str, inds=None, x_per_pick=False,
+                   tg: int = MX_TG, wpr=None, rw=None) -> mx.array:
+    """One token through a microscaled projection: y [P, O] in x's dtype.
+
+    ``w`` uint32 [O, K * bits / 32] (or [E, O, ...] with ``inds`` uint32 [P]: pick p reads
+    expert inds[p]), ``scales`` uint8 [(E,) O, K / 32] (UE8M0), ``x`` [R, K] (R = 1, or P with
+    ``x_per_pick``: pick p reads row p). ``bits`` 8: e4m3 codes (MLX's mxfp8), 4: e2m1
+    (mxfp4). ``wpr``, ``rw``: launch overrides (`mx_launch`), for tuning."""
+    gather = inds is not None
+    O = w.shape[-2]
+    K = x.shape[-1]
+    P = inds.shape[0] if gather else 1
+    W, R = mx_launch(O, P, K, bits, tg)
+    wpr, rw = wpr or W, rw or R
+    rows = tg // 32 // wpr * rw
+    if inds is None:
+        inds = dispatch.unused()
+    go = dispatch.launch(
+        ("mxgemv", backend, bits, x.dtype, x.shape, w.shape, gather, x_per_pick, tg, wpr, rw),
+        lambda: dispatch.Launch(
+            backend, src.mx_gemv_source(backend, bits),
+            template=[("XT", x.dtype), ("OT", x.dtype), ("K", K), ("BITS", bits), ("TG", tg),
+                      ("WPR", wpr), ("RW", rw), ("GATHER", gather), ("XPP", x_per_pick)],
+            grid=(-(-O // rows) * tg, P, 1), threadgroup=(tg, 1, 1),
+            output_shapes=[(P, O)], output_dtypes=[x.dtype]))
+    return go([w, scales, x, inds])[0]
+
+
 _LINEAR_X = (mx.float32, mx.bfloat16, mx.float16)
 
 
