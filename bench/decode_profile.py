@@ -71,7 +71,7 @@ def main():
         if a.compare == COMPILE_ENV:
             model.set_compile_decode(val == "1")  # (traced again by the warm-up steps below)
             return
-        # "auto" rather than unset: an opt-in family (DSV4_QGEMV_MXFP8_KERNEL) is off when unset
+        # "auto" rather than unset: an opt-in family (DSV4_MX_GEMV_KERNEL) is off when unset
         os.environ[a.compare] = "auto" if val is None else val
 
     counts = {}

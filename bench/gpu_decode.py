@@ -83,7 +83,7 @@ def build(preset: str, layers: int, experts: int, seed: int = 0):
 
     nn.quantize(model, class_predicate=pred)
     from dsv4_mlx.kernels.qgemv import use_for_linears
-    use_for_linears(model)  # (as `dsv4_mlx.load` does: only with DSV4_QGEMV_MXFP8_KERNEL set)
+    use_for_linears(model)  # (as `dsv4_mlx.load` does: only with DSV4_MX_GEMV_KERNEL set)
     # as Model.sanitize leaves a loaded head: fp32 scales and biases (the head takes fp32 input)
     model.head.scales = model.head.scales.astype(mx.float32)
     model.head.biases = model.head.biases.astype(mx.float32)

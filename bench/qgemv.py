@@ -9,11 +9,12 @@ the activations; otherwise one row for all, as w1/w3), `mx_gemv_kernel` vs `mx.g
 `--sweep`: every (warps a row, rows a warp group) launch for each microscaled case.
 
 Affine 8-bit weights (group 64) with fp32 scales and biases and fp32 x, as the model's head
-(`Model.sanitize`), and mxfp8 weights with bf16 x, as Flash's FP8 linears; median ms a call
-over 20 evaluations of `--calls` calls each (queued back to back), the bytes a call reads
-(codes, scales, biases) per second, and that against a copy's bandwidth measured in the same
-run. On an H100 (2026-12-07) the head's variant was faster (now the default,
-`DSV4_QGEMV_KERNEL`) and the mxfp8 one slower (opt-in, `DSV4_QGEMV_MXFP8_KERNEL`).
+(`Model.sanitize`), mxfp8 weights with bf16 x, as Flash's FP8 linears, and mxfp4 experts;
+median ms a call over 20 evaluations of `--calls` calls each (queued back to back; the
+microscaled cases read another copy of their weights at each call, as a decode step never
+finds them in L2), the bytes a call reads (codes, scales, biases) per second. On an H100
+(2026-12-07) the head's kernel was faster (now the default, `DSV4_QGEMV_KERNEL`); the
+microscaled kernel is opt-in (`DSV4_MX_GEMV_KERNEL`) until this script has measured it.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ def load_model(path, lazy: bool = False):
     from .kernels.qgemv import use_for_linears
 
     model, _config = _load(Path(path), lazy=lazy, get_model_classes=get_model_classes)
-    use_for_linears(model)  # (opt-in: DSV4_QGEMV_MXFP8_KERNEL; nothing changes when unset)
+    use_for_linears(model)  # (opt-in: DSV4_MX_GEMV_KERNEL; nothing changes when unset)
     return model
 
 

@@ -18,7 +18,7 @@ def clean_dispatch(monkeypatch):
     dispatch.reset()
     for var in (dispatch.ENV_VAR, mhc.ENV_VAR, attention.ENV_VAR, router.ENV_VAR, kv_store.ENV_VAR,
                 fp4_round.ENV_VAR, gemv.ENV_VAR, norm_rope.ENV_VAR, swiglu.ENV_VAR, embed.ENV_VAR,
-                qgemv.ENV_VAR, qgemv.MXFP8_ENV_VAR):
+                qgemv.ENV_VAR, qgemv.MX_ENV_VAR):
         monkeypatch.delenv(var, raising=False)
     yield monkeypatch
     dispatch.reset()

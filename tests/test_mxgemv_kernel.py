@@ -253,3 +253,77 @@ def test_gpu_e4m3_hardware_conversion_every_code():
     nan = (codes & 0x7F) == 0x7F
     assert np.isnan(y[nan]).all()
     np.testing.assert_array_equal(y[~nan], want[~nan])
+
+
+# --------------------------------------------------------------------------------------------
+# in the model
+
+def _mx_model():
+    """The tiny Flash-like model as `dsv4 convert` lays it out: routed experts mxfp4, the
+    attention's and the shared expert's linears mxfp8."""
+    import mlx.nn as nn
+    from conftest import FLASH_LIKE
+
+    from dsv4_mlx.model import Model, ModelArgs
+    from dsv4_mlx.random_weights import load_random
+
+    model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE, num_nextn_predict_layers=0))),
+                        seed=5)
+    nn.quantize(model, group_size=32, bits=4, mode="mxfp4",
+                class_predicate=lambda p, m: ".ffn.experts." in p and hasattr(m, "to_quantized"))
+    fp8 = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "shared_experts.w1",
+           "shared_experts.w2", "shared_experts.w3")
+    nn.quantize(model, group_size=32, bits=8, mode="mxfp8",
+                class_predicate=lambda p, m: (isinstance(m, nn.Linear) and p.endswith(fp8)
+                                              and m.weight.shape[1] % 32 == 0))
+    return model
+
+
+def test_model_decode_through_the_emulated_kernel(emu, clean_dispatch):
+    """A whole tiny model with mxfp4 experts and mxfp8 linears, prefill then decode, with the
+    backend forced and the kernel's body run by the C++ emulation at every one-token call
+    (routed experts' w1/w3 and w2 gathered, the shared expert's fused w1/w3, the swapped
+    linears), against the ops path: the same logits within fp32 summation order."""
+    from conftest import prefill_then_decode
+
+    model = _mx_model()
+    ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]])
+    want = prefill_then_decode(model, ids, 6)
+    calls = []
+
+    def kernel(w, scales, x, *, bits, backend, inds=None, x_per_pick=False):
+        calls.append((bits, inds is not None, x_per_pick))
+        return mx.array(_emu(emu, w, scales, x.astype(mx.float32), bits,
+                             inds=None if inds is None else np.array(inds), xpp=x_per_pick)
+                        ).astype(x.dtype)
+
+    clean_dispatch.setattr(dispatch, "select_backend",  # (this family only: the others' ops)
+                           lambda env_var=None, default="auto":
+                           "cuda" if env_var == kq.MX_ENV_VAR else "ops")
+    clean_dispatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
+    clean_dispatch.setattr(kq, "mx_gemv_kernel", kernel)
+    clean_dispatch.setenv(kq.MX_ENV_VAR, "auto")
+    clean_dispatch.setenv("DSV4_COMPILE_DECODE", "0")
+    n_lin = kq.use_for_linears(model)
+    assert n_lin >= 5
+    got = prefill_then_decode(model, ids, 6)
+    kinds = set(calls)
+    assert {(4, True, False), (4, True, True), (8, False, False)} <= kinds, kinds
+    assert len(calls) >= 4 * len(model.layers)  # every decode step, every layer
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@gpu
+def test_gpu_model_with_mx_kernel_matches_ops(clean_dispatch):
+    """The same model on the GPU, DSV4_MX_GEMV_KERNEL=auto (experts gathered, linears swapped)
+    against =ops: prefill then decode."""
+    from conftest import gpu_logits_kernel_on_off
+
+    def make():
+        model = _mx_model()
+        assert kq.use_for_linears(model) >= 5
+        return model
+
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.MX_ENV_VAR, make, on="auto")
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())

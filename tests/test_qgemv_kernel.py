@@ -1,5 +1,6 @@
 """One-token 8-bit affine projection kernel (`kernels.qgemv`, the output head): the shared body
-against numpy and MLX's quantized matmul.
+against numpy and MLX's quantized matmul; and the dispatch of the microscaled layers' kernel
+(its body: `test_mxgemv_kernel.py`).
 
 On any machine: the body compiled as C++ with the CPU-emulation dialect (the head's layout from
 `mx.quantize`; rows not a multiple of a group's; K smaller than a warp's
@@ -59,44 +60,6 @@ def test_emulated_matches_numpy(emu, O, K, gs, rw, tg):
     np.testing.assert_allclose(y, mlx, rtol=RTOL, atol=ATOL * np.abs(want).max())
 
 
-def _emu_mxfp8(emu, w, s, x, rw=kq.RW, tg=kq.TG):
-    O, K = w.shape[0], x.shape[-1]
-    rows = (tg // 32) * rw
-    (y,) = emu.run(src.qgemv_source("cpp", "mxfp8"),
-                   [np.array(w), np.array(s), np.zeros(1, np.float32), np.array(x)],
-                   [(O,)], ["float32"],
-                   [("XT", "float32"), ("ST", "uint8"), ("OT", "float32"), ("K", K),
-                    ("GS", 32), ("TG", tg), ("RW", rw)],
-                   (-(-O // rows) * tg, 1, 1), tg)
-    return y
-
-
-@pytest.mark.parametrize("O,K,rw,tg", [(100, 4096, 8, 256), (9, 96, 2, 64)])
-def test_emulated_mxfp8_every_code(emu, O, K, rw, tg):
-    """The FP8 linears' layout (MLX mxfp8: e4m3 codes, a UE8M0 scale per 32): every code but
-    the two NaNs (subnormals, both zeros, the largest), scales 2^-20 .. 2^12 and 2^-127 (0),
-    against MLX's own dequantization."""
-    rng = np.random.default_rng(O + K)
-    codes = rng.integers(0, 256, (O, K)).astype(np.uint8)
-    codes[(codes & 0x7F) == 0x7F] = 0x01  # no NaN codes
-    every = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)  # 254 codes
-    n = min(K, every.size)
-    codes[0, :n] = every[:n]
-    w = mx.array(codes.reshape(O, K // 4, 4).view(np.uint32).reshape(O, K // 4))
-    e8 = rng.integers(107, 140, (O, K // 32)).astype(np.uint8)
-    e8[-1, 0] = 0
-    sc = mx.array(e8)
-    x = mx.array(rng.standard_normal(K).astype(np.float32))
-    Wdq = np.array(mx.dequantize(w, sc, group_size=32, bits=8, mode="mxfp8").astype(mx.float32))
-    assert np.isfinite(Wdq).all()
-    y = _emu_mxfp8(emu, w, sc, x, rw, tg)
-    want = Wdq.astype(np.float64) @ np.array(x).astype(np.float64)
-    np.testing.assert_allclose(y, want, rtol=RTOL, atol=ATOL * np.abs(want).max())
-    # not vacuous: the sign bit ignored gives other sums
-    flipped = mx.array((codes & 0x7F).reshape(O, K // 4, 4).view(np.uint32).reshape(O, K // 4))
-    assert not np.allclose(_emu_mxfp8(emu, flipped, sc, x, rw, tg), y, rtol=1e-3)
-
-
 def test_emulated_can_fail(emu):
     """Not vacuous: the codes read with the wrong group size give other values."""
     rng = np.random.default_rng(2)
@@ -111,13 +74,11 @@ def test_emulated_can_fail(emu):
 # --------------------------------------------------------------------------------------------
 # Metal and CUDA sources
 
-def _launch(dialect, xt, K=4096, O=129280, gs=64, mode="affine"):
-    st = "uint8" if mode == "mxfp8" else xt
-    return (src.qgemv_source(dialect, mode),
-            [("uint32", 2, O * K // 4), (st, 2, O * K // gs),
-             (xt, 2, O * K // gs) if mode == "affine" else ("float32", 1, 1), (xt, 1, K)],
+def _launch(dialect, xt, K=4096, O=129280, gs=64):
+    return (src.qgemv_source(dialect),
+            [("uint32", 2, O * K // 4), (xt, 2, O * K // gs), (xt, 2, O * K // gs), (xt, 1, K)],
             [xt],
-            [("XT", xt), ("ST", st), ("OT", xt), ("K", K), ("GS", gs), ("TG", kq.TG),
+            [("XT", xt), ("ST", xt), ("OT", xt), ("K", K), ("GS", gs), ("TG", kq.TG),
              ("RW", kq.RW)])
 
 
@@ -126,21 +87,15 @@ def _launch(dialect, xt, K=4096, O=129280, gs=64, mode="affine"):
 def test_metal_source_compiles_as_cpp(xt, tmp_path):
     assert_metal_compiles(_launch("metal", xt), tmp_path, f"qgemv_{xt}")
     assert_metal_compiles(_launch("metal", xt, K=7168), tmp_path, f"qgemv_{xt}_pro")
-    for t in ("bfloat16", "float32"):  # the FP8 linears (bf16 activations)
-        assert_metal_compiles(_launch("metal", t, K=1024, O=32768, gs=32, mode="mxfp8"),
-                              tmp_path, f"qgemv_mxfp8_{t}")
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_source_compiles_with_nvcc(tmp_path):
     assert_nvcc_compiles(_launch("cuda", "float32"), tmp_path, "qgemv")
-    assert_nvcc_compiles(_launch("cuda", "bfloat16", K=1024, O=32768, gs=32, mode="mxfp8"),
-                         tmp_path, "qgemv_mxfp8")
 
 
 def test_body_stays_in_the_common_subset():
-    for mode in ("affine", "mxfp8"):
-        assert_common_subset(src.qgemv_source("metal", mode))
+    assert_common_subset(src.qgemv_source("metal"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,19 +111,19 @@ def _head(rng, O=64, K=256, dtype=mx.float32):
 
 def test_defaults(clean_dispatch):
     """Unset, the head's variable means auto (measured faster than MLX's on a GPU; the ops
-    path on a CPU) and the mxfp8 linears' means the ops path (measured slower), whatever the
+    path on a CPU) and the microscaled layers' means the ops path (opt-in), whatever the
     device; each is set apart from the other."""
     assert dispatch.requested(kq.ENV_VAR, kq.DEFAULT) == "auto"
-    assert dispatch.requested(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "ops"
-    assert dispatch.select_backend(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "ops"
+    assert dispatch.requested(kq.MX_ENV_VAR, kq.MX_DEFAULT) == "ops"
+    assert dispatch.select_backend(kq.MX_ENV_VAR, kq.MX_DEFAULT) == "ops"
     if mx.default_device() == mx.cpu:  # (on a GPU machine: auto picks the GPU's kernel)
         assert dispatch.select_backend(kq.ENV_VAR, kq.DEFAULT) == "ops"
-    clean_dispatch.setenv(kq.MXFP8_ENV_VAR, "auto")
-    assert dispatch.requested(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "auto"
+    clean_dispatch.setenv(kq.MX_ENV_VAR, "auto")
+    assert dispatch.requested(kq.MX_ENV_VAR, kq.MX_DEFAULT) == "auto"
     assert dispatch.requested(kq.ENV_VAR, kq.DEFAULT) == "auto"
     clean_dispatch.setenv(kq.ENV_VAR, "ops")
     assert dispatch.select_backend(kq.ENV_VAR, kq.DEFAULT) == "ops"
-    assert dispatch.requested(kq.MXFP8_ENV_VAR, kq.MXFP8_DEFAULT) == "auto"
+    assert dispatch.requested(kq.MX_ENV_VAR, kq.MX_DEFAULT) == "auto"
 
 
 def test_cpu_is_the_layer(clean_dispatch):
@@ -219,7 +174,7 @@ def test_linears_swapped_only_when_asked(clean_dispatch):
     assert not any(isinstance(m, kq.OneTokenQuantizedLinear) for _, m in model.named_modules())
     clean_dispatch.setenv(kq.ENV_VAR, "auto")  # (the head's variable alone swaps nothing)
     assert kq.use_for_linears(model) == 0
-    clean_dispatch.setenv(kq.MXFP8_ENV_VAR, "auto")
+    clean_dispatch.setenv(kq.MX_ENV_VAR, "auto")
     assert kq.use_for_linears(model) == n_fp8
     assert kq.use_for_linears(model) == 0  # (already swapped)
     np.testing.assert_array_equal(np.array(prefill_then_decode(model, ids, 6)), np.array(before))
@@ -227,23 +182,24 @@ def test_linears_swapped_only_when_asked(clean_dispatch):
 
 def test_one_token_calls_go_to_the_kernel(clean_dispatch):
     """With the backend forced (as on a GPU): one-token calls of a swapped linear go to the
-    kernel (mxfp8 mode, the layer's codes and scales), several tokens stay on MLX's matmul."""
+    microscaled kernel (8-bit codes, the layer's codes and scales), several tokens stay on
+    MLX's matmul."""
     rng = np.random.default_rng(4)
     lin = nn.Linear(256, 96)
     lin.weight = mx.array(rng.standard_normal((96, 256)).astype(np.float32) / 16)
     q = nn.QuantizedLinear.from_linear(lin, group_size=32, bits=8, mode="mxfp8")
     calls = []
 
-    def kernel(w, scales, biases, x, gs, *, backend, mode="affine"):
-        calls.append((mode, gs, backend, x.shape, biases))
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=gs, bits=8,
-                                   mode=mode)
+    def kernel(w, scales, x, *, bits, backend, inds=None, x_per_pick=False):
+        calls.append((bits, backend, x.shape, inds, x_per_pick))
+        return mx.quantized_matmul(x, w, scales, None, transpose=True, group_size=32, bits=8,
+                                   mode="mxfp8")
 
     clean_dispatch.setattr(dispatch, "select_backend",
                            lambda env_var=None, default="auto": "cuda")
     clean_dispatch.setattr(dispatch, "kernel_usable", lambda key, probe, what: True)
-    clean_dispatch.setattr(kq, "qgemv_kernel", kernel)
-    clean_dispatch.setenv(kq.MXFP8_ENV_VAR, "auto")
+    clean_dispatch.setattr(kq, "mx_gemv_kernel", kernel)
+    clean_dispatch.setenv(kq.MX_ENV_VAR, "auto")
 
     class Holder(nn.Module):
         def __init__(self):
@@ -255,7 +211,8 @@ def test_one_token_calls_go_to_the_kernel(clean_dispatch):
     x1 = mx.array(rng.standard_normal((1, 1, 256)).astype(np.float32)).astype(mx.bfloat16)
     want1 = nn.QuantizedLinear.__call__(h.proj, x1)
     got1 = h.proj(x1)
-    assert calls == [("mxfp8", 32, "cuda", (1, 1, 256), None)]
+    assert calls == [(8, "cuda", (1, 256), None, False)]
+    assert got1.shape == want1.shape == (1, 1, 96)
     np.testing.assert_array_equal(np.array(got1.astype(mx.float32)),
                                   np.array(want1.astype(mx.float32)))
     x3 = mx.zeros((1, 3, 256), mx.bfloat16)
@@ -319,28 +276,10 @@ def test_gpu_model_with_kernel_matches_ops(clean_dispatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("O,K", [(1024, 4096), (32768, 1024), (4096, 8192), (100, 96)])
-def test_gpu_mxfp8_matches_quantized_matmul(clean_dispatch, O, K):
-    """The FP8 linears' layout with bf16 x: the same exact dequantized weights and fp32 sums as
-    MLX's, in another order: within one bf16 ulp of the output."""
-    rng = np.random.default_rng(K)
-    with mx.stream(mx.gpu):
-        w, s = mx.quantize(mx.array(rng.standard_normal((O, K)).astype(np.float32) / np.sqrt(K)),
-                           group_size=32, bits=8, mode="mxfp8")
-        x = mx.array(rng.standard_normal((1, 1, K)).astype(np.float32)).astype(mx.bfloat16)
-        got = kq.qgemv_kernel(w, s, None, x, 32, backend=dispatch.select_backend(), mode="mxfp8")
-        want = mx.quantized_matmul(x, w, s, None, transpose=True, group_size=32, bits=8,
-                                   mode="mxfp8")
-        assert got.shape == want.shape and got.dtype == want.dtype == mx.bfloat16
-        g, w_ = np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32))
-        assert (np.abs(g - w_) <= np.abs(w_) * 2.0 ** -7 + 1e-6).all()
-
-
-@needs_gpu
 def test_gpu_model_with_mxfp8_linears_matches_ops(clean_dispatch):
     """A whole tiny model with mxfp8 linears swapped in (`use_for_linears`), prefill then
     decode: the decode steps' one-token projections through the kernel, against
-    DSV4_QGEMV_MXFP8_KERNEL=ops."""
+    DSV4_MX_GEMV_KERNEL=ops."""
     from conftest import gpu_logits_kernel_on_off
 
     def make():
@@ -348,5 +287,5 @@ def test_gpu_model_with_mxfp8_linears_matches_ops(clean_dispatch):
         assert kq.use_for_linears(model) >= 5
         return model
 
-    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.MXFP8_ENV_VAR, make, on="auto")
+    got, want = gpu_logits_kernel_on_off(clean_dispatch, kq.MX_ENV_VAR, make, on="auto")
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-4)

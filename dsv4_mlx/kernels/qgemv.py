@@ -1,16 +1,20 @@
-"""One-token 8-bit affine projection (the output head, spec §4.14): a Metal kernel with a CUDA
-twin, and the ops path (MLX's `quantized_matmul`).
+"""One-token quantized projections: Metal kernels with CUDA twins, and the ops path (MLX's
+`quantized_matmul` / `gather_qmm`).
 
-``head_logits(head, y)`` -> ``head(y)`` for a `QuantizedLinear` head (affine, 8 bits) and one
-token y: **on by default on a GPU** (`bench/qgemv.py`, H100: 0.32 vs 0.59 ms for the Flash head,
-129280 x 4096; 0.85 vs 1.00 ms for Pro's 7168 columns); ``DSV4_QGEMV_KERNEL=ops`` keeps MLX's
-quantized matmul. `use_for_linears(model)` (at load) routes the one-token calls of the mxfp8
-linears (the FP8 checkpoint's) to the kernel's mxfp8 variant, **opt-in** with
-``DSV4_QGEMV_MXFP8_KERNEL=auto``: measured 1.6-4.4x slower than MLX's on the same H100, so it is
-off unless asked for. Same dequantized
-values (``q s + b``) and fp32 sums as MLX's, in another order. fp32 x, scales and biases only
-(the head's case, see `Model.sanitize`); MLX rounds half-precision dequantized weights to the
-half type, which this kernel does not do, so those stay on MLX's path.
+* ``head_logits(head, y)`` -> ``head(y)`` for a `QuantizedLinear` head (affine, 8 bits) and one
+  token y: **on by default on a GPU** (`bench/qgemv.py`, H100: 0.32 vs 0.59 ms for the Flash
+  head, 129280 x 4096; 0.85 vs 1.00 ms for Pro's 7168 columns); ``DSV4_QGEMV_KERNEL=ops`` keeps
+  MLX's quantized matmul. Same dequantized values (``q s + b``) and fp32 sums as MLX's, in
+  another order. fp32 x, scales and biases only (the head's case, see `Model.sanitize`); MLX
+  rounds half-precision dequantized weights to the half type, which this kernel does not do,
+  so those stay on MLX's path.
+* `mx_gemv_kernel`: the microscaled layouts of `dsv4 convert` (mxfp8: the FP8 linears, the
+  shared expert; mxfp4: the routed experts, gathered by the token's picks), one token; used
+  through `mx_project` (the experts, `model.moe`) and `use_for_linears` (at load) where
+  ``DSV4_MX_GEMV_KERNEL`` asks for it: **opt-in** until measured against MLX's on a GPU (an
+  earlier mxfp8 kernel of this module, one row after another a warp in 64 groups for Flash's
+  4096-row linears, was 1.6-4.4x slower than MLX's on an H100). The same exact dequantized
+  values as MLX's, a chunk's fp32 sum times its scale as MLX's `fp_qmv` does, in another order.
 """
 
 from __future__ import annotations
@@ -23,27 +27,23 @@ from . import qgemv_source as src
 
 ENV_VAR = "DSV4_QGEMV_KERNEL"  # the head's
 DEFAULT = "auto"  # measured faster than MLX's (see the module docstring)
-MXFP8_ENV_VAR = "DSV4_QGEMV_MXFP8_KERNEL"  # the mxfp8 linears'
-MXFP8_DEFAULT = "ops"  # measured slower than MLX's (see the module docstring)
+MX_ENV_VAR = "DSV4_MX_GEMV_KERNEL"  # the microscaled layers' (mxfp8 linears, mxfp4 experts)
+MX_DEFAULT = "ops"  # until measured against MLX's (see the module docstring)
 TG = 256
 RW = 8          # rows a warp
 MAX_K = 8192    # x staged in threadgroup memory as fp32: 32 KiB, Metal's limit
 
 
-def qgemv_kernel(w, scales, biases, x, group_size: int, *, backend: str,
-                 mode: str = "affine") -> mx.array:
-    """y [..., O] in x's dtype for x [..., K] (one token): w uint32 [O, K/4] 8-bit codes;
-    affine: scales and biases [O, K/GS] (fp32 where the model uses it); mxfp8: scales uint8
-    [O, K/32] (UE8M0), biases None."""
+def qgemv_kernel(w, scales, biases, x, group_size: int, *, backend: str) -> mx.array:
+    """y [..., O] in x's dtype for x [..., K] (one token): w uint32 [O, K/4] 8-bit codes,
+    scales and biases [O, K/GS] (fp32 where the model uses it)."""
     O = w.shape[0]
     K = x.shape[-1]
     rows = (TG // 32) * RW
-    if biases is None:
-        biases = dispatch.unused()
     go = dispatch.launch(
-        ("qgemv8", backend, mode, x.dtype, x.shape, w.shape, scales.dtype, group_size),
+        ("qgemv8", backend, x.dtype, x.shape, w.shape, scales.dtype, group_size),
         lambda: dispatch.Launch(
-            backend, src.qgemv_source(backend, mode),
+            backend, src.qgemv_source(backend),
             template=[("XT", x.dtype), ("ST", scales.dtype), ("OT", x.dtype), ("K", K),
                       ("GS", group_size), ("TG", TG), ("RW", RW)],
             grid=(-(-O // rows) * TG, 1, 1), threadgroup=(TG, 1, 1),
@@ -141,52 +141,77 @@ def mx_gemv_kernel(w, scales, x, *, bits: int, backend: str, inds=None, x_per_pi
     return go([w, scales, x, inds])[0]
 
 
-_LINEAR_X = (mx.float32, mx.bfloat16, mx.float16)
+_MX_X = (mx.float32, mx.bfloat16, mx.float16)
+_MX_MODES = {"mxfp8": 8, "mxfp4": 4}
 
 
-def _linear_backend(layer, x) -> str:
-    """The backend for a one-token call of an mxfp8 `QuantizedLinear`, or "ops"."""
-    backend = dispatch.select_backend(MXFP8_ENV_VAR, MXFP8_DEFAULT)
+def mx_backend(layer, x, rows: int = 1) -> str:
+    """The backend for one token of a microscaled layer (a `QuantizedLinear`, mlx-lm's
+    `QuantizedSwitchLinear` or a fused pair of either: anything with ``weight``, ``scales``,
+    ``mode``, ``bits``, ``group_size``), x holding ``rows`` rows of K; or "ops"."""
+    backend = dispatch.select_backend(MX_ENV_VAR, MX_DEFAULT)
     if backend == "ops":
         return "ops"
-    K = x.shape[-1]
-    if (x.size != K or x.dtype not in _LINEAR_X or layer.mode != "mxfp8" or layer.bits != 8
-            or layer.group_size != 32 or layer.scales.dtype != mx.uint8
-            or layer.weight.dtype != mx.uint32 or layer.weight.shape[-1] * 4 != K
-            or K % 32 or K > MAX_K):
+    mode = getattr(layer, "mode", None)
+    bits = _MX_MODES.get(mode)
+    if bits is None or getattr(layer, "bits", None) != bits or layer.group_size != 32:
         return "ops"
-    key = (backend, "qgemv_mxfp8", x.dtype, K)
+    w, sc = layer["weight"], layer["scales"]
+    K = x.shape[-1]
+    if (x.size != rows * K or x.dtype not in _MX_X or sc.dtype != mx.uint8
+            or w.dtype != mx.uint32 or w.shape[-1] * 32 != K * bits or K % 32
+            or mx_shared_bytes(K, bits) > _MX_SHARED[backend]
+            or layer.get("biases") is not None):
+        return "ops"
+    key = (backend, "mxgemv", bits, x.dtype, K)
 
     def probe():
-        mx.eval(qgemv_kernel(mx.zeros((3, K // 4), mx.uint32), mx.full((3, K // 32), 127, mx.uint8),
-                             None, mx.zeros((K,), x.dtype), 32, backend=backend, mode="mxfp8"))
+        mx.eval(mx_gemv_kernel(mx.zeros((3, w.shape[-1]), mx.uint32),
+                               mx.full((3, K // 32), 127, mx.uint8), mx.zeros((1, K), x.dtype),
+                               bits=bits, backend=backend))
 
-    return backend if dispatch.kernel_usable(key, probe, f"mxfp8 GEMV ({backend})") else "ops"
+    return backend if dispatch.kernel_usable(key, probe, f"mx GEMV ({backend})") else "ops"
+
+
+def mx_project(layer, x, inds=None, per_pick: bool = False):
+    """One token through a microscaled layer by the kernel, or None where it does not apply
+    (`mx_backend`): ``layer(x)`` [..., O] for a linear; for stacked experts with ``inds``
+    [..., k] (one token's picks), what `gather_qmm` gives for x [..., 1, 1, K] (one row) or
+    [..., k, 1, K] (``per_pick``): [..., k, 1, O]."""
+    rows = inds.size if per_pick and inds is not None else 1
+    backend = mx_backend(layer, x, rows)
+    if backend == "ops":
+        return None
+    K = x.shape[-1]
+    y = mx_gemv_kernel(layer["weight"], layer["scales"], x.reshape(rows, K),
+                       bits=_MX_MODES[layer.mode], backend=backend,
+                       inds=None if inds is None else inds.reshape(-1), x_per_pick=per_pick)
+    if inds is None:
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y.reshape(*inds.shape, 1, y.shape[-1])
 
 
 class OneTokenQuantizedLinear(nn.QuantizedLinear):
-    """An mxfp8 `QuantizedLinear` whose one-token calls run the kernel (where it applies and
-    `DSV4_QGEMV_MXFP8_KERNEL` asks for it); otherwise, and for several tokens, MLX's quantized matmul
-    as before. Same parameters and names: only the class of the module changes
+    """A microscaled `QuantizedLinear` whose one-token calls run the kernel (where it applies
+    and `DSV4_MX_GEMV_KERNEL` asks for it); otherwise, and for several tokens, MLX's quantized
+    matmul as before. Same parameters and names: only the class of the module changes
     (`use_for_linears`)."""
 
     def __call__(self, x):
-        backend = _linear_backend(self, x)
-        if backend == "ops":
+        y = mx_project(self, x)
+        if y is None:
             return super().__call__(x)
-        y = qgemv_kernel(self["weight"], self["scales"], None, x, self.group_size,
-                         backend=backend, mode="mxfp8")
         if "bias" in self:
             y = y + self["bias"]
         return y
 
 
 def use_for_linears(model) -> int:
-    """With ``DSV4_QGEMV_MXFP8_KERNEL`` set to other than ``ops`` when the model is loaded: the
+    """With ``DSV4_MX_GEMV_KERNEL`` set to other than ``ops`` when the model is loaded: the
     model's 8-bit mxfp8 linears (the FP8 checkpoint's, after `dsv4 convert`) become
     `OneTokenQuantizedLinear`; how many. Unset (the default), nothing changes and a call costs
     nothing more."""
-    if dispatch.requested(MXFP8_ENV_VAR, MXFP8_DEFAULT) == "ops":
+    if dispatch.requested(MX_ENV_VAR, MX_DEFAULT) == "ops":
         return 0
     n = 0
     for _, m in model.named_modules():
@@ -196,5 +221,6 @@ def use_for_linears(model) -> int:
     return n
 
 
-__all__ = ["head_logits", "qgemv_kernel", "OneTokenQuantizedLinear", "use_for_linears",
-           "ENV_VAR", "DEFAULT", "MXFP8_ENV_VAR", "MXFP8_DEFAULT"]
+__all__ = ["head_logits", "qgemv_kernel", "mx_gemv_kernel", "mx_launch", "mx_backend",
+           "mx_project", "OneTokenQuantizedLinear", "use_for_linears", "ENV_VAR", "DEFAULT",
+           "MX_ENV_VAR", "MX_DEFAULT"]

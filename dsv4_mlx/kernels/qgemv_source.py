@@ -22,8 +22,7 @@ import functools
 
 from .indexer_source import KernelSource, make_source
 
-# Inputs: W uint32 [O, K / 4], scales [O, K / GS] (ST; mxfp8: uint8), biases [O, K / GS] (ST;
-# mxfp8: unread), x [K] (XT).
+# Inputs: W uint32 [O, K / 4], scales [O, K / GS] (ST), biases [O, K / GS] (ST), x [K] (XT).
 # Output: y [O] (OT). Template: XT, ST, OT, K (a multiple of 16), GS (a multiple of 16), TG (a
 # multiple of 32), RW (rows a warp). Grid (ceil(O / (TG / 32 * RW)) * TG, 1, 1): warp w of
 # group G takes rows (G * TG / 32 + w) * RW .. + RW - 1. Every lane of every warp reaches each
@@ -80,35 +79,15 @@ _AFFINE = {
     "@CODE@": """\
           a += ((float)v * s + b) * ki_x[k0 + j];""",
 }
-# mxfp8 (MLX's mode="mxfp8", the converter's layout of the FP8 linears): the code an e4m3
-# number (bias 7, no infinities, S.1111.111 NaN), a power-of-two UE8M0 scale (uint8, bias 127,
-# 255 NaN) per 32 codes, no bias. Every code times its scale is exact in fp32.
-_MXFP8 = {
-    "@SCALE@": """\
-        const unsigned int e8 = (unsigned int)scales[orow * NG + k0 / GS];
-        const float s = e8 == 255u ? KI_AS_FLOAT(0x7fc00000u)
-                        : (e8 == 0u ? KI_AS_FLOAT(0x00400000u) : KI_AS_FLOAT(e8 << 23));""",
-    "@CODE@": """\
-          const unsigned int ex = (v >> 3) & 15u;
-          const unsigned int mt = v & 7u;
-          float q = ex == 0u ? (float)mt * 0.001953125f  // subnormal: m x 2^-9
-                    : KI_AS_FLOAT(((ex + 120u) << 23) | (mt << 20));
-          q = (ex == 15u && mt == 7u) ? KI_AS_FLOAT(0x7fc00000u) : q;
-          q = (v & 128u) ? -q : q;
-          a += (q * s) * ki_x[k0 + j];""",
-}
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def qgemv_source(dialect: str, mode: str = "affine") -> KernelSource:
-    """One-token 8-bit projection (see `_QGEMV_BODY`): ``mode`` ``"affine"`` (codes, scales,
-    biases) or ``"mxfp8"`` (codes, UE8M0 scales; the biases input unread)."""
-    parts = {"affine": _AFFINE, "mxfp8": _MXFP8}[mode]
+def qgemv_source(dialect: str) -> KernelSource:
+    """One-token 8-bit affine projection (see `_QGEMV_BODY`): codes, scales, biases."""
     body = _QGEMV_BODY
-    for k, v in parts.items():
+    for k, v in _AFFINE.items():
         body = body.replace(k, v)
-    return make_source(dialect, "dsv4_qgemv8" if mode == "affine" else "dsv4_qgemv_mxfp8",
-                       ("W", "scales", "biases", "x"), ("y",), body)
+    return make_source(dialect, "dsv4_qgemv8", ("W", "scales", "biases", "x"), ("y",), body)
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def check(model, layers: Optional[int] = 4, decode: int = 4, seed: int = 0,
         ids = rng.integers(2, model.args.vocab_size, n + decode).tolist()
         report["prompt_tokens"] = n
         # (the opt-in mxfp8 GEMV, if set when the model was loaded, is off in the baseline too)
-        off = {**{v: "ops" for v in families.values()}, qgemv.MXFP8_ENV_VAR: "ops"}
+        off = {**{v: "ops" for v in families.values()}, qgemv.MX_ENV_VAR: "ops"}
         on = {v: None for v in families.values()}
         say(f"the plain-ops path ({n:,}-token prompt + {decode} decode steps)")
         with _env(off):

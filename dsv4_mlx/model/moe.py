@@ -10,7 +10,9 @@ are summed in fp32 (in the decoder block, inside the mHC post kernel: `MoE.branc
 
 Routed experts are stacked per projection -- ``ffn.experts.w1.weight`` [E, I, D] -- held in
 mlx-lm's `SwitchLinear` / `QuantizedSwitchLinear` and run with `gather_mm` / `gather_qmm`
-directly, with constant uint32 row indices for one-token steps (no per-call arange and cast).
+directly, with constant uint32 row indices for one-token steps (no per-call arange and cast),
+or, for one token where ``DSV4_MX_GEMV_KERNEL`` asks for it, through the microscaled one-token
+kernel (`kernels.qgemv.mx_project`: the token's picks gathered in one launch a projection).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear, _scatter_unsort
 
 from ..kernels.mhc import combine_moe
+from ..kernels.qgemv import mx_project
 from ..kernels.router import route
 from ..kernels.swiglu import swiglu, swiglu_out, weighted_swiglu
 from .layers import matmul_f32
@@ -191,14 +194,20 @@ class RoutedExperts(nn.Module):
             lhs1 = lhs2 = None
         else:
             lhs1, lhs2 = _lhs_indices(idx.shape, True), _lhs_indices(idx.shape, False)
+        one = not do_sort and x.size == x.shape[-1]  # one token: the microscaled kernel
         w13 = fuse_pair(self, self.w1, self.w3)
         if w13 is not None:  # one matmul for w1 and w3, the activation reads both halves
-            h = swiglu(_switch(w13, x, lhs1, inds, do_sort), w, self.limit, x)
+            y13 = mx_project(w13, x, inds) if one else None
+            if y13 is None:
+                y13 = _switch(w13, x, lhs1, inds, do_sort)
+            h = swiglu(y13, w, self.limit, x)
         else:
             g = _switch(self.w1, x, lhs1, inds, do_sort)
             u = _switch(self.w3, x, lhs1, inds, do_sort)
             h = weighted_swiglu(g, u, w, mx.array(self.limit, mx.float32), x)
-        y = _switch(self.w2, h, lhs2, inds, do_sort)
+        y = mx_project(self.w2, h, inds, per_pick=True) if one else None
+        if y is None:
+            y = _switch(self.w2, h, lhs2, inds, do_sort)
         if do_sort:
             y = _scatter_unsort(y, inv, idx.shape)
         return y
@@ -217,11 +226,14 @@ class SharedExpert(nn.Module):
         if w13 is None:
             h = swiglu_out(self.w1(x), self.w3(x), mx.array(self.limit, mx.float32), x)
         else:  # one matmul for w1 and w3, the activation reads both halves
-            if w13.quantized:
-                y = mx.quantized_matmul(x, w13.weight, w13.scales, w13.biases, transpose=True,
-                                        group_size=w13.group_size, bits=w13.bits, mode=w13.mode)
-            else:
+            if not w13.quantized:
                 y = x @ w13.weight.T
+            else:  # (one token of mxfp8 weights: the microscaled kernel, if asked for)
+                y = mx_project(w13, x)
+                if y is None:
+                    y = mx.quantized_matmul(x, w13.weight, w13.scales, w13.biases,
+                                            transpose=True, group_size=w13.group_size,
+                                            bits=w13.bits, mode=w13.mode)
             h = swiglu(y, None, self.limit, x)
         return self.w2(h)
 
