@@ -45,6 +45,8 @@
 # mxgemv  the microscaled one-token kernel (mxfp8 linears, mxfp4 experts gathered): its GPU
 #         tests, then bench/qgemv.py against MLX's quantized_matmul / gather_qmm, every launch
 #         shape (MXGEMV_ARGS, default --sweep)
+# mxstep  a decode step with the microscaled kernel (experts, shared expert, mxfp8 linears)
+#         and without (decode_profile --compare DSV4_MX_GEMV_KERNEL, the model loaded with it)
 # qgemvstep  a decode step with the 8-bit head GEMV kernel (the default) and without
 # ixtune  bench/indexer.py --tune (scoring and top-k launch parameters timed apart: the slice
 #         count and registers chosen before the register top-k existed)
@@ -193,6 +195,10 @@ for step in "${steps[@]}"; do
       timeout ${MXGEMV_TIMEOUT:-200} python -m pytest -q -p no:cacheprovider -k gpu \
         tests/test_mxgemv_kernel.py 2>&1 | tail -4
       timeout ${MXGEMV_TIMEOUT:-200} python bench/qgemv.py --affine "" ${MXGEMV_ARGS:---sweep} 2>&1 | tail -60 ;;
+    mxstep)
+      DSV4_MX_GEMV_KERNEL=auto timeout ${MXSTEP_TIMEOUT:-200} python bench/decode_profile.py \
+        --preset flash --layers 4 --experts 64 --context 4096 --rounds 2 \
+        --compare DSV4_MX_GEMV_KERNEL 2>&1 | tail -8 ;;
     qgemvstep)
       timeout 200 python bench/decode_profile.py --preset flash --layers 4 \
         --experts 64 --context 4096 --rounds 2 --compare DSV4_QGEMV_KERNEL 2>&1 | tail -8 ;;
