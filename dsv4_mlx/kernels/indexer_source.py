@@ -1008,14 +1008,13 @@ __device__ __forceinline__ float4 ki_e4m3x4_hw(unsigned int w) {
 }
 #define KI_E4M3X4(w) ki_e4m3x4_hw((w))
 """
-_TAILS = {"cuda": _CUDA_TAIL, "metal": "\n#define KI_E4M3X4(w) ki_e4m3x4_sw((w))\n",
-          "cpp": "\n#define KI_E4M3X4(w) ki_e4m3x4_sw((w))\n"}
+_SW_TAIL = "\n#define KI_E4M3X4(w) ki_e4m3x4_sw((w))\n"  # (Metal, the C++ emulation)
 
 
 def _header(dialect: str) -> str:
     if dialect not in _DIALECTS:
         raise ValueError(f"unknown dialect {dialect!r}; expected one of {sorted(_DIALECTS)}")
-    return _DIALECTS[dialect] + _COMMON_HEADER + _TAILS[dialect]
+    return _DIALECTS[dialect] + _COMMON_HEADER + (_CUDA_TAIL if dialect == "cuda" else _SW_TAIL)
 
 
 def make_source(dialect: str, name: str, input_names, output_names, body: str) -> KernelSource:

@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -92,6 +94,7 @@ MX_TG = 256
 _MX_SHARED = {"metal": 32768, "cuda": 49152}
 
 
+@functools.lru_cache(maxsize=256)  # asked at every launch
 def mx_launch(O: int, P: int, K: int, bits: int, tg: int = MX_TG) -> tuple[int, int]:
     """(WPR warps a row, RW rows a warp group) of a one-token microscaled projection of O rows
     for P picks: split K over more warps while there are fewer than 2048 warp rows (every SM

@@ -70,7 +70,20 @@ def compile_decode_default() -> bool:
     return raw == "1"
 
 
-class Block(nn.Module):
+class _DropsTracedOnUpdate:
+    """`update` and `update_modules` forget the traced decode functions first (`drop_compiled`:
+    the weights are constants of those functions). `load_weights` goes through `update`."""
+
+    def update(self, parameters: dict, strict: bool = True):
+        self.drop_compiled()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True):
+        self.drop_compiled()
+        return super().update_modules(modules, strict=strict)
+
+
+class Block(_DropsTracedOnUpdate, nn.Module):
     """One decoder block (spec §4.2): mHC around attention, then around the MoE.
 
     With `compile_decode`, a decode step (one token continuing one sequence) runs all that
@@ -83,8 +96,8 @@ class Block(nn.Module):
     variables, which decide the kernels while tracing). The weights are constants of the
     traced functions: changing them through `update`, `update_modules` or `load_weights` on
     this block or on the model drops them; a change made below the block (a submodule's
-    `update`, assigning a parameter) is not seen: call `drop_compiled` (or the model's
-    `set_compile_decode`) after one.
+    `update`, assigning a parameter) is not seen: call `drop_compiled` (the block's or the
+    model's) after one.
     """
 
     #: see the class docstring; `Model` sets it on every block (default `COMPILE_ENV`)
@@ -171,14 +184,6 @@ class Block(nn.Module):
         """Whether a decode step of this block has run traced functions."""
         return bool(self.__dict__.get("_compiled"))
 
-    def update(self, parameters: dict, strict: bool = True) -> "Block":
-        self.drop_compiled()
-        return super().update(parameters, strict=strict)
-
-    def update_modules(self, modules: dict, strict: bool = True) -> "Block":
-        self.drop_compiled()
-        return super().update_modules(modules, strict=strict)
-
 
 class MTPBlock(Block):
     """Multi-token prediction block `mtp.i` (spec §4.12): window-only attention, learned MoE.
@@ -210,7 +215,7 @@ class MTPBlock(Block):
         return head(y), X
 
 
-class Model(nn.Module):
+class Model(_DropsTracedOnUpdate, nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         if isinstance(args, dict):
@@ -251,21 +256,14 @@ class Model(nn.Module):
 
     def set_compile_decode(self, on: bool) -> None:
         """Run (or stop running) every block's decode parts as compiled functions."""
-        self._drop_compiled()
+        self.drop_compiled()
         for b in self._blocks():
             b.compile_decode = bool(on)
 
-    def _drop_compiled(self) -> None:
+    def drop_compiled(self) -> None:
+        """Forget every block's traced functions."""
         for b in self._blocks():
             b.drop_compiled()
-
-    def update(self, parameters: dict, strict: bool = True) -> "Model":
-        self._drop_compiled()
-        return super().update(parameters, strict=strict)
-
-    def update_modules(self, modules: dict, strict: bool = True) -> "Model":
-        self._drop_compiled()
-        return super().update_modules(modules, strict=strict)
 
     # -- forward -----------------------------------------------------------------------------
     def __call__(
