@@ -56,6 +56,9 @@
 #         under Nsight Compute (bench/attention.py --profile), swept over ATTN_KU (1), ATTN_SPL
 #         (32,64), ATTN_TG (128,256) and ATTN_PF (0,1: the next round's loads early); with
 #         OLD_TREE, that tree's at its defaults first (the same machine)
+# pipeline  bench/pipeline_probe.py (Flash dimensions, 4 layers, 64 and 256 experts, CONTEXT
+#         (2048)): every step's time of the one-step loop, mlx-lm's generate_step and a
+#         hand-written pipelined loop, compiled decode parts off and on
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 #         (DSV4_INDEXER_VARIANTS=mmaptx,idec,walk before the command: with the opt-in
 #         variants; `check` likewise)
@@ -139,6 +142,9 @@ for step in "${steps[@]}"; do
         --experts 64 --context 4096 --steps 24 --rounds 2 --compare DSV4_COMPILE_DECODE \
         > "$OUT/compile.log" 2>&1
       grep -E "primitives per step|round|plain|compiled" "$OUT/compile.log" | grep -v "by op" | tail -8 ;;
+    pipeline)
+      timeout ${PIPE_TIMEOUT:-200} python bench/pipeline_probe.py --experts ${PIPE_EXPERTS:-64,256} \
+        --context ${CONTEXT:-2048} --steps 32 2>&1 | tee "$OUT/pipeline.log" | cut -c1-${PIPE_COLS:-400} ;;
     launchcost)
       timeout 120 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -8 ;;
     ixsource)
