@@ -204,8 +204,11 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
             fns = [(f"score (default) idec {i} mmaptx {p}", lambda i=i, p=p:
                     ki.indexer_scores_kernel(*a, backend=backend, idec=i, mmaptx=p))
                    for i, p in ((0, 1), (1, 1), (2, 1), (0, 0))]
-            fns += [(f"select (default) walk {w}", lambda w=w: ki.indexer_select_kernel(
-                s, a[3], K, backend=backend, walk=w)) for w in (0, 1)]
+            fns += [(f"select (default) walk {w} fuse 0", lambda w=w: ki.indexer_select_kernel(
+                s, a[3], K, backend=backend, walk=w, fuse=0)) for w in (0, 1)]
+            # the whole call (scoring, then the top-k in two launches or fused), as planned
+            fns += [(f"score + select, fuse {f}", lambda f=f: ki.indexer_topk_kernel(
+                *a, K, backend=backend, launch={"fuse": f})) for f in (0, 1)]
         else:
             fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend,
                                                                    mma=False))]

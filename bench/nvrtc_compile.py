@@ -99,6 +99,17 @@ def launches():
                     ["int32", "float32"],
                     [("K", 512), ("TG", tg), ("U", 4), ("S", s), ("MAPPED", mapped), ("R", r),
                      ("WALK", walk)]))
+    for r, r2, walk in ((8, 16, 0), (8, 16, 1), (0, 0, 0)):
+        out.append((f"indexer top-k fused S16 R{r} R2{r2} W{walk}", isrc.topk_fused_source("cuda"),
+                    [("float32", 3, 65536), ("int32", 1, 1), ("uint32", 1, 1)],
+                    ["int32", "float32", "uint32", "int32"],
+                    [("K", 512), ("TG", 512), ("U", 4), ("S", 16), ("MAPPED", False), ("R", r),
+                     ("R2", r2), ("WALK", walk)]))
+    out.append(("indexer score mma fp4 + row counters", isrc.score_mma_source("cuda", "fp4", True),
+                [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
+                ["float32", "uint32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
+                                        ("SMEM4", smem4), ("QRES", qres), ("TPT", 2),
+                                        ("IDEC", 2), ("MMAPTX", 1)]))
     for head, norm, sink, reg in ((False, False, 2, True), (True, False, 2, True),
                                   (False, True, 2, True), (True, True, 2, True),
                                   (False, False, 1, True), (False, False, 0, False)):

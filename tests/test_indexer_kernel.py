@@ -310,10 +310,27 @@ class Emulator:
                             (s * tg, T, B), tg)
         return idx.reshape(B, T, s * k), val.reshape(B, T, s * k)
 
-    def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None, walk=None):
+    def fused(self, scores, visible, k, tg, u, s, r=None, walk=None, tick=None):
+        """The fused top-k (`indexer_source.topk_fused_source`): (fin, thr, tick after)."""
+        B, T, M = scores.shape
+        ks = src.topk_fused_source("cpp")
+        r = ki.topk_regs(M, tg, s) if r is None else r
+        r2 = 0 if r == 0 else ki.topk_regs(s * k, tg, 1)
+        tick = np.zeros(B * T, np.uint32) if tick is None else tick
+        idx, val, thr, fin = self.run(
+            ks, [scores, visible, tick], [(B, T, s * k)] * 2 + [(B, T, s), (B, T, k)],
+            ["int32", "float32", "uint32", "int32"],
+            [("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", False), ("R", r), ("R2", r2),
+             ("WALK", walk)], (s * tg, T, B), tg)
+        return fin, thr, tick
+
+    def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None, walk=None, fuse=False):
         """As `indexer.indexer_select_kernel` chains the launches (``r`` None: registers
-        where `topk_regs` says; 0: none; ``walk`` None: `indexer.TOPK_WALK`)."""
+        where `topk_regs` says; 0: none; ``walk`` None: `indexer.TOPK_WALK`; ``fuse``: one
+        launch for S > 1)."""
         walk = ki.TOPK_WALK if walk is None else int(walk)
+        if fuse and s > 1:
+            return self.fused(scores, visible, k, tg, u, s, r, walk)[0]
         idx, val = self._select(scores, visible, np.zeros(1, np.int32), k, tg, u, s, False, r,
                                 walk)
         if s > 1:
@@ -581,9 +598,53 @@ def test_emulated_topk(emu, case, k, u, nslice, r):
         idx = emu.topk(s, vis, k, u=u, s=nslice, r=r, walk=walk)
         check_topk(idx, np.where(np.isfinite(s), s, -1e30), vis, k, f"emu topk {case} w{walk}")
         picks.append(idx)
+        if nslice > 1:  # the slices and their merge in one launch
+            idx = emu.topk(s, vis, k, u=u, s=nslice, r=r, walk=walk, fuse=True)
+            check_topk(idx, np.where(np.isfinite(s), s, -1e30), vis, k,
+                       f"emu fused topk {case} w{walk}")
     # the same digits every pass: the same picks in the same slots (the emulation's thread
     # order is fixed)
     np.testing.assert_array_equal(picks[0], picks[1])
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", ["narrow", "onebin", "boundties", "mixedsign", "short"])
+@pytest.mark.parametrize("tg,s,r", [(256, 8, None), (256, 5, None), (256, 4, 0), (512, 16, None)])
+def test_emulated_fused_topk_merge(emu, case, tg, s, r):
+    """The fused merge's shortcuts: the slices' bounds (the largest drops candidates) and the
+    first pass at the first byte where that bound and the largest candidate differ. Scores
+    whose keys share 1, 2 or 3 top bytes (a narrow range), all equal, many ties at the K-th
+    value, both signs, slices shorter than K; the bounds published, the counters counted."""
+    rng = np.random.default_rng(len(case) + s + tg)
+    B, T, N, k = 1, 4, 6000, 64
+    if case == "narrow":  # 1000 + tiny noise: the top 2-3 bytes of every key the same
+        sc = (1000.0 + rng.random((B, T, N)) * np.array([1e-4, 1e-2, 1.0, 50.0])[None, :, None])
+    elif case == "onebin":
+        sc = np.full((B, T, N), 3.0)
+    elif case == "boundties":  # the K-th value shared by hundreds of entries
+        sc = np.where(rng.random((B, T, N)) < 0.05, 2.0, rng.integers(0, 3, (B, T, N)))
+    elif case == "mixedsign":
+        sc = rng.standard_normal((B, T, N)) * 1e3
+    else:  # short slices: fewer visible entries than s * k
+        sc = rng.standard_normal((B, T, N))
+    sc = sc.astype(np.float32)
+    vis = np.array([N, N - 7, 3 * k + 5, k + 1] if case != "short" else [s * k - 3, k, 2, 0],
+                   np.int32)
+    sc = _masked(sc.astype(np.float64), vis).astype(np.float32)
+    fin, thr, tick = emu.fused(sc, vis, k, tg, 4, s, r, 0)
+    check_topk(fin, np.where(np.isfinite(sc), sc, -1e30), vis, k, f"fused {case} tg{tg} s{s}")
+    np.testing.assert_array_equal(tick, np.full(B * T, s, np.uint32))  # every group counted
+    # each bound is a lower bound of its slice's K largest keys (0 for a slice of <= K)
+    keys = sc.view(np.uint32)
+    keys = np.where(keys & 0x80000000, ~keys, keys | 0x80000000)
+    for t in range(T):
+        seg = -(-int(vis[t]) // s)
+        for j in range(s):
+            part = np.sort(keys[0, t, j * seg: min(vis[t], (j + 1) * seg)])[::-1]
+            if len(part) <= k:
+                assert thr[0, t, j] == 0
+            else:
+                assert part[k - 1] >= thr[0, t, j] > 0
 
 
 @needs_cxx
@@ -640,6 +701,13 @@ def _metal_variants():
                     ["int32", "float32"],
                     [("K", K), ("TG", TG), ("U", U), ("S", S), ("MAPPED", MAPPED), ("R", R),
                      ("WALK", WALK)]))
+    # the fused top-k (never dispatched on Metal, kept in the common subset)
+    for R, R2, WALK in ((8, 16, 0), (0, 0, 1)):
+        out.append((f"topk-fused-R{R}-R2{R2}-W{WALK}", src.topk_fused_source("metal"),
+                    [("float32", 3, 65536), ("int32", 1, 37), ("uint32", 1, 8)],
+                    ["int32", "float32", "uint32", "int32"],
+                    [("K", 512), ("TG", 512), ("U", 4), ("S", 16), ("MAPPED", False), ("R", R),
+                     ("R2", R2), ("WALK", WALK)]))
     return out
 
 
@@ -772,6 +840,11 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
         ("topk", src.topk_source("cuda"), [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)],
          ["int32", "float32"], [("K", 512), ("TG", 1024), ("U", 4), ("S", 1), ("MAPPED", False),
                                 ("R", 8), ("WALK", 1)]),
+        ("topk_fused", src.topk_fused_source("cuda"),
+         [("float32", 3, 65536), ("int32", 1, 1), ("uint32", 1, 1)],
+         ["int32", "float32", "uint32", "int32"],
+         [("K", 512), ("TG", 512), ("U", 4), ("S", 16), ("MAPPED", False), ("R", 8), ("R2", 16),
+          ("WALK", 0)]),
     ]
     if mode in src.MMA_KEY_MODES:
         kc, smem4, qres = src.mma_layout("cuda", 64, 128)
@@ -880,13 +953,17 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
     kx = _mx_keys(mode, keys)[0]
     qa = mx.array(q).astype(getattr(mx, qdtype))
     vis = mx.array(np.full((T,), N, np.int32))
-    runs = []
-    for launch in (None, {"tpt": None}, None):  # planned, explicit, planned again (cached)
-        log.clear()
-        ki.indexer_topk_kernel(qa, mx.array(w), kx, vis, k, backend="cuda", launch=launch)
-        runs.append(list(log))
-    assert runs[0] == runs[1] == runs[2]
-    assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 else 2)
+    for fuse in (0, 1):  # slices + merge in two launches, or one
+        clean_dispatch.setattr(ki, "TOPK_FUSE", fuse)
+        runs = []
+        for launch in (None, {"tpt": None}, None):  # planned, explicit, planned again (cached)
+            log.clear()
+            ki.indexer_topk_kernel(qa, mx.array(w), kx, vis, k, backend="cuda", launch=launch)
+            runs.append(list(log))
+        assert runs[0] == runs[1] == runs[2]
+        assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 and not fuse else 2)
+        if fuse and N == 65536:
+            assert runs[0][0][4][1] == (T,) and runs[0][1][0] == "dsv4_indexer_topk_fused"
 
 
 def test_plans_stay_bounded_as_the_entries_grow(clean_dispatch):
@@ -1033,14 +1110,25 @@ def test_gpu_sliced_topk(gpu, mode):
         vis = np.array([N, 700, 100], np.int32)
         qa, wa, va = mx.array(q), mx.array(w), mx.array(vis)
         for s in (None, 1, 4, 32, 77):
-            idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu,
-                                         launch={} if s is None else {"s": s})
-            check_topk(idx, ref, vis, k, f"sliced {mode} {kind} s={s}")
+            for fuse in (0, 1):  # the slices' merge as a second launch, or in the same one
+                idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu,
+                                             launch={"fuse": fuse} if s is None else
+                                             {"s": s, "fuse": fuse})
+                check_topk(idx, ref, vis, k, f"sliced {mode} {kind} s={s} fuse={fuse}")
         scores = ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu)
         for walk in (0, 1):  # each pass's digit by one thread or by the first warp
             for s in (None, 1):
-                idx = ki.indexer_select_kernel(scores, va, k, backend=gpu, s=s, walk=walk)
-                check_topk(idx, ref, vis, k, f"sliced {mode} {kind} s={s} walk={walk}")
+                for fuse in (0, 1):
+                    idx = ki.indexer_select_kernel(scores, va, k, backend=gpu, s=s, walk=walk,
+                                                   fuse=fuse)
+                    check_topk(idx, ref, vis, k,
+                               f"sliced {mode} {kind} s={s} walk={walk} fuse={fuse}")
+        # many fused launches in one graph (independent, each with its own counters), and
+        # the planned path (the scoring launch's counters)
+        outs = [ki.indexer_select_kernel(scores + float(j), va, k, backend=gpu, fuse=1)
+                for j in range(8)]
+        for j, idx in enumerate(outs):
+            check_topk(idx, ref + float(j), vis, k, f"8 fused launches in a graph, #{j}")
         check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, va[:1], k), ref[:, :1], vis[:1], k,
                    f"dispatch decode {mode} {kind}")
 

@@ -214,15 +214,25 @@ MMA_INT_DECODE_METAL = 0
 # us vs 42.5 / 34.4 / 35.8 / 36.1 with wmma); 256K even (72.6 / 71.9 vs 69.0 / 72.5).
 MMA_PTX = 1
 
+# The top-k of few long rows (S > 1 slices: decode) in one launch instead of two: the row's
+# last slice group to finish selects among the S * K candidates itself, from the largest
+# slice bound on (`indexer_source._TOPK_MERGE`); the scoring launch zeroes the row counters
+# it counts on. CUDA only: Metal keeps the two launches (its merge is written but not
+# validated without a Mac, and a decode row's counter would sit in Metal's constant address
+# space). 0: the two launches everywhere.
+TOPK_FUSE = 0  # (1 once its GPU tests have passed: not yet run on a GPU)
+
 # Variants by name, for measuring them without editing this module: a comma list of
 # "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
-# backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1); read at each call.
+# backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1), "nofuse",
+# "fuse" (TOPK_FUSE 0, 1); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
-VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk")
+VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk", "nofuse", "fuse")
 # name -> (the launch choice it sets, the value); where two named set one choice, the earlier
 # in this table wins
 _VARIANT_CHOICES = {"prmt": ("idec", 2), "idec": ("idec", 1), "f32dec": ("idec", 0),
-                    "wmma": ("mmaptx", 0), "mmaptx": ("mmaptx", 1), "walk": ("walk", 1)}
+                    "wmma": ("mmaptx", 0), "mmaptx": ("mmaptx", 1), "walk": ("walk", 1),
+                    "nofuse": ("fuse", 0), "fuse": ("fuse", 1)}
 _variants: dict = {}  # raw value -> (names, {choice: value})
 
 
@@ -269,11 +279,20 @@ def _idec(value, backend: str = "cuda") -> int:
                             else MMA_INT_DECODE)
 
 
+def _fuse(value, backend: str) -> int:
+    """The fused top-k (S > 1)? An explicit 0/1 `value`, else what `VARIANTS_ENV` names, else
+    `TOPK_FUSE`; never on Metal (see `TOPK_FUSE`)."""
+    if backend == "metal":
+        return 0
+    return _flag("fuse", value, TOPK_FUSE)
+
+
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
-                bn, hc, e, mma, tpt, idec: int, mmaptx: int):
+                bn, hc, e, mma, tpt, idec: int, mmaptx: int, tick: bool = False):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch
-    (`idec`, `mmaptx`: resolved by `_idec` and `_flag`, outside this cache)."""
+    (`idec`, `mmaptx`: resolved by `_idec` and `_flag`, outside this cache; `tick`: the
+    source with the fused top-k's zeroed row counters as a second output)."""
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
@@ -283,7 +302,7 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
         tpt = tpt or mma_tiles(B * T, N, qres)
         tpg = 32 * MMA_WARPS
         ngroups = -(-N // (16 * MMA_WARPS * tpt))
-        return (True, src.score_mma_source(backend, key_mode),
+        return (True, src.score_mma_source(backend, key_mode, tick),
                 [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4),
                  ("QRES", qres), ("TPT", tpt),
                  ("IDEC", idec), ("MMAPTX", mmaptx)],
@@ -291,14 +310,15 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
     BN, HC, E = score_launch(B, T, N, H, D)
     BN, HC, E = bn or BN, hc or HC, e or E
     nblk = -(-N // (BN * E))
-    return (False, src.score_source(backend, key_mode),
+    return (False, src.score_source(backend, key_mode, tick),
             [("QT", qdtype), ("D", D), ("H", H), ("HC", HC), ("BN", BN), ("E", E)],
             (nblk * BN, T, B), (BN, 1, 1))
 
 
 def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
-                          mma=None, tpt=None, idec=None, mmaptx=None):
-    """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries.
+                          mma=None, tpt=None, idec=None, mmaptx=None, tick: bool = False):
+    """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries (with `tick`:
+    (scores, zeroed row counters [B * T] uint32) for the fused top-k).
 
     ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
     True / False force one (True raises where it does not apply). ``tpt``: tiles a group of
@@ -310,13 +330,21 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  bn, hc, e, mma, tpt,
                                                  _idec(idec, backend),
-                                                 _flag("mmaptx", mmaptx, MMA_PTX))
-    (scores,) = _kernel(backend, ks)(
+                                                 _flag("mmaptx", mmaptx, MMA_PTX), tick)
+    shapes, dtypes = _score_outputs(B, T, N, tick)
+    out = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
-        output_shapes=[(B, T, N)], output_dtypes=[mx.float32], stream=mx.gpu,
+        output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
     )
-    return scores
+    return tuple(out) if tick else out[0]
+
+
+def _score_outputs(B, T, N, tick: bool):
+    """(output shapes, dtypes) of a scoring launch: scores, and the row counters."""
+    if tick:
+        return [(B, T, N), (B * T,)], [mx.float32, mx.uint32]
+    return [(B, T, N)], [mx.float32]
 
 
 def _score_inputs(q, w, key_in, visible, on_mma: bool):
@@ -362,6 +390,19 @@ def _topk_spec(B, T, M, k, tg, u, s, mapped, r=None, walk=None):
             (s * tg, T, B), (tg, 1, 1), [(B, T, s * k)] * 2, [mx.int32, mx.float32])
 
 
+def _fused_spec(B, T, M, k, tg, u, s, r=None, walk=None):
+    """`_topk_spec` of the fused top-k (`indexer_source.topk_fused_source`): the slices' own
+    registers R, the merge's R2 (its S * K candidates), outputs idx, val (the candidates),
+    thr (the slices' bounds), fin (the picks)."""
+    r = topk_regs(M, tg, s) if r is None else r
+    r2 = 0 if r == 0 else topk_regs(s * k, tg, 1)
+    walk = _flag("walk", walk, TOPK_WALK)
+    return ([("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", False), ("R", r), ("R2", r2),
+             ("WALK", walk)],
+            (s * tg, T, B), (tg, 1, 1), [(B, T, s * k)] * 2 + [(B, T, s), (B, T, k)],
+            [mx.int32, mx.float32, mx.uint32, mx.int32])
+
+
 def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, walk=None):
     template, grid, tgs, shapes, dtypes = _topk_spec(*scores.shape, k, tg, u, s, mapped, r,
                                                      walk)
@@ -373,15 +414,27 @@ def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, 
 
 
 def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None,
-                          r=None, walk=None):
+                          r=None, walk=None, fuse=None, tick=None):
     """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks).
 
     ``r``: register keys a thread of the first launch (default `topk_regs`; 0: none, in
-    either launch, the scores read at every pass). ``walk``: `TOPK_WALK` by default."""
+    either launch, the scores read at every pass). ``walk``: `TOPK_WALK` by default.
+    ``fuse``: with S > 1, one launch (`TOPK_FUSE` by default; see `_fuse`); ``tick``: its
+    zeroed row counters (the scoring kernel's, `indexer_scores_kernel(tick=True)`; default
+    fresh zeros)."""
     B, T, N = scores.shape
     TG, U, S = topk_launch(B, T, N, k)
     TG, U, S = tg or TG, u or U, s or S
     visible = _i32(visible)
+    if S > 1 and _fuse(fuse, backend):
+        if tick is None:
+            tick = mx.zeros((B * T,), mx.uint32)
+        template, grid, tgs, shapes, dtypes = _fused_spec(B, T, N, k, TG, U, S, r, walk)
+        out = _kernel(backend, src.topk_fused_source(backend))(
+            inputs=[scores, visible, tick], template=template, grid=grid, threadgroup=tgs,
+            output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
+        )
+        return out[3]
     idx, val = _select_launch(backend, scores, visible, _no_cidx(), k, TG, U, S, False, r,
                               walk)
     if S > 1:  # the S * k candidates of each row, selected by one group of 1024
@@ -397,8 +450,8 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
-    ``e``, ``tpt``, ``idec``, ``mmaptx`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``, ``walk`` of the
-    top-k kernel), for tuning.
+    ``e``, ``tpt``, ``idec``, ``mmaptx`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``,
+    ``walk``, ``fuse`` of the top-k kernel), for tuning.
     """
     if not launch and select == "kernel" and mma is None:
         return _planned(backend, q, w, keys, visible, topk)
@@ -409,11 +462,18 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     if k == N:
         return indexer_topk_ops(q, w, keys, visible, topk)
     visible = _i32(visible)
-    scores = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma,
-                                   **pick(("bn", "hc", "e", "tpt", "idec", "mmaptx")))
+    if select not in ("kernel", "argpartition"):
+        raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
+    # the fused top-k counts on row counters that the scoring launch zeroes
+    B, T = q.shape[:2]
+    fused = (select == "kernel" and (launch.get("s") or topk_launch(B, T, N, k)[2]) > 1
+             and bool(_fuse(launch.get("fuse"), backend)))
+    out = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma, tick=fused,
+                                **pick(("bn", "hc", "e", "tpt", "idec", "mmaptx")))
+    scores, tick = out if fused else (out, None)
     if select == "kernel":
-        return indexer_select_kernel(scores, visible, k, backend=backend,
-                                     **pick(("tg", "u", "s", "r", "walk")))
+        return indexer_select_kernel(scores, visible, k, backend=backend, tick=tick,
+                                     **pick(("tg", "u", "s", "r", "walk", "fuse")))
     if select != "argpartition":
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     with mx.stream(mx.gpu):
@@ -429,24 +489,31 @@ def _shape_key(backend, q, keys, topk):
     """What a call's plan (and whether the kernels take it) depends on."""
     if _is_fp4(keys):
         return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
-                keys[1].dtype, keys[1].shape, topk, variants())
-    return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants())
+                keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE)
+    return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants(),
+            TOPK_FUSE)
 
 
 def _plan(backend, q, keys, topk):
     """The launches of one `indexer_topk_kernel` call with its default parameters, for these
     shapes: [(kernel, template, grid, threadgroup, output shapes, output dtypes)] of the
-    scoring launch, the top-k launch and (S > 1) the merge; whether the scoring takes the
-    queries as uint32 (the matrix-unit kernel)."""
+    scoring launch, the top-k launch and (S > 1) the merge, or (S > 1, fused) the scoring
+    launch with its row counters and the fused top-k; whether the scoring takes the queries
+    as uint32 (the matrix-unit kernel)."""
     B, T, H, D = q.shape
     key_mode, _, N, _ = _key_inputs(keys)
     k = min(topk, N)
+    TG, U, S = topk_launch(B, T, N, k)
+    fused = S > 1 and bool(_fuse(None, backend))
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
-                                                 _flag("mmaptx", None, MMA_PTX))
-    launches = [(_kernel(backend, ks), template, grid, tg, [(B, T, N)], [mx.float32])]
-    TG, U, S = topk_launch(B, T, N, k)
+                                                 _flag("mmaptx", None, MMA_PTX), fused)
+    launches = [(_kernel(backend, ks), template, grid, tg, *_score_outputs(B, T, N, fused))]
+    if fused:
+        launches.append((_kernel(backend, src.topk_fused_source(backend)),
+                         *_fused_spec(B, T, N, k, TG, U, S)))
+        return on_mma, launches
     kern = _kernel(backend, src.topk_source(backend))
     launches.append((kern, *_topk_spec(B, T, N, k, TG, U, S, False)))
     if S > 1:  # the merge, as `indexer_select_kernel` makes it
@@ -475,26 +542,31 @@ def _planned(backend, q, w, keys, visible, topk):
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
         if i == 0:
             inputs = _score_inputs(q, w, key_in, visible, on_mma)
+        elif len(shapes) == 4:  # the fused top-k on the scores and their row counters
+            inputs = [out[0], visible, out[1]]
         elif i == 1:
             inputs = [out[0], visible, _no_cidx()]
         else:
             inputs = [out[1], visible, out[0]]
         out = kern(inputs=inputs, template=template, grid=grid, threadgroup=tg,
                    output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu)
-    return out[0]
+    return out[3] if len(out) == 4 else out[0]
 
 
 @functools.lru_cache(maxsize=256)
-def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int):
-    """(probe key, launch parameters) of the kernel variants one call would use."""
+def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int,
+             fuse: int):
+    """(probe key, launch parameters) of the kernel variants one call would use (`fuse`:
+    `_fuse`'s answer, outside this cache)."""
     BN, HC, E = score_launch(B, T, N, H, D)
     TG, U, S = topk_launch(B, T, N, k)
     R = topk_regs(N, TG, S)
     mma = _mma_usable(backend, qdtype, H, D, key_mode)
     tpt = mma_tiles(B * T, N, src.mma_layout(backend, H, D, MMA_WARPS)[2]) if mma else None
+    fused = int(S > 1 and bool(fuse))
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/R{R}/mma{int(mma)}/TPT{tpt}")
-    return key, (BN, HC, E, TG, U, S, R, mma, tpt)
+           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}")
+    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused)
 
 
 def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
@@ -502,8 +574,9 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    key, (BN, HC, E, TG, U, S, R, mma, tpt) = _variant(backend, q.dtype, B, T, H, D, key_mode,
-                                                        N, k)
+    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused) = _variant(backend, q.dtype, B, T, H, D,
+                                                               key_mode, N, k,
+                                                               _fuse(None, backend))
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -517,8 +590,10 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
             kk = mx.zeros((1, n, D), mx.bfloat16 if key_mode == "bf16" else mx.float32)
         vis = mx.array([n], mx.int32)
         s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E, mma=mma,
-                                  tpt=tpt)
-        i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R)
+                                  tpt=tpt, tick=bool(fused))
+        s, tick = s if fused else (s, None)
+        i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R,
+                                  fuse=fused, tick=tick)
         mx.eval(s, i)
 
     return key, probe

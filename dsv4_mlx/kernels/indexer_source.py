@@ -47,6 +47,12 @@ _METAL_DIALECT = r"""
 #define KI_ATOMIC_LOAD(a) atomic_load_explicit(&(a), memory_order_relaxed)
 #define KI_ATOMIC_STORE(a, v) atomic_store_explicit(&(a), (v), memory_order_relaxed)
 #define KI_HIST_ADD(h, bin) atomic_fetch_add_explicit(&(h)[(bin)], 1u, memory_order_relaxed)
+// The fused top-k's merge: written for Metal but never dispatched there (not validated on a
+// Mac; Metal keeps the two-launch top-k)
+#define KI_LOAD_CG(p, i) (p)[(i)]
+#define KI_DEVICE_FENCE() threadgroup_barrier(mem_flags::mem_device)
+#define KI_TICKET(p, i) \
+  atomic_fetch_add_explicit((device atomic_uint*)&(p)[(i)], 1u, memory_order_relaxed)
 #define KI_FLOAT4(a, b, c, d) float4((a), (b), (c), (d))
 #define KI_UINT4(a, b, c, d) uint4((a), (b), (c), (d))
 #define KI_LOAD4F(p, i) float4((p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3])
@@ -141,6 +147,12 @@ _CUDA_DIALECT = r"""
     if ((int)(threadIdx.x & 31u) == __ffs(ki_peers_) - 1)                     \
       atomicAdd(&(h)[ki_b_], (unsigned int)__popc(ki_peers_));                \
   } while (0)
+// The fused top-k's merge (`_TOPK_MERGE`): loads through L2 (data other groups wrote during
+// this launch), a fence that makes this thread's global writes visible to every group, and a
+// ticket (the old count) on a zeroed counter passed as an input
+#define KI_LOAD_CG(p, i) __ldcg(&(p)[(i)])
+#define KI_DEVICE_FENCE() __threadfence()
+#define KI_TICKET(p, i) atomicAdd(const_cast<unsigned int*>(&(p)[(i)]), 1u)
 #define KI_FLOAT4(a, b, c, d) make_float4((a), (b), (c), (d))
 #define KI_UINT4(a, b, c, d) make_uint4((a), (b), (c), (d))
 // PRMT: bytes 0-3 of a, 4-7 of b, one selector nibble (< 8) an output byte
@@ -393,6 +405,11 @@ inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
 #define KI_ATOMIC_LOAD(a) (a).load()
 #define KI_ATOMIC_STORE(a, v) (a).store((v))
 #define KI_HIST_ADD(h, bin) (h)[(bin)].fetch_add(1u)
+// the fused top-k's merge (groups run one after another: the last one sees every write)
+#define KI_LOAD_CG(p, i) (p)[(i)]
+#define KI_DEVICE_FENCE() std::atomic_thread_fence(std::memory_order_seq_cst)
+inline unsigned int ki_ticket(const unsigned int* p) { return (*const_cast<unsigned int*>(p))++; }
+#define KI_TICKET(p, i) ki_ticket(&(p)[(i)])
 #define KI_FLOAT4(a, b, c, d) float4{(a), (b), (c), (d)}
 #define KI_UINT4(a, b, c, d) uint4{(a), (b), (c), (d)}
 #define KI_LOAD4F(p, i) float4{(p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3]}
@@ -623,6 +640,8 @@ KI_FN unsigned int ki_order_key(float f) {
   const unsigned int u = KI_AS_UINT(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
+// the fused top-k's merge: a key below the bound lb cannot be picked: 0 (below any other)
+KI_FN unsigned int ki_keep(unsigned int k, unsigned int lb) { return k >= lb ? k : 0u; }
 // its inverse: the fp32 value of a key
 KI_FN float ki_order_value(unsigned int k) {
   return KI_AS_FLOAT((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
@@ -798,31 +817,30 @@ _TOPK_BODY = """\
   if (nseg <= K) {
     for (int i = ki_tid; i < K; i += TG) {
       if (i < nseg) {
-        out[i] = MAPPED ? cidx[base + lo + i] : lo + i;
+        out[i] = @ENTRY(lo + i)@;
         oval[i] = scores[base + lo + i];
       } else {
         out[i] = -1;
         oval[i] = KI_NEG_INF;
       }
     }
-    return;
-  }
+@SMALL_EXIT@  }
+@RADIX@"""
 
+_TOPK_RADIX = """
   // the slice in registers: key j of a thread is entry lo + ki_tid + j * TG
-  constexpr int RR = R > 0 ? R : 1;
-  const bool reg = R > 0 && nseg <= R * TG;  // (uniform)
+  constexpr int RR = @R@ > 0 ? @R@ : 1;
+  const bool reg = @R@ > 0 && nseg <= @R@ * TG;  // (uniform)
   unsigned int rk[RR];
   if (reg) {
     KI_UNROLL
     for (int j = 0; j < RR; ++j) {
       const int i = lo + ki_tid + j * TG;
-      rk[j] = i < hi ? ki_order_key(scores[base + i]) : 0u;
+      rk[j] = i < hi ? @KEY(base + i)@ : 0u;
     }
   }
-  unsigned int prefix = 0u;  // key bits fixed so far
-  unsigned int mask = 0u;    // which bits of the key are fixed
-  int krem = K;              // how many picks remain among the keys matching `prefix`
-  for (int pass = 0; pass < 4; ++pass) {
+@PREFIX@  int krem = K;              // how many picks remain among the keys matching `prefix`
+  for (int pass = @PASS0@; pass < 4; ++pass) {
     const int shift = 24 - 8 * pass;
     if (ki_tid < 256) KI_ATOMIC_STORE(ki_hist[ki_tid], 0u);
     KI_BARRIER();
@@ -839,7 +857,7 @@ _TOPK_BODY = """\
       KI_UNROLL
       for (int j = 0; j < U; ++j) {
         const int i = i0 + j * TG;
-        uk[j] = i < hi ? ki_order_key(scores[base + i]) : 0u;
+        uk[j] = i < hi ? @KEY(base + i)@ : 0u;
       }
       KI_UNROLL
       for (int j = 0; j < U; ++j) {
@@ -941,7 +959,7 @@ _TOPK_BODY = """\
     KI_UNROLL
     for (int j = 0; j < U; ++j) {
       const int i = i0 + j * TG;
-      sv[j] = i < hi ? scores[base + i] : 0.0f;
+      sv[j] = i < hi ? @VAL(base + i)@ : 0.0f;
     }
     KI_UNROLL
     for (int j = 0; j < U; ++j) {
@@ -963,18 +981,116 @@ if (i < hi) {
   }
 }
 if (p >= 0) {
-  out[p] = MAPPED ? cidx[base + i] : i;
-  oval[p] = (VALUE);
-}
+@PUT@}
+"""
+
+# The fused top-k (CUDA; S > 1): after its slice's picks, each group publishes its slice's
+# bound (the K-th key's bits fixed by the select, the rest 0: every pick's key is >= it) and
+# takes a ticket; the row's last group to arrive then selects the K largest of the S * K
+# candidates itself (no second launch), as `fin` [B, T, K]. The global K-th key is >= the
+# largest bound `lb` (that slice alone has K keys >= its bound), so candidates below `lb` are
+# dropped (key 0) and the select starts at the first byte where `lb` and the largest
+# candidate differ (the bytes above are the same for every candidate that can be picked).
+# `tick` [B * T] must be 0 when the launch starts (the scoring kernel's `tick` output, or
+# zeros); the kernel leaves it counted up. Candidates are read through L2 (KI_LOAD_CG): they
+# were written by other groups during this launch.
+_TOPK_MERGE = """
+  // ---- the fused merge: the row's last group selects among the S * K candidates ----
+  KI_SHARED unsigned int ki_last[1];
+  KI_SHARED float ki_wmax[32];
+  if (ki_tid == 0) thr[bt * S + sg] = nseg <= K ? 0u : prefix;
+  KI_DEVICE_FENCE();
+  KI_BARRIER();
+  if (ki_tid == 0) ki_last[0] = KI_TICKET(tick, bt) == (unsigned int)(S - 1) ? 1u : 0u;
+  KI_BARRIER();
+  if (ki_last[0] == 0u) return;  // (uniform)
+  KI_DEVICE_FENCE();
+  {
+    unsigned int lb = 0u;
+    for (int j = 0; j < S; ++j) {
+      const unsigned int tj = KI_LOAD_CG(thr, bt * S + j);
+      lb = tj > lb ? tj : lb;
+    }
+    const int lo = 0;
+    const int hi = S * K;
+    const int nseg = S * K;
+    const int64_t base = bt * S * K;
+    KI_DEVICE int32_t* fout = fin + bt * K;
+    // the largest candidate (as a float: the lanes exchange floats)
+    float vmax = KI_NEG_INF;
+    for (int i = ki_tid; i < hi; i += TG) {
+      const float v = KI_LOAD_CG(val, base + i);
+      vmax = v > vmax ? v : vmax;
+    }
+    const int lane = ki_tid & 31;
+    KI_UNROLL
+    for (int o = 16; o > 0; o >>= 1) {
+      const float t2 = KI_SHFL(vmax, lane ^ o);
+      vmax = t2 > vmax ? t2 : vmax;
+    }
+    if (lane == 0) ki_wmax[ki_tid >> 5] = vmax;
+    KI_BARRIER();
+    vmax = ki_wmax[0];
+    for (int w = 1; w < TG / 32; ++w) vmax = ki_wmax[w] > vmax ? ki_wmax[w] : vmax;
+    const unsigned int kmax = ki_order_key(vmax);
+    // whole bytes above the first one where lb and kmax differ: the same in every candidate
+    // that can be picked (lb <= key <= kmax)
+    int pass0 = 0;
+    while (pass0 < 3 && ((lb ^ kmax) >> (24 - 8 * pass0)) == 0u) ++pass0;
+    const unsigned int fixed = pass0 == 0 ? 0u : 0xffffffffu << (32 - 8 * pass0);
+@RADIX2@  }
 """
 
 
-def _topk_pick(key: str, value: str) -> str:
-    return textwrap.indent(_TOPK_PICK.replace("KEY", key).replace("VALUE", value), " " * 6)
+def _topk_pick(key: str, put: str) -> str:
+    return textwrap.indent(_TOPK_PICK.replace("KEY", key).replace("@PUT@", put), " " * 6)
 
 
-_TOPK_BODY = (_TOPK_BODY.replace("@PICK_REG@", _topk_pick("rk[j]", "ki_order_value(rk[j])"))
-              .replace("@PICK_STREAM@", _topk_pick("ki_order_key(sv[j])", "sv[j]")))
+def _topk_radix(regs: str, key_at, val_at, key_of_val, put: str, prefix: str,
+                pass0: str) -> str:
+    """`_TOPK_RADIX` for one select: register keys a thread `regs`; ``key_at(i)`` /
+    ``val_at(i)`` the order key / value at element i, ``key_of_val(v)`` the key of a loaded
+    value; `put` the pick's stores (entry i, slot p, its value VALUE); the declarations of
+    `prefix` and `mask`; the first pass."""
+    def sub(text, name, fn):
+        while f"@{name}(" in text:
+            a = text.index(f"@{name}(")
+            b = text.index(")@", a)
+            text = text[:a] + fn(text[a + len(name) + 2:b]) + text[b + 2:]
+        return text
+
+    t = _TOPK_RADIX.replace("@R@", regs).replace("@PREFIX@", prefix).replace("@PASS0@", pass0)
+    t = sub(sub(t, "KEY", key_at), "VAL", val_at)
+    t = t.replace("@PICK_REG@", _topk_pick("rk[j]", put.replace("VALUE", "ki_order_value(rk[j])")))
+    return t.replace("@PICK_STREAM@", _topk_pick(key_of_val("sv[j]"), put.replace("VALUE", "sv[j]")))
+
+
+_PREFIX0 = ("  unsigned int prefix = 0u;  // key bits fixed so far\n"
+            "  unsigned int mask = 0u;    // which bits of the key are fixed\n")
+
+
+def _topk_body(fused: bool) -> str:
+    """The top-k body: one launch a slice set (`fused` False: MAPPED reads `cidx`), or the
+    fused slices + merge (`_TOPK_MERGE`)."""
+    entry = (lambda i: f"{i}") if fused else (lambda i: f"MAPPED ? cidx[base + {i}] : {i}")
+    put = ("  out[p] = " + entry("i") + ";\n  oval[p] = (VALUE);\n")
+    radix1 = _topk_radix("R", lambda i: f"ki_order_key(scores[{i}])", lambda i: f"scores[{i}]",
+                         lambda v: f"ki_order_key({v})", put, _PREFIX0, "0")
+    body = _TOPK_BODY.replace("@ENTRY(lo + i)@", entry("lo + i"))
+    if not fused:
+        return body.replace("@SMALL_EXIT@", "    return;\n").replace("@RADIX@", radix1)
+    # the slice's select runs only past K entries; every group then reaches the ticket
+    body = body.replace("@SMALL_EXIT@", "").replace(
+        "@RADIX@", "  unsigned int prefix = 0u;  // (the published bound: 0 for a short slice)\n"
+        "  if (nseg > K) {\n" + radix1.replace(_PREFIX0, "  prefix = 0u;\n  unsigned int mask = 0u;\n")
+        + "  }\n")
+    keep = lambda k: f"ki_keep({k}, lb)"  # noqa: E731
+    radix2 = _topk_radix("R2", lambda i: keep(f"ki_order_key(KI_LOAD_CG(val, {i}))"),
+                         lambda i: f"KI_LOAD_CG(val, {i})", lambda v: keep(f"ki_order_key({v})"),
+                         "  fout[p] = KI_LOAD_CG(idx, base + i);\n",
+                         "  unsigned int prefix = lb & fixed;\n  unsigned int mask = fixed;\n",
+                         "pass0")
+    return body + _TOPK_MERGE.replace("@RADIX2@", textwrap.indent(radix2, "  "))
 
 
 @dataclass(frozen=True)
@@ -1023,16 +1139,27 @@ def make_source(dialect: str, name: str, input_names, output_names, body: str) -
                         header=_header(dialect), source=_PROLOGUES[dialect] + body)
 
 
+# With a `tick` output [B * T] uint32: the row's first group zeroes the row's counter, which
+# the fused top-k then counts on (its input; the graph orders the two launches by it).
+_TICK_ZERO = "  if (ki_gx == 0 && ki_tid == 0) tick[bt] = 0u;\n"
+
+
+def _rows(tick: bool) -> str:
+    return _ROW_SETUP + (_TICK_ZERO if tick else "")
+
+
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def score_source(dialect: str, key_mode: str) -> KernelSource:
+def score_source(dialect: str, key_mode: str, tick: bool = False) -> KernelSource:
     """Scoring kernel. Inputs: q [B,T,H,D] (QT), w [B,T,H] f32, keys (per `key_mode`),
-    visible [T] int32; output scores [B,T,N] f32. Template: QT, D, H, HC, BN, E."""
+    visible [T] int32; output scores [B,T,N] f32 (and, with `tick`, tick [B*T] uint32
+    zeros). Template: QT, D, H, HC, BN, E."""
     if key_mode not in KEY_MODES:
         raise ValueError(f"unknown key mode {key_mode!r}; expected one of {KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
-    body = _SCORE_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0]).replace("@KEY_LOAD@", _KEY_LOAD[key_mode])
-    return make_source(dialect, f"dsv4_indexer_score_{key_mode}", ("q", "w", *keys, "visible"),
-                       ("scores",), body)
+    body = _SCORE_BODY.replace("@ROW@", _rows(tick)).replace("@KEYS@", keys[0]).replace("@KEY_LOAD@", _KEY_LOAD[key_mode])
+    return make_source(dialect, f"dsv4_indexer_score_{key_mode}" + ("_tick" if tick else ""),
+                       ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
+                       body)
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
@@ -1042,7 +1169,18 @@ def topk_source(dialect: str) -> KernelSource:
     picks at s*K).
     Template: K, TG, U, S, MAPPED, R, WALK."""
     return make_source(dialect, "dsv4_indexer_topk", ("scores", "visible", "cidx"), ("idx", "val"),
-                       _TOPK_BODY)
+                       _topk_body(False))
+
+
+@functools.lru_cache(maxsize=None)
+def topk_fused_source(dialect: str) -> KernelSource:
+    """The fused top-k (S > 1 slices and their merge in one launch; `_TOPK_MERGE`). Inputs:
+    scores [B,T,M] f32, visible [T] int32, tick [>= B*T] uint32 (zeros; counted up);
+    outputs idx, val [B,T,S*K] (the candidates), thr [B,T,S] uint32 (the slices' bounds),
+    fin [B,T,K] int32 (the picks, -1 where not visible).
+    Template: K, TG, U, S, R, R2 (register keys a thread of the merge, 0: none), WALK."""
+    return make_source(dialect, "dsv4_indexer_topk_fused", ("scores", "visible", "tick"),
+                       ("idx", "val", "thr", "fin"), _topk_body(True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1313,7 +1451,7 @@ def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int, boo
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
+def score_mma_source(dialect: str, key_mode: str, tick: bool = False) -> KernelSource:
     """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
     f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]
     f32. Template: D, H, NW, KC, SMEM4, QRES (see `mma_layout`), TPT (tiles a group), IDEC
@@ -1325,15 +1463,16 @@ def score_mma_source(dialect: str, key_mode: str) -> KernelSource:
                          f"expected one of {MMA_KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
     parts = _KEY_TILE[key_mode]
-    body = (_SCORE_MMA_BODY.replace("@ROW@", _ROW_SETUP).replace("@KEYS@", keys[0])
+    body = (_SCORE_MMA_BODY.replace("@ROW@", _rows(tick)).replace("@KEYS@", keys[0])
             .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_PUT@", parts["put"]))
     # the load part at its three places: the first tile's (with the queries), a chunk's
     # (without QRES), the next tile's (with QRES)
     assert body.count("@KEY_LOAD@") == 3
     body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
             .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
-    return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}", ("q", "w", *keys, "visible"),
-                       ("scores",), body)
+    return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}" + ("_tick" if tick else ""),
+                       ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
+                       body)
 
 
 # --------------------------------------------------------------------------------------------
