@@ -774,6 +774,30 @@ def test_kernel_bodies_stay_in_the_common_subset():
             assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n
 
 
+def test_headers_are_trimmed_to_what_the_body_uses():
+    """A kernel carries only the header definitions its body reaches (MLX hashes the whole
+    source at every evaluation): the top-k's has no FP4/FP8 decoding or matrix units; what it
+    keeps includes the macros its kept helpers use; the units parse into named definitions
+    (a unit the trimming cannot name is kept whatever the body uses)."""
+    for dialect in ("cuda", "metal", "cpp"):
+        full = src._header(dialect)
+        units = src._header_units(full)
+        assert "\n".join(t for _, t in units).strip() == full.strip()  # nothing lost
+        unnamed = [t for n, t in units if n is None and t.strip()
+                   and not all(ln.strip().startswith("//") or not ln.strip()
+                               for ln in t.split("\n"))]
+        assert len(unnamed) <= 10, unnamed  # #include lines, the emulation's namespace
+        top = src.topk_source(dialect).header
+        assert len(top) < len(full) / 3
+        for gone in ("ki_e2m1_bf16", "ki_e4m3x4", "ki_mma_acc", "ki_prmt_sw", "ki_e2m1_table"):
+            assert gone not in top, (dialect, gone)
+        for kept in ("ki_order_key", "ki_order_value", "KI_HIST_ADD", "KI_AS_UINT", "KI_FN"):
+            assert kept in top, (dialect, kept)
+    # a body naming one helper gets it and what it needs, nothing else
+    h = src.trim_header(src._header("cuda"), "float v = ki_e2m1(3u);")
+    assert "ki_e2m1(" in h and "KI_FN" in h and "ki_order_key" not in h
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA source: compiled with nvcc against MLX's CUDA device headers
 

@@ -30,6 +30,7 @@ Rules the bodies keep, so that the same text is valid everywhere:
 from __future__ import annotations
 
 import functools
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -1133,10 +1134,118 @@ def _header(dialect: str) -> str:
     return _DIALECTS[dialect] + _COMMON_HEADER + (_CUDA_TAIL if dialect == "cuda" else _SW_TAIL)
 
 
+# Trimming a header to what a body uses. MLX hashes a custom kernel's whole source at every
+# evaluation (both backends) and rebuilds it at every call: a kernel carries only the
+# definitions its body reaches (directly or through other kept definitions), ~1-3 KB instead
+# of ~16 KB. A header is cut into units: a #define (with its continuation lines), a
+# function, struct, typedef or declaration (to the end of its braces or its `;`), each with
+# the comment lines just above it. Conditional blocks (#if .. #endif), #include lines and
+# namespaces are always kept. Identifiers are matched in code only (comments and string
+# literals removed).
+_IDENT = re.compile(r"[A-Za-z_]\w*")
+_NOT_CODE = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|//[^\n]*')
+
+
+def _code(text: str) -> str:
+    return _NOT_CODE.sub(" ", text)
+
+
+def _unit_name(code: str):
+    """The name a code unit defines (None: keep it whatever the body uses)."""
+    c = code.strip()
+    if c.startswith("namespace"):
+        return None
+    m = re.match(r"(?:typedef|using)\b", c)
+    if m:
+        return _IDENT.findall(c.split(";")[0])[-1]
+    m = re.match(r"struct\s+([A-Za-z_]\w*)", c)
+    if m:
+        return m.group(1)
+    head = c.split("(")[0] if "(" in c else c.split("{")[0]
+    while "<" in head:  # template arguments (not nested in our headers)
+        a = head.index("<")
+        b = head.find(">", a)
+        head = head[:a] + " " + head[b + 1:] if b >= 0 else head[:a]
+    ids = _IDENT.findall(head)
+    return ids[-1] if ids else None
+
+
+def _header_units(header: str):
+    """[(names or None, text)] of `header` (see above)."""
+    lines = header.split("\n")
+    units, pending, i = [], [], 0
+    while i < len(lines):
+        st = lines[i].strip()
+        if not st or st.startswith("//"):
+            pending.append(lines[i])
+            i += 1
+            continue
+        start = i
+        if st.startswith("#"):
+            if re.match(r"#\s*if", st):  # to the matching #endif
+                depth = 0
+                while i < len(lines):
+                    s2 = lines[i].strip()
+                    depth += bool(re.match(r"#\s*if", s2)) - bool(re.match(r"#\s*endif", s2))
+                    i += 1
+                    if depth == 0:
+                        break
+                # named by its #defines (the shift-built byte permute where the dialect has
+                # none): kept if the body reaches one; without any, kept
+                name = set(re.findall(r"#\s*define\s+([A-Za-z_]\w*)", "\n".join(lines[start:i])))
+                name = name or None
+            else:
+                while lines[i].rstrip().endswith("\\") and i + 1 < len(lines):
+                    i += 1
+                i += 1
+                m = re.match(r"#\s*define\s+([A-Za-z_]\w*)", st)
+                name = {m.group(1)} if m else None
+        else:  # code: to the end of its braces, or its `;` outside any
+            depth, opened = 0, False
+            while i < len(lines):
+                c = _code(lines[i])
+                depth += c.count("{") - c.count("}")
+                opened = opened or "{" in c
+                i += 1
+                if depth == 0 and ((opened and "}" in c) or (not opened and c.rstrip().endswith(";"))):
+                    break
+            name = _unit_name(_code("\n".join(lines[start:i])))
+            name = None if name is None else {name}
+        units.append((name, "\n".join(pending + lines[start:i])))
+        pending = []
+    if pending:
+        units.append((None, "\n".join(pending)))
+    return units
+
+
+def trim_header(header: str, body: str) -> str:
+    """`header` less the definitions `body` never reaches."""
+    units = _header_units(header)
+    keep = [name is None for name, _ in units]
+    refs = set(_IDENT.findall(_code(body)))
+    for k, (_, text) in zip(keep, units):
+        if k:
+            refs |= set(_IDENT.findall(_code(text)))
+    changed = True
+    while changed:
+        changed = False
+        for j, (name, text) in enumerate(units):
+            if not keep[j] and name & refs:
+                keep[j] = changed = True
+                refs |= set(_IDENT.findall(_code(text)))
+    return "\n".join(text for k, (_, text) in zip(keep, units) if k) + "\n"
+
+
 def make_source(dialect: str, name: str, input_names, output_names, body: str) -> KernelSource:
-    """A kernel of `body` in `dialect`: the dialect's header, its prologue before the body."""
+    """A kernel of `body` in `dialect`: the dialect's header (trimmed to what the body uses:
+    `trim_header`), its prologue before the body."""
+    source = _PROLOGUES[dialect] + body
+    # (the signature that MLX or the emulation puts around the body names dtypes too: the
+    # emulation's bf16 is a struct of its header)
+    types = " ".join(_SIGNATURE_TYPES[dialect].values())
     return KernelSource(name=name, input_names=tuple(input_names), output_names=tuple(output_names),
-                        header=_header(dialect), source=_PROLOGUES[dialect] + body)
+                        header=trim_header(_header(dialect), source + "\n" + types),
+                        source=source)
 
 
 # With a `tick` output [B * T] uint32: the row's first group zeroes the row's counter, which
@@ -1489,6 +1598,7 @@ CUDA_TYPES = {
 }
 CPP_TYPES = {"float32": "float", "int32": "int32_t", "uint8": "uint8_t", "uint32": "uint32_t",
              "bfloat16": "ki_bf16"}
+_SIGNATURE_TYPES = {"metal": METAL_TYPES, "cuda": CUDA_TYPES, "cpp": CPP_TYPES}
 
 _METAL_ATTRIBUTES = [  # mlx metal_kernel: (name, type), added when the body names them
     ("dispatch_quadgroups_per_threadgroup", "uint"),
