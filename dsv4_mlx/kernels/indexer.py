@@ -521,13 +521,14 @@ def _plan(backend, q, keys, topk):
     return on_mma, launches
 
 
-def _planned(backend, q, w, keys, visible, topk):
+def _planned(backend, q, w, keys, visible, topk, key=None):
     """`indexer_topk_kernel` with its default launch parameters, the launches made once per
     shape (the same kernels and parameters as `indexer_scores_kernel` and
-    `indexer_select_kernel` choose; a decode step makes one call a CSA layer)."""
+    `indexer_select_kernel` choose; a decode step makes one call a CSA layer). ``key``: the
+    call's `_shape_key`, where the caller has it."""
     q = _q_ready(q)
     fp4 = _is_fp4(keys)
-    key = _shape_key(backend, q, keys, topk)
+    key = key or _shape_key(backend, q, keys, topk)
     p = _plans.get(key)
     if p is None:
         N = _num_entries(keys)
@@ -614,7 +615,8 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
     if backend != "ops" and q_exact_bf16 and q.dtype == mx.float32:
         q = q.astype(mx.bfloat16)  # exact (see above)
     if backend != "ops" and k < N:
-        key = (_shape_key(backend, q, keys, topk), dispatch.kernel_usable)
+        skey = _shape_key(backend, _q_ready(q), keys, topk)
+        key = (skey, dispatch.kernel_usable)
         ok = _usable.get(key)
         if ok is None:  # once per shape: the checks, and the build probe (once per variant)
             ok = kernel_supported(q, keys)
@@ -622,8 +624,8 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
                 vkey, probe = _variant_key(backend, q, keys, k)
                 ok = dispatch.kernel_usable(vkey, probe, f"lightning indexer ({backend})")
             dispatch.bounded_put(_usable, key, ok)
-        if ok:
-            return indexer_topk_kernel(q, w, keys, visible, topk, backend=backend)
+        if ok:  # (`indexer_topk_kernel` with its defaults)
+            return _planned(backend, q, w, keys, visible, topk, skey)
     return indexer_topk_ops(q, w, keys, visible, topk)
 
 
