@@ -1236,15 +1236,30 @@ def trim_header(header: str, body: str) -> str:
     return "\n".join(text for k, (_, text) in zip(keep, units) if k) + "\n"
 
 
+def strip_comments(text: str) -> str:
+    """`text` without its // comments and the lines they leave blank (string literals kept):
+    the comments are for readers of this module, not for MLX's hashing at every launch."""
+    out = []
+    for line in text.split("\n"):
+        if "//" in line:
+            line = _NOT_CODE.sub(lambda m: "" if m.group(0).startswith("//") else m.group(0),
+                                 line).rstrip()
+            if not line.strip():
+                continue
+        out.append(line)
+    return "\n".join(out)
+
+
 def make_source(dialect: str, name: str, input_names, output_names, body: str) -> KernelSource:
     """A kernel of `body` in `dialect`: the dialect's header (trimmed to what the body uses:
-    `trim_header`), its prologue before the body."""
-    source = _PROLOGUES[dialect] + body
+    `trim_header`), its prologue before the body; // comments stripped from both."""
+    source = strip_comments(_PROLOGUES[dialect] + body)
     # (the signature that MLX or the emulation puts around the body names dtypes too: the
     # emulation's bf16 is a struct of its header)
     types = " ".join(_SIGNATURE_TYPES[dialect].values())
     return KernelSource(name=name, input_names=tuple(input_names), output_names=tuple(output_names),
-                        header=trim_header(_header(dialect), source + "\n" + types),
+                        header=strip_comments(trim_header(_header(dialect),
+                                                          source + "\n" + types)),
                         source=source)
 
 
