@@ -41,7 +41,7 @@ _BODY = {
 
 def _kernel(backend: str, pad: int, tag: str):
     line = "// " + "padding text of a comment, as a kernel's header carries " * 2 + "\n"
-    header = (line * (pad // len(line) + 1))[:pad] if pad else ""
+    header = (line * (pad // len(line) + 1))[:pad].rsplit("\n", 1)[0] + "\n" if pad else ""
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     return make(name=f"launch_cost_{tag}_{pad}", input_names=["x"], output_names=["y"],
                 source=_BODY[backend], header=header, ensure_row_contiguous=True)

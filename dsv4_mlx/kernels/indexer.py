@@ -219,8 +219,12 @@ MMA_PTX = 1
 # slice bound on (`indexer_source._TOPK_MERGE`); the scoring launch zeroes the row counters
 # it counts on. CUDA only: Metal keeps the two launches (its merge is written but not
 # validated without a Mac, and a decode row's counter would sit in Metal's constant address
-# space). 0: the two launches everywhere.
-TOPK_FUSE = 0  # (1 once its GPU tests have passed: not yet run on a GPU)
+# space). 0: the two launches everywhere. Left at 0: on an H100 (2026-12-07, eighth session)
+# its GPU tests passed (`test_gpu_sliced_topk`, the merge streaming its candidates), but the
+# scoring + top-k of one 64K-entry row took 80.1 us of GPU time fused against 60.7 us in
+# three launches (Nsight Compute), and the wall time of a call moved within the host's noise
+# (0.059-0.088 ms against 0.071-0.087 with 16 calls an evaluation, four runs interleaved).
+TOPK_FUSE = 0
 
 # Variants by name, for measuring them without editing this module: a comma list of
 # "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
@@ -394,8 +398,8 @@ def _fused_spec(B, T, M, k, tg, u, s, r=None, walk=None):
     """`_topk_spec` of the fused top-k (`indexer_source.topk_fused_source`): the slices' own
     registers R, the merge's R2 (its S * K candidates), outputs idx, val (the candidates),
     thr (the slices' bounds), fin (the picks)."""
+    r2 = 0 if r == 0 else topk_regs(s * k, tg, 1)  # (r = 0 asked: no registers anywhere)
     r = topk_regs(M, tg, s) if r is None else r
-    r2 = 0 if r == 0 else topk_regs(s * k, tg, 1)
     walk = _flag("walk", walk, TOPK_WALK)
     return ([("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", False), ("R", r), ("R2", r2),
              ("WALK", walk)],
