@@ -71,6 +71,9 @@ class FrontierResult:
     # mlx-lm's generate_step (what `dsv4 chat` runs): step t+1 is built while step t runs
     decode_pipelined_tok_s: float = 0.0
     bandwidth_fraction_pipelined: float = 0.0
+    # its median and slowest token (the tok/s above is the mean: a few slow steps weigh in)
+    decode_pipelined_ms_median: float = 0.0
+    decode_pipelined_ms_max: float = 0.0
     # the untimed first pass of the probe (the same tokens from the same state), compilation
     # of new shapes included: seconds in all
     decode_first_pass_s: float = 0.0
@@ -251,6 +254,8 @@ def run_bench(model, tokenizer=None, max_context: int = 32768, frontiers: Sequen
             decode_eval_ms=1000 * statistics.median(evals),
             decode_pipelined_tok_s=dec_pipe,
             bandwidth_fraction_pipelined=wbytes * dec_pipe / (bw * 1e9),
+            decode_pipelined_ms_median=1000 * statistics.median(pipe),
+            decode_pipelined_ms_max=1000 * max(pipe),
             decode_first_pass_s=warm_s,
         )
         results.append(r)

@@ -27,6 +27,9 @@ def test_report_and_csv(tmp_path):
         assert r["decode_build_ms"] > 0 and r["decode_eval_ms"] > 0
         assert r["decode_build_ms"] + r["decode_eval_ms"] <= 1000 / r["decode_tok_s"] * 3
         assert r["decode_pipelined_tok_s"] > 0
+        # the mean's tok/s against the median and the slowest token
+        assert 0 < r["decode_pipelined_ms_median"] <= r["decode_pipelined_ms_max"]
+        assert r["decode_pipelined_ms_max"] >= 1000 / r["decode_pipelined_tok_s"]
         assert r["decode_first_pass_s"] > 0
         assert abs(r["bandwidth_fraction_pipelined"] / r["bandwidth_fraction"]
                    - r["decode_pipelined_tok_s"] / r["decode_tok_s"]) < 1e-9
