@@ -314,8 +314,8 @@ class Emulator:
         """The fused top-k (`indexer_source.topk_fused_source`): (fin, thr, tick after)."""
         B, T, M = scores.shape
         ks = src.topk_fused_source("cpp")
+        r2 = 0 if r == 0 else ki.topk_regs(s * k, tg, 1)  # (as `indexer._fused_spec`)
         r = ki.topk_regs(M, tg, s) if r is None else r
-        r2 = 0 if r == 0 else ki.topk_regs(s * k, tg, 1)
         tick = np.zeros(B * T, np.uint32) if tick is None else tick
         idx, val, thr, fin = self.run(
             ks, [scores, visible, tick], [(B, T, s * k)] * 2 + [(B, T, s), (B, T, k)],
@@ -609,14 +609,19 @@ def test_emulated_topk(emu, case, k, u, nslice, r):
 
 @needs_cxx
 @pytest.mark.parametrize("case", ["narrow", "onebin", "boundties", "mixedsign", "short"])
-@pytest.mark.parametrize("tg,s,r", [(256, 8, None), (256, 5, None), (256, 4, 0), (512, 16, None)])
+@pytest.mark.parametrize("tg,s,r", [(256, 8, None), (256, 5, None), (256, 4, 0), (512, 16, None),
+                                    (256, 2, None)])
 def test_emulated_fused_topk_merge(emu, case, tg, s, r):
     """The fused merge's shortcuts: the slices' bounds (the largest drops candidates) and the
     first pass at the first byte where that bound and the largest candidate differ. Scores
     whose keys share 1, 2 or 3 top bytes (a narrow range), all equal, many ties at the K-th
     value, both signs, slices shorter than K; the bounds published, the counters counted."""
     rng = np.random.default_rng(len(case) + s + tg)
-    B, T, N, k = 1, 4, 6000, 64
+    # (s = 2: slices of 4,500 > 16 x 256 stream their scores; the merge holds its 128 in
+    # registers)
+    B, T, N, k = 1, 4, 9000 if s == 2 else 6000, 64
+    if s == 2 and r is None:
+        assert ki.topk_regs(N, tg, s) == 0 and ki._fused_spec(1, 1, N, k, tg, 4, s)[0][6] == ("R2", 1)
     if case == "narrow":  # 1000 + tiny noise: the top 2-3 bytes of every key the same
         sc = (1000.0 + rng.random((B, T, N)) * np.array([1e-4, 1e-2, 1.0, 50.0])[None, :, None])
     elif case == "onebin":
