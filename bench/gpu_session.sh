@@ -144,7 +144,7 @@ for step in "${steps[@]}"; do
       grep -E "primitives per step|round|plain|compiled" "$OUT/compile.log" | grep -v "by op" | tail -8 ;;
     pipeline)
       timeout ${PIPE_TIMEOUT:-200} python bench/pipeline_probe.py --experts ${PIPE_EXPERTS:-64,256} \
-        --context ${CONTEXT:-2048} --steps 32 2>&1 | tee "$OUT/pipeline.log" | cut -c1-${PIPE_COLS:-400} ;;
+        --context ${CONTEXT:-2048} --steps ${PIPE_STEPS:-48} 2>&1 | tee "$OUT/pipeline.log" | cut -c1-${PIPE_COLS:-400} ;;
     launchcost)
       timeout 120 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -8 ;;
     ixsource)

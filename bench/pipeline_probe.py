@@ -2,7 +2,7 @@
 figure while `decode_profile.py`'s gets ~1.7x more: one model and state, several loops, every
 step's time printed (outliers vs a uniform slowdown), median and mean side by side.
 
-    python bench/pipeline_probe.py --experts 64,256 --context 2048 --steps 32
+    python bench/pipeline_probe.py --experts 64,256 --context 2048 --steps 48
 
 Loops, each from the same state (a snapshot restored before each):
   sync      build a step's graph, evaluate it (`dsv4 bench`'s decode column)
@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", default="64,256")
     ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--compile", default="0,1")
     a = ap.parse_args()
     for E in [int(x) for x in a.experts.split(",")]:
