@@ -314,14 +314,11 @@ class Emulator:
         """The fused top-k (`indexer_source.topk_fused_source`): (fin, thr, tick after)."""
         B, T, M = scores.shape
         ks = src.topk_fused_source("cpp")
-        r2 = 0 if r == 0 else ki.topk_regs(s * k, tg, 1)  # (as `indexer._fused_spec`)
-        r = ki.topk_regs(M, tg, s) if r is None else r
+        # the launch as the dispatch makes it (registers of the slices and of the merge)
+        template, grid, _, shapes, dtypes = ki._fused_spec(B, T, M, k, tg, u, s, r, walk)
         tick = np.zeros(B * T, np.uint32) if tick is None else tick
-        idx, val, thr, fin = self.run(
-            ks, [scores, visible, tick], [(B, T, s * k)] * 2 + [(B, T, s), (B, T, k)],
-            ["int32", "float32", "uint32", "int32"],
-            [("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", False), ("R", r), ("R2", r2),
-             ("WALK", walk)], (s * tg, T, B), tg)
+        idx, val, thr, fin = self.run(ks, [scores, visible, tick], shapes,
+                                      [str(d).split(".")[-1] for d in dtypes], template, grid, tg)
         return fin, thr, tick
 
     def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None, walk=None, fuse=False):

@@ -291,6 +291,11 @@ def _fuse(value, backend: str) -> int:
     return _flag("fuse", value, TOPK_FUSE)
 
 
+def _fused(S: int, value, backend: str) -> bool:
+    """Whether a top-k of S slices runs fused (`_fuse`; one slice has nothing to merge)."""
+    return S > 1 and bool(_fuse(value, backend))
+
+
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
                 bn, hc, e, mma, tpt, idec: int, mmaptx: int, tick: bool = False):
@@ -430,7 +435,7 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     TG, U, S = topk_launch(B, T, N, k)
     TG, U, S = tg or TG, u or U, s or S
     visible = _i32(visible)
-    if S > 1 and _fuse(fuse, backend):
+    if _fused(S, fuse, backend):
         if tick is None:
             tick = mx.zeros((B * T,), mx.uint32)
         template, grid, tgs, shapes, dtypes = _fused_spec(B, T, N, k, TG, U, S, r, walk)
@@ -470,16 +475,14 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     # the fused top-k counts on row counters that the scoring launch zeroes
     B, T = q.shape[:2]
-    fused = (select == "kernel" and (launch.get("s") or topk_launch(B, T, N, k)[2]) > 1
-             and bool(_fuse(launch.get("fuse"), backend)))
+    fused = select == "kernel" and _fused(launch.get("s") or topk_launch(B, T, N, k)[2],
+                                          launch.get("fuse"), backend)
     out = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma, tick=fused,
                                 **pick(("bn", "hc", "e", "tpt", "idec", "mmaptx")))
     scores, tick = out if fused else (out, None)
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend, tick=tick,
                                      **pick(("tg", "u", "s", "r", "walk", "fuse")))
-    if select != "argpartition":
-        raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     with mx.stream(mx.gpu):
         idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
         return mx.where(idx >= visible[None, :, None], -1, idx)
@@ -500,15 +503,15 @@ def _shape_key(backend, q, keys, topk):
 
 def _plan(backend, q, keys, topk):
     """The launches of one `indexer_topk_kernel` call with its default parameters, for these
-    shapes: [(kernel, template, grid, threadgroup, output shapes, output dtypes)] of the
-    scoring launch, the top-k launch and (S > 1) the merge, or (S > 1, fused) the scoring
-    launch with its row counters and the fused top-k; whether the scoring takes the queries
-    as uint32 (the matrix-unit kernel)."""
+    shapes: whether the scoring takes the queries as uint32 (the matrix-unit kernel), whether
+    the top-k is fused, and [(kernel, template, grid, threadgroup, output shapes, output
+    dtypes)] of the scoring launch, the top-k launch and (S > 1) the merge, or (fused) the
+    scoring launch with its row counters and the fused top-k."""
     B, T, H, D = q.shape
     key_mode, _, N, _ = _key_inputs(keys)
     k = min(topk, N)
     TG, U, S = topk_launch(B, T, N, k)
-    fused = S > 1 and bool(_fuse(None, backend))
+    fused = _fused(S, None, backend)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
@@ -517,12 +520,12 @@ def _plan(backend, q, keys, topk):
     if fused:
         launches.append((_kernel(backend, src.topk_fused_source(backend)),
                          *_fused_spec(B, T, N, k, TG, U, S)))
-        return on_mma, launches
+        return on_mma, True, launches
     kern = _kernel(backend, src.topk_source(backend))
     launches.append((kern, *_topk_spec(B, T, N, k, TG, U, S, False)))
     if S > 1:  # the merge, as `indexer_select_kernel` makes it
         launches.append((kern, *_topk_spec(B, T, S * k, k, 1024, U, 1, True)))
-    return on_mma, launches
+    return on_mma, False, launches
 
 
 def _planned(backend, q, w, keys, visible, topk, key=None):
@@ -540,14 +543,14 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
                                  False if min(topk, N) == N else _plan(backend, q, keys, topk))
     if p is False:  # every entry is selected: only visibility matters
         return indexer_topk_ops(q, w, keys, visible, topk)
-    on_mma, launches = p
+    on_mma, fused, launches = p
     visible = _i32(visible)
     key_in = list(keys) if fp4 else _key_inputs(keys)[1]  # (fp4: checked by the plan)
     out = None
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
         if i == 0:
             inputs = _score_inputs(q, w, key_in, visible, on_mma)
-        elif len(shapes) == 4:  # the fused top-k on the scores and their row counters
+        elif fused:  # the fused top-k on the scores and their row counters
             inputs = [out[0], visible, out[1]]
         elif i == 1:
             inputs = [out[0], visible, _no_cidx()]
@@ -555,7 +558,7 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
             inputs = [out[1], visible, out[0]]
         out = kern(inputs=inputs, template=template, grid=grid, threadgroup=tg,
                    output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu)
-    return out[3] if len(out) == 4 else out[0]
+    return out[3] if fused else out[0]
 
 
 @functools.lru_cache(maxsize=256)
@@ -568,7 +571,7 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     R = topk_regs(N, TG, S)
     mma = _mma_usable(backend, qdtype, H, D, key_mode)
     tpt = mma_tiles(B * T, N, src.mma_layout(backend, H, D, MMA_WARPS)[2]) if mma else None
-    fused = int(S > 1 and bool(fuse))
+    fused = int(S > 1 and fuse)
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
            f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}")
     return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused)
@@ -581,7 +584,7 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     key_mode, key_in, N, d = _key_inputs(keys)
     key, (BN, HC, E, TG, U, S, R, mma, tpt, fused) = _variant(backend, q.dtype, B, T, H, D,
                                                                key_mode, N, k,
-                                                               _fuse(None, backend))
+                                                               bool(_fuse(None, backend)))
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 

@@ -11,9 +11,10 @@
 * `mx_gemv_kernel`: the microscaled layouts of `dsv4 convert` (mxfp8: the FP8 linears, the
   shared expert; mxfp4: the routed experts, gathered by the token's picks), one token; used
   through `mx_project` (the experts, `model.moe`) and `use_for_linears` (at load) where
-  ``DSV4_MX_GEMV_KERNEL`` asks for it: **opt-in** until measured against MLX's on a GPU (an
-  earlier mxfp8 kernel of this module, one row after another a warp in 64 groups for Flash's
-  4096-row linears, was 1.6-4.4x slower than MLX's on an H100). The same exact dequantized
+  ``DSV4_MX_GEMV_KERNEL`` asks for it: **opt-in**, since on an H100 it was not faster than
+  MLX's (2026-12-07, `bench/qgemv.py`: mxfp8 0.021 vs 0.011 ms for 8.7 MB, mxfp4 experts
+  0.056 vs 0.050 ms; a 4-layer decode step 2.20 vs 2.09 ms pipelined with it; an earlier
+  mxfp8 kernel of this module was 1.6-4.4x slower than MLX's). The same exact dequantized
   values as MLX's, a chunk's fp32 sum times its scale as MLX's `fp_qmv` does, in another order.
 """
 
@@ -30,7 +31,7 @@ from . import qgemv_source as src
 ENV_VAR = "DSV4_QGEMV_KERNEL"  # the head's
 DEFAULT = "auto"  # measured faster than MLX's (see the module docstring)
 MX_ENV_VAR = "DSV4_MX_GEMV_KERNEL"  # the microscaled layers' (mxfp8 linears, mxfp4 experts)
-MX_DEFAULT = "ops"  # until measured against MLX's (see the module docstring)
+MX_DEFAULT = "ops"  # measured not faster than MLX's (see the module docstring)
 TG = 256
 RW = 8          # rows a warp
 MAX_K = 8192    # x staged in threadgroup memory as fp32: 32 KiB, Metal's limit
