@@ -8,6 +8,7 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``ops``: `indexer_topk_ops` (matmul to [T, H, N], relu, weighted head sum, argpartition);
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
+* ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``;
 * ``floor``: one tiny elementwise op (the visible counts + 1) evaluated the same way: what
@@ -148,6 +149,17 @@ def _tune_case(backend, H, D, K, budget_s, fmt, N, T):
 # ---- GPU time per call from Nsight Compute (CUDA): marker kernels bracket the timed calls
 
 
+def _with_frag(fn):
+    """`fn()` with the register-fragment scorer switched on (`indexer.FRAG_SCORER`; the
+    planned launches are kept per value)."""
+    was = ki.FRAG_SCORER
+    ki.FRAG_SCORER = 1
+    try:
+        return fn()
+    finally:
+        ki.FRAG_SCORER = was
+
+
 def _marker(i: int, what: str):
     cuda_marker(f"{i}_{what}")
 
@@ -190,6 +202,8 @@ SELECT_VARIANTS = ((1024, 4, 1, 0), (512, 4, 8, 0), (512, 4, 16, 0), (512, 4, 8,
                    (512, 4, 16, None), (256, 4, 16, None), (256, 4, 32, None),
                    (1024, 4, 16, None), (1024, 4, 8, None))  # (tg, u, s, r)
 MMA_TILES = (1, 2, 4, 8, 16)
+FRAG_LAUNCHES = (None, (4, 1, 1), (4, 4, 1), (8, 1, 1), (8, 2, 1), (4, 1, 2), (4, 2, 2),
+                 (2, 4, 1), (2, 8, 1))  # (NW, TPW, ME); None: `indexer.frag_launch`
 
 
 def profile_parts(backend, H, D, K, entries, defaults_only=False):
@@ -204,11 +218,15 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
             fns = [(f"score (default) idec {i} mmaptx {p}", lambda i=i, p=p:
                     ki.indexer_scores_kernel(*a, backend=backend, idec=i, mmaptx=p))
                    for i, p in ((0, 1), (1, 1), (2, 1), (0, 0))]
+            # the register-fragment scorer (opt-in: FRAG_SCORER), its launch shapes (NW, TPW, ME)
+            fns += [(f"score frag {fl or 'default'}", lambda fl=fl: ki.indexer_scores_kernel(
+                *a, backend=backend, frag=1, fl=fl)) for fl in FRAG_LAUNCHES]
             fns += [(f"select (default) walk {w} fuse 0", lambda w=w: ki.indexer_select_kernel(
                 s, a[3], K, backend=backend, walk=w, fuse=0)) for w in (0, 1)]
             # the whole call (scoring, then the top-k in two launches or fused), as planned
-            fns += [(f"score + select, fuse {f}", lambda f=f: ki.indexer_topk_kernel(
-                *a, K, backend=backend, launch={"fuse": f})) for f in (0, 1)]
+            fns += [(f"score + select, fuse {f} frag {fr}", lambda f=f, fr=fr: ki.indexer_topk_kernel(
+                *a, K, backend=backend, launch={"fuse": f, "frag": fr}))
+                for f, fr in ((0, 0), (1, 0), (0, 1), (1, 1))]
         else:
             fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend,
                                                                    mma=False))]
@@ -320,6 +338,9 @@ def main(argv=None):
     floor = {"floor": lambda a: a[3] + 1}
     if backend != "ops":
         paths["kernel"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend)
+        if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
+            paths["kernel-frag"] = lambda a: _with_frag(
+                lambda: ki.indexer_topk_kernel(*a, K, backend=backend))
         paths["kernel-fp32"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend,
                                                                 mma=False)
         paths["kernel+argp"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend,

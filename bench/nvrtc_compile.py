@@ -110,6 +110,17 @@ def launches():
                 ["float32", "uint32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
                                         ("SMEM4", smem4), ("QRES", qres), ("TPT", 2),
                                         ("IDEC", 2), ("MMAPTX", 1)]))
+    for idec, tpw, me, nw in ((2, 4, 1, 4), (0, 4, 1, 4), (2, 2, 2, 4), (2, 8, 1, 8)):
+        out.append((f"indexer score frag fp4, IDEC {idec} TPW {tpw} ME {me} NW {nw}",
+                    isrc.score_frag_source("cuda", "fp4"),
+                    [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
+                    ["float32"], [("D", 128), ("H", 64), ("NW", nw), ("TPW", tpw), ("ME", me),
+                                  ("IDEC", idec)]))
+    out.append(("indexer score frag bf16 keys + row counters",
+                isrc.score_frag_source("cuda", "bf16", True),
+                [("uint32", 4, 4096), ("float32", 3, 64), ("uint32", 3, 2048), ("int32", 1, 1)],
+                ["float32", "uint32"], [("D", 128), ("H", 64), ("NW", 4), ("TPW", 4), ("ME", 1),
+                                        ("IDEC", 0)]))
     for head, norm, sink, reg in ((False, False, 2, True), (True, False, 2, True),
                                   (False, True, 2, True), (True, True, 2, True),
                                   (False, False, 1, True), (False, False, 0, False)):

@@ -300,6 +300,22 @@ class Emulator:
                         (ngroups * tpg, T, B), tpg)
         return s
 
+    def score_frag(self, q, w, key_arrays, key_mode, visible, nw=None, tpw=None, me=None,
+                   idec=None):
+        """The register-fragment scoring kernel (`indexer_source.score_frag_source`; launch
+        parameters None: `indexer.frag_launch`'s; ``idec`` None: `indexer.MMA_INT_DECODE`)."""
+        B, T, H, D = q.shape
+        N = key_arrays[0].shape[1]
+        NW, TPW, ME = ki.frag_launch(B * T, N)
+        NW, TPW, ME = nw or NW, tpw or TPW, me or ME
+        ks = src.score_frag_source("cpp", key_mode)
+        ngroups = -(-N // (16 * ME * TPW * NW))
+        (s,) = self.run(ks, [bf16_words(q), w, *key_arrays, visible], [(B, T, N)], ["float32"],
+                        [("D", D), ("H", H), ("NW", NW), ("TPW", TPW), ("ME", ME),
+                         ("IDEC", ki.MMA_INT_DECODE if idec is None else int(idec))],
+                        (ngroups * 32 * NW, T, B), 32 * NW)
+        return s
+
     def _select(self, scores, visible, cidx, k, tg, u, s, mapped, r, walk):
         B, T, M = scores.shape
         ks = src.topk_source("cpp")
@@ -427,6 +443,74 @@ def test_emulated_scores_mma(emu, B, T, H, D, kc, tpt, mode):
 
 
 @needs_cxx
+@pytest.mark.parametrize("B,T,H,D,N,nw,tpw,me", [(1, 1, 64, 128, 200, None, None, None),
+                                                 (2, 3, 16, 128, 150, 2, 2, 2),
+                                                 (1, 5, 8, 256, 77, 1, 3, 1),
+                                                 (2, 6, 64, 128, 260, 4, 1, 2),
+                                                 (1, 2, 24, 128, 16, 1, 1, 1)])
+@pytest.mark.parametrize("mode", src.FRAG_KEY_MODES)
+def test_emulated_scores_frag(emu, B, T, H, D, N, nw, tpw, me, mode):
+    """The register-fragment kernel (keys decoded into mma.sync's A registers by the PTX
+    fragment layouts, emulated lane by lane): N not a multiple of 16, passes of one and two
+    tiles, warps whose passes end past N, every visibility edge (passes wholly past it, in the
+    middle of a pass), two D / 128 groups a thread; each FP4 decode the same bits."""
+    rng = np.random.default_rng(B + T + H + D + N + len(mode))
+    q, w, keys = make_case(rng, B, T, H, D, N, "zeros" if T == 5 else "random")
+    q = to_bf16(q)
+    key_in, kf = _key_arrays(mode, keys)
+    vis = np.array([N - 1, 0, 1, 15, 16, N][:T] if T > 1 else [N - 1], np.int32)
+    ref = _masked(ref_scores(q, w, kf), vis)
+    fin = np.isfinite(ref)
+    outs = []
+    for idec in ((0, 1, 2) if mode == "fp4" else (0,)):
+        got = emu.score_frag(q, w, key_in, mode, vis, nw=nw, tpw=tpw, me=me, idec=idec)
+        assert np.array_equal(np.isneginf(got), np.isneginf(ref))
+        np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref[fin]).max())
+        outs.append(got)
+    for o in outs[1:]:
+        np.testing.assert_array_equal(outs[0], o)
+
+
+@needs_cxx
+@pytest.mark.parametrize("sbs", [(0, 1, 2, 3), (250, 251, 252, 254), (127, 2, 200, 253)])
+def test_emulated_scores_frag_scale_ends(emu, sbs):
+    """Scale bytes at the ends of the range (subnormal / huge products: the fp32 path) next to
+    ordinary ones, one thread's two rows and groups differing: the same scores from every
+    decode and the same as the tiled kernel's."""
+    rng = np.random.default_rng(sum(sbs))
+    B, T, H, D, N = 1, 1, 16, 128, 40
+    words = rng.integers(0, 2**32, size=(B, N, D // 8), dtype=np.uint64).astype(np.uint32)
+    sc = np.array(sbs, np.uint8)[rng.integers(0, 4, size=(B, N, D // 32))]
+    q = to_bf16(rng.standard_normal((B, T, H, D)).astype(np.float32) * 1e-3)
+    w = rng.standard_normal((B, T, H)).astype(np.float32)
+    vis = np.array([N], np.int32)
+    tiled = emu.score_mma(q, w, [words, sc], "fp4", vis, idec=0)
+    for idec in (0, 1, 2):
+        got = emu.score_frag(q, w, [words, sc], "fp4", vis, idec=idec)
+        fin = np.isfinite(tiled)
+        assert np.array_equal(np.isfinite(got), fin)
+        np.testing.assert_allclose(got[fin], tiled[fin], rtol=1e-5,
+                                   atol=1e-6 * np.abs(tiled[fin]).max())
+
+
+def test_frag_launch_and_usable():
+    assert ki.frag_launch(1, 65536) == (4, 2, 1)      # 4096 tiles -> 512 groups
+    assert ki.frag_launch(1, 262144) == (4, 8, 1)
+    assert ki.frag_launch(1, 1000) == (4, 1, 1)
+    assert ki.frag_launch(2048, 16384) == (4, 16, 1)
+    assert ki.frag_usable("cuda", mx.bfloat16, 64, 128, "fp4")
+    assert ki.frag_usable("cuda", mx.bfloat16, 8, 256, "bf16")
+    assert not ki.frag_usable("metal", mx.bfloat16, 64, 128, "fp4")
+    assert not ki.frag_usable("cuda", mx.float32, 64, 128, "fp4")
+    assert not ki.frag_usable("cuda", mx.bfloat16, 64, 64, "fp4")   # D not a multiple of 128
+    assert not ki.frag_usable("cuda", mx.bfloat16, 12, 128, "fp4")  # H not a multiple of 8
+    assert not ki.frag_usable("cuda", mx.bfloat16, 64, 128, "f32")
+    with pytest.raises(ValueError):
+        src.score_frag_source("metal", "fp4")
+
+
+@needs_cxx
 def test_e2m1_bf16_bits_equal_the_rounded_product(emu):
     """The scorer's integer FP4 decode (`ki_e2m1_bf16`, IDEC 1): for every code and every
     scale byte in 3..251 the bf16 bits of the fp32 product ``e2m1(c) * 2^(sb - 127)`` (which
@@ -538,6 +622,11 @@ def test_variants_env(monkeypatch):
     assert ki._flag("mmaptx", None, ki.MMA_PTX) == ki.MMA_PTX == 1
     with pytest.raises(ValueError, match="idec must be"):
         ki._idec(3)
+    assert ki._flag("frag", None, ki.FRAG_SCORER) == ki.FRAG_SCORER == 0
+    monkeypatch.setenv(ki.VARIANTS_ENV, "frag")
+    assert ki._flag("frag", None, 0) == 1 and ki._flag("frag", 0, 0) == 0
+    monkeypatch.setenv(ki.VARIANTS_ENV, "tiles,frag")  # (the earlier name in the table wins)
+    assert ki._flag("frag", None, 1) == 0
     monkeypatch.setenv(ki.VARIANTS_ENV, "walk,fast")
     with pytest.raises(ValueError, match="unknown fast"):
         ki.variants()
@@ -879,6 +968,11 @@ def test_cuda_source_compiles_with_nvcc(mode, tmp_path):
                      ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),
                                    ("SMEM4", smem4), ("QRES", qres), ("TPT", 4),
                                    ("IDEC", 1), ("MMAPTX", 1)]))
+    if mode in src.FRAG_KEY_MODES:
+        jobs.append(("score_frag", src.score_frag_source("cuda", mode),
+                     [("uint32", 4, 4096), ("float32", 3, 64), *keyin, ("int32", 1, 1)],
+                     ["float32"], [("D", 128), ("H", 64), ("NW", 4), ("TPW", 4), ("ME", 1),
+                                   ("IDEC", 2)]))
     for name, ks, inputs, outs, tmpl in jobs:
         r = nvcc_compile(src.render_cuda(ks, inputs, outs, tmpl), tmp_path, name, "-Xptxas", "-v")
         assert r.returncode == 0, r.stderr[-4000:]
@@ -979,8 +1073,9 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
     kx = _mx_keys(mode, keys)[0]
     qa = mx.array(q).astype(getattr(mx, qdtype))
     vis = mx.array(np.full((T,), N, np.int32))
-    for fuse in (0, 1):  # slices + merge in two launches, or one
+    for fuse, frag in ((0, 0), (1, 0), (0, 1), (1, 1)):  # fused or not; the scorer
         clean_dispatch.setattr(ki, "TOPK_FUSE", fuse)
+        clean_dispatch.setattr(ki, "FRAG_SCORER", frag)
         runs = []
         for launch in (None, {"tpt": None}, None):  # planned, explicit, planned again (cached)
             log.clear()
@@ -990,6 +1085,8 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
         assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 and not fuse else 2)
         if fuse and N == 65536:
             assert runs[0][0][4][1] == (T,) and runs[0][1][0] == "dsv4_indexer_topk_fused"
+        if runs[0]:
+            assert ("_frag_" in runs[0][0][0]) == bool(frag and qdtype == "bfloat16"), runs[0][0][0]
 
 
 def test_plans_stay_bounded_as_the_entries_grow(clean_dispatch):
@@ -1112,6 +1209,23 @@ def test_gpu_mma_scores(gpu, B, T, H, D, mode):
                                        err_msg=f"mmaptx {kind}")
             np.testing.assert_allclose(b[fin], a[fin], rtol=1e-6, atol=1e-7 * np.abs(a[fin]).max(),
                                        err_msg=f"mmaptx vs wmma {kind}")
+        if ki.frag_usable(gpu, qb.dtype, H, D, mode):  # keys straight into the registers
+            tiled = np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=True,
+                                                      frag=0))
+            for fl in (None, (4, 1, 2), (8, 4, 1), (2, 3, 2)):
+                for i in ((0, 1, 2) if mode == "fp4" else (0,)):
+                    got = np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu,
+                                                            frag=1, fl=fl, idec=i))
+                    assert np.array_equal(np.isneginf(got), np.isneginf(want)), (fl, i, kind)
+                    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-4,
+                                               atol=1e-5 * (np.abs(want[fin]).max() + 1e-6),
+                                               err_msg=f"frag {fl} idec {i} {kind}")
+                    np.testing.assert_allclose(got[fin], tiled[fin], rtol=1e-5,
+                                               atol=1e-6 * (np.abs(tiled[fin]).max() + 1e-6),
+                                               err_msg=f"frag vs tiles {fl} idec {i} {kind}")
+            idx = ki.indexer_topk_kernel(qb, wa, km, va, topk, backend=gpu,
+                                         launch={"frag": 1})
+            check_topk(idx, ref, vis, topk, f"frag {mode} {kind} {B}x{T}x{H}x{D}")
         for mma in (True, False):
             got = np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=mma))
             assert np.array_equal(np.isneginf(got), np.isneginf(want)), (mma, kind)

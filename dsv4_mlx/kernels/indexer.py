@@ -192,6 +192,27 @@ def mma_tiles(rows: int, N: int, qres: bool) -> int:
     return tpt
 
 
+
+def frag_usable(backend: str, qdtype, H: int, D: int, key_mode: str) -> bool:
+    """Whether the register-fragment scorer (`indexer_source.score_frag_source`) takes these
+    inputs: CUDA, bf16 queries, FP4 or bf16 keys, H a multiple of 8 (<= 128), D a multiple of
+    128 (<= 256: a thread's registers hold D / 128 scale groups of two key rows)."""
+    return (backend == "cuda" and qdtype == mx.bfloat16 and key_mode in src.FRAG_KEY_MODES
+            and H % 8 == 0 and 8 <= H <= 128 and D % 128 == 0 and D <= 256)
+
+
+@functools.lru_cache(maxsize=256)
+def frag_launch(rows: int, N: int) -> tuple[int, int, int]:
+    """(NW warps a group, TPW passes a warp, ME 16-entry tiles a pass) of the
+    register-fragment scorer: groups of 4 warps, a pass of one tile, and as many passes (a
+    power of two, <= 16) as still leave >= 512 groups (each group reads the queries once)."""
+    nw, me = 4, 1
+    tiles = -(-N // 16)
+    tpw = 1
+    while tpw < 16 and -(-tiles // (2 * tpw * nw * me)) * rows >= 512:
+        tpw *= 2
+    return nw, tpw, me
+
 # How the matrix-unit scorer decodes FP4 keys into its bf16 tile: 0, each value as the fp32
 # product e2m1 x scale rounded to bf16; 1, the same bits built with integer operations where
 # the scale byte allows (3..251; ~20% fewer instructions for the decode, emulation-tested
@@ -214,6 +235,13 @@ MMA_INT_DECODE_METAL = 0
 # us vs 42.5 / 34.4 / 35.8 / 36.1 with wmma); 256K even (72.6 / 71.9 vs 69.0 / 72.5).
 MMA_PTX = 1
 
+# Which scorer CUDA runs where both apply (`frag_usable`): 0, the tiled matrix-unit kernel
+# (`score_mma_source`: keys decoded into shared tiles, four barriers a tile); 1, the
+# register-fragment kernel (`score_frag_source`: keys decoded straight into mma.sync's A
+# registers, the products' accumulators summed over heads in registers; one barrier a
+# group). Opt-in ("frag" in DSV4_INDEXER_VARIANTS) until measured on a GPU.
+FRAG_SCORER = 0
+
 # The top-k of few long rows (S > 1 slices: decode) in one launch instead of two: the row's
 # last slice group to finish selects among the S * K candidates itself, from the largest
 # slice bound on (`indexer_source._TOPK_MERGE`); the scoring launch zeroes the row counters
@@ -229,14 +257,16 @@ TOPK_FUSE = 0
 # Variants by name, for measuring them without editing this module: a comma list of
 # "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
 # backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1), "nofuse",
-# "fuse" (TOPK_FUSE 0, 1); read at each call.
+# "fuse" (TOPK_FUSE 0, 1), "tiles", "frag" (FRAG_SCORER 0, 1); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
-VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk", "nofuse", "fuse")
+VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk", "nofuse", "fuse",
+                 "tiles", "frag")
 # name -> (the launch choice it sets, the value); where two named set one choice, the earlier
 # in this table wins
 _VARIANT_CHOICES = {"prmt": ("idec", 2), "idec": ("idec", 1), "f32dec": ("idec", 0),
                     "wmma": ("mmaptx", 0), "mmaptx": ("mmaptx", 1), "walk": ("walk", 1),
-                    "nofuse": ("fuse", 0), "fuse": ("fuse", 1)}
+                    "nofuse": ("fuse", 0), "fuse": ("fuse", 1), "tiles": ("frag", 0),
+                    "frag": ("frag", 1)}
 _variants: dict = {}  # raw value -> (names, {choice: value})
 
 
@@ -298,10 +328,18 @@ def _fused(S: int, value, backend: str) -> bool:
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
-                bn, hc, e, mma, tpt, idec: int, mmaptx: int, tick: bool = False):
+                bn, hc, e, mma, tpt, idec: int, mmaptx: int, tick: bool = False,
+                frag: int = 0, fl=None):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch
-    (`idec`, `mmaptx`: resolved by `_idec` and `_flag`, outside this cache; `tick`: the
-    source with the fused top-k's zeroed row counters as a second output)."""
+    (`idec`, `mmaptx`, `frag`: resolved by `_idec` and `_flag`, outside this cache; `tick`:
+    the source with the fused top-k's zeroed row counters as a second output; `fl`: the
+    register-fragment scorer's (NW, TPW, ME), default `frag_launch`)."""
+    if frag and mma is not False and frag_usable(backend, qdtype, H, D, key_mode):
+        NW, TPW, ME = fl or frag_launch(B * T, N)
+        ngroups = -(-N // (16 * ME * TPW * NW))
+        return (True, src.score_frag_source(backend, key_mode, tick),
+                [("D", D), ("H", H), ("NW", NW), ("TPW", TPW), ("ME", ME), ("IDEC", idec)],
+                (ngroups * 32 * NW, T, B), (32 * NW, 1, 1))
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
     if usable if mma is None else mma:
         if not usable:
@@ -325,21 +363,26 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
 
 
 def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
-                          mma=None, tpt=None, idec=None, mmaptx=None, tick: bool = False):
+                          mma=None, tpt=None, idec=None, mmaptx=None, tick: bool = False,
+                          frag=None, fl=None):
     """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries (with `tick`:
     (scores, zeroed row counters [B * T] uint32) for the fused top-k).
 
     ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
     True / False force one (True raises where it does not apply). ``tpt``: tiles a group of
     the matrix-unit kernel (default `mma_tiles`); ``idec``: its FP4 decode (0, 1 or 2;
-    default `MMA_INT_DECODE`); ``mmaptx``: its CUDA matrix products (default `MMA_PTX`)."""
+    default `MMA_INT_DECODE`); ``mmaptx``: its CUDA matrix products (default `MMA_PTX`).
+    ``frag``: the register-fragment scorer where `frag_usable` (0/1; default `FRAG_SCORER`),
+    ``fl``: its (NW, TPW, ME) (default `frag_launch`)."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  bn, hc, e, mma, tpt,
                                                  _idec(idec, backend),
-                                                 _flag("mmaptx", mmaptx, MMA_PTX), tick)
+                                                 _flag("mmaptx", mmaptx, MMA_PTX), tick,
+                                                 _flag("frag", frag, FRAG_SCORER),
+                                                 tuple(fl) if fl else None)
     shapes, dtypes = _score_outputs(B, T, N, tick)
     out = _kernel(backend, ks)(
         inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
@@ -459,8 +502,8 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
-    ``e``, ``tpt``, ``idec``, ``mmaptx`` of the scoring kernels, ``tg``, ``u``, ``s``, ``r``,
-    ``walk``, ``fuse`` of the top-k kernel), for tuning.
+    ``e``, ``tpt``, ``idec``, ``mmaptx``, ``frag``, ``fl`` of the scoring kernels, ``tg``,
+    ``u``, ``s``, ``r``, ``walk``, ``fuse`` of the top-k kernel), for tuning.
     """
     if not launch and select == "kernel" and mma is None:
         return _planned(backend, q, w, keys, visible, topk)
@@ -478,7 +521,8 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     fused = select == "kernel" and _fused(launch.get("s") or topk_launch(B, T, N, k)[2],
                                           launch.get("fuse"), backend)
     out = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma, tick=fused,
-                                **pick(("bn", "hc", "e", "tpt", "idec", "mmaptx")))
+                                **pick(("bn", "hc", "e", "tpt", "idec", "mmaptx", "frag",
+                                        "fl")))
     scores, tick = out if fused else (out, None)
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend, tick=tick,
@@ -496,9 +540,9 @@ def _shape_key(backend, q, keys, topk):
     """What a call's plan (and whether the kernels take it) depends on."""
     if _is_fp4(keys):
         return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
-                keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE)
+                keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE, FRAG_SCORER)
     return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants(),
-            TOPK_FUSE)
+            TOPK_FUSE, FRAG_SCORER)
 
 
 def _plan(backend, q, keys, topk):
@@ -515,7 +559,8 @@ def _plan(backend, q, keys, topk):
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
-                                                 _flag("mmaptx", None, MMA_PTX), fused)
+                                                 _flag("mmaptx", None, MMA_PTX), fused,
+                                                 _flag("frag", None, FRAG_SCORER))
     launches = [(_kernel(backend, ks), template, grid, tg, *_score_outputs(B, T, N, fused))]
     if fused:
         launches.append((_kernel(backend, src.topk_fused_source(backend)),
@@ -563,18 +608,19 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
 
 @functools.lru_cache(maxsize=256)
 def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int,
-             fuse: int):
-    """(probe key, launch parameters) of the kernel variants one call would use (`fuse`:
-    `_fuse`'s answer, outside this cache)."""
+             fuse: int, frag: int = 0):
+    """(probe key, launch parameters) of the kernel variants one call would use (`fuse`,
+    `frag`: `_fuse`'s and `_flag`'s answers, outside this cache)."""
     BN, HC, E = score_launch(B, T, N, H, D)
     TG, U, S = topk_launch(B, T, N, k)
     R = topk_regs(N, TG, S)
     mma = _mma_usable(backend, qdtype, H, D, key_mode)
     tpt = mma_tiles(B * T, N, src.mma_layout(backend, H, D, MMA_WARPS)[2]) if mma else None
     fused = int(S > 1 and fuse)
+    frag = int(bool(frag) and frag_usable(backend, qdtype, H, D, key_mode))
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}")
-    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused)
+           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{frag}")
+    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag)
 
 
 def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
@@ -582,9 +628,10 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused) = _variant(backend, q.dtype, B, T, H, D,
+    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag) = _variant(backend, q.dtype, B, T, H, D,
                                                                key_mode, N, k,
-                                                               bool(_fuse(None, backend)))
+                                                               bool(_fuse(None, backend)),
+                                                               _flag("frag", None, FRAG_SCORER))
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -597,8 +644,9 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
         else:
             kk = mx.zeros((1, n, D), mx.bfloat16 if key_mode == "bf16" else mx.float32)
         vis = mx.array([n], mx.int32)
-        s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E, mma=mma,
-                                  tpt=tpt, tick=bool(fused))
+        s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E,
+                                  mma=None if frag else mma, tpt=tpt, tick=bool(fused),
+                                  frag=frag)
         s, tick = s if fused else (s, None)
         i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R,
                                   fuse=fused, tick=tick)

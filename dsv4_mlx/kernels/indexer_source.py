@@ -508,6 +508,34 @@ inline void ki_mma_store(float* d, int ldd, const ki_mma_acc& c) {
   for (int m = 0; m < 16; ++m)
     for (int n = 0; n < 16; ++n) d[m * ldd + n] = c.v[m * 16 + n];
 }
+// mma.sync m16n8k16 (bf16 inputs, fp32 accumulators) of one warp, emulated with the
+// fragment layouts of the PTX ISA: lane l = 4 g + t holds a[0] = A(g, 2t..2t+1), a[1] =
+// A(g+8, 2t..2t+1), a[2] = A(g, 2t+8..2t+9), a[3] = A(g+8, 2t+8..2t+9), b0 = B(2t..2t+1, g),
+// b1 = B(2t+8..2t+9, g) (bf16 pairs, low half first) and c[0..1] = C(g, 2t..2t+1), c[2..3] =
+// C(g+8, 2t..2t+1). Every lane of the warp calls it (two barriers of the warp).
+inline void ki_mma_16816(float* c, const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+  static unsigned int sa[1024][4], sbb[1024][2];
+  const int me = ki_emu::cur;
+  for (int i = 0; i < 4; ++i) sa[me][i] = a[i];
+  sbb[me][0] = b0;
+  sbb[me][1] = b1;
+  ki_emu::warp_barrier();
+  const int base = me & ~31, lane = me & 31, g = lane >> 2, t = lane & 3;
+  auto half = [](unsigned int w, int hi) { return ki_as_float(hi ? (w & 0xffff0000u) : (w << 16)); };
+  float r[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) {
+      const float av = half(sa[base + 4 * (row % 8) + (k % 8) / 2][row / 8 + 2 * (k / 8)], k % 2);
+      const float bv = half(sbb[base + 4 * col + (k % 8) / 2][k / 8], k % 2);
+      acc += av * bv;
+    }
+    r[i] = acc;
+  }
+  ki_emu::warp_barrier();
+  for (int i = 0; i < 4; ++i) c[i] = r[i];
+}
 @PUT8_FLOAT@"""
 
 # Metal and the C++ emulation both feed the matrix units from float tiles: one text serves both
@@ -635,6 +663,18 @@ KI_FN unsigned int ki_e2m1x2_dec(int idec, unsigned int u, unsigned int p, unsig
                                  unsigned int lb0, unsigned int hb0, unsigned int lb1,
                                  unsigned int hb1) {
   return idec == 2 ? ki_e2m1x2_lut(u, p, lb0, hb0, lb1, hb1) : ki_e2m1x2_bf16(u >> (8u * p), sb);
+}
+// fp32 -> bf16 bits, rounded to nearest even (finite values and infinities; a NaN stays NaN)
+KI_FN unsigned int ki_bf16_rne(float x) {
+  const unsigned int u = KI_AS_UINT(x);
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+// codes 2p and 2p + 1 of word u times 2^(sb - 127) as a bf16 pair (low half first): the fp32
+// products rounded to nearest even, as IDEC 0 stores them, for every scale byte
+KI_FN unsigned int ki_e2m1x2_f32(unsigned int u, unsigned int p, unsigned int sb) {
+  const float s = ki_e8m0(sb);
+  const unsigned int c = u >> (8u * p);
+  return ki_bf16_rne(ki_e2m1(c & 15u) * s) | (ki_bf16_rne(ki_e2m1((c >> 4) & 15u) * s) << 16);
 }
 // Order-preserving map of fp32 to uint32: a > b  <=>  key(a) > key(b) (for non-NaN)
 KI_FN unsigned int ki_order_key(float f) {
@@ -1595,6 +1635,248 @@ def score_mma_source(dialect: str, key_mode: str, tick: bool = False) -> KernelS
     body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
             .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
     return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}" + ("_tick" if tick else ""),
+                       ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
+                       body)
+
+
+# --------------------------------------------------------------------------------------------
+# scoring with the keys decoded straight into the matrix units' registers (CUDA), spec §4.7
+
+# A thread's share of a pass's key rows (entries n0 + 16 m + g + 8 r, m < ME, r < 2): for
+# each of its scale groups 4 j + t4 (j < GJ) the group's 32 values. "decl" (registers), "load"
+# (global memory -> registers, for the pass starting at n0; rows past N read row 0, never
+# written out), "decode" (registers -> ap, the A fragments' bf16 pairs: ap[m][r][j][p] holds
+# the group's values 2p and 2p + 1).
+_FRAG_KEYS = {
+    "fp4": {
+        "decl": """\
+  uint4 kx[ME][2][GJ];
+  unsigned int kxs[ME][2][GJ];
+""",
+        "load": """\
+      KI_UNROLL
+      for (int m = 0; m < ME; ++m) {
+        KI_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int n = n0 + 16 * m + g + 8 * r;
+          const int64_t row = (int64_t)b * N + (n < N ? n : 0);
+          KI_UNROLL
+          for (int j = 0; j < GJ; ++j) {
+            kx[m][r][j] = KI_LOAD4U(kq + row * (D / 8), 4 * j + t4);
+            kxs[m][r][j] = (unsigned int)ks[row * (D / 32) + 4 * j + t4];
+          }
+        }
+      }
+""",
+        "decode": """\
+    KI_UNROLL
+    for (int m = 0; m < ME; ++m) {
+      KI_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        KI_UNROLL
+        for (int j = 0; j < GJ; ++j) {
+          const unsigned int sb = kxs[m][r][j];
+          const unsigned int vw[4] = {kx[m][r][j].x, kx[m][r][j].y, kx[m][r][j].z, kx[m][r][j].w};
+          if (IDEC != 0 && sb >= 3u && sb <= 251u) {
+            // IDEC 1 / 2 (`_KEY_TILE`'s FP4 decode): the bits of the fp32 path below
+            const unsigned int lb0 = IDEC == 2 ? ki_e2m1_table(sb, 0u) : 0u;
+            const unsigned int hb0 = IDEC == 2 ? ki_e2m1_table(sb, 1u) : 0u;
+            const unsigned int lb1 = IDEC == 2 ? ki_e2m1_table(sb, 2u) : 0u;
+            const unsigned int hb1 = IDEC == 2 ? ki_e2m1_table(sb, 3u) : 0u;
+            KI_UNROLL
+            for (int p = 0; p < 16; ++p)
+              ap[m][r][j][p] = ki_e2m1x2_dec(IDEC, vw[p / 4], (unsigned int)(p % 4), sb, lb0, hb0,
+                                             lb1, hb1);
+          } else {
+            KI_UNROLL
+            for (int p = 0; p < 16; ++p)
+              ap[m][r][j][p] = ki_e2m1x2_f32(vw[p / 4], (unsigned int)(p % 4), sb);
+          }
+        }
+      }
+    }
+""",
+    },
+    "bf16": {
+        "decl": """\
+  uint4 kx[ME][2][GJ][4];
+""",
+        "load": """\
+      KI_UNROLL
+      for (int m = 0; m < ME; ++m) {
+        KI_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int n = n0 + 16 * m + g + 8 * r;
+          const int64_t row = (int64_t)b * N + (n < N ? n : 0);
+          KI_UNROLL
+          for (int j = 0; j < GJ; ++j) {
+            KI_UNROLL
+            for (int e = 0; e < 4; ++e) kx[m][r][j][e] = KI_LOAD4U(k + row * (D / 2), 4 * (4 * j + t4) + e);
+          }
+        }
+      }
+""",
+        "decode": """\
+    KI_UNROLL
+    for (int m = 0; m < ME; ++m) {
+      KI_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        KI_UNROLL
+        for (int j = 0; j < GJ; ++j) {
+          KI_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            ap[m][r][j][4 * e + 0] = kx[m][r][j][e].x;
+            ap[m][r][j][4 * e + 1] = kx[m][r][j][e].y;
+            ap[m][r][j][4 * e + 2] = kx[m][r][j][e].z;
+            ap[m][r][j][4 * e + 3] = kx[m][r][j][e].w;
+          }
+        }
+      }
+    }
+""",
+    },
+}
+FRAG_KEY_MODES = tuple(_FRAG_KEYS)
+
+_SCORE_FRAG_BODY = """\
+  // ---- lightning-indexer scores, the keys decoded into mma.sync's registers (spec §4.7) ----
+  //   score[b, t, n] = sum_h w[b, t, h] * relu(q[b, t, h, :] . K[b, n, :])   n < visible[t]
+  // One warp takes 16 ME entries a pass (TPW passes) and computes their [16 x H] products
+  // with mma.sync m16n8k16: the entries are the rows of A, the heads the columns of B (H / 8
+  // tiles of 8), the D dims the reduction in steps of 16. A step's 16 k-slots are dims chosen
+  // so that each thread's share is contiguous: at step (j, s) thread t4 of a quad holds, for
+  // its two entry rows, dims 32 (4 j + t4) + 4 s + 0..3, i.e. four values of its own scale
+  // group, decoded from one 16-byte load of the packed keys straight into A's registers (no
+  // shared tile, no barrier after the queries). B's registers for the same slots are 8
+  // contiguous bytes of a query row in shared memory (read once a group; 2 words of padding a
+  // 32-dim group spread a warp's reads over all 32 banks). The sum over k of every product
+  // is the dot product whatever the slot order: the same scores as the tiled kernel (products
+  // exact in fp32, sums in another order than the ops path). The accumulators stay in
+  // registers: each thread holds C(g, 2 t4 .. 2 t4 + 1) and C(g + 8, ..) of every head tile,
+  // so the weighted ReLU sum over heads is a register sum and two shuffles in the quad. The
+  // next pass's keys are requested before this pass's products. No [heads x entries] buffer.
+  // CUDA (and the C++ emulation, whose ki_mma_16816 follows the PTX fragment layouts).
+  // Grid: (ceil(N / (16 ME TPW NW)) * 32 NW, T, B) threads in threadgroups of (32 NW, 1, 1).
+  // Template: D (a multiple of 128), H (a multiple of 8), NW (warps a group), TPW (passes a
+  // warp), ME (16-entry tiles a pass, sharing B's reads), IDEC (FP4 decode: 0 fp32 products,
+  // 1 integer operations, 2 byte-permute tables; the same bits every way).
+  constexpr int GJ = D / 128;      // scale groups of 32 dims a thread of each key row
+  constexpr int NT = H / 8;        // head tiles
+  constexpr int GW = 18;           // words a 32-dim group of a shared query row (16 + 2)
+  constexpr int QW = (D / 32) * GW;
+  constexpr int TPG = 32 * NW;
+  KI_SHARED unsigned int qs[H * QW];
+@ROW@  const int lane = ki_tid % 32;
+  const int warp = ki_tid / 32;
+  const int g = lane / 4;
+  const int t4 = lane % 4;
+  (void)IDEC;
+  // the queries of (b, t): 16-byte pieces, piece p of a row = group p / 4, words 4 (p % 4) ..
+  for (int i = ki_tid; i < H * (D / 8); i += TPG) {
+    const int h = i / (D / 8);
+    const int p = i % (D / 8);
+    const uint4 v = KI_LOAD4U(q + (bt * H + h) * (D / 2), p);
+    const int o = h * QW + (p / 4) * GW + 4 * (p % 4);
+    qs[o] = v.x;
+    qs[o + 1] = v.y;
+    qs[o + 2] = v.z;
+    qs[o + 3] = v.w;
+  }
+  // the weights of this thread's heads: 8 nt + 2 t4 and 8 nt + 2 t4 + 1
+  float w0[NT], w1[NT];
+  KI_UNROLL
+  for (int nt = 0; nt < NT; ++nt) {
+    w0[nt] = w[bt * H + 8 * nt + 2 * t4];
+    w1[nt] = w[bt * H + 8 * nt + 2 * t4 + 1];
+  }
+@KEY_DECL@  const int tile0 = (ki_gx * NW + warp) * TPW * ME;  // this warp's first 16-entry tile
+  {  // the first pass's keys, in flight with the queries
+    const int n0 = 16 * tile0;
+    if (n0 < N && n0 < vis) {
+@KEY_LOAD@    }
+  }
+  KI_BARRIER();  // the queries are in shared memory (the only barrier)
+  for (int pass = 0; pass < TPW; ++pass) {
+    const int n0 = 16 * (tile0 + pass * ME);  // (every test below is uniform in the warp)
+    if (n0 >= N) break;
+    if (n0 >= vis) {  // the whole pass lies past the visible prefix
+      for (int i = lane; i < 16 * ME; i += 32) {
+        if (n0 + i < N) out[n0 + i] = KI_NEG_INF;
+      }
+      continue;
+    }
+    unsigned int ap[ME][2][GJ][16];
+@KEY_DECODE@    {  // the next pass's keys, requested before this pass's products
+      const int n0 = 16 * (tile0 + (pass + 1) * ME);
+      if (pass + 1 < TPW && n0 < N && n0 < vis) {
+@KEY_LOAD@      }
+    }
+    float acc[ME][NT][4];
+    KI_UNROLL
+    for (int m = 0; m < ME; ++m) {
+      KI_UNROLL
+      for (int nt = 0; nt < NT; ++nt) {
+        acc[m][nt][0] = 0.0f; acc[m][nt][1] = 0.0f; acc[m][nt][2] = 0.0f; acc[m][nt][3] = 0.0f;
+      }
+    }
+    KI_UNROLL
+    for (int j = 0; j < GJ; ++j) {
+      KI_UNROLL
+      for (int s = 0; s < 8; ++s) {
+        const int qo = (4 * j + t4) * GW + 2 * s;
+        KI_UNROLL
+        for (int nt = 0; nt < NT; ++nt) {
+          const unsigned int b0 = qs[(8 * nt + g) * QW + qo];
+          const unsigned int b1 = qs[(8 * nt + g) * QW + qo + 1];
+          KI_UNROLL
+          for (int m = 0; m < ME; ++m) {
+            const unsigned int a[4] = {ap[m][0][j][2 * s], ap[m][1][j][2 * s],
+                                       ap[m][0][j][2 * s + 1], ap[m][1][j][2 * s + 1]};
+            ki_mma_16816(acc[m][nt], a, b0, b1);
+          }
+        }
+      }
+    }
+    KI_UNROLL
+    for (int m = 0; m < ME; ++m) {
+      float r0 = 0.0f, r1 = 0.0f;  // entries n0 + 16 m + g and + 8: this thread's heads
+      KI_UNROLL
+      for (int nt = 0; nt < NT; ++nt) {
+        const float c0 = acc[m][nt][0], c1 = acc[m][nt][1];
+        const float c2 = acc[m][nt][2], c3 = acc[m][nt][3];
+        r0 += w0[nt] * (c0 > 0.0f ? c0 : 0.0f) + w1[nt] * (c1 > 0.0f ? c1 : 0.0f);
+        r1 += w0[nt] * (c2 > 0.0f ? c2 : 0.0f) + w1[nt] * (c3 > 0.0f ? c3 : 0.0f);
+      }
+      r0 += KI_SHFL(r0, lane ^ 1);  // the quad's four head shares
+      r1 += KI_SHFL(r1, lane ^ 1);
+      r0 += KI_SHFL(r0, lane ^ 2);
+      r1 += KI_SHFL(r1, lane ^ 2);
+      const int n = n0 + 16 * m + g;
+      if (t4 == 0) {
+        if (n < N) out[n] = n < vis ? r0 : KI_NEG_INF;
+        if (n + 8 < N) out[n + 8] = n + 8 < vis ? r1 : KI_NEG_INF;
+      }
+    }
+  }
+"""
+
+
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
+def score_frag_source(dialect: str, key_mode: str, tick: bool = False) -> KernelSource:
+    """Register-fragment scoring kernel (CUDA; the C++ emulation for tests): the inputs and
+    outputs of `score_mma_source`. Template: D, H, NW, TPW, ME, IDEC (`_SCORE_FRAG_BODY`)."""
+    if dialect == "metal":
+        raise ValueError("the register-fragment scorer is written for CUDA's mma.sync only")
+    if key_mode not in _FRAG_KEYS:
+        raise ValueError(f"no register-fragment path for key mode {key_mode!r}; "
+                         f"expected one of {FRAG_KEY_MODES}")
+    keys = _KEY_INPUTS[key_mode]
+    parts = _FRAG_KEYS[key_mode]
+    body = (_SCORE_FRAG_BODY.replace("@ROW@", _rows(tick)).replace("@KEYS@", keys[0])
+            .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_DECODE@", parts["decode"]))
+    assert body.count("@KEY_LOAD@") == 2
+    body = body.replace("@KEY_LOAD@", parts["load"])
+    return make_source(dialect, f"dsv4_indexer_score_frag_{key_mode}" + ("_tick" if tick else ""),
                        ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
                        body)
 
