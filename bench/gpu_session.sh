@@ -59,6 +59,7 @@
 # pipeline  bench/pipeline_probe.py (Flash dimensions, 4 layers, 64 and 256 experts, CONTEXT
 #         (2048)): every step's time of the one-step loop, mlx-lm's generate_step and a
 #         hand-written pipelined loop, compiled decode parts off and on
+# ixprefill  bench/indexer.py at 512 queries (a prefill chunk), 16K and 64K entries
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 #         (DSV4_INDEXER_VARIANTS=mmaptx,idec,walk before the command: with the opt-in
 #         variants; `check` likewise)
@@ -229,6 +230,10 @@ for step in "${steps[@]}"; do
     ixwall)
       timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;
+    ixprefill)
+      # prefill chunks (512 queries) at 16K and 64K entries: kernel, kernel-frag and ops paths
+      timeout ${IX_TIMEOUT:-150} python bench/indexer.py --entries 16384,65536 --queries 512 \
+        --keys fp4 --batch-calls 1 --out "$OUT" 2>&1 | tail -8 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
