@@ -31,6 +31,7 @@
 #         step with plain and with compiled decode parts (same process, same state; 4K context)
 # launchcost  bench/launch_cost.py: a custom-kernel launch's host cost (graph build and
 #         evaluation) by source size, 0.5-40 KB
+# ixsource  (IX_SRC_K: ncu's -k filter, IX_SRC_C: its -c count, to pick other launches)
 # ixsource  where the scorer (MMAPTX 1, IDEC 0 and 2) and the top-k's two launches stall,
 #         per SASS instruction: ncu's source counters at 64K, the source page as CSV
 #         ($OUT/ixsource_*.csv; summarise here with bench/ncu_source.py)
@@ -155,13 +156,15 @@ for step in "${steps[@]}"; do
       # calls of each scorer, one top-k call's two launches)
       timeout ${IX_TIMEOUT:-240} ncu --profile-from-start off --section WarpStateStats \
         --section SourceCounters --section LaunchStats --section InstructionStats \
-        -k 'regex:dsv4_indexer_(topk|score_mma_fp4_.*_[02]_1$)' \
-        -c 8 -f -o "$OUT/ixsource" python bench/indexer.py --profile-parts \
+        -k "${IX_SRC_K:-regex:dsv4_indexer_(topk|score_mma_fp4_.*_[02]_1$)}" \
+        -c ${IX_SRC_C:-8} -f -o "$OUT/ixsource" python bench/indexer.py --profile-parts \
         --entries ${IX_ENTRIES:-65536} --defaults-only > "$OUT/ixsource.log" 2>&1
       tail -3 "$OUT/ixsource.log"
       ncu -i "$OUT/ixsource.ncu-rep" --page source --csv --print-source sass \
         > "$OUT/ixsource_sass.csv" 2> "$OUT/ixsource_err.log"
-      ls -la "$OUT"/ixsource*; head -c 600 "$OUT/ixsource_sass.csv"; tail -3 "$OUT/ixsource_err.log" ;;
+      ls -la "$OUT"/ixsource*; tail -3 "$OUT/ixsource_err.log"
+      python bench/ncu_source.py "$OUT/ixsource_sass.csv" --top ${IX_SRC_TOP:-12} 2>&1 | cut -c1-160 \
+        | head -${IX_SRC_LINES:-60} ;;
     gputime)
       # with OLD_TREE: that tree first (its own scripts), then this one, on the same machine
       gputime() {  # $1: tree, $2: tag
