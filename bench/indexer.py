@@ -149,6 +149,26 @@ def _tune_case(backend, H, D, K, budget_s, fmt, N, T):
 # ---- GPU time per call from Nsight Compute (CUDA): marker kernels bracket the timed calls
 
 
+def _on_device(v):
+    """`v` (int32 [T]) copied by a GPU op into an array of >= 16 bytes (zeros after it): MLX's
+    CUDA allocator puts arrays of <= 8 bytes, and arrays made on the host, in managed memory,
+    whose host-resident pages every GPU thread block then reads over the bus."""
+    out = mx.concatenate([v, mx.zeros((4,), v.dtype)])
+    mx.eval(out)
+    return out
+
+
+_DVIS: dict = {}
+
+
+def _dvis(v):
+    """`_on_device(v)`, made once for the array `v` (the wall-time paths reuse their inputs)."""
+    got = _DVIS.get(id(v))
+    if got is None or got[0] is not v:
+        got = _DVIS[id(v)] = (v, _on_device(v))
+    return got[1]
+
+
 def _with_frag(fn):
     """`fn()` with the register-fragment scorer switched on (`indexer.FRAG_SCORER`; the
     planned launches are kept per value)."""
@@ -218,6 +238,15 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
             fns = [(f"score (default) idec {i} mmaptx {p}", lambda i=i, p=p:
                     ki.indexer_scores_kernel(*a, backend=backend, idec=i, mmaptx=p))
                    for i, p in ((0, 1), (1, 1), (2, 1), (0, 0))]
+            # the visible counts in device memory: MLX keeps arrays of <= 8 bytes, and arrays
+            # made on the host, in CUDA managed memory (host pages read remotely)
+            vd = _on_device(a[3])
+            fns += [("score (default), visible on device", lambda: ki.indexer_scores_kernel(
+                *a[:3], vd, backend=backend))]
+            fns += [("score frag default, visible on device", lambda: ki.indexer_scores_kernel(
+                *a[:3], vd, backend=backend, frag=1))]
+            fns += [("select (default), visible on device", lambda: ki.indexer_select_kernel(
+                s, vd, K, backend=backend))]
             # the register-fragment scorer (opt-in: FRAG_SCORER), its launch shapes (NW, TPW, ME)
             fns += [(f"score frag {fl or 'default'}", lambda fl=fl: ki.indexer_scores_kernel(
                 *a, backend=backend, frag=1, fl=fl)) for fl in FRAG_LAUNCHES]
@@ -338,6 +367,11 @@ def main(argv=None):
     floor = {"floor": lambda a: a[3] + 1}
     if backend != "ops":
         paths["kernel"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend)
+        if backend == "cuda":  # the visible counts made in device memory once (`_on_device`)
+            paths["kernel-dvis"] = lambda a: ki.indexer_topk_kernel(
+                *a[:3], _dvis(a[3]), K, backend=backend)
+            paths["kernel-frag-dvis"] = lambda a: _with_frag(
+                lambda: ki.indexer_topk_kernel(*a[:3], _dvis(a[3]), K, backend=backend))
         if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
             paths["kernel-frag"] = lambda a: _with_frag(
                 lambda: ki.indexer_topk_kernel(*a, K, backend=backend))
