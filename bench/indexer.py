@@ -9,6 +9,8 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
 * ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
+* ``kernel-all``, ``kernel-frag-all`` (CUDA, one query): the same with ``visible`` None (every
+  entry visible, as a decode token passes it: the kernels read no count array);
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``;
 * ``floor``: one tiny elementwise op (the visible counts + 1) evaluated the same way: what
@@ -158,17 +160,6 @@ def _on_device(v):
     return out
 
 
-_DVIS: dict = {}
-
-
-def _dvis(v):
-    """`_on_device(v)`, made once for the array `v` (the wall-time paths reuse their inputs)."""
-    got = _DVIS.get(id(v))
-    if got is None or got[0] is not v:
-        got = _DVIS[id(v)] = (v, _on_device(v))
-    return got[1]
-
-
 def _with_frag(fn):
     """`fn()` with the register-fragment scorer switched on (`indexer.FRAG_SCORER`; the
     planned launches are kept per value)."""
@@ -222,8 +213,7 @@ SELECT_VARIANTS = ((1024, 4, 1, 0), (512, 4, 8, 0), (512, 4, 16, 0), (512, 4, 8,
                    (512, 4, 16, None), (256, 4, 16, None), (256, 4, 32, None),
                    (1024, 4, 16, None), (1024, 4, 8, None))  # (tg, u, s, r)
 MMA_TILES = (1, 2, 4, 8, 16)
-FRAG_LAUNCHES = (None, (4, 1, 1), (4, 4, 1), (8, 1, 1), (8, 2, 1), (4, 1, 2), (4, 2, 2),
-                 (2, 4, 1), (2, 8, 1))  # (NW, TPW, ME); None: `indexer.frag_launch`
+FRAG_LAUNCHES = (None, (4, 1, 1), (8, 1, 1), (4, 1, 2))  # (NW, TPW, ME); None: `frag_launch`
 
 
 def profile_parts(backend, H, D, K, entries, defaults_only=False):
@@ -247,6 +237,15 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
                 *a[:3], vd, backend=backend, frag=1))]
             fns += [("select (default), visible on device", lambda: ki.indexer_select_kernel(
                 s, vd, K, backend=backend))]
+            # all visible (a decode row: visible None, no count read at all)
+            fns += [(f"score (default) frag {fr}, all visible", lambda fr=fr:
+                     ki.indexer_scores_kernel(*a[:3], None, backend=backend, frag=fr))
+                    for fr in (0, 1)]
+            fns += [("select (default), all visible", lambda: ki.indexer_select_kernel(
+                s, None, K, backend=backend))]
+            fns += [(f"score + select, frag {fr}, all visible", lambda fr=fr:
+                     ki.indexer_topk_kernel(*a[:3], None, K, backend=backend,
+                                            launch={"fuse": 0, "frag": fr})) for fr in (0, 1)]
             # the register-fragment scorer (opt-in: FRAG_SCORER), its launch shapes (NW, TPW, ME)
             fns += [(f"score frag {fl or 'default'}", lambda fl=fl: ki.indexer_scores_kernel(
                 *a, backend=backend, frag=1, fl=fl)) for fl in FRAG_LAUNCHES]
@@ -367,11 +366,11 @@ def main(argv=None):
     floor = {"floor": lambda a: a[3] + 1}
     if backend != "ops":
         paths["kernel"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend)
-        if backend == "cuda":  # the visible counts made in device memory once (`_on_device`)
-            paths["kernel-dvis"] = lambda a: ki.indexer_topk_kernel(
-                *a[:3], _dvis(a[3]), K, backend=backend)
-            paths["kernel-frag-dvis"] = lambda a: _with_frag(
-                lambda: ki.indexer_topk_kernel(*a[:3], _dvis(a[3]), K, backend=backend))
+        if backend == "cuda" and args.queries == [1]:  # a decode row: all entries visible
+            paths["kernel-all"] = lambda a: ki.indexer_topk_kernel(*a[:3], None, K,
+                                                                   backend=backend)
+            paths["kernel-frag-all"] = lambda a: _with_frag(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
         if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
             paths["kernel-frag"] = lambda a: _with_frag(
                 lambda: ki.indexer_topk_kernel(*a, K, backend=backend))

@@ -193,6 +193,17 @@ def test_topk_ops_visibility_t1(vis0):
     check_topk(idx, ref_scores(q, w, keys), vis, 64, "ops t1")
 
 
+def test_topk_ops_all_visible():
+    """visible None (every query sees all N entries) picks what the count N picks."""
+    rng = np.random.default_rng(3)
+    for N, k in ((300, 64), (40, 64)):
+        q, w, keys = make_case(rng, 2, 1, 8, 32, N)
+        a = [mx.array(x) for x in (q, w, keys)]
+        got = np.array(ki.indexer_topk_ops(*a, None, k))
+        want = np.array(ki.indexer_topk_ops(*a, mx.array([N], mx.int32), k))
+        assert [set(r) for r in got[:, 0]] == [set(r) for r in want[:, 0]]
+
+
 def test_topk_ops_fewer_entries_than_k():
     rng = np.random.default_rng(3)
     q, w, keys = make_case(rng, 2, 5, 8, 32, 10)
@@ -267,19 +278,21 @@ class Emulator:
         lib.ki_launch(in_p, shp_p, out_p, gx // tg, gy, gz, tg)
         return outs
 
-    def score(self, q, w, key_arrays, key_mode, visible, bn=None, hc=None, e=None):
+    def score(self, q, w, key_arrays, key_mode, visible, bn=None, hc=None, e=None,
+              allvis=False):
         B, T, H, D = q.shape
         N = key_arrays[0].shape[1]
         BN, HC, E = ki.score_launch(B, T, N, H, D)
         BN, HC, E = bn or BN, hc or HC, e or E
-        ks = src.score_source("cpp", key_mode)
+        ks = src.score_source("cpp", key_mode, allvis=allvis)
         nblk = -(-N // (BN * E))
         (s,) = self.run(ks, [q, w, *key_arrays, visible], [(B, T, N)], ["float32"],
                         [("QT", "float32"), ("D", D), ("H", H), ("HC", HC), ("BN", BN), ("E", E)],
                         (nblk * BN, T, B), BN)
         return s
 
-    def score_mma(self, q, w, key_arrays, key_mode, visible, kc=None, tpt=None, idec=None):
+    def score_mma(self, q, w, key_arrays, key_mode, visible, kc=None, tpt=None, idec=None,
+                  allvis=False):
         """The matrix-unit scoring kernel (`indexer_source.score_mma_source`; ``idec`` None:
         `indexer.MMA_INT_DECODE`)."""
         B, T, H, D = q.shape
@@ -288,7 +301,7 @@ class Emulator:
         if kc is not None:  # a smaller chunk of dims (more chunks, same tile area)
             KC, QRES = kc, kc == D and QRES
         TPT = tpt or ki.mma_tiles(B * T, N, QRES)
-        ks = src.score_mma_source("cpp", key_mode)
+        ks = src.score_mma_source("cpp", key_mode, allvis=allvis)
         tpg = 32 * ki.MMA_WARPS
         ngroups = -(-N // (16 * ki.MMA_WARPS * TPT))
         qw = bf16_words(q)  # bf16 queries as uint32 pairs (q must be bf16-exact)
@@ -301,14 +314,14 @@ class Emulator:
         return s
 
     def score_frag(self, q, w, key_arrays, key_mode, visible, nw=None, tpw=None, me=None,
-                   idec=None):
+                   idec=None, allvis=False):
         """The register-fragment scoring kernel (`indexer_source.score_frag_source`; launch
         parameters None: `indexer.frag_launch`'s; ``idec`` None: `indexer.MMA_INT_DECODE`)."""
         B, T, H, D = q.shape
         N = key_arrays[0].shape[1]
         NW, TPW, ME = ki.frag_launch(B * T, N)
         NW, TPW, ME = nw or NW, tpw or TPW, me or ME
-        ks = src.score_frag_source("cpp", key_mode)
+        ks = src.score_frag_source("cpp", key_mode, allvis=allvis)
         ngroups = -(-N // (16 * ME * TPW * NW))
         (s,) = self.run(ks, [bf16_words(q), w, *key_arrays, visible], [(B, T, N)], ["float32"],
                         [("D", D), ("H", H), ("NW", NW), ("TPW", TPW), ("ME", ME),
@@ -316,9 +329,9 @@ class Emulator:
                         (ngroups * 32 * NW, T, B), 32 * NW)
         return s
 
-    def _select(self, scores, visible, cidx, k, tg, u, s, mapped, r, walk):
+    def _select(self, scores, visible, cidx, k, tg, u, s, mapped, r, walk, allvis=False):
         B, T, M = scores.shape
-        ks = src.topk_source("cpp")
+        ks = src.topk_source("cpp", allvis)
         r = ki.topk_regs(M, tg, s) if r is None else r
         idx, val = self.run(ks, [scores, visible, cidx], [(B, T, s, k)] * 2, ["int32", "float32"],
                             [("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", mapped),
@@ -326,10 +339,10 @@ class Emulator:
                             (s * tg, T, B), tg)
         return idx.reshape(B, T, s * k), val.reshape(B, T, s * k)
 
-    def fused(self, scores, visible, k, tg, u, s, r=None, walk=None, tick=None):
+    def fused(self, scores, visible, k, tg, u, s, r=None, walk=None, tick=None, allvis=False):
         """The fused top-k (`indexer_source.topk_fused_source`): (fin, thr, tick after)."""
         B, T, M = scores.shape
-        ks = src.topk_fused_source("cpp")
+        ks = src.topk_fused_source("cpp", allvis)
         # the launch as the dispatch makes it (registers of the slices and of the merge)
         template, grid, _, shapes, dtypes = ki._fused_spec(B, T, M, k, tg, u, s, r, walk)
         tick = np.zeros(B * T, np.uint32) if tick is None else tick
@@ -337,15 +350,16 @@ class Emulator:
                                       [str(d).split(".")[-1] for d in dtypes], template, grid, tg)
         return fin, thr, tick
 
-    def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None, walk=None, fuse=False):
+    def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None, walk=None, fuse=False,
+             allvis=False):
         """As `indexer.indexer_select_kernel` chains the launches (``r`` None: registers
         where `topk_regs` says; 0: none; ``walk`` None: `indexer.TOPK_WALK`; ``fuse``: one
         launch for S > 1)."""
         walk = ki.TOPK_WALK if walk is None else int(walk)
         if fuse and s > 1:
-            return self.fused(scores, visible, k, tg, u, s, r, walk)[0]
+            return self.fused(scores, visible, k, tg, u, s, r, walk, allvis=allvis)[0]
         idx, val = self._select(scores, visible, np.zeros(1, np.int32), k, tg, u, s, False, r,
-                                walk)
+                                walk, allvis)
         if s > 1:
             idx, _ = self._select(val, visible, idx, k, tg, u, 1, True, 0 if r == 0 else None,
                                   walk)
@@ -492,6 +506,29 @@ def test_emulated_scores_frag_scale_ends(emu, sbs):
         assert np.array_equal(np.isfinite(got), fin)
         np.testing.assert_allclose(got[fin], tiled[fin], rtol=1e-5,
                                    atol=1e-6 * np.abs(tiled[fin]).max())
+
+
+@needs_cxx
+@pytest.mark.parametrize("mode", ["fp4", "bf16"])
+def test_emulated_all_visible_reads_no_count(emu, mode):
+    """The all-visible sources (`allvis`: a decode row) score and select every entry whatever
+    the `visible` input holds (here 0 and garbage): the same scores and picks as with the
+    count N, for every scorer and the top-k alone, merged and fused."""
+    rng = np.random.default_rng(7 + len(mode))
+    B, T, H, D, N, k = 1, 1, 16, 128, 700, 64
+    q, w, keys = make_case(rng, B, T, H, D, N)
+    q = to_bf16(q)
+    key_in, kf = _key_arrays(mode, keys)
+    full = np.array([N], np.int32)
+    for junk in (np.array([0], np.int32), np.array([-5], np.int32)):
+        for run in (emu.score, emu.score_mma, emu.score_frag):
+            np.testing.assert_array_equal(run(q, w, key_in, mode, junk, allvis=True),
+                                          run(q, w, key_in, mode, full), err_msg=run.__name__)
+        sc = emu.score(q, w, key_in, mode, full)
+        want = set(np.argsort(-sc[0, 0], kind="stable")[:k].tolist())
+        for s_, fuse in ((1, False), (4, False), (4, True)):
+            got = emu.topk(sc, junk, k, tg=256, s=s_, fuse=fuse, allvis=True)
+            assert set(got[0, 0].tolist()) == want, (s_, fuse)
 
 
 def test_frag_launch_and_usable():
@@ -1073,20 +1110,24 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
     kx = _mx_keys(mode, keys)[0]
     qa = mx.array(q).astype(getattr(mx, qdtype))
     vis = mx.array(np.full((T,), N, np.int32))
-    for fuse, frag in ((0, 0), (1, 0), (0, 1), (1, 1)):  # fused or not; the scorer
+    for fuse, frag, allvis in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 1, 1)):
         clean_dispatch.setattr(ki, "TOPK_FUSE", fuse)
         clean_dispatch.setattr(ki, "FRAG_SCORER", frag)
         runs = []
         for launch in (None, {"tpt": None}, None):  # planned, explicit, planned again (cached)
             log.clear()
-            ki.indexer_topk_kernel(qa, mx.array(w), kx, vis, k, backend="cuda", launch=launch)
+            ki.indexer_topk_kernel(qa, mx.array(w), kx, None if allvis else vis, k,
+                                   backend="cuda", launch=launch)
             runs.append(list(log))
         assert runs[0] == runs[1] == runs[2]
         assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 and not fuse else 2)
         if fuse and N == 65536:
-            assert runs[0][0][4][1] == (T,) and runs[0][1][0] == "dsv4_indexer_topk_fused"
+            assert runs[0][0][4][1] == (T,)
+            assert runs[0][1][0] == "dsv4_indexer_topk_fused" + ("_all" if allvis else "")
         if runs[0]:
             assert ("_frag_" in runs[0][0][0]) == bool(frag and qdtype == "bfloat16"), runs[0][0][0]
+            # all visible: the scoring and first top-k launch read no count (`_all` sources)
+            assert [r[0].endswith("_all") for r in runs[0]][:2] == [bool(allvis)] * 2, runs[0]
 
 
 def test_plans_stay_bounded_as_the_entries_grow(clean_dispatch):
@@ -1234,6 +1275,30 @@ def test_gpu_mma_scores(gpu, B, T, H, D, mode):
                                        err_msg=f"mma={mma} {kind}")
             idx = ki.indexer_topk_kernel(qb, wa, km, va, topk, backend=gpu, mma=mma)
             check_topk(idx, ref, vis, topk, f"mma={mma} {mode} {kind} {B}x{T}x{H}x{D}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["fp4", "bf16"])
+def test_gpu_all_visible(gpu, mode):
+    """A decode row with visible None (every entry visible: the `_all` sources read no count):
+    the same picks as the count N, through every scorer, sliced and fused or not, planned."""
+    rng = np.random.default_rng(21)
+    B, T, H, D, N, k = 1, 1, 64, 128, 70000, 512
+    q, w, keys = make_case(rng, B, T, H, D, N)
+    km, kf = _mx_keys(mode, keys)
+    qb = mx.array(q).astype(mx.bfloat16)
+    ref = ref_scores(np.array(qb.astype(mx.float32)), w, kf)
+    vis = np.array([N], np.int32)
+    wa = mx.array(w)
+    full = np.array(ki.indexer_scores_kernel(qb, wa, km, mx.array(vis), backend=gpu))
+    for frag in (0, 1):
+        got = np.array(ki.indexer_scores_kernel(qb, wa, km, None, backend=gpu, frag=frag))
+        np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-6 * np.abs(full).max())
+        for fuse in (0, 1):
+            idx = ki.indexer_topk_kernel(qb, wa, km, None, k, backend=gpu,
+                                         launch={"fuse": fuse, "frag": frag})
+            check_topk(idx, ref, vis, k, f"all visible {mode} frag={frag} fuse={fuse}")
+    check_topk(ki.indexer_topk(qb, wa, km, None, k), ref, vis, k, f"dispatch, all visible {mode}")
 
 
 @needs_gpu

@@ -61,20 +61,22 @@ def indexer_scores_ops(q: mx.array, w: mx.array, keys) -> mx.array:
 def indexer_topk_ops(q: mx.array, w: mx.array, keys, visible: mx.array, topk: int) -> mx.array:
     """Top-k entry indices per query, [B, T, k] int32, -1 where the pick is not visible.
 
-    `visible` [T] (int32): the number of entries query t may see.
+    `visible` [T] (int32): the number of entries query t may see; None: all N (a decode
+    token sees every entry: the kernels then never read a count).
     """
     N = _num_entries(keys)
     k = min(topk, N)
     idx_range = mx.arange(N)
-    invisible = idx_range[None, :] >= visible[:, None]  # [T, N]
     if k == N:
         # every entry is selected; only visibility matters
         idx = mx.broadcast_to(idx_range.astype(mx.int32), (q.shape[0], q.shape[1], N))
     else:
         scores = indexer_scores_ops(q, w, keys)
-        scores = mx.where(invisible[None], -mx.inf, scores)
+        if visible is not None:
+            invisible = idx_range[None, :] >= visible[:, None]  # [T, N]
+            scores = mx.where(invisible[None], -mx.inf, scores)
         idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-    return mx.where(idx >= visible[None, :, None], -1, idx)
+    return idx if visible is None else mx.where(idx >= visible[None, :, None], -1, idx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,15 +331,16 @@ def _fused(S: int, value, backend: str) -> bool:
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
 def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, key_mode: str,
                 bn, hc, e, mma, tpt, idec: int, mmaptx: int, tick: bool = False,
-                frag: int = 0, fl=None):
+                frag: int = 0, fl=None, allvis: bool = False):
     """(matrix units?, kernel source, template, grid, threadgroup) of one scoring launch
     (`idec`, `mmaptx`, `frag`: resolved by `_idec` and `_flag`, outside this cache; `tick`:
     the source with the fused top-k's zeroed row counters as a second output; `fl`: the
-    register-fragment scorer's (NW, TPW, ME), default `frag_launch`)."""
+    register-fragment scorer's (NW, TPW, ME), default `frag_launch`; `allvis`: the sources
+    that take every entry as visible)."""
     if frag and mma is not False and frag_usable(backend, qdtype, H, D, key_mode):
         NW, TPW, ME = fl or frag_launch(B * T, N)
         ngroups = -(-N // (16 * ME * TPW * NW))
-        return (True, src.score_frag_source(backend, key_mode, tick),
+        return (True, src.score_frag_source(backend, key_mode, tick, allvis),
                 [("D", D), ("H", H), ("NW", NW), ("TPW", TPW), ("ME", ME), ("IDEC", idec)],
                 (ngroups * 32 * NW, T, B), (32 * NW, 1, 1))
     usable = _mma_usable(backend, qdtype, H, D, key_mode)
@@ -349,7 +352,7 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
         tpt = tpt or mma_tiles(B * T, N, qres)
         tpg = 32 * MMA_WARPS
         ngroups = -(-N // (16 * MMA_WARPS * tpt))
-        return (True, src.score_mma_source(backend, key_mode, tick),
+        return (True, src.score_mma_source(backend, key_mode, tick, allvis),
                 [("D", D), ("H", H), ("NW", MMA_WARPS), ("KC", kc), ("SMEM4", smem4),
                  ("QRES", qres), ("TPT", tpt),
                  ("IDEC", idec), ("MMAPTX", mmaptx)],
@@ -357,7 +360,7 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
     BN, HC, E = score_launch(B, T, N, H, D)
     BN, HC, E = bn or BN, hc or HC, e or E
     nblk = -(-N // (BN * E))
-    return (False, src.score_source(backend, key_mode, tick),
+    return (False, src.score_source(backend, key_mode, tick, allvis),
             [("QT", qdtype), ("D", D), ("H", H), ("HC", HC), ("BN", BN), ("E", E)],
             (nblk * BN, T, B), (BN, 1, 1))
 
@@ -365,7 +368,8 @@ def _score_plan(backend: str, qdtype, B: int, T: int, H: int, D: int, N: int, ke
 def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None, e=None,
                           mma=None, tpt=None, idec=None, mmaptx=None, tick: bool = False,
                           frag=None, fl=None):
-    """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries (with `tick`:
+    """Scores [B, T, N] fp32 from the fused kernel, -inf at invisible entries (``visible``
+    None: every entry visible, no count read; with `tick`:
     (scores, zeroed row counters [B * T] uint32) for the fused top-k).
 
     ``mma``: None picks the matrix-unit kernel where `mma_usable`, else the fp32 one;
@@ -382,10 +386,10 @@ def indexer_scores_kernel(q, w, keys, visible, *, backend: str, bn=None, hc=None
                                                  _idec(idec, backend),
                                                  _flag("mmaptx", mmaptx, MMA_PTX), tick,
                                                  _flag("frag", frag, FRAG_SCORER),
-                                                 tuple(fl) if fl else None)
+                                                 tuple(fl) if fl else None, visible is None)
     shapes, dtypes = _score_outputs(B, T, N, tick)
     out = _kernel(backend, ks)(
-        inputs=_score_inputs(q, w, key_in, _i32(visible), on_mma),
+        inputs=_score_inputs(q, w, key_in, _vis_in(visible), on_mma),
         template=template, grid=grid, threadgroup=tg,
         output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
     )
@@ -402,6 +406,12 @@ def _score_outputs(B, T, N, tick: bool):
 def _score_inputs(q, w, key_in, visible, on_mma: bool):
     """The scoring kernel's inputs (the matrix-unit kernel reads bf16 queries as uint32)."""
     return [q.view(mx.uint32) if on_mma else q, _f32(w), *key_in, visible]
+
+
+def _vis_in(visible):
+    """The `visible` input of a launch: int32 counts, or (None: all visible, the kernel never
+    reads it) a one-element placeholder made once."""
+    return _no_cidx() if visible is None else _i32(visible)
 
 
 def _f32(a):
@@ -455,10 +465,11 @@ def _fused_spec(B, T, M, k, tg, u, s, r=None, walk=None):
             [mx.int32, mx.float32, mx.uint32, mx.int32])
 
 
-def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, walk=None):
+def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, walk=None,
+                   allvis=False):
     template, grid, tgs, shapes, dtypes = _topk_spec(*scores.shape, k, tg, u, s, mapped, r,
                                                      walk)
-    idx, val = _kernel(backend, src.topk_source(backend))(
+    idx, val = _kernel(backend, src.topk_source(backend, allvis and not mapped))(
         inputs=[scores, visible, cidx], template=template, grid=grid, threadgroup=tgs,
         output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
     )
@@ -467,7 +478,8 @@ def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, 
 
 def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None,
                           r=None, walk=None, fuse=None, tick=None):
-    """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks).
+    """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks; ``visible``
+    None: every entry visible, no count read).
 
     ``r``: register keys a thread of the first launch (default `topk_regs`; 0: none, in
     either launch, the scores read at every pass). ``walk``: `TOPK_WALK` by default.
@@ -477,18 +489,19 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     B, T, N = scores.shape
     TG, U, S = topk_launch(B, T, N, k)
     TG, U, S = tg or TG, u or U, s or S
-    visible = _i32(visible)
+    allvis = visible is None
+    visible = _vis_in(visible)
     if _fused(S, fuse, backend):
         if tick is None:
             tick = mx.zeros((B * T,), mx.uint32)
         template, grid, tgs, shapes, dtypes = _fused_spec(B, T, N, k, TG, U, S, r, walk)
-        out = _kernel(backend, src.topk_fused_source(backend))(
+        out = _kernel(backend, src.topk_fused_source(backend, allvis))(
             inputs=[scores, visible, tick], template=template, grid=grid, threadgroup=tgs,
             output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
         )
         return out[3]
     idx, val = _select_launch(backend, scores, visible, _no_cidx(), k, TG, U, S, False, r,
-                              walk)
+                              walk, allvis)
     if S > 1:  # the S * k candidates of each row, selected by one group of 1024
         idx, _ = _select_launch(backend, val, visible, idx, k, 1024, U, 1, True,
                                 0 if r == 0 else None, walk)
@@ -513,7 +526,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     k = min(topk, N)
     if k == N:
         return indexer_topk_ops(q, w, keys, visible, topk)
-    visible = _i32(visible)
+    visible = None if visible is None else _i32(visible)
     if select not in ("kernel", "argpartition"):
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     # the fused top-k counts on row counters that the scoring launch zeroes
@@ -529,23 +542,23 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
                                      **pick(("tg", "u", "s", "r", "walk", "fuse")))
     with mx.stream(mx.gpu):
         idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
-        return mx.where(idx >= visible[None, :, None], -1, idx)
+        return idx if visible is None else mx.where(idx >= visible[None, :, None], -1, idx)
 
 
 _plans: dict = {}
 _usable: dict = dispatch.remembered({})  # shape key -> the kernels take it (probed once)
 
 
-def _shape_key(backend, q, keys, topk):
+def _shape_key(backend, q, keys, topk, allvis=False):
     """What a call's plan (and whether the kernels take it) depends on."""
     if _is_fp4(keys):
         return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
-                keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE, FRAG_SCORER)
+                keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE, FRAG_SCORER, allvis)
     return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants(),
-            TOPK_FUSE, FRAG_SCORER)
+            TOPK_FUSE, FRAG_SCORER, allvis)
 
 
-def _plan(backend, q, keys, topk):
+def _plan(backend, q, keys, topk, allvis=False):
     """The launches of one `indexer_topk_kernel` call with its default parameters, for these
     shapes: whether the scoring takes the queries as uint32 (the matrix-unit kernel), whether
     the top-k is fused, and [(kernel, template, grid, threadgroup, output shapes, output
@@ -560,16 +573,17 @@ def _plan(backend, q, keys, topk):
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
                                                  _flag("mmaptx", None, MMA_PTX), fused,
-                                                 _flag("frag", None, FRAG_SCORER))
+                                                 _flag("frag", None, FRAG_SCORER), None, allvis)
     launches = [(_kernel(backend, ks), template, grid, tg, *_score_outputs(B, T, N, fused))]
     if fused:
-        launches.append((_kernel(backend, src.topk_fused_source(backend)),
+        launches.append((_kernel(backend, src.topk_fused_source(backend, allvis)),
                          *_fused_spec(B, T, N, k, TG, U, S)))
         return on_mma, True, launches
-    kern = _kernel(backend, src.topk_source(backend))
-    launches.append((kern, *_topk_spec(B, T, N, k, TG, U, S, False)))
+    launches.append((_kernel(backend, src.topk_source(backend, allvis)),
+                     *_topk_spec(B, T, N, k, TG, U, S, False)))
     if S > 1:  # the merge, as `indexer_select_kernel` makes it
-        launches.append((kern, *_topk_spec(B, T, S * k, k, 1024, U, 1, True)))
+        launches.append((_kernel(backend, src.topk_source(backend)),
+                         *_topk_spec(B, T, S * k, k, 1024, U, 1, True)))
     return on_mma, False, launches
 
 
@@ -580,16 +594,16 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
     call's `_shape_key`, where the caller has it."""
     q = _q_ready(q)
     fp4 = _is_fp4(keys)
-    key = key or _shape_key(backend, q, keys, topk)
+    key = key or _shape_key(backend, q, keys, topk, visible is None)
     p = _plans.get(key)
     if p is None:
         N = _num_entries(keys)
-        p = dispatch.bounded_put(_plans, key,
-                                 False if min(topk, N) == N else _plan(backend, q, keys, topk))
+        p = dispatch.bounded_put(_plans, key, False if min(topk, N) == N
+                                 else _plan(backend, q, keys, topk, visible is None))
     if p is False:  # every entry is selected: only visibility matters
         return indexer_topk_ops(q, w, keys, visible, topk)
     on_mma, fused, launches = p
-    visible = _i32(visible)
+    visible = _vis_in(visible)
     key_in = list(keys) if fp4 else _key_inputs(keys)[1]  # (fp4: checked by the plan)
     out = None
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
@@ -608,7 +622,7 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
 
 @functools.lru_cache(maxsize=256)
 def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int,
-             fuse: int, frag: int = 0):
+             fuse: int, frag: int = 0, allvis: bool = False):
     """(probe key, launch parameters) of the kernel variants one call would use (`fuse`,
     `frag`: `_fuse`'s and `_flag`'s answers, outside this cache)."""
     BN, HC, E = score_launch(B, T, N, H, D)
@@ -619,11 +633,11 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     fused = int(S > 1 and fuse)
     frag = int(bool(frag) and frag_usable(backend, qdtype, H, D, key_mode))
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{frag}")
+           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{frag}/A{int(allvis)}")
     return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag)
 
 
-def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
+def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     """Probe key and probe function for the kernel variants one call would use."""
     q = _q_ready(q)
     B, T, H, D = q.shape
@@ -631,7 +645,8 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
     key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag) = _variant(backend, q.dtype, B, T, H, D,
                                                                key_mode, N, k,
                                                                bool(_fuse(None, backend)),
-                                                               _flag("frag", None, FRAG_SCORER))
+                                                               _flag("frag", None, FRAG_SCORER),
+                                                               allvis)
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -643,7 +658,7 @@ def _variant_key(backend, q, keys, k) -> tuple[str, callable]:
             kk = (mx.zeros((1, n, D // 8), mx.uint32), mx.full((1, n, D // 32), 127, mx.uint8))
         else:
             kk = mx.zeros((1, n, D), mx.bfloat16 if key_mode == "bf16" else mx.float32)
-        vis = mx.array([n], mx.int32)
+        vis = None if allvis else mx.array([n], mx.int32)
         s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E,
                                   mma=None if frag else mma, tpt=tpt, tick=bool(fused),
                                   frag=frag)
@@ -660,7 +675,8 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
     allows (`dispatch.select_backend`), the pure-ops path otherwise.
 
     `keys`: float array [B, N, d] or mxfp4 pair (packed uint32 [B, N, d/8], scales uint8
-    [B, N, d/32]). ``q_exact_bf16``: the caller vouches that q's values are bf16 numbers
+    [B, N, d/32]). `visible`: [T] int32 counts, or None when every query sees all N entries
+    (a decode token: the kernels then read no count). ``q_exact_bf16``: the caller vouches that q's values are bf16 numbers
     (FP4-rounded queries are), so a float32 q may go to the matrix-unit kernel as bf16
     without any rounding.
     """
@@ -670,13 +686,13 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
     if backend != "ops" and q_exact_bf16 and q.dtype == mx.float32:
         q = q.astype(mx.bfloat16)  # exact (see above)
     if backend != "ops" and k < N:
-        skey = _shape_key(backend, _q_ready(q), keys, topk)
+        skey = _shape_key(backend, _q_ready(q), keys, topk, visible is None)
         key = (skey, dispatch.kernel_usable)
         ok = _usable.get(key)
         if ok is None:  # once per shape: the checks, and the build probe (once per variant)
             ok = kernel_supported(q, keys)
             if ok:
-                vkey, probe = _variant_key(backend, q, keys, k)
+                vkey, probe = _variant_key(backend, q, keys, k, visible is None)
                 ok = dispatch.kernel_usable(vkey, probe, f"lightning indexer ({backend})")
             dispatch.bounded_put(_usable, key, ok)
         if ok:  # (`indexer_topk_kernel` with its defaults)

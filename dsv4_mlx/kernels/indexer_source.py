@@ -1110,14 +1110,19 @@ _PREFIX0 = ("  unsigned int prefix = 0u;  // key bits fixed so far\n"
             "  unsigned int mask = 0u;    // which bits of the key are fixed\n")
 
 
-def _topk_body(fused: bool) -> str:
+_TOPK_VIS_READ = "  int vis = MAPPED ? M : visible[t];\n"
+
+
+def _topk_body(fused: bool, allvis: bool = False) -> str:
     """The top-k body: one launch a slice set (`fused` False: MAPPED reads `cidx`), or the
-    fused slices + merge (`_TOPK_MERGE`)."""
+    fused slices + merge (`_TOPK_MERGE`); `allvis`: every entry visible (`visible` unread)."""
     entry = (lambda i: f"{i}") if fused else (lambda i: f"MAPPED ? cidx[base + {i}] : {i}")
     put = ("  out[p] = " + entry("i") + ";\n  oval[p] = (VALUE);\n")
     radix1 = _topk_radix("R", lambda i: f"ki_order_key(scores[{i}])", lambda i: f"scores[{i}]",
                          lambda v: f"ki_order_key({v})", put, _PREFIX0, "0")
     body = _TOPK_BODY.replace("@ENTRY(lo + i)@", entry("lo + i"))
+    if allvis:
+        body = body.replace(_TOPK_VIS_READ, "  int vis = M;\n")
     if not fused:
         return body.replace("@SMALL_EXIT@", "    return;\n").replace("@RADIX@", radix1)
     # the slice's select runs only past K entries; every group then reaches the ticket
@@ -1308,43 +1313,60 @@ def make_source(dialect: str, name: str, input_names, output_names, body: str) -
 _TICK_ZERO = "  if (ki_gx == 0 && ki_tid == 0) tick[bt] = 0u;\n"
 
 
-def _rows(tick: bool) -> str:
-    return _ROW_SETUP + (_TICK_ZERO if tick else "")
+# All visible (`allvis`: a decode row sees every entry): the count is N (M) without reading
+# `visible`. MLX's CUDA allocator keeps arrays of <= 8 bytes (a decode step's [1] counts) in
+# managed memory whose pages stay on the host, so every thread block's first load of it went
+# over the bus: under Nsight Compute 58% of the register-fragment scorer's stall samples sat
+# on that one load (H100, 64K entries; 28.0 -> 14.1 us with the counts in device memory).
+_VIS_READ = "  int vis = visible[t];\n"
+_VIS_ALL = "  int vis = N;\n"
+
+
+def _rows(tick: bool, allvis: bool = False) -> str:
+    rows = _ROW_SETUP.replace(_VIS_READ, _VIS_ALL) if allvis else _ROW_SETUP
+    return rows + (_TICK_ZERO if tick else "")
+
+
+def _suffix(tick: bool, allvis: bool) -> str:
+    return ("_tick" if tick else "") + ("_all" if allvis else "")
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def score_source(dialect: str, key_mode: str, tick: bool = False) -> KernelSource:
+def score_source(dialect: str, key_mode: str, tick: bool = False,
+                 allvis: bool = False) -> KernelSource:
     """Scoring kernel. Inputs: q [B,T,H,D] (QT), w [B,T,H] f32, keys (per `key_mode`),
-    visible [T] int32; output scores [B,T,N] f32 (and, with `tick`, tick [B*T] uint32
-    zeros). Template: QT, D, H, HC, BN, E."""
+    visible [T] int32 (never read with `allvis`: every entry visible); output scores [B,T,N]
+    f32 (and, with `tick`, tick [B*T] uint32 zeros). Template: QT, D, H, HC, BN, E."""
     if key_mode not in KEY_MODES:
         raise ValueError(f"unknown key mode {key_mode!r}; expected one of {KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
-    body = _SCORE_BODY.replace("@ROW@", _rows(tick)).replace("@KEYS@", keys[0]).replace("@KEY_LOAD@", _KEY_LOAD[key_mode])
-    return make_source(dialect, f"dsv4_indexer_score_{key_mode}" + ("_tick" if tick else ""),
+    body = (_SCORE_BODY.replace("@ROW@", _rows(tick, allvis)).replace("@KEYS@", keys[0])
+            .replace("@KEY_LOAD@", _KEY_LOAD[key_mode]))
+    return make_source(dialect, f"dsv4_indexer_score_{key_mode}" + _suffix(tick, allvis),
                        ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
                        body)
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def topk_source(dialect: str) -> KernelSource:
+def topk_source(dialect: str, allvis: bool = False) -> KernelSource:
     """Top-k kernel. Inputs: scores [B,T,M] f32, visible [T] int32, cidx [B,T,M] int32
     (read only when MAPPED); outputs idx [B,T,S*K] int32, val [B,T,S*K] f32 (slice s's K
     picks at s*K).
-    Template: K, TG, U, S, MAPPED, R, WALK."""
-    return make_source(dialect, "dsv4_indexer_topk", ("scores", "visible", "cidx"), ("idx", "val"),
-                       _topk_body(False))
+    Template: K, TG, U, S, MAPPED, R, WALK. `allvis`: every entry visible (`visible` unread)."""
+    return make_source(dialect, "dsv4_indexer_topk" + _suffix(False, allvis),
+                       ("scores", "visible", "cidx"), ("idx", "val"), _topk_body(False, allvis))
 
 
 @functools.lru_cache(maxsize=None)
-def topk_fused_source(dialect: str) -> KernelSource:
+def topk_fused_source(dialect: str, allvis: bool = False) -> KernelSource:
     """The fused top-k (S > 1 slices and their merge in one launch; `_TOPK_MERGE`). Inputs:
     scores [B,T,M] f32, visible [T] int32, tick [>= B*T] uint32 (zeros; counted up);
     outputs idx, val [B,T,S*K] (the candidates), thr [B,T,S] uint32 (the slices' bounds),
     fin [B,T,K] int32 (the picks, -1 where not visible).
     Template: K, TG, U, S, R, R2 (register keys a thread of the merge, 0: none), WALK."""
-    return make_source(dialect, "dsv4_indexer_topk_fused", ("scores", "visible", "tick"),
-                       ("idx", "val", "thr", "fin"), _topk_body(True))
+    return make_source(dialect, "dsv4_indexer_topk_fused" + _suffix(False, allvis),
+                       ("scores", "visible", "tick"), ("idx", "val", "thr", "fin"),
+                       _topk_body(True, allvis))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1615,7 +1637,8 @@ def mma_layout(dialect: str, H: int, D: int, NW: int = 4) -> tuple[int, int, boo
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def score_mma_source(dialect: str, key_mode: str, tick: bool = False) -> KernelSource:
+def score_mma_source(dialect: str, key_mode: str, tick: bool = False,
+                     allvis: bool = False) -> KernelSource:
     """Matrix-unit scoring kernel. Inputs: q bf16 [B,T,H,D] as uint32 [B,T,H,D/2], w [B,T,H]
     f32, keys (per `key_mode`: "fp4" or "bf16"), visible [T] int32; output scores [B,T,N]
     f32. Template: D, H, NW, KC, SMEM4, QRES (see `mma_layout`), TPT (tiles a group), IDEC
@@ -1627,14 +1650,14 @@ def score_mma_source(dialect: str, key_mode: str, tick: bool = False) -> KernelS
                          f"expected one of {MMA_KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
     parts = _KEY_TILE[key_mode]
-    body = (_SCORE_MMA_BODY.replace("@ROW@", _rows(tick)).replace("@KEYS@", keys[0])
+    body = (_SCORE_MMA_BODY.replace("@ROW@", _rows(tick, allvis)).replace("@KEYS@", keys[0])
             .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_PUT@", parts["put"]))
     # the load part at its three places: the first tile's (with the queries), a chunk's
     # (without QRES), the next tile's (with QRES)
     assert body.count("@KEY_LOAD@") == 3
     body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
             .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
-    return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}" + ("_tick" if tick else ""),
+    return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}" + _suffix(tick, allvis),
                        ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
                        body)
 
@@ -1862,7 +1885,8 @@ _SCORE_FRAG_BODY = """\
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def score_frag_source(dialect: str, key_mode: str, tick: bool = False) -> KernelSource:
+def score_frag_source(dialect: str, key_mode: str, tick: bool = False,
+                      allvis: bool = False) -> KernelSource:
     """Register-fragment scoring kernel (CUDA; the C++ emulation for tests): the inputs and
     outputs of `score_mma_source`. Template: D, H, NW, TPW, ME, IDEC (`_SCORE_FRAG_BODY`)."""
     if dialect == "metal":
@@ -1872,11 +1896,11 @@ def score_frag_source(dialect: str, key_mode: str, tick: bool = False) -> Kernel
                          f"expected one of {FRAG_KEY_MODES}")
     keys = _KEY_INPUTS[key_mode]
     parts = _FRAG_KEYS[key_mode]
-    body = (_SCORE_FRAG_BODY.replace("@ROW@", _rows(tick)).replace("@KEYS@", keys[0])
+    body = (_SCORE_FRAG_BODY.replace("@ROW@", _rows(tick, allvis)).replace("@KEYS@", keys[0])
             .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_DECODE@", parts["decode"]))
     assert body.count("@KEY_LOAD@") == 2
     body = body.replace("@KEY_LOAD@", parts["load"])
-    return make_source(dialect, f"dsv4_indexer_score_frag_{key_mode}" + ("_tick" if tick else ""),
+    return make_source(dialect, f"dsv4_indexer_score_frag_{key_mode}" + _suffix(tick, allvis),
                        ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
                        body)
 

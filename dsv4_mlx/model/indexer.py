@@ -46,7 +46,10 @@ class Indexer(nn.Module):
         N = self.compressor(x, state, offset, rope, x32)
         if N == 0:
             return None
-        visible = mx.array((np.arange(offset, offset + T) + 1) // self.ratio, mx.int32)
+        vis = (np.arange(offset, offset + T) + 1) // self.ratio
+        # a decode token sees all N entries: None (the GPU kernels then read no count array:
+        # MLX keeps a 4-byte array in host-resident managed memory, read over the bus)
+        visible = None if (vis >= N).all() else mx.array(vis, mx.int32)
         # MLX is lazy: when N <= topk the selection is all entries and q/w are never computed
         H, d = self.n_heads, self.head_dim
         if T == 1:  # one token: [B, H, 1, d] (rotary layout) is [B, 1, H, d] in memory
