@@ -241,7 +241,10 @@ MMA_PTX = 1
 # (`score_mma_source`: keys decoded into shared tiles, four barriers a tile); 1, the
 # register-fragment kernel (`score_frag_source`: keys decoded straight into mma.sync's A
 # registers, the products' accumulators summed over heads in registers; one barrier a
-# group). Opt-in ("frag" in DSV4_INDEXER_VARIANTS) until measured on a GPU.
+# group). Opt-in ("frag" in DSV4_INDEXER_VARIANTS): on an H100 (2026-12-07, ninth session) its
+# GPU tests passed, but at 64K entries, one query, it took 26.8 / 28.0 / 27.7 us of GPU time
+# against the tiled kernel's 24.1 / 27.9 / 32.1 in three runs (13.8 vs 15.1 with every entry
+# visible: `visible=None`), and its wall time was worse in two runs of three. Left at 0.
 FRAG_SCORER = 0
 
 # The top-k of few long rows (S > 1 slices: decode) in one launch instead of two: the row's
