@@ -4,6 +4,7 @@ generation loop (mlx-lm's `generate_step`, which builds step t+1 while step t ru
     python bench/decode_profile.py --preset flash --layers 4 --experts 64 --context 4096
     python bench/decode_profile.py ... --compare DSV4_ATTN_KERNEL   # one kernel family off / on
     python bench/decode_profile.py ... --compare DSV4_COMPILE_DECODE  # plain / compiled decode parts
+    python bench/decode_profile.py ... --compare DSV4_DEVICE_SCALARS --values 0,1
 
 Prints, per mode, the median milliseconds of one decode step over `--steps` tokens, and the
 primitives of one step split into views (no kernel) and the rest.
@@ -50,6 +51,9 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--compare", default=None,
                     help="a kernel override variable (e.g. DSV4_ATTN_KERNEL): time it =ops vs auto")
+    ap.add_argument("--values", default=None,
+                    help="with --compare: the variable's two values to time (e.g. 0,1), "
+                         "instead of ops vs auto")
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
     model, args = build(a.preset, a.layers, a.experts)
@@ -63,6 +67,8 @@ def main():
     variants = [("as is", None)]
     if a.compare == COMPILE_ENV:  # the same model and state, plain vs compiled decode parts
         variants = [("plain", "0"), ("compiled", "1")]
+    elif a.compare and a.values:  # the same model and state, the variable at two values
+        variants = [(f"{a.compare}={v}", v) for v in a.values.split(",")]
     elif a.compare:  # the same model and state with one kernel family forced to the ops path
         variants = [(f"{a.compare}=ops", "ops"), ("kernels (auto)", None)]
     def use(val):

@@ -60,6 +60,10 @@
 # pipeline  bench/pipeline_probe.py (Flash dimensions, 4 layers, 64 and 256 experts, CONTEXT
 #         (2048)): every step's time of the one-step loop, mlx-lm's generate_step and a
 #         hand-written pipelined loop, compiled decode parts off and on
+# devscalars  bench/decode_profile.py, DSV4_DEVICE_SCALARS 0 vs 1 (the step's position made on
+#         the GPU: one Full launch a step, device memory for every kernel that reads it)
+# hostarrays  bench/host_arrays.py under ncu: what a small host-made array costs a kernel of
+#         1 and of 512 blocks (the decode step's position and constants sit in that pool)
 # ixprefill  bench/indexer.py at 512 queries (a prefill chunk), 16K and 64K entries
 # ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
 #         (DSV4_INDEXER_VARIANTS=mmaptx,idec,walk before the command: with the opt-in
@@ -233,6 +237,18 @@ for step in "${steps[@]}"; do
     ixwall)
       timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
         --out "$OUT" 2>&1 | tail -16 ;;
+    devscalars)
+      # the decode step with the position made on the GPU (DSV4_DEVICE_SCALARS 0 vs 1)
+      timeout ${COMPILE_TIMEOUT:-150} python bench/decode_profile.py --preset flash --layers 4 \
+        --experts 64 --context 4096 --steps 24 --rounds 2 --compare DSV4_DEVICE_SCALARS \
+        --values 0,1 > "$OUT/devscalars.log" 2>&1
+      grep -E "primitives per step|round|DSV4_DEVICE" "$OUT/devscalars.log" | grep -v "by op" | tail -8 ;;
+    hostarrays)
+      # a kernel of 1 and of 512 blocks reading a small array: host-made (the managed pool)
+      # vs GPU-made (device memory); bench/host_arrays.py says which feeds
+      timeout 120 ncu --metrics gpu__time_duration.sum --csv --log-file "$OUT/host_arrays.csv" \
+        -k regex:dsv4_probe_read python bench/host_arrays.py > "$OUT/host_arrays.log" 2>&1
+      python bench/host_arrays.py --parse-ncu "$OUT/host_arrays.csv" ;;
     ixprefill)
       # prefill chunks (512 queries) at 16K and 64K entries: kernel, kernel-frag and ops paths
       timeout ${IX_TIMEOUT:-150} python bench/indexer.py --entries 16384,65536 --queries 512 \

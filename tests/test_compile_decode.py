@@ -137,6 +137,40 @@ def test_gpu_compiled_decode_logits_equal_plain(monkeypatch, clean_dispatch):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="no CUDA backend in this MLX")
+def test_gpu_device_scalars_logits_equal(monkeypatch, clean_dispatch):
+    """`DSV4_DEVICE_SCALARS=1` (the step's position made by a GPU op, [4] in device memory)
+    gives the host-made position's logits bit for bit (the kernels read element 0 either
+    way), and really makes the [4] array."""
+    from dsv4_mlx.kernels import dispatch
+    old = mx.default_device()
+    mx.set_default_device(mx.gpu)
+    try:
+        outs = {}
+        for v in ("0", "1"):
+            monkeypatch.setenv(dispatch.DEVICE_SCALARS_ENV, v)
+            assert dispatch.position(12345).shape == ((4,) if v == "1" else (1,))
+            outs[v] = prefill_then_decode(_model(num_nextn_predict_layers=0), IDS, 11)
+    finally:
+        mx.set_default_device(old)
+    np.testing.assert_array_equal(outs["1"], outs["0"])
+
+
+def test_device_scalars_off_without_cuda(monkeypatch):
+    """The variable asks for device-made positions only where CUDA is; elsewhere (this CPU,
+    Metal's unified memory) the position stays the host-made [1] array."""
+    from dsv4_mlx.kernels import dispatch
+    monkeypatch.setenv(dispatch.DEVICE_SCALARS_ENV, "1")
+    monkeypatch.setattr(dispatch, "cuda_available", lambda: False)
+    assert not dispatch.device_scalars()
+    p = dispatch.position(777)
+    assert p.shape == (1,) and p.item() == 777 and dispatch.position(777) is p
+    monkeypatch.setattr(dispatch, "cuda_available", lambda: True)
+    assert dispatch.device_scalars()
+    monkeypatch.setenv(dispatch.DEVICE_SCALARS_ENV, "0")
+    assert not dispatch.device_scalars()
+
+
 @needs_cxx
 def test_dispatch_change_traces_again(monkeypatch):
     """The kernel dispatch reads DSV4_* variables while tracing: a step under another setting
