@@ -116,6 +116,15 @@ def launches():
                     [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
                     ["float32"], [("D", 128), ("H", 64), ("NW", nw), ("TPW", tpw), ("ME", me),
                                   ("IDEC", idec)]))
+    out.append(("indexer score mma fp4, all visible", isrc.score_mma_source("cuda", "fp4",
+                                                                          allvis=True),
+                [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)], ["float32"],
+                [("D", 128), ("H", 64), ("NW", 4), ("KC", kc), ("SMEM4", smem4), ("QRES", qres),
+                 ("TPT", 2), ("IDEC", 2), ("MMAPTX", 1)]))
+    out.append(("indexer top-k TG512 S16 R8, all visible", isrc.topk_source("cuda", allvis=True),
+                [("float32", 3, 4096), ("int32", 1, 1), ("int32", 1, 1)], ["int32", "float32"],
+                [("K", 512), ("TG", 512), ("U", 4), ("S", 16), ("MAPPED", False), ("R", 8),
+                 ("WALK", 0)]))
     out.append(("indexer score frag bf16 keys + row counters",
                 isrc.score_frag_source("cuda", "bf16", True),
                 [("uint32", 4, 4096), ("float32", 3, 64), ("uint32", 3, 2048), ("int32", 1, 1)],

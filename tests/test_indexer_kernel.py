@@ -829,6 +829,21 @@ def _metal_variants():
                     ["int32", "float32"],
                     [("K", K), ("TG", TG), ("U", U), ("S", S), ("MAPPED", MAPPED), ("R", R),
                      ("WALK", WALK)]))
+    # the all-visible sources (a decode row: `visible` in the signature, never read)
+    fp4in = [("uint32", 3, 512), ("uint8", 3, 4)]
+    out.append(("score-fp4-all", src.score_source("metal", "fp4", allvis=True),
+                [("bfloat16", 4, 4096), ("float32", 3, 64), *fp4in, ("int32", 1, 1)],
+                ["float32"], [("QT", "bfloat16"), ("D", 128), ("H", 64), ("HC", 64), ("BN", 128),
+                              ("E", 1)]))
+    kc, smem4, qres = src.mma_layout("metal", 64, 128)
+    out.append(("score-mma-fp4-all", src.score_mma_source("metal", "fp4", allvis=True),
+                [("uint32", 4, 2048), ("float32", 3, 64), *fp4in, ("int32", 1, 1)], ["float32"],
+                [("D", 128), ("H", 64), ("NW", 4), ("KC", kc), ("SMEM4", smem4), ("QRES", qres),
+                 ("TPT", 4), ("IDEC", 0), ("MMAPTX", 1)]))
+    out.append(("topk-all", src.topk_source("metal", allvis=True),
+                [("float32", 3, 5), ("int32", 1, 1), ("int32", 1, 1)], ["int32", "float32"],
+                [("K", 512), ("TG", 1024), ("U", 4), ("S", 16), ("MAPPED", False), ("R", 8),
+                 ("WALK", 0)]))
     # the fused top-k (never dispatched on Metal, kept in the common subset)
     for R, R2, WALK in ((8, 16, 0), (0, 0, 1)):
         out.append((f"topk-fused-R{R}-R2{R2}-W{WALK}", src.topk_fused_source("metal"),
