@@ -3,7 +3,7 @@ generation loop (mlx-lm's `generate_step`, which builds step t+1 while step t ru
 
     python bench/decode_profile.py --preset flash --layers 4 --experts 64 --context 4096
     python bench/decode_profile.py ... --compare DSV4_ATTN_KERNEL   # one kernel family off / on
-    python bench/decode_profile.py ... --compare DSV4_COMPILE_DECODE  # plain / compiled decode parts
+    python bench/decode_profile.py ... --compare DSV4_COMPILE_DECODE  # plain / compiled parts
     python bench/decode_profile.py ... --compare DSV4_DEVICE_SCALARS --values 0,1
 
 Prints, per mode, the median milliseconds of one decode step over `--steps` tokens, and the

@@ -252,8 +252,9 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
             fns += [(f"select (default) walk {w} fuse 0", lambda w=w: ki.indexer_select_kernel(
                 s, a[3], K, backend=backend, walk=w, fuse=0)) for w in (0, 1)]
             # the whole call (scoring, then the top-k in two launches or fused), as planned
-            fns += [(f"score + select, fuse {f} frag {fr}", lambda f=f, fr=fr: ki.indexer_topk_kernel(
-                *a, K, backend=backend, launch={"fuse": f, "frag": fr}))
+            fns += [(f"score + select, fuse {f} frag {fr}",
+                     lambda f=f, fr=fr: ki.indexer_topk_kernel(
+                         *a, K, backend=backend, launch={"fuse": f, "frag": fr}))
                 for f, fr in ((0, 0), (1, 0), (0, 1), (1, 1))]
         else:
             fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend,

@@ -196,7 +196,7 @@ def test_topk_ops_visibility_t1(vis0):
 def test_topk_ops_all_visible():
     """visible None (every query sees all N entries) picks what the count N picks."""
     rng = np.random.default_rng(3)
-    for N, k in ((300, 64), (40, 64)):
+    for N, k in ((300, 64), (97, 96)):
         q, w, keys = make_case(rng, 2, 1, 8, 32, N)
         a = [mx.array(x) for x in (q, w, keys)]
         got = np.array(ki.indexer_topk_ops(*a, None, k))
@@ -487,7 +487,8 @@ def test_emulated_scores_frag(emu, B, T, H, D, N, nw, tpw, me, mode):
 
 
 @needs_cxx
-@pytest.mark.parametrize("sbs", [(0, 1, 2, 3), (250, 251, 252, 254), (127, 2, 200, 253)])
+@pytest.mark.parametrize("sbs", [(0, 1, 2, 3), (250, 251, 252, 254), (127, 2, 200, 253),
+                                 (127, 255, 3, 251)])
 def test_emulated_scores_frag_scale_ends(emu, sbs):
     """Scale bytes at the ends of the range (subnormal / huge products: the fp32 path) next to
     ordinary ones, one thread's two rows and groups differing: the same scores from every
@@ -538,6 +539,8 @@ def test_frag_launch_and_usable():
     assert ki.frag_launch(2048, 16384) == (4, 16, 1)
     assert ki.frag_usable("cuda", mx.bfloat16, 64, 128, "fp4")
     assert ki.frag_usable("cuda", mx.bfloat16, 8, 256, "bf16")
+    assert ki.frag_usable("cuda", mx.bfloat16, 128, 128, "fp4")
+    assert not ki.frag_usable("cuda", mx.bfloat16, 128, 256, "fp4")  # > 48 KiB of queries
     assert not ki.frag_usable("metal", mx.bfloat16, 64, 128, "fp4")
     assert not ki.frag_usable("cuda", mx.float32, 64, 128, "fp4")
     assert not ki.frag_usable("cuda", mx.bfloat16, 64, 64, "fp4")   # D not a multiple of 128
@@ -1269,9 +1272,12 @@ def test_gpu_mma_scores(gpu, B, T, H, D, mode):
             tiled = np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu, mma=True,
                                                       frag=0))
             for fl in (None, (4, 1, 2), (8, 4, 1), (2, 3, 2)):
+                decs = []
                 for i in ((0, 1, 2) if mode == "fp4" else (0,)):
                     got = np.array(ki.indexer_scores_kernel(qb, wa, km, va, backend=gpu,
                                                             frag=1, fl=fl, idec=i))
+                    decs.append(got)  # every FP4 decode: the same registers, the same bits
+                    np.testing.assert_array_equal(got, decs[0], err_msg=f"frag {fl} idec {i}")
                     assert np.array_equal(np.isneginf(got), np.isneginf(want)), (fl, i, kind)
                     np.testing.assert_allclose(got[fin], want[fin], rtol=1e-4,
                                                atol=1e-5 * (np.abs(want[fin]).max() + 1e-6),

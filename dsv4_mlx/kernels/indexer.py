@@ -197,10 +197,12 @@ def mma_tiles(rows: int, N: int, qres: bool) -> int:
 
 def frag_usable(backend: str, qdtype, H: int, D: int, key_mode: str) -> bool:
     """Whether the register-fragment scorer (`indexer_source.score_frag_source`) takes these
-    inputs: CUDA, bf16 queries, FP4 or bf16 keys, H a multiple of 8 (<= 128), D a multiple of
-    128 (<= 256: a thread's registers hold D / 128 scale groups of two key rows)."""
+    inputs: CUDA, bf16 queries, FP4 or bf16 keys, H a multiple of 8, D a multiple of 128
+    (<= 256: a thread's registers hold D / 128 scale groups of two key rows), and the padded
+    queries (H x D x 2.25 bytes) within CUDA's 48 KiB of static shared memory (H x D <=
+    16,384: 64 x 256 or 128 x 128 at most)."""
     return (backend == "cuda" and qdtype == mx.bfloat16 and key_mode in src.FRAG_KEY_MODES
-            and H % 8 == 0 and 8 <= H <= 128 and D % 128 == 0 and D <= 256)
+            and H % 8 == 0 and H >= 8 and D % 128 == 0 and D <= 256 and H * D <= 16384)
 
 
 @functools.lru_cache(maxsize=256)
@@ -241,10 +243,12 @@ MMA_PTX = 1
 # (`score_mma_source`: keys decoded into shared tiles, four barriers a tile); 1, the
 # register-fragment kernel (`score_frag_source`: keys decoded straight into mma.sync's A
 # registers, the products' accumulators summed over heads in registers; one barrier a
-# group). Opt-in ("frag" in DSV4_INDEXER_VARIANTS): on an H100 (2026-12-07, ninth session) its
-# GPU tests passed, but at 64K entries, one query, it took 26.8 / 28.0 / 27.7 us of GPU time
-# against the tiled kernel's 24.1 / 27.9 / 32.1 in three runs (13.8 vs 15.1 with every entry
-# visible: `visible=None`), and its wall time was worse in two runs of three. Left at 0.
+# group). Opt-in ("frag" in DSV4_INDEXER_VARIANTS). On an H100 (2026-12-07, ninth session) its
+# GPU tests passed; at 64K entries, one query, reading the count it took 26.8 / 28.0 / 27.7 us
+# of GPU time against the tiled kernel's 24.1 / 27.9 / 32.1 (three runs) and its wall time
+# was worse in two of them; with every entry visible (decode's path now) it was faster in the
+# one run that measured it (13.8 vs 15.1 us) but not in wall time (0.075 vs 0.076 ms a call,
+# 16 an evaluation). Left at 0 until decode-row runs decide it in wall time.
 FRAG_SCORER = 0
 
 # The top-k of few long rows (S > 1 slices: decode) in one launch instead of two: the row's
@@ -635,9 +639,10 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     tpt = mma_tiles(B * T, N, src.mma_layout(backend, H, D, MMA_WARPS)[2]) if mma else None
     fused = int(S > 1 and fuse)
     frag = int(bool(frag) and frag_usable(backend, qdtype, H, D, key_mode))
+    fl = frag_launch(B * T, N) if frag else None  # (template constants: probed as they run)
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{frag}/A{int(allvis)}")
-    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag)
+           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/A{int(allvis)}")
+    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl)
 
 
 def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
@@ -645,11 +650,9 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag) = _variant(backend, q.dtype, B, T, H, D,
-                                                               key_mode, N, k,
-                                                               bool(_fuse(None, backend)),
-                                                               _flag("frag", None, FRAG_SCORER),
-                                                               allvis)
+    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl) = _variant(
+        backend, q.dtype, B, T, H, D, key_mode, N, k, bool(_fuse(None, backend)),
+        _flag("frag", None, FRAG_SCORER), allvis)
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -664,7 +667,7 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
         vis = None if allvis else mx.array([n], mx.int32)
         s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E,
                                   mma=None if frag else mma, tpt=tpt, tick=bool(fused),
-                                  frag=frag)
+                                  frag=frag, fl=fl)
         s, tick = s if fused else (s, None)
         i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R,
                                   fuse=fused, tick=tick)
@@ -679,9 +682,9 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
 
     `keys`: float array [B, N, d] or mxfp4 pair (packed uint32 [B, N, d/8], scales uint8
     [B, N, d/32]). `visible`: [T] int32 counts, or None when every query sees all N entries
-    (a decode token: the kernels then read no count). ``q_exact_bf16``: the caller vouches that q's values are bf16 numbers
-    (FP4-rounded queries are), so a float32 q may go to the matrix-unit kernel as bf16
-    without any rounding.
+    (a decode token: the kernels then read no count). ``q_exact_bf16``: the caller vouches
+    that q's values are bf16 numbers (FP4-rounded queries are), so a float32 q may go to the
+    matrix-unit kernel as bf16 without any rounding.
     """
     backend = dispatch.select_backend()
     N = _num_entries(keys)

@@ -521,7 +521,9 @@ inline void ki_mma_16816(float* c, const unsigned int (&a)[4], unsigned int b0, 
   sbb[me][1] = b1;
   ki_emu::warp_barrier();
   const int base = me & ~31, lane = me & 31, g = lane >> 2, t = lane & 3;
-  auto half = [](unsigned int w, int hi) { return ki_as_float(hi ? (w & 0xffff0000u) : (w << 16)); };
+  auto half = [](unsigned int w, int hi) {
+    return ki_as_float(hi ? (w & 0xffff0000u) : (w << 16));
+  };
   float r[4];
   for (int i = 0; i < 4; ++i) {
     const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
@@ -664,9 +666,10 @@ KI_FN unsigned int ki_e2m1x2_dec(int idec, unsigned int u, unsigned int p, unsig
                                  unsigned int hb1) {
   return idec == 2 ? ki_e2m1x2_lut(u, p, lb0, hb0, lb1, hb1) : ki_e2m1x2_bf16(u >> (8u * p), sb);
 }
-// fp32 -> bf16 bits, rounded to nearest even (finite values and infinities; a NaN stays NaN)
+// fp32 -> bf16 bits, rounded to nearest even; a NaN stays a (quiet) NaN whatever its bits
 KI_FN unsigned int ki_bf16_rne(float x) {
   const unsigned int u = KI_AS_UINT(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
   return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 // codes 2p and 2p + 1 of word u times 2^(sb - 127) as a bf16 pair (low half first): the fp32
@@ -1122,6 +1125,7 @@ def _topk_body(fused: bool, allvis: bool = False) -> str:
                          lambda v: f"ki_order_key({v})", put, _PREFIX0, "0")
     body = _TOPK_BODY.replace("@ENTRY(lo + i)@", entry("lo + i"))
     if allvis:
+        assert body.count(_TOPK_VIS_READ) == 1
         body = body.replace(_TOPK_VIS_READ, "  int vis = M;\n")
     if not fused:
         return body.replace("@SMALL_EXIT@", "    return;\n").replace("@RADIX@", radix1)
@@ -1323,6 +1327,7 @@ _VIS_ALL = "  int vis = N;\n"
 
 
 def _rows(tick: bool, allvis: bool = False) -> str:
+    assert _ROW_SETUP.count(_VIS_READ) == 1
     rows = _ROW_SETUP.replace(_VIS_READ, _VIS_ALL) if allvis else _ROW_SETUP
     return rows + (_TICK_ZERO if tick else "")
 
@@ -1734,7 +1739,8 @@ _FRAG_KEYS = {
           KI_UNROLL
           for (int j = 0; j < GJ; ++j) {
             KI_UNROLL
-            for (int e = 0; e < 4; ++e) kx[m][r][j][e] = KI_LOAD4U(k + row * (D / 2), 4 * (4 * j + t4) + e);
+            for (int e = 0; e < 4; ++e)
+              kx[m][r][j][e] = KI_LOAD4U(k + row * (D / 2), 4 * (4 * j + t4) + e);
           }
         }
       }
@@ -1771,10 +1777,12 @@ _SCORE_FRAG_BODY = """\
   // its two entry rows, dims 32 (4 j + t4) + 4 s + 0..3, i.e. four values of its own scale
   // group, decoded from one 16-byte load of the packed keys straight into A's registers (no
   // shared tile, no barrier after the queries). B's registers for the same slots are 8
-  // contiguous bytes of a query row in shared memory (read once a group; 2 words of padding a
-  // 32-dim group spread a warp's reads over all 32 banks). The sum over k of every product
-  // is the dot product whatever the slot order: the same scores as the tiled kernel (products
-  // exact in fp32, sums in another order than the ops path). The accumulators stay in
+  // contiguous bytes of a query row in shared memory (read once a group; with 2 words of
+  // padding a 32-dim group, a warp's 64-bit reads (the compiler pairs b0 and b1: LDS.64) hit
+  // all 32 banks once at D = 128; at D = 256 rows g and g + 2 share banks). The sum over k of
+  // every product is the dot product whatever the slot order: the same scores as the tiled
+  // kernel (products exact in fp32, sums in another order than the ops path). The
+  // accumulators stay in
   // registers: each thread holds C(g, 2 t4 .. 2 t4 + 1) and C(g + 8, ..) of every head tile,
   // so the weighted ReLU sum over heads is a register sum and two shuffles in the quad. The
   // next pass's keys are requested before this pass's products. No [heads x entries] buffer.
@@ -1785,7 +1793,7 @@ _SCORE_FRAG_BODY = """\
   // 1 integer operations, 2 byte-permute tables; the same bits every way).
   constexpr int GJ = D / 128;      // scale groups of 32 dims a thread of each key row
   constexpr int NT = H / 8;        // head tiles
-  constexpr int GW = 18;           // words a 32-dim group of a shared query row (16 + 2)
+  constexpr int GW = 18;           // words a 32-dim group of a shared query row (16 + 2 pad)
   constexpr int QW = (D / 32) * GW;
   constexpr int TPG = 32 * NW;
   KI_SHARED unsigned int qs[H * QW];
