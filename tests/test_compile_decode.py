@@ -139,9 +139,9 @@ def test_gpu_compiled_decode_logits_equal_plain(monkeypatch, clean_dispatch):
 
 @pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="no CUDA backend in this MLX")
 def test_gpu_device_scalars_logits_equal(monkeypatch, clean_dispatch):
-    """`DSV4_DEVICE_SCALARS=1` (the step's position made by a GPU op, [4] in device memory)
-    gives the host-made position's logits bit for bit (the kernels read element 0 either
-    way), and really makes the [4] array."""
+    """`DSV4_DEVICE_SCALARS=1` (the step's position made by a GPU op, [4] in device memory;
+    the kernels' small constants copied there) gives the host-made arrays' logits bit for bit
+    (the kernels read the leading elements either way), and really makes the [4] arrays."""
     from dsv4_mlx.kernels import dispatch
     old = mx.default_device()
     mx.set_default_device(mx.gpu)
@@ -150,6 +150,7 @@ def test_gpu_device_scalars_logits_equal(monkeypatch, clean_dispatch):
         for v in ("0", "1"):
             monkeypatch.setenv(dispatch.DEVICE_SCALARS_ENV, v)
             assert dispatch.position(12345).shape == ((4,) if v == "1" else (1,))
+            assert dispatch.vector(0.125).shape == ((4,) if v == "1" else (1,))
             outs[v] = prefill_then_decode(_model(num_nextn_predict_layers=0), IDS, 11)
     finally:
         mx.set_default_device(old)
@@ -157,8 +158,8 @@ def test_gpu_device_scalars_logits_equal(monkeypatch, clean_dispatch):
 
 
 def test_device_scalars_off_without_cuda(monkeypatch):
-    """The variable asks for device-made positions only where CUDA is; elsewhere (this CPU,
-    Metal's unified memory) the position stays the host-made [1] array."""
+    """The variable asks for device-made positions and constants only where CUDA is;
+    elsewhere (this CPU, Metal's unified memory) the position stays the host-made [1] array."""
     from dsv4_mlx.kernels import dispatch
     monkeypatch.setenv(dispatch.DEVICE_SCALARS_ENV, "1")
     monkeypatch.setattr(dispatch, "cuda_available", lambda: False)
@@ -167,8 +168,23 @@ def test_device_scalars_off_without_cuda(monkeypatch):
     assert p.shape == (1,) and p.item() == 777 and dispatch.position(777) is p
     monkeypatch.setattr(dispatch, "cuda_available", lambda: True)
     assert dispatch.device_scalars()
+    # constants of <= 8 bytes: copied once into 16 bytes (here on the CPU stream), the values
+    # first; larger ones stay as made; a copy made inside a traced function is a real array
+    copy = dispatch._device_copy
+    monkeypatch.setattr(dispatch, "_device_copy", lambda a: copy(a, mx.cpu))
+    monkeypatch.setattr(dispatch, "_consts", {})
+    v = dispatch.vector(0.25, 7.0)
+    assert v.shape == (4,) and v.tolist() == [0.25, 7.0, 0.0, 0.0]
+    assert dispatch.vector(0.25, 7.0) is v
+    assert dispatch.vector(1.0, 2.0, 3.0).shape == (3,)
+    inside = {}
+    mx.compile(lambda x: inside.setdefault("v", dispatch.vector(5, dtype=mx.int32)) + x)(
+        mx.array(1, mx.int32))
+    assert inside["v"].tolist() == [5, 0, 0, 0]
+    assert dispatch.vector(5, dtype=mx.int32) is inside["v"]
     monkeypatch.setenv(dispatch.DEVICE_SCALARS_ENV, "0")
     assert not dispatch.device_scalars()
+    assert dispatch.vector(0.25, 7.0).shape == (2,)
 
 
 @needs_cxx

@@ -116,8 +116,32 @@ def _const(key, make):
 def vector(*values, dtype=mx.float32) -> mx.array:
     """The 1-D constant array of `values` ([v] for one value: a kernel input a body reads as
     ``v[0]``), made once and shared by every call and kernel: no new array per call. Keyed by
-    its own values, dtype and shape, so two different arrays never share a key."""
-    return _const(("vector", dtype, values), lambda: mx.array(list(values), dtype))
+    its own values, dtype and shape, so two different arrays never share a key. With
+    `device_scalars`, one of at most 8 bytes is copied once by a GPU op into 16 bytes of device
+    memory (zeros after `values`; see `DEVICE_SCALARS_ENV`)."""
+    host = _const(("vector", dtype, values), lambda: mx.array(list(values), dtype))
+    if host.nbytes > 8 or not device_scalars():
+        return host  # (larger host arrays migrate to the GPU once, at its first read)
+    key = ("vector-device", dtype, values)
+    dev = _consts.get(key)
+    if dev is None:
+        dev = _device_copy(host)
+        if dev is None:  # inside a traced function: the host array (this time)
+            return host
+        _consts[key] = dev
+    return dev
+
+
+def _device_copy(a: mx.array, stream=mx.gpu):
+    """`a` followed by zeros to 16 bytes, made and evaluated on `stream` now; None where no
+    evaluation may happen (inside `mx.compile`'s tracing)."""
+    pad = max(0, 16 // a.itemsize - a.size)
+    out = mx.concatenate([a, mx.zeros((pad,), a.dtype, stream=stream)], stream=stream)
+    try:
+        mx.eval(out)
+    except (RuntimeError, ValueError):
+        return None
+    return out
 
 
 def scalar(value, dtype=mx.float32) -> mx.array:
@@ -132,7 +156,8 @@ def unused(dtype=mx.float32) -> mx.array:
 
 _position: list = [None, None]
 
-# "1": the step's position made by a GPU op, in device memory (`position`). MLX's CUDA
+# "1": the step's position made by a GPU op, in device memory (`position`), and the kernels'
+# constants of <= 8 bytes (`vector`) copied there once. MLX's CUDA
 # allocator keeps a host-made array of <= 8 bytes in managed memory that the GPU reads in
 # place, and every thread block of a kernel pays that read (the indexer's count: 58% of its
 # scorer's stall samples, 2026-12-07); a larger host array migrates a page every step
