@@ -9,8 +9,9 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
 * ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
-* ``kernel-all``, ``kernel-frag-all`` (CUDA, one query): the same with ``visible`` None (every
-  entry visible, as a decode token passes it: the kernels read no count array);
+* ``kernel-all``, ``kernel-frag-all``, ``kernel-fuse-all`` (CUDA, one query): the same with
+  ``visible`` None (every entry visible, as a decode token passes it: the kernels read no
+  count array), with the tiled scorer, the register-fragment one, or the fused top-k;
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``;
 * ``floor``: one tiny elementwise op (the visible counts + 1) evaluated the same way: what
@@ -160,15 +161,15 @@ def _on_device(v):
     return out
 
 
-def _with_frag(fn):
-    """`fn()` with the register-fragment scorer switched on (`indexer.FRAG_SCORER`; the
-    planned launches are kept per value)."""
-    was = ki.FRAG_SCORER
-    ki.FRAG_SCORER = 1
+def _with_frag(fn, name="FRAG_SCORER"):
+    """`fn()` with the register-fragment scorer switched on (`indexer.FRAG_SCORER`, or the
+    switch `name`: "TOPK_FUSE"; the planned launches are kept per value)."""
+    was = getattr(ki, name)
+    setattr(ki, name, 1)
     try:
         return fn()
     finally:
-        ki.FRAG_SCORER = was
+        setattr(ki, name, was)
 
 
 def _marker(i: int, what: str):
@@ -372,6 +373,8 @@ def main(argv=None):
                                                                    backend=backend)
             paths["kernel-frag-all"] = lambda a: _with_frag(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
+            paths["kernel-fuse-all"] = lambda a: _with_frag(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_FUSE")
         if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
             paths["kernel-frag"] = lambda a: _with_frag(
                 lambda: ki.indexer_topk_kernel(*a, K, backend=backend))
