@@ -244,9 +244,10 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
                     for fr in (0, 1)]
             fns += [("select (default), all visible", lambda: ki.indexer_select_kernel(
                 s, None, K, backend=backend))]
-            fns += [(f"score + select, frag {fr}, all visible", lambda fr=fr:
+            fns += [(f"score + select, fuse {f} frag {fr}, all visible", lambda f=f, fr=fr:
                      ki.indexer_topk_kernel(*a[:3], None, K, backend=backend,
-                                            launch={"fuse": 0, "frag": fr})) for fr in (0, 1)]
+                                            launch={"fuse": f, "frag": fr}))
+                    for f, fr in ((0, 0), (0, 1), (1, 0), (1, 1))]
             # the register-fragment scorer (opt-in: FRAG_SCORER), its launch shapes (NW, TPW, ME)
             fns += [(f"score frag {fl or 'default'}", lambda fl=fl: ki.indexer_scores_kernel(
                 *a, backend=backend, frag=1, fl=fl)) for fl in FRAG_LAUNCHES]
