@@ -532,6 +532,30 @@ def test_emulated_all_visible_reads_no_count(emu, mode):
             assert set(got[0, 0].tolist()) == want, (s_, fuse)
 
 
+@needs_cxx
+@pytest.mark.parametrize("lanes", [32, 16])
+def test_emulator_aborts_on_a_divergent_warp_barrier(lanes, tmp_path):
+    """A shuffle (or an emulated mma) that only some lanes of a warp reach is a bug the GPU
+    would not report (it reads stale registers): the emulation aborts instead of going on."""
+    body = ("  if (ki_tid < LANES) out[ki_tid] = KI_SHFL(x[0] + (float)ki_tid, ki_tid ^ 1);\n")
+    ks = src.make_source("cpp", "diverge", ("x",), ("out",), body)
+    code = (ks.header + src.render_cpp_kernel(ks, [("float32", 1, 1)], ["float32"],
+                                              [("LANES", lanes)], "k")
+            + "int main() {\n  static float x[1] = {0.5f}, out[64];\n"
+            "  ki_emu::run(1, 1, 1, 64, [&]() { k(x, out); });\n"
+            "  std::printf(\"%g %g\\n\", out[0], out[1]);\n  return 0;\n}\n")
+    (tmp_path / "d.cpp").write_text(code)
+    r = subprocess.run([CXX, "-std=c++17", "-O1", "-o", str(tmp_path / "d"),
+                        str(tmp_path / "d.cpp")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(tmp_path / "d")], capture_output=True, text=True)
+    if lanes == 32:  # the whole warp: lane 0 gets lane 1's value and back
+        assert r.returncode == 0 and r.stdout.split() == ["1.5", "0.5"], (r.stdout, r.stderr)
+    else:
+        assert r.returncode != 0 and "divergent warp barrier" in r.stderr, (r.returncode,
+                                                                            r.stderr)
+
+
 def test_frag_launch_and_usable():
     assert ki.frag_launch(1, 65536) == (4, 2, 1)      # 4096 tiles -> 512 groups
     assert ki.frag_launch(1, 262144) == (4, 8, 1)

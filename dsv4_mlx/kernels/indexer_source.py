@@ -387,6 +387,16 @@ inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
             else if (state[i] == 3) ++at_warp;
             else ++returned;
           }
+          // a warp's barrier (a shuffle, an emulated mma) is reached by every lane or by none
+          for (int w0 = 0; at_warp != 0 && w0 < tg; w0 += 32) {
+            int in = 0, lanes = 0;
+            for (int i = w0; i < tg && i < w0 + 32; ++i, ++lanes) in += state[i] == 3 ? 1 : 0;
+            if (in != 0 && in != lanes) {
+              std::fprintf(stderr, "ki_emu: divergent warp barrier in group (%d, %d, %d), "
+                           "warp %d\n", x, y, z, w0 / 32);
+              std::abort();
+            }
+          }
           if (at_barrier == 0 && at_warp == 0) break;
           if (at_warp == 0 && returned != 0) {
             std::fprintf(stderr, "ki_emu: non-uniform barrier in group (%d, %d, %d)\n", x, y, z);
