@@ -157,11 +157,11 @@ def unused(dtype=mx.float32) -> mx.array:
 _position: list = [None, None]
 
 # "1": the step's position made by a GPU op, in device memory (`position`), and the kernels'
-# constants of <= 8 bytes (`vector`) copied there once. MLX's CUDA
-# allocator keeps a host-made array of <= 8 bytes in managed memory that the GPU reads in
-# place, and every thread block of a kernel pays that read (the indexer's count: 58% of its
-# scorer's stall samples, 2026-12-07); a larger host array migrates a page every step
-# instead (`bench/host_arrays.py`). Opt-in until a decode step measures it
+# constants of <= 8 bytes (`vector`) copied there once. MLX's CUDA allocator keeps a
+# host-made array of <= 8 bytes in managed memory that the GPU reads in place, and every
+# thread block of a kernel pays that read (the indexer's count: 58% of its scorer's stall
+# samples, 2026-12-07); a larger host array migrates a page every step instead
+# (`bench/host_arrays.py`). Opt-in until a decode step measures it
 # (`bench/decode_profile.py --compare DSV4_DEVICE_SCALARS --values 0,1`).
 DEVICE_SCALARS_ENV = "DSV4_DEVICE_SCALARS"
 
@@ -174,7 +174,8 @@ def device_scalars() -> bool:
 def position(s: int) -> mx.array:
     """The int32 array holding position `s` first (kernels read element 0): made once for
     the kernels of one decode step (every layer's) instead of once a kernel; [1] from the
-    host, or with `device_scalars` [4] from a GPU op (16 bytes: device memory)."""
+    host, or with `device_scalars` [4] from a GPU op (16 bytes: device memory; lazy, so
+    asked outside traced functions: the decode step's cache part asks it)."""
     key = (s, device_scalars())
     if _position[0] != key:
         _position[:] = [key, mx.full((4,), s, mx.int32, stream=mx.gpu) if key[1]
