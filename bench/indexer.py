@@ -152,18 +152,9 @@ def _tune_case(backend, H, D, K, budget_s, fmt, N, T):
 # ---- GPU time per call from Nsight Compute (CUDA): marker kernels bracket the timed calls
 
 
-def _on_device(v):
-    """`v` (int32 [T]) copied by a GPU op into an array of >= 16 bytes (zeros after it): MLX's
-    CUDA allocator puts arrays of <= 8 bytes, and arrays made on the host, in managed memory,
-    whose host-resident pages every GPU thread block then reads over the bus."""
-    out = mx.concatenate([v, mx.zeros((4,), v.dtype)])
-    mx.eval(out)
-    return out
-
-
-def _with_frag(fn, name="FRAG_SCORER"):
-    """`fn()` with the register-fragment scorer switched on (`indexer.FRAG_SCORER`, or the
-    switch `name`: "TOPK_FUSE"; the planned launches are kept per value)."""
+def _switched(fn, name="FRAG_SCORER"):
+    """`fn()` with the indexer switch `name` at 1 (`indexer.FRAG_SCORER`: the register-
+    fragment scorer, or "TOPK_FUSE"; the planned launches are kept per value)."""
     was = getattr(ki, name)
     setattr(ki, name, 1)
     try:
@@ -229,9 +220,9 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
             fns = [(f"score (default) idec {i} mmaptx {p}", lambda i=i, p=p:
                     ki.indexer_scores_kernel(*a, backend=backend, idec=i, mmaptx=p))
                    for i, p in ((0, 1), (1, 1), (2, 1), (0, 0))]
-            # the visible counts in device memory: MLX keeps arrays of <= 8 bytes, and arrays
-            # made on the host, in CUDA managed memory (host pages read remotely)
-            vd = _on_device(a[3])
+            # the visible counts in device memory (16 bytes made by a GPU op): MLX keeps arrays
+            # of <= 8 bytes in CUDA managed memory whose host pages the GPU reads remotely
+            vd = dispatch._device_copy(a[3])
             fns += [("score (default), visible on device", lambda: ki.indexer_scores_kernel(
                 *a[:3], vd, backend=backend))]
             fns += [("score frag default, visible on device", lambda: ki.indexer_scores_kernel(
@@ -372,12 +363,12 @@ def main(argv=None):
         if backend == "cuda" and args.queries == [1]:  # a decode row: all entries visible
             paths["kernel-all"] = lambda a: ki.indexer_topk_kernel(*a[:3], None, K,
                                                                    backend=backend)
-            paths["kernel-frag-all"] = lambda a: _with_frag(
+            paths["kernel-frag-all"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
-            paths["kernel-fuse-all"] = lambda a: _with_frag(
+            paths["kernel-fuse-all"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_FUSE")
         if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
-            paths["kernel-frag"] = lambda a: _with_frag(
+            paths["kernel-frag"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a, K, backend=backend))
         paths["kernel-fp32"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend,
                                                                 mma=False)

@@ -421,14 +421,15 @@ def test_emulated_scores_launch_variants(emu, bn, hc, e, mode):
     np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4, atol=1e-5 * np.abs(ref[fin]).max())
 
 
-def _check_mma_decodes(emu, q, w, key_in, mode, vis, ref, **kw):
-    """The emulated matrix-unit scores against `ref` (masked), with each FP4 decode (fp32
-    products, IDEC 0; integers, IDEC 1; byte-permute tables, IDEC 2) for FP4 keys: each
-    within the tolerance, and the same bits (the same tiles)."""
+def _check_mma_decodes(emu, q, w, key_in, mode, vis, ref, run=None, **kw):
+    """The emulated matrix-unit scores (`run`: the scoring method, default `score_mma`)
+    against `ref` (masked), with each FP4 decode (fp32 products, IDEC 0; integers, IDEC 1;
+    byte-permute tables, IDEC 2) for FP4 keys: each within the tolerance, and the same bits
+    (the same tiles or registers)."""
     fin = np.isfinite(ref)
     outs = []
     for idec in ((0, 1, 2) if mode == "fp4" else (0,)):
-        got = emu.score_mma(q, w, key_in, mode, vis, idec=idec, **kw)
+        got = (run or emu.score_mma)(q, w, key_in, mode, vis, idec=idec, **kw)
         assert np.array_equal(np.isneginf(got), np.isneginf(ref))
         np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4,
                                    atol=1e-5 * np.abs(ref[fin]).max())
@@ -474,16 +475,8 @@ def test_emulated_scores_frag(emu, B, T, H, D, N, nw, tpw, me, mode):
     key_in, kf = _key_arrays(mode, keys)
     vis = np.array([N - 1, 0, 1, 15, 16, N][:T] if T > 1 else [N - 1], np.int32)
     ref = _masked(ref_scores(q, w, kf), vis)
-    fin = np.isfinite(ref)
-    outs = []
-    for idec in ((0, 1, 2) if mode == "fp4" else (0,)):
-        got = emu.score_frag(q, w, key_in, mode, vis, nw=nw, tpw=tpw, me=me, idec=idec)
-        assert np.array_equal(np.isneginf(got), np.isneginf(ref))
-        np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-4,
-                                   atol=1e-5 * np.abs(ref[fin]).max())
-        outs.append(got)
-    for o in outs[1:]:
-        np.testing.assert_array_equal(outs[0], o)
+    _check_mma_decodes(emu, q, w, key_in, mode, vis, ref, run=emu.score_frag, nw=nw, tpw=tpw,
+                       me=me)
 
 
 @needs_cxx

@@ -1680,99 +1680,70 @@ def score_mma_source(dialect: str, key_mode: str, tick: bool = False,
 # --------------------------------------------------------------------------------------------
 # scoring with the keys decoded straight into the matrix units' registers (CUDA), spec §4.7
 
-# A thread's share of a pass's key rows (entries n0 + 16 m + g + 8 r, m < ME, r < 2): for
-# each of its scale groups 4 j + t4 (j < GJ) the group's 32 values. "decl" (registers), "load"
-# (global memory -> registers, for the pass starting at n0; rows past N read row 0, never
-# written out), "decode" (registers -> ap, the A fragments' bf16 pairs: ap[m][r][j][p] holds
-# the group's values 2p and 2p + 1).
+def _frag_rows(body: str, row: bool, indent: int) -> str:
+    """`body` inside a thread's loops over its pass's rows: tile m < ME, row r < 2 (entries
+    n0 + 16 m + g + 8 r), scale group j < GJ (group 4 j + t4 of the row); with `row`, the
+    row's key offset `row` (rows past N read row 0, never written out) for loads."""
+    head = ("KI_UNROLL\nfor (int m = 0; m < ME; ++m) {\n  KI_UNROLL\n"
+            "  for (int r = 0; r < 2; ++r) {\n")
+    if row:
+        head += ("    const int n = n0 + 16 * m + g + 8 * r;\n"
+                 "    const int64_t row = (int64_t)b * N + (n < N ? n : 0);\n")
+    head += "    KI_UNROLL\n    for (int j = 0; j < GJ; ++j) {\n"
+    return textwrap.indent(head + textwrap.indent(body, "      ") + "    }\n  }\n}\n",
+                           " " * indent)
+
+
+# A thread's share of a pass's key rows: for each of its scale groups the group's 32 values.
+# "decl" (registers), "load" (global memory -> registers, for the pass starting at n0),
+# "decode" (registers -> ap, the A fragments' bf16 pairs: ap[m][r][j][p] holds the group's
+# values 2p and 2p + 1).
 _FRAG_KEYS = {
     "fp4": {
         "decl": """\
   uint4 kx[ME][2][GJ];
   unsigned int kxs[ME][2][GJ];
 """,
-        "load": """\
-      KI_UNROLL
-      for (int m = 0; m < ME; ++m) {
-        KI_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const int n = n0 + 16 * m + g + 8 * r;
-          const int64_t row = (int64_t)b * N + (n < N ? n : 0);
-          KI_UNROLL
-          for (int j = 0; j < GJ; ++j) {
-            kx[m][r][j] = KI_LOAD4U(kq + row * (D / 8), 4 * j + t4);
-            kxs[m][r][j] = (unsigned int)ks[row * (D / 32) + 4 * j + t4];
-          }
-        }
-      }
-""",
-        "decode": """\
-    KI_UNROLL
-    for (int m = 0; m < ME; ++m) {
-      KI_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        KI_UNROLL
-        for (int j = 0; j < GJ; ++j) {
-          const unsigned int sb = kxs[m][r][j];
-          const unsigned int vw[4] = {kx[m][r][j].x, kx[m][r][j].y, kx[m][r][j].z, kx[m][r][j].w};
-          if (IDEC != 0 && sb >= 3u && sb <= 251u) {
-            // IDEC 1 / 2 (`_KEY_TILE`'s FP4 decode): the bits of the fp32 path below
-            const unsigned int lb0 = IDEC == 2 ? ki_e2m1_table(sb, 0u) : 0u;
-            const unsigned int hb0 = IDEC == 2 ? ki_e2m1_table(sb, 1u) : 0u;
-            const unsigned int lb1 = IDEC == 2 ? ki_e2m1_table(sb, 2u) : 0u;
-            const unsigned int hb1 = IDEC == 2 ? ki_e2m1_table(sb, 3u) : 0u;
-            KI_UNROLL
-            for (int p = 0; p < 16; ++p)
-              ap[m][r][j][p] = ki_e2m1x2_dec(IDEC, vw[p / 4], (unsigned int)(p % 4), sb, lb0, hb0,
-                                             lb1, hb1);
-          } else {
-            KI_UNROLL
-            for (int p = 0; p < 16; ++p)
-              ap[m][r][j][p] = ki_e2m1x2_f32(vw[p / 4], (unsigned int)(p % 4), sb);
-          }
-        }
-      }
-    }
-""",
+        "load": _frag_rows("""\
+kx[m][r][j] = KI_LOAD4U(kq + row * (D / 8), 4 * j + t4);
+kxs[m][r][j] = (unsigned int)ks[row * (D / 32) + 4 * j + t4];
+""", True, 6),
+        "decode": _frag_rows("""\
+const unsigned int sb = kxs[m][r][j];
+const unsigned int vw[4] = {kx[m][r][j].x, kx[m][r][j].y, kx[m][r][j].z, kx[m][r][j].w};
+if (IDEC != 0 && sb >= 3u && sb <= 251u) {
+  // IDEC 1 / 2 (`_KEY_TILE`'s FP4 decode): the bits of the fp32 path below
+  const unsigned int lb0 = IDEC == 2 ? ki_e2m1_table(sb, 0u) : 0u;
+  const unsigned int hb0 = IDEC == 2 ? ki_e2m1_table(sb, 1u) : 0u;
+  const unsigned int lb1 = IDEC == 2 ? ki_e2m1_table(sb, 2u) : 0u;
+  const unsigned int hb1 = IDEC == 2 ? ki_e2m1_table(sb, 3u) : 0u;
+  KI_UNROLL
+  for (int p = 0; p < 16; ++p)
+    ap[m][r][j][p] = ki_e2m1x2_dec(IDEC, vw[p / 4], (unsigned int)(p % 4), sb, lb0, hb0,
+                                   lb1, hb1);
+} else {
+  KI_UNROLL
+  for (int p = 0; p < 16; ++p) ap[m][r][j][p] = ki_e2m1x2_f32(vw[p / 4], (unsigned int)(p % 4), sb);
+}
+""", False, 4),
     },
     "bf16": {
         "decl": """\
   uint4 kx[ME][2][GJ][4];
 """,
-        "load": """\
-      KI_UNROLL
-      for (int m = 0; m < ME; ++m) {
-        KI_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const int n = n0 + 16 * m + g + 8 * r;
-          const int64_t row = (int64_t)b * N + (n < N ? n : 0);
-          KI_UNROLL
-          for (int j = 0; j < GJ; ++j) {
-            KI_UNROLL
-            for (int e = 0; e < 4; ++e)
-              kx[m][r][j][e] = KI_LOAD4U(k + row * (D / 2), 4 * (4 * j + t4) + e);
-          }
-        }
-      }
-""",
-        "decode": """\
-    KI_UNROLL
-    for (int m = 0; m < ME; ++m) {
-      KI_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        KI_UNROLL
-        for (int j = 0; j < GJ; ++j) {
-          KI_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            ap[m][r][j][4 * e + 0] = kx[m][r][j][e].x;
-            ap[m][r][j][4 * e + 1] = kx[m][r][j][e].y;
-            ap[m][r][j][4 * e + 2] = kx[m][r][j][e].z;
-            ap[m][r][j][4 * e + 3] = kx[m][r][j][e].w;
-          }
-        }
-      }
-    }
-""",
+        "load": _frag_rows("""\
+KI_UNROLL
+for (int e = 0; e < 4; ++e) kx[m][r][j][e] = KI_LOAD4U(k + row * (D / 2), 4 * (4 * j + t4) + e);
+""", True, 6),
+        "decode": _frag_rows("""\
+KI_UNROLL
+for (int e = 0; e < 4; ++e) {
+  ap[m][r][j][4 * e + 0] = kx[m][r][j][e].x;
+  ap[m][r][j][4 * e + 1] = kx[m][r][j][e].y;
+  ap[m][r][j][4 * e + 2] = kx[m][r][j][e].z;
+  ap[m][r][j][4 * e + 3] = kx[m][r][j][e].w;
+}
+""", False, 4),
     },
 }
 FRAG_KEY_MODES = tuple(_FRAG_KEYS)
