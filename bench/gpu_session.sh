@@ -37,7 +37,9 @@
 #         ($OUT/ixsource_*.csv; summarise here with bench/ncu_source.py)
 # indexer bench/indexer.py --profile-parts under Nsight Compute (the GPU time per part;
 #         IX_DEFAULTS=1: only the launches the dispatch makes; IX_ENTRIES, default
-#         65536,262144); with OLD_TREE, this tree's script against that tree's package first
+#         65536,262144; IX_NCU: more ncu options, e.g. "--clock-control none --cache-control
+#         none" for boost clocks and warm caches instead of ncu's base clocks and flushed
+#         caches); with OLD_TREE, this tree's script against that tree's package first
 # steps   bench/decode_steps.py --bisect (per-step decode time at CONTEXT, each kernel family
 #         sent to the ops path in turn: what makes a step slow)
 # slicedtopk  the sliced top-k GPU test alone, a traceback if it hangs
@@ -187,7 +189,7 @@ for step in "${steps[@]}"; do
       # this tree's bench script run against that tree's package first (same machine)
       ixparts() {  # $1: tree, $2: tag
         [ "$1" = . ] || { mkdir -p "$1/bench" && cp bench/indexer.py bench/common.py "$1/bench/"; }
-        in_tree "$1" timeout ${IX_TIMEOUT:-200} ncu --profile-from-start off \
+        in_tree "$1" timeout ${IX_TIMEOUT:-200} ncu --profile-from-start off ${IX_NCU:-} \
           --metrics gpu__time_duration.sum --csv --log-file "$OUT/parts$2.csv" python \
           bench/indexer.py --profile-parts --entries ${IX_ENTRIES:-65536,262144} \
           $([ "${IX_DEFAULTS:-0}" = 1 ] && echo --defaults-only) > "$OUT/parts$2.cases" 2>&1
@@ -235,8 +237,8 @@ for step in "${steps[@]}"; do
       echo "== this tree"; ncu_attn attn_new --ku ${ATTN_KU:-1} --spl ${ATTN_SPL:-32,64} \
         --tg ${ATTN_TG:-128,256} --pf ${ATTN_PF:-0,1} ;;
     ixwall)
-      timeout 90 python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
-        --out "$OUT" 2>&1 | tail -16 ;;
+      timeout ${IXWALL_TIMEOUT:-150} python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
+        --out "$OUT" 2>&1 | tail -24 ;;
     devscalars)
       # the decode step with the position made on the GPU (DSV4_DEVICE_SCALARS 0 vs 1)
       timeout ${COMPILE_TIMEOUT:-150} python bench/decode_profile.py --preset flash --layers 4 \

@@ -9,9 +9,10 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
 * ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
-* ``kernel-all``, ``kernel-frag-all``, ``kernel-fuse-all`` (CUDA, one query): the same with
-  ``visible`` None (every entry visible, as a decode token passes it: the kernels read no
-  count array), with the tiled scorer, the register-fragment one, or the fused top-k;
+* ``kernel-all``, ``kernel-frag-all``, ``kernel-fuse-all``, ``kernel-row-all`` (CUDA, one
+  query): the same with ``visible`` None (every entry visible, as a decode token passes it:
+  the kernels read no count array), with the tiled scorer, the register-fragment one, the
+  fused top-k, or the one-group top-k (`indexer.TOPK_ROW`);
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``;
 * ``floor``: one tiny elementwise op (the visible counts + 1) evaluated the same way: what
@@ -149,12 +150,24 @@ def _tune_case(backend, H, D, K, budget_s, fmt, N, T):
     print("  ".join(line), flush=True)
 
 
+def chained(fn, a, C: int, floor: bool = False):
+    """C calls of `fn`, each one's queries the first's times (its predecessor's first pick
+    >= -1: all ones): one compare and one multiply a link, the same for every path; the
+    last call's output (every call before it is its input). ``floor``: the links alone."""
+    q, out = a[0], None
+    for _ in range(C):
+        if out is not None:
+            q = a[0] * (out.reshape(-1)[:1] >= -1)
+        out = q.reshape(-1)[:1] if floor else fn((q, *a[1:]))
+    return out
+
+
 # ---- GPU time per call from Nsight Compute (CUDA): marker kernels bracket the timed calls
 
 
 def _switched(fn, name="FRAG_SCORER"):
     """`fn()` with the indexer switch `name` at 1 (`indexer.FRAG_SCORER`: the register-
-    fragment scorer, or "TOPK_FUSE"; the planned launches are kept per value)."""
+    fragment scorer, or "TOPK_FUSE", "TOPK_ROW"; the planned launches are kept per value)."""
     was = getattr(ki, name)
     setattr(ki, name, 1)
     try:
@@ -206,6 +219,10 @@ SELECT_VARIANTS = ((1024, 4, 1, 0), (512, 4, 8, 0), (512, 4, 16, 0), (512, 4, 8,
                    (1024, 4, 16, None), (1024, 4, 8, None))  # (tg, u, s, r)
 MMA_TILES = (1, 2, 4, 8, 16)
 FRAG_LAUNCHES = (None, (4, 1, 1), (8, 1, 1), (4, 1, 2))  # (NW, TPW, ME); None: `frag_launch`
+# the one-group top-k's launches (TG, U, CAP, HA): the default, its first adds aggregated, fewer
+# and more loads in flight, a group of 512, and no bin copied (every pass streams the row)
+ROW_VARIANTS = ((1024, 8, 2048, 0), (1024, 8, 2048, 1), (1024, 4, 2048, 0), (1024, 16, 2048, 0),
+                (512, 8, 2048, 0), (1024, 8, 1, 0))
 
 
 def profile_parts(backend, H, D, K, entries, defaults_only=False):
@@ -217,38 +234,27 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
         s = ki.indexer_scores_kernel(*a, backend=backend)
         mx.eval(s)
         if defaults_only:
-            fns = [(f"score (default) idec {i} mmaptx {p}", lambda i=i, p=p:
-                    ki.indexer_scores_kernel(*a, backend=backend, idec=i, mmaptx=p))
-                   for i, p in ((0, 1), (1, 1), (2, 1), (0, 0))]
-            # the visible counts in device memory (16 bytes made by a GPU op): MLX keeps arrays
-            # of <= 8 bytes in CUDA managed memory whose host pages the GPU reads remotely
-            vd = dispatch._device_copy(a[3])
-            fns += [("score (default), visible on device", lambda: ki.indexer_scores_kernel(
-                *a[:3], vd, backend=backend))]
-            fns += [("score frag default, visible on device", lambda: ki.indexer_scores_kernel(
-                *a[:3], vd, backend=backend, frag=1))]
-            fns += [("select (default), visible on device", lambda: ki.indexer_select_kernel(
-                s, vd, K, backend=backend))]
-            # all visible (a decode row: visible None, no count read at all)
-            fns += [(f"score (default) frag {fr}, all visible", lambda fr=fr:
-                     ki.indexer_scores_kernel(*a[:3], None, backend=backend, frag=fr))
-                    for fr in (0, 1)]
+            # a decode row (visible None: every entry visible, no count read): the scorers
+            fns = [(f"score (default) frag {fr}, all visible", lambda fr=fr:
+                    ki.indexer_scores_kernel(*a[:3], None, backend=backend, frag=fr))
+                   for fr in (0, 1)]
+            # the top-k: S slices + merge (default), one group a row (TOPK_ROW) by launch
             fns += [("select (default), all visible", lambda: ki.indexer_select_kernel(
-                s, None, K, backend=backend))]
-            fns += [(f"score + select, fuse {f} frag {fr}, all visible", lambda f=f, fr=fr:
-                     ki.indexer_topk_kernel(*a[:3], None, K, backend=backend,
-                                            launch={"fuse": f, "frag": fr}))
-                    for f, fr in ((0, 0), (0, 1), (1, 0), (1, 1))]
-            # the register-fragment scorer (opt-in: FRAG_SCORER), its launch shapes (NW, TPW, ME)
-            fns += [(f"score frag {fl or 'default'}", lambda fl=fl: ki.indexer_scores_kernel(
-                *a, backend=backend, frag=1, fl=fl)) for fl in FRAG_LAUNCHES]
-            fns += [(f"select (default) walk {w} fuse 0", lambda w=w: ki.indexer_select_kernel(
-                s, a[3], K, backend=backend, walk=w, fuse=0)) for w in (0, 1)]
-            # the whole call (scoring, then the top-k in two launches or fused), as planned
-            fns += [(f"score + select, fuse {f} frag {fr}",
-                     lambda f=f, fr=fr: ki.indexer_topk_kernel(
-                         *a, K, backend=backend, launch={"fuse": f, "frag": fr}))
-                for f, fr in ((0, 0), (1, 0), (0, 1), (1, 1))]
+                s, None, K, backend=backend, row=0))]
+            fns += [(f"select row tg{tg} u{u} cap{cap} ha{ha}, all visible",
+                     lambda tg=tg, u=u, cap=cap, ha=ha: ki.indexer_select_kernel(
+                         s, None, K, backend=backend, row=1, tg=tg, u=u, cap=cap, ha=ha))
+                    for tg, u, cap, ha in ROW_VARIANTS]
+            # the whole call as planned: slices, fused, one group a row
+            fns += [(f"score + select, {how} frag {fr}, all visible",
+                     lambda f=f, r=r, fr=fr: ki.indexer_topk_kernel(
+                         *a[:3], None, K, backend=backend,
+                         launch={"fuse": f, "row": r, "frag": fr}))
+                    for how, f, r, fr in (("slices", 0, 0, 0), ("fused", 1, 0, 0),
+                                          ("row", 0, 1, 0), ("row", 0, 1, 1))]
+            # with the counts read (a prefill chunk's last row)
+            fns += [("score + select (default), counts", lambda: ki.indexer_topk_kernel(
+                *a, K, backend=backend))]
         else:
             fns = [("score fp32", lambda: ki.indexer_scores_kernel(*a, backend=backend,
                                                                    mma=False))]
@@ -300,6 +306,11 @@ def main(argv=None):
     ap.add_argument("--batch-calls", type=int, default=None,
                     help="for T=1 also time this many calls in one evaluation (per-call time "
                          "without MLX's per-evaluation overhead; default GPU: 16, CPU: off)")
+    ap.add_argument("--chain-calls", type=int, default=None,
+                    help="for T=1 also time this many dependent calls in one evaluation: each "
+                         "call's queries made from the one before's picks, as a decode step's "
+                         "layers follow each other (default GPU: 16, CPU: off); its floor is "
+                         "the links alone")
     ap.add_argument("--profile", action="store_true",
                     help="(CUDA, under ncu) decode calls bracketed by marker kernels")
     ap.add_argument("--profile-parts", action="store_true",
@@ -339,6 +350,8 @@ def main(argv=None):
                                else [1024, 4096, 16384, 65536])
     if args.batch_calls is None:
         args.batch_calls = 16 if gpu else 0
+    if args.chain_calls is None:
+        args.chain_calls = 16 if gpu else 0
     max_gflop = args.max_gflop if args.max_gflop is not None else (float("inf") if gpu else 10.0)
     mem = device_memory()
     H, D, K = args.heads, args.dim, args.topk
@@ -367,6 +380,8 @@ def main(argv=None):
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
             paths["kernel-fuse-all"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_FUSE")
+            paths["kernel-row-all"] = lambda a: _switched(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_ROW")
         if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
             paths["kernel-frag"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a, K, backend=backend))
@@ -397,9 +412,9 @@ def main(argv=None):
                     except Exception as e:  # out of memory and the like: report, go on
                         skipped.append((fmt, N, T, name, f"{type(e).__name__}: {str(e)[:80]}"))
                         continue
-                    results[(name, 1)] = ms
+                    results[(name, 1, 0)] = ms
                     rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
-                                     calls_per_eval=1, median_ms=round(ms, 4), reps=reps,
+                                     calls_per_eval=1, chained=0, median_ms=round(ms, 4), reps=reps,
                                      peak_mib=round(peak, 1), extra_mib=round(extra, 1),
                                      hn_fp32_mib=round(H * N * 4 / MiB, 1), speedup_vs_ops=""))
                     print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms:10.3f} ms "
@@ -411,19 +426,36 @@ def main(argv=None):
                         ms_b, reps_b, peak_b, extra_b = timed(
                             lambda: [fn((qi, *a[1:])) for qi in qs], args.budget_s)
                         del qs
-                        results[(name, R)] = ms_b / R
+                        results[(name, R, 0)] = ms_b / R
                         rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
-                                         calls_per_eval=R, median_ms=round(ms_b / R, 4),
+                                         calls_per_eval=R, chained=0, median_ms=round(ms_b / R, 4),
                                          reps=reps_b, peak_mib=round(peak_b, 1),
                                          extra_mib=round(extra_b, 1),
                                          hn_fp32_mib=round(H * N * 4 / MiB, 1),
                                          speedup_vs_ops=""))
                         print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms_b / R:10.3f} ms "
                               f"a call, {R} calls an eval (x{reps_b})", flush=True)
+                    C = args.chain_calls
+                    if T == 1 and C > 1:
+                        # C calls in a chain (MLX's CUDA graph runs independent calls side by
+                        # side: the 16 calls above overlap, a decode step's layers do not)
+                        ms_c, reps_c, peak_c, extra_c = timed(
+                            lambda: chained(fn, a, C, name == "floor"), args.budget_s)
+                        results[(name, C, 1)] = ms_c / C
+                        rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
+                                         calls_per_eval=C, chained=1, median_ms=round(ms_c / C, 4),
+                                         reps=reps_c, peak_mib=round(peak_c, 1),
+                                         extra_mib=round(extra_c, 1),
+                                         hn_fp32_mib=round(H * N * 4 / MiB, 1),
+                                         speedup_vs_ops=""))
+                        print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms_c / C:10.3f} ms "
+                              f"a call, {C} chained calls an eval (x{reps_c})", flush=True)
                 for r in rows:
                     if (r["keys"], r["entries"], r["queries"]) == (fmt, N, T) and \
-                            ("ops", r["calls_per_eval"]) in results and r["path"] != "floor":
-                        r["speedup_vs_ops"] = round(results[("ops", r["calls_per_eval"])]
+                            ("ops", r["calls_per_eval"], r["chained"]) in results and \
+                            r["path"] != "floor":
+                        r["speedup_vs_ops"] = round(results[("ops", r["calls_per_eval"],
+                                                             r["chained"])]
                                                     / r["median_ms"], 2)
                 a = None  # (rebound, not deleted: the closures above name it)
                 mx.clear_cache()
@@ -432,12 +464,16 @@ def main(argv=None):
 
     names = list(paths) + list(floor)
     ratio_names = [n for n in names[1:] if n not in floor]
-    for cpe, title in ((1, "one call an evaluation (latency, includes MLX's per-evaluation "
-                           "overhead)"),
-                       (args.batch_calls, f"T=1, {args.batch_calls} calls an evaluation "
-                                          f"(time a call, without that overhead)")):
-        sel = [r for r in rows if r["calls_per_eval"] == cpe]
-        if not sel or (cpe == args.batch_calls and cpe <= 1):
+    for cpe, ch, title in (
+            (1, 0, "one call an evaluation (latency, includes MLX's per-evaluation overhead)"),
+            (args.batch_calls, 0, f"T=1, {args.batch_calls} calls an evaluation (time a call, "
+                                  f"without that overhead; independent calls, which the GPU "
+                                  f"may run side by side)"),
+            (args.chain_calls, 1, f"T=1, {args.chain_calls} chained calls an evaluation (each "
+                                  f"call's queries from the one before's picks, as decode "
+                                  f"layers; floor: the links alone)")):
+        sel = [r for r in rows if (r["calls_per_eval"], r["chained"]) == (cpe, ch)]
+        if not sel or (cpe <= 1 and (cpe, ch) != (1, 0)):
             continue
         print(f"\n{label}: {title}; median ms")
         hdr = "| keys | entries | queries | " + " | ".join(f"{n} ms" for n in names)

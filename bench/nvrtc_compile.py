@@ -105,6 +105,13 @@ def launches():
                     ["int32", "float32", "uint32", "int32"],
                     [("K", 512), ("TG", 512), ("U", 4), ("S", 16), ("MAPPED", False), ("R", r),
                      ("R2", r2), ("WALK", walk)]))
+    for allvis, tg, u, cap, ha, walk in ((False, 1024, 8, 2048, 1, 0), (True, 1024, 8, 2048, 0, 1),
+                                         (True, 512, 4, 64, 1, 0)):
+        out.append((f"indexer top-k one group TG{tg} CAP{cap} HA{ha} W{walk} A{int(allvis)}",
+                    isrc.topk_row_source("cuda", allvis),
+                    [("float32", 3, 65536), ("int32", 1, 1)], ["int32", "float32"],
+                    [("K", 512), ("TG", tg), ("U", u), ("CAP", cap), ("HA", ha),
+                     ("WALK", walk)]))
     out.append(("indexer score mma fp4 + row counters", isrc.score_mma_source("cuda", "fp4", True),
                 [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
                 ["float32", "uint32"], [("D", 128), ("H", 64), ("NW", 4), ("KC", kc),

@@ -350,6 +350,15 @@ class Emulator:
                                       [str(d).split(".")[-1] for d in dtypes], template, grid, tg)
         return fin, thr, tick
 
+    def row(self, scores, visible, k, tg=256, u=4, cap=2048, ha=1, walk=None, allvis=False):
+        """The one-group top-k (`indexer_source.topk_row_source`) with the dispatch's launch
+        spec: (idx, val)."""
+        B, T, M = scores.shape
+        ks = src.topk_row_source("cpp", allvis)
+        template, grid, _, shapes, dtypes = ki._row_spec(B, T, k, tg, u, cap, ha, walk)
+        return self.run(ks, [scores, visible], shapes, [str(d).split(".")[-1] for d in dtypes],
+                        template, grid, tg)
+
     def topk(self, scores, visible, k, tg=256, u=4, s=1, r=None, walk=None, fuse=False,
              allvis=False):
         """As `indexer.indexer_select_kernel` chains the launches (``r`` None: registers
@@ -750,6 +759,61 @@ def test_emulated_topk(emu, case, k, u, nslice, r):
     np.testing.assert_array_equal(picks[0], picks[1])
 
 
+def _row_scores(rng, case, B, T, N):
+    """Scores for the one-group top-k: spread, tied, narrow (the first 12 key bits shared by
+    every entry), clustered in one first-digit bin with a tail above it, both signs."""
+    s = rng.standard_normal((B, T, N))
+    if case == "ties":  # relu-killed rows: most scores exactly 0
+        s = np.where(rng.random((B, T, N)) < 0.9, 0.0, np.abs(s))
+    elif case == "allequal":
+        s = np.full((B, T, N), 0.25)
+    elif case == "dups":  # few distinct values, many equal to the k-th
+        s = rng.integers(0, 4, (B, T, N)).astype(np.float64)
+    elif case == "narrow":  # 1000 + noise: one first-digit bin, the rest by later passes
+        s = 1000.0 + rng.random((B, T, N)) * np.array([1e-4, 1e-2, 1.0] * T)[None, :T, None]
+    elif case == "tail":  # most in one bin [1, 1.125), a few far above it
+        s = 1.0 + rng.random((B, T, N)) * 0.1
+        s[..., ::37] = 3.0 + rng.random((B, T, N))[..., ::37]
+    elif case == "mixedsign":
+        s = s * 1e3
+    elif case == "perm":  # distinct values spread over many bins
+        s = np.stack([rng.permutation(N) for _ in range(B * T)]).reshape(B, T, N)
+        s = (s.astype(np.float64) - N / 2) * 1e3
+    return s.astype(np.float32)
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", ["random", "ties", "allequal", "dups", "narrow", "tail",
+                                  "mixedsign", "perm"])
+@pytest.mark.parametrize("k,tg,u,cap,ha", [(64, 256, 4, 2048, 1), (7, 128, 3, 2048, 0),
+                                           (1, 64, 8, 2048, 1), (64, 256, 4, 16, 1),
+                                           (200, 512, 2, 100, 0), (64, 256, 1, 1, 1)])
+def test_emulated_topk_row(emu, case, k, tg, u, cap, ha):
+    """The one-group top-k: the K-th key's bin copied to shared memory (CAP large), copied
+    only after passes over the row (CAP 16, 100) or never (CAP 1: every pass and the picks
+    streamed); the first histogram's adds plain and aggregated; the digit by one thread and
+    by the first warp; every visibility edge. The values written are the picks' scores."""
+    rng = np.random.default_rng(len(case) * 10 + k + cap)
+    B, T, N = 2, 9, 1500
+    s = _row_scores(rng, case, B, T, N)
+    vis = np.clip(np.array([0, 1, k - 1, k, k + 1, N - 1, N, 700, 1024], np.int32), 0, N)
+    s = _masked(s.astype(np.float64), vis).astype(np.float32)
+    ref = np.where(np.isfinite(s), s, -1e30)
+    picks = []
+    for walk in (0, 1):
+        idx, val = emu.row(s, vis, k, tg=tg, u=u, cap=cap, ha=ha, walk=walk)
+        check_topk(idx, ref, vis, k, f"emu row topk {case} w{walk}")
+        got = np.take_along_axis(s, np.maximum(idx, 0), axis=-1)
+        np.testing.assert_array_equal(np.where(idx >= 0, got, -np.inf), val)
+        picks.append(idx)
+    np.testing.assert_array_equal(picks[0], picks[1])  # the same digits: the same slots
+    # all visible: the count never read (garbage in it), every row's N entries
+    full = np.where(np.isfinite(s), s, 0.0).astype(np.float32)
+    idx, _ = emu.row(full, np.full(T, -5, np.int32), k, tg=tg, u=u, cap=cap, ha=ha,
+                     allvis=True)
+    check_topk(idx, full, np.full(T, N, np.int32), k, f"emu row topk all visible {case}")
+
+
 @needs_cxx
 @pytest.mark.parametrize("case", ["narrow", "onebin", "boundties", "mixedsign", "short"])
 @pytest.mark.parametrize("tg,s,r", [(256, 8, None), (256, 5, None), (256, 4, 0), (512, 16, None),
@@ -871,6 +935,13 @@ def _metal_variants():
                     ["int32", "float32", "uint32", "int32"],
                     [("K", 512), ("TG", 512), ("U", 4), ("S", 16), ("MAPPED", False), ("R", R),
                      ("R2", R2), ("WALK", WALK)]))
+    # the one-group top-k (decode rows), counts read and all visible
+    for allvis, TG, CAP, HA, WALK in ((False, 1024, 2048, 1, 0), (True, 256, 64, 0, 1)):
+        out.append((f"topk-row-TG{TG}-CAP{CAP}-A{int(allvis)}",
+                    src.topk_row_source("metal", allvis),
+                    [("float32", 3, 65536), ("int32", 1, 1)], ["int32", "float32"],
+                    [("K", 512), ("TG", TG), ("U", 8), ("CAP", CAP), ("HA", HA),
+                     ("WALK", WALK)]))
     return out
 
 
@@ -1145,9 +1216,11 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
     kx = _mx_keys(mode, keys)[0]
     qa = mx.array(q).astype(getattr(mx, qdtype))
     vis = mx.array(np.full((T,), N, np.int32))
-    for fuse, frag, allvis in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 1, 1)):
+    for fuse, frag, allvis, row in ((0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (1, 1, 0, 0),
+                                    (0, 0, 1, 0), (1, 1, 1, 0), (1, 0, 0, 1), (0, 1, 1, 1)):
         clean_dispatch.setattr(ki, "TOPK_FUSE", fuse)
         clean_dispatch.setattr(ki, "FRAG_SCORER", frag)
+        clean_dispatch.setattr(ki, "TOPK_ROW", row)
         runs = []
         for launch in (None, {"tpt": None}, None):  # planned, explicit, planned again (cached)
             log.clear()
@@ -1155,8 +1228,12 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
                                    backend="cuda", launch=launch)
             runs.append(list(log))
         assert runs[0] == runs[1] == runs[2]
-        assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 and not fuse else 2)
-        if fuse and N == 65536:
+        assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 and not fuse and not row
+                                else 2)
+        if row and k < N:  # (decode rows: the one-group top-k wins over the fused one)
+            assert runs[0][1][0] == "dsv4_indexer_topk_row" + ("_all" if allvis else "")
+            assert runs[0][1][2] == (1024, T, 1) and len(runs[0][0][4]) == 1
+        elif fuse and N == 65536:
             assert runs[0][0][4][1] == (T,)
             assert runs[0][1][0] == "dsv4_indexer_topk_fused" + ("_all" if allvis else "")
         if runs[0]:
@@ -1374,6 +1451,47 @@ def test_gpu_sliced_topk(gpu, mode):
             check_topk(idx, ref + float(j), vis, k, f"8 fused launches in a graph, #{j}")
         check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, va[:1], k), ref[:, :1], vis[:1], k,
                    f"dispatch decode {mode} {kind}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["fp4", "bf16"])
+def test_gpu_row_topk(gpu, mode, monkeypatch):
+    """The one-group top-k (`TOPK_ROW`) on the GPU: rows of 140,000 scored entries (random,
+    and queries of zeros: every score tied), the K-th key's bin copied to shared memory or
+    not (CAP 2048, 64, 1), the first adds plain and aggregated, the digit by one thread or
+    the warp, groups of 256 to 1024; counts and all visible; the planned dispatch; then
+    262,144 adversarial scores (one first-digit bin, a tail above one bin, ties)."""
+    rng = np.random.default_rng(31)
+    B, T, H, D, N, k = 1, 3, 64, 128, 140000, 512
+    for kind in ("random", "zeros"):
+        q, w, keys = make_case(rng, B, T, H, D, N, kind)
+        km, kf = _mx_keys(mode, keys)
+        ref = ref_scores(q, w, kf)
+        vis = np.array([N, 700, 100], np.int32)
+        qa, wa, va = mx.array(q), mx.array(w), mx.array(vis)
+        scores = ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu)
+        for tg, u, cap, ha, walk in ((1024, 8, 2048, 1, 0), (1024, 4, 2048, 0, 1),
+                                     (512, 8, 64, 1, 0), (256, 2, 1, 1, 1)):
+            idx = ki.indexer_select_kernel(scores, va, k, backend=gpu, row=1, tg=tg, u=u,
+                                           cap=cap, ha=ha, walk=walk)
+            check_topk(idx, ref, vis, k, f"row {mode} {kind} tg={tg} cap={cap} ha={ha}")
+        idx = ki.indexer_topk_kernel(qa[:, :1], wa[:, :1], km, None, k, backend=gpu,
+                                     launch={"row": 1})
+        check_topk(idx, ref[:, :1], vis[:1], k, f"row {mode} {kind} all visible")
+        monkeypatch.setattr(ki, "TOPK_ROW", 1)
+        check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1], k,
+                   f"dispatch decode, one-group top-k {mode} {kind}")
+        monkeypatch.setattr(ki, "TOPK_ROW", 0)
+    N = 262144
+    for case in ("narrow", "tail", "dups", "allequal"):
+        sc = _row_scores(rng, case, 1, 3, N)
+        vis = np.array([N, N - 1000, 3 * k], np.int32)
+        sc = _masked(sc.astype(np.float64), vis).astype(np.float32)
+        for cap in (2048, 64):
+            idx = ki.indexer_select_kernel(mx.array(sc), mx.array(vis), k, backend=gpu, row=1,
+                                           cap=cap)
+            check_topk(idx, np.where(np.isfinite(sc), sc, -1e30), vis, k,
+                       f"row {case} {N} cap={cap}")
 
 
 @needs_gpu

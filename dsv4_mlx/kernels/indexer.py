@@ -263,19 +263,28 @@ FRAG_SCORER = 0
 # (0.059-0.088 ms against 0.071-0.087 with 16 calls an evaluation, four runs interleaved).
 TOPK_FUSE = 0
 
+# The top-k of a decode row (fewer than 132 rows, as `topk_launch` tells them) by one group
+# of `topk_row_launch` (`indexer_source.topk_row_source`): the row read twice (a 4096-bin
+# histogram of the keys' top 12 bits, then the picks above the K-th key's bin and that bin's
+# keys copied to shared memory) instead of S slices and their merge, one launch instead of
+# two. 0: `topk_launch`'s slices (or one group of 1024 with its 256-bin passes) everywhere.
+# Opt-in ("row" in DSV4_INDEXER_VARIANTS) until measured on a GPU.
+TOPK_ROW = 0
+
 # Variants by name, for measuring them without editing this module: a comma list of
 # "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
 # backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1), "nofuse",
-# "fuse" (TOPK_FUSE 0, 1), "tiles", "frag" (FRAG_SCORER 0, 1); read at each call.
+# "fuse" (TOPK_FUSE 0, 1), "tiles", "frag" (FRAG_SCORER 0, 1), "norow", "row" (TOPK_ROW 0,
+# 1); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
 VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk", "nofuse", "fuse",
-                 "tiles", "frag")
+                 "tiles", "frag", "norow", "row")
 # name -> (the launch choice it sets, the value); where two named set one choice, the earlier
 # in this table wins
 _VARIANT_CHOICES = {"prmt": ("idec", 2), "idec": ("idec", 1), "f32dec": ("idec", 0),
                     "wmma": ("mmaptx", 0), "mmaptx": ("mmaptx", 1), "walk": ("walk", 1),
                     "nofuse": ("fuse", 0), "fuse": ("fuse", 1), "tiles": ("frag", 0),
-                    "frag": ("frag", 1)}
+                    "frag": ("frag", 1), "norow": ("row", 0), "row": ("row", 1)}
 _variants: dict = {}  # raw value -> (names, {choice: value})
 
 
@@ -333,6 +342,33 @@ def _fuse(value, backend: str) -> int:
 def _fused(S: int, value, backend: str) -> bool:
     """Whether a top-k of S slices runs fused (`_fuse`; one slice has nothing to merge)."""
     return S > 1 and bool(_fuse(value, backend))
+
+
+def _row(B: int, T: int, N: int, k: int, value) -> bool:
+    """Whether the top-k of these rows runs one group a row (`topk_row_source`): decode rows
+    (fewer than 132) of more than k entries (< 2^24: the kernel's counts add in fp32), and an
+    explicit 0/1 `value`, else what `VARIANTS_ENV` names, else `TOPK_ROW`."""
+    return B * T < 132 and k < N < 1 << 24 and bool(_flag("row", value, TOPK_ROW))
+
+
+@functools.lru_cache(maxsize=256)
+def topk_row_launch(B: int, T: int, N: int, k: int) -> tuple[int, int, int, int]:
+    """(TG threads a group, U loads in flight a thread, CAP keys of the K-th key's bin held in
+    shared memory, HA: the first histogram's adds warp-aggregated) of the one-group top-k.
+    HA 0: on an H100 (Nsight Compute, one 64K-entry row) the first histogram's adds took the
+    kernel from 27.4 us plain to 78.2 us through `__match_any_sync` (4096 bins: a warp's keys
+    rarely share one), 79.5 vs 276.0 us at 256K."""
+    return 1024, 8, 2048, 0
+
+
+def _row_spec(B, T, k, tg, u, cap, ha, walk=None):
+    """`_topk_spec` of the one-group top-k: outputs idx, val [B, T, K]."""
+    walk = _flag("walk", walk, TOPK_WALK)
+    if 4096 % tg or tg % 32 or not 2 * cap <= 8192:
+        raise ValueError(f"the one-group top-k takes TG dividing 4096 (a multiple of 32) and "
+                         f"CAP <= 4096, got TG {tg}, CAP {cap}")
+    return ([("K", k), ("TG", tg), ("U", u), ("CAP", cap), ("HA", ha), ("WALK", walk)],
+            (tg, T, B), (tg, 1, 1), [(B, T, k)] * 2, [mx.int32, mx.float32])
 
 
 @functools.lru_cache(maxsize=256)  # one per shape: N changes every `ratio` tokens
@@ -484,7 +520,8 @@ def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, 
 
 
 def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None,
-                          r=None, walk=None, fuse=None, tick=None):
+                          r=None, walk=None, fuse=None, tick=None, row=None, cap=None,
+                          ha=None):
     """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks; ``visible``
     None: every entry visible, no count read).
 
@@ -492,11 +529,20 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     either launch, the scores read at every pass). ``walk``: `TOPK_WALK` by default.
     ``fuse``: with S > 1, one launch (`TOPK_FUSE` by default; see `_fuse`); ``tick``: its
     zeroed row counters (the scoring kernel's, `indexer_scores_kernel(tick=True)`; default
-    fresh zeros)."""
+    fresh zeros). ``row``: decode rows by one group a row (`_row`; `TOPK_ROW` by default;
+    ``tg``, ``u``, ``cap``, ``ha``: its launch, default `topk_row_launch`)."""
     B, T, N = scores.shape
+    allvis = visible is None
+    if _row(B, T, N, k, row):
+        TG, U, CAP, HA = topk_row_launch(B, T, N, k)
+        template, grid, tgs, shapes, dtypes = _row_spec(
+            B, T, k, tg or TG, u or U, cap or CAP, HA if ha is None else int(bool(ha)), walk)
+        return _kernel(backend, src.topk_row_source(backend, allvis))(
+            inputs=[scores, _vis_in(visible)], template=template, grid=grid, threadgroup=tgs,
+            output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
+        )[0]
     TG, U, S = topk_launch(B, T, N, k)
     TG, U, S = tg or TG, u or U, s or S
-    allvis = visible is None
     visible = _vis_in(visible)
     if _fused(S, fuse, backend):
         if tick is None:
@@ -523,7 +569,8 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
     ``e``, ``tpt``, ``idec``, ``mmaptx``, ``frag``, ``fl`` of the scoring kernels, ``tg``,
-    ``u``, ``s``, ``r``, ``walk``, ``fuse`` of the top-k kernel), for tuning.
+    ``u``, ``s``, ``r``, ``walk``, ``fuse``, ``row``, ``cap``, ``ha`` of the top-k kernel),
+    for tuning.
     """
     if not launch and select == "kernel" and mma is None:
         return _planned(backend, q, w, keys, visible, topk)
@@ -538,15 +585,17 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     # the fused top-k counts on row counters that the scoring launch zeroes
     B, T = q.shape[:2]
-    fused = select == "kernel" and _fused(launch.get("s") or topk_launch(B, T, N, k)[2],
-                                          launch.get("fuse"), backend)
+    fused = (select == "kernel" and not _row(B, T, N, k, launch.get("row"))
+             and _fused(launch.get("s") or topk_launch(B, T, N, k)[2], launch.get("fuse"),
+                        backend))
     out = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma, tick=fused,
                                 **pick(("bn", "hc", "e", "tpt", "idec", "mmaptx", "frag",
                                         "fl")))
     scores, tick = out if fused else (out, None)
     if select == "kernel":
         return indexer_select_kernel(scores, visible, k, backend=backend, tick=tick,
-                                     **pick(("tg", "u", "s", "r", "walk", "fuse")))
+                                     **pick(("tg", "u", "s", "r", "walk", "fuse", "row",
+                                             "cap", "ha")))
     with mx.stream(mx.gpu):
         idx = mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
         return idx if visible is None else mx.where(idx >= visible[None, :, None], -1, idx)
@@ -560,38 +609,45 @@ def _shape_key(backend, q, keys, topk, allvis=False):
     """What a call's plan (and whether the kernels take it) depends on."""
     if _is_fp4(keys):
         return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
-                keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE, FRAG_SCORER, allvis)
+                keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE, FRAG_SCORER, TOPK_ROW,
+                allvis)
     return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants(),
-            TOPK_FUSE, FRAG_SCORER, allvis)
+            TOPK_FUSE, FRAG_SCORER, TOPK_ROW, allvis)
 
 
 def _plan(backend, q, keys, topk, allvis=False):
     """The launches of one `indexer_topk_kernel` call with its default parameters, for these
-    shapes: whether the scoring takes the queries as uint32 (the matrix-unit kernel), whether
-    the top-k is fused, and [(kernel, template, grid, threadgroup, output shapes, output
-    dtypes)] of the scoring launch, the top-k launch and (S > 1) the merge, or (fused) the
-    scoring launch with its row counters and the fused top-k."""
+    shapes: whether the scoring takes the queries as uint32 (the matrix-unit kernel), how
+    the top-k runs ("slices", "fused" or "row"), and [(kernel, template, grid, threadgroup,
+    output shapes, output dtypes)] of the scoring launch, the top-k launch and (S > 1) the
+    merge, or (fused) the scoring launch with its row counters and the fused top-k, or (row)
+    the scoring launch and the one-group top-k."""
     B, T, H, D = q.shape
     key_mode, _, N, _ = _key_inputs(keys)
     k = min(topk, N)
     TG, U, S = topk_launch(B, T, N, k)
-    fused = _fused(S, None, backend)
+    row = _row(B, T, N, k, None)
+    fused = not row and _fused(S, None, backend)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
                                                  _flag("mmaptx", None, MMA_PTX), fused,
                                                  _flag("frag", None, FRAG_SCORER), None, allvis)
     launches = [(_kernel(backend, ks), template, grid, tg, *_score_outputs(B, T, N, fused))]
+    if row:
+        launches.append((_kernel(backend, src.topk_row_source(backend, allvis)),
+                         *_row_spec(B, T, k, *topk_row_launch(B, T, N, k))))
+        return on_mma, "row", launches
     if fused:
         launches.append((_kernel(backend, src.topk_fused_source(backend, allvis)),
                          *_fused_spec(B, T, N, k, TG, U, S)))
-        return on_mma, True, launches
+        return on_mma, "fused", launches
     launches.append((_kernel(backend, src.topk_source(backend, allvis)),
                      *_topk_spec(B, T, N, k, TG, U, S, False)))
     if S > 1:  # the merge, as `indexer_select_kernel` makes it
         launches.append((_kernel(backend, src.topk_source(backend)),
                          *_topk_spec(B, T, S * k, k, 1024, U, 1, True)))
-    return on_mma, False, launches
+    return on_mma, "slices", launches
 
 
 def _planned(backend, q, w, keys, visible, topk, key=None):
@@ -609,40 +665,43 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
                                  else _plan(backend, q, keys, topk, visible is None))
     if p is False:  # every entry is selected: only visibility matters
         return indexer_topk_ops(q, w, keys, visible, topk)
-    on_mma, fused, launches = p
+    on_mma, how, launches = p
     visible = _vis_in(visible)
     key_in = list(keys) if fp4 else _key_inputs(keys)[1]  # (fp4: checked by the plan)
     out = None
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
         if i == 0:
             inputs = _score_inputs(q, w, key_in, visible, on_mma)
-        elif fused:  # the fused top-k on the scores and their row counters
+        elif how == "fused":  # the fused top-k on the scores and their row counters
             inputs = [out[0], visible, out[1]]
+        elif how == "row":
+            inputs = [out[0], visible]
         elif i == 1:
             inputs = [out[0], visible, _no_cidx()]
         else:
             inputs = [out[1], visible, out[0]]
         out = kern(inputs=inputs, template=template, grid=grid, threadgroup=tg,
                    output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu)
-    return out[3] if fused else out[0]
+    return out[3] if how == "fused" else out[0]
 
 
 @functools.lru_cache(maxsize=256)
 def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int,
-             fuse: int, frag: int = 0, allvis: bool = False):
+             fuse: int, frag: int = 0, allvis: bool = False, row: bool = False):
     """(probe key, launch parameters) of the kernel variants one call would use (`fuse`,
-    `frag`: `_fuse`'s and `_flag`'s answers, outside this cache)."""
+    `frag`, `row`: `_fuse`'s, `_flag`'s and `_row`'s answers, outside this cache)."""
     BN, HC, E = score_launch(B, T, N, H, D)
     TG, U, S = topk_launch(B, T, N, k)
     R = topk_regs(N, TG, S)
     mma = _mma_usable(backend, qdtype, H, D, key_mode)
     tpt = mma_tiles(B * T, N, src.mma_layout(backend, H, D, MMA_WARPS)[2]) if mma else None
-    fused = int(S > 1 and fuse)
+    fused = int(S > 1 and fuse and not row)
     frag = int(bool(frag) and frag_usable(backend, qdtype, H, D, key_mode))
     fl = frag_launch(B * T, N) if frag else None  # (template constants: probed as they run)
+    rl = topk_row_launch(B, T, N, k) if row else None  # (likewise)
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/A{int(allvis)}")
-    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl)
+           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/RW{rl}/A{int(allvis)}")
+    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl)
 
 
 def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
@@ -650,9 +709,9 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl) = _variant(
+    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl) = _variant(
         backend, q.dtype, B, T, H, D, key_mode, N, k, bool(_fuse(None, backend)),
-        _flag("frag", None, FRAG_SCORER), allvis)
+        _flag("frag", None, FRAG_SCORER), allvis, _row(B, T, N, k, None))
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -669,8 +728,12 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
                                   mma=None if frag else mma, tpt=tpt, tick=bool(fused),
                                   frag=frag, fl=fl)
         s, tick = s if fused else (s, None)
-        i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R,
-                                  fuse=fused, tick=tick)
+        if rl:  # the one-group top-k with the call's launch
+            i = indexer_select_kernel(s, vis, k, backend=backend, row=True, tg=rl[0], u=rl[1],
+                                      cap=rl[2], ha=rl[3])
+        else:
+            i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R,
+                                      fuse=fused, tick=tick, row=False)
         mx.eval(s, i)
 
     return key, probe

@@ -881,46 +881,10 @@ _TOPK_BODY = """\
 @SMALL_EXIT@  }
 @RADIX@"""
 
-_TOPK_RADIX = """
-  // the slice in registers: key j of a thread is entry lo + ki_tid + j * TG
-  constexpr int RR = @R@ > 0 ? @R@ : 1;
-  const bool reg = @R@ > 0 && nseg <= @R@ * TG;  // (uniform)
-  unsigned int rk[RR];
-  if (reg) {
-    KI_UNROLL
-    for (int j = 0; j < RR; ++j) {
-      const int i = lo + ki_tid + j * TG;
-      rk[j] = i < hi ? @KEY(base + i)@ : 0u;
-    }
-  }
-@PREFIX@  int krem = K;              // how many picks remain among the keys matching `prefix`
-  for (int pass = @PASS0@; pass < 4; ++pass) {
-    const int shift = 24 - 8 * pass;
-    if (ki_tid < 256) KI_ATOMIC_STORE(ki_hist[ki_tid], 0u);
-    KI_BARRIER();
-    if (reg) {
-      KI_UNROLL
-      for (int j = 0; j < RR; ++j) {
-        if (lo + ki_tid + j * TG < hi && (rk[j] & mask) == prefix) {
-          KI_HIST_ADD(ki_hist, (rk[j] >> shift) & 255u);
-        }
-      }
-    }
-    for (int i0 = lo + ki_tid; !reg && i0 < hi; i0 += TG * U) {
-      unsigned int uk[U];
-      KI_UNROLL
-      for (int j = 0; j < U; ++j) {
-        const int i = i0 + j * TG;
-        uk[j] = i < hi ? @KEY(base + i)@ : 0u;
-      }
-      KI_UNROLL
-      for (int j = 0; j < U; ++j) {
-        if (i0 + j * TG < hi && (uk[j] & mask) == prefix) {
-          KI_HIST_ADD(ki_hist, (uk[j] >> shift) & 255u);
-        }
-      }
-    }
-    KI_BARRIER();
+# The digit of a radix pass (256 bins in ki_hist) whose bin holds the krem-th largest
+# matching key -> ki_sel (digit, the rank left within the bin, the bin's count); every thread
+# of the group reaches it (WALK: a template constant).
+_TOPK_DIGIT = """\
     // the digit whose bin holds the krem-th largest matching key
     if (!WALK) {
       // 16 threads sum 16 bins each, then one thread walks the chunks from the top, and the
@@ -992,7 +956,49 @@ _TOPK_RADIX = """
         ki_sel[2] = cnt;
       }
     }
+"""
+
+_TOPK_RADIX = """
+  // the slice in registers: key j of a thread is entry lo + ki_tid + j * TG
+  constexpr int RR = @R@ > 0 ? @R@ : 1;
+  const bool reg = @R@ > 0 && nseg <= @R@ * TG;  // (uniform)
+  unsigned int rk[RR];
+  if (reg) {
+    KI_UNROLL
+    for (int j = 0; j < RR; ++j) {
+      const int i = lo + ki_tid + j * TG;
+      rk[j] = i < hi ? @KEY(base + i)@ : 0u;
+    }
+  }
+@PREFIX@  int krem = K;              // how many picks remain among the keys matching `prefix`
+  for (int pass = @PASS0@; pass < 4; ++pass) {
+    const int shift = 24 - 8 * pass;
+    if (ki_tid < 256) KI_ATOMIC_STORE(ki_hist[ki_tid], 0u);
     KI_BARRIER();
+    if (reg) {
+      KI_UNROLL
+      for (int j = 0; j < RR; ++j) {
+        if (lo + ki_tid + j * TG < hi && (rk[j] & mask) == prefix) {
+          KI_HIST_ADD(ki_hist, (rk[j] >> shift) & 255u);
+        }
+      }
+    }
+    for (int i0 = lo + ki_tid; !reg && i0 < hi; i0 += TG * U) {
+      unsigned int uk[U];
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        const int i = i0 + j * TG;
+        uk[j] = i < hi ? @KEY(base + i)@ : 0u;
+      }
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        if (i0 + j * TG < hi && (uk[j] & mask) == prefix) {
+          KI_HIST_ADD(ki_hist, (uk[j] >> shift) & 255u);
+        }
+      }
+    }
+    KI_BARRIER();
+@DIGIT@    KI_BARRIER();
     prefix |= ki_sel[0] << shift;
     mask |= 255u << shift;
     krem = (int)ki_sel[1];
@@ -1113,7 +1119,8 @@ def _topk_radix(regs: str, key_at, val_at, key_of_val, put: str, prefix: str,
             text = text[:a] + fn(text[a + len(name) + 2:b]) + text[b + 2:]
         return text
 
-    t = _TOPK_RADIX.replace("@R@", regs).replace("@PREFIX@", prefix).replace("@PASS0@", pass0)
+    t = (_TOPK_RADIX.replace("@DIGIT@", _TOPK_DIGIT).replace("@R@", regs)
+         .replace("@PREFIX@", prefix).replace("@PASS0@", pass0))
     t = sub(sub(t, "KEY", key_at), "VAL", val_at)
     t = t.replace("@PICK_REG@", _topk_pick("rk[j]", put.replace("VALUE", "ki_order_value(rk[j])")))
     return t.replace("@PICK_STREAM@", _topk_pick(key_of_val("sv[j]"), put.replace("VALUE", "sv[j]")))
@@ -1151,6 +1158,231 @@ def _topk_body(fused: bool, allvis: bool = False) -> str:
                          "  unsigned int prefix = lb & fixed;\n  unsigned int mask = fixed;\n",
                          "pass0")
     return body + _TOPK_MERGE.replace("@RADIX2@", textwrap.indent(radix2, "  "))
+
+
+# The top-k of a decode row by one group (`topk_row_source`; opt-in: `indexer.TOPK_ROW`): the
+# row read twice instead of S slices and a merge. A histogram of the keys' top 12 bits
+# (sign, exponent, 3 mantissa bits: 4096 bins, where the first pass of `_TOPK_RADIX` has 256
+# bins of which a row's scores fill two or three) finds the bin of the K-th key; a second
+# read takes the keys above it and copies the bin's keys to shared memory when they fit, and
+# 8-bit passes finish there.
+_TOPK_ROW_BODY = """\
+  // ---- top-k selection, one group a row (spec §4.7; decode rows) ----
+  // The K largest of scores[b, t, 0:vis) by one group of TG threads, the row streamed from
+  // global memory, U loads in flight a thread: a histogram of the keys' top 12 bits gives
+  // the bin of the K-th key; a second read writes the keys above that bin as picks and,
+  // once the bin holds at most CAP keys, copies its keys and entries to shared memory, where
+  // 8-bit radix passes over bits 19-12, 11-4 and 7-0 (each stopping once the bin holding
+  // the K-th key is taken whole) finish the select. A bin of more than CAP keys is narrowed
+  // by passes over the row until it fits. Ties: any of them (§4.7). A row of at most K
+  // entries is written whole, the rest of its K slots as (-1, -inf). The order of the picks
+  // is unspecified.
+  // Grid: (TG, T, B) threads in groups of (TG, 1, 1); TG a multiple of 32 dividing 4096.
+  // Template: K, TG, U, CAP, HA (0/1: the first histogram's adds plain / as KI_HIST_ADD),
+  // WALK. Outputs idx, val [B, T, K].
+  constexpr int HB = 4096;  // bins of the first digit, key bits 31-20
+  constexpr int NB = HB > 2 * CAP ? HB : 2 * CAP;
+  // the first histogram, then the bin's keys (0 .. CAP) and their entries (CAP .. 2 CAP)
+  KI_SHARED KI_ATOMIC_UINT ki_big[NB];
+  KI_SHARED KI_ATOMIC_UINT ki_hist[256];
+  KI_SHARED unsigned int ki_scan[16];
+  KI_SHARED unsigned int ki_sel[3];
+  KI_SHARED KI_ATOMIC_UINT ki_cnt[2];
+  KI_SHARED float ki_wsum[32];
+  const int T = scores_shape[1];
+  const int M = scores_shape[2];
+  const int t = ki_gy;
+  const int b = ki_gz;
+  int vis = visible[t];
+  vis = vis < 0 ? 0 : (vis > M ? M : vis);
+  const int64_t bt = (int64_t)b * T + t;
+  const int64_t base = bt * M;
+  KI_DEVICE int32_t* out = idx + bt * K;
+  KI_DEVICE float* oval = val + bt * K;
+  if (vis <= K) {
+    for (int i = ki_tid; i < K; i += TG) {
+      out[i] = i < vis ? i : -1;
+      oval[i] = i < vis ? scores[base + i] : KI_NEG_INF;
+    }
+    return;
+  }
+  for (int i = ki_tid; i < HB; i += TG) KI_ATOMIC_STORE(ki_big[i], 0u);
+  if (ki_tid < 2) KI_ATOMIC_STORE(ki_cnt[ki_tid], 0u);
+  KI_BARRIER();
+  for (int i0 = ki_tid; i0 < vis; i0 += TG * U) {
+    unsigned int uk[U];
+    KI_UNROLL
+    for (int j = 0; j < U; ++j) {
+      const int i = i0 + j * TG;
+      uk[j] = i < vis ? ki_order_key(scores[base + i]) : 0u;
+    }
+    KI_UNROLL
+    for (int j = 0; j < U; ++j) {
+      if (i0 + j * TG < vis) {
+        if (HA) {
+          KI_HIST_ADD(ki_big, uk[j] >> 20);
+        } else {
+          KI_ATOMIC_ADD(ki_big[uk[j] >> 20], 1u);
+        }
+      }
+    }
+  }
+  KI_BARRIER();
+  {
+    // the bin of the K-th largest key: a thread sums its BPT bins (the bins above them are
+    // the threads' above), the sums above it by shuffles within its warp and over the
+    // warps' totals (exact in fp32: counts < 2^24); the one thread whose bins hold the K-th
+    // key walks them
+    constexpr int BPT = HB / TG;
+    const int lane = ki_tid & 31;
+    const int wid = ki_tid >> 5;
+    unsigned int bc[BPT];
+    unsigned int c = 0u;
+    KI_UNROLL
+    for (int j = 0; j < BPT; ++j) {
+      bc[j] = KI_ATOMIC_LOAD(ki_big[BPT * ki_tid + j]);
+      c += bc[j];
+    }
+    float sfx = (float)c;  // keys in the bins of this warp's lanes >= this one
+    KI_UNROLL
+    for (int o = 1; o < 32; o <<= 1) {
+      const float t2 = KI_SHFL(sfx, lane + o < 32 ? lane + o : lane);
+      if (lane + o < 32) sfx += t2;
+    }
+    if (lane == 0) ki_wsum[wid] = sfx;
+    KI_BARRIER();
+    float ws = lane < TG / 32 ? ki_wsum[lane] : 0.0f;  // then: the warps >= lane
+    KI_UNROLL
+    for (int o = 1; o < 32; o <<= 1) {
+      const float t2 = KI_SHFL(ws, lane + o < 32 ? lane + o : lane);
+      if (lane + o < 32) ws += t2;
+    }
+    const float wa = KI_SHFL(ws, wid + 1 < 32 ? wid + 1 : 0);
+    unsigned int above = (unsigned int)((wid + 1 < 32 ? wa : 0.0f) + sfx) - c;
+    if (above < (unsigned int)K && above + c >= (unsigned int)K) {
+      int d = BPT * ki_tid;
+      unsigned int cnt = bc[0];
+      bool found = false;
+      KI_UNROLL
+      for (int j = BPT - 1; j > 0; --j) {
+        if (!found) {
+          if (above + bc[j] < (unsigned int)K) {
+            above += bc[j];
+          } else {
+            d = BPT * ki_tid + j;
+            cnt = bc[j];
+            found = true;
+          }
+        }
+      }
+      ki_sel[0] = (unsigned int)d;
+      ki_sel[1] = (unsigned int)K - above;
+      ki_sel[2] = cnt;
+    }
+    KI_BARRIER();
+  }
+  unsigned int prefix = ki_sel[0] << 20;  // key bits fixed so far
+  unsigned int mask = 0xfff00000u;        // which bits of the key are fixed
+  int krem = (int)ki_sel[1];              // picks left among the keys matching `prefix`
+  unsigned int binc = ki_sel[2];          // the keys matching `prefix`
+  int ncand = 0;                          // the bin's keys in ki_big (0: not copied; uniform)
+  for (int lv = 0; lv < 3 && binc != (unsigned int)krem; ++lv) {
+    const int shift = lv == 0 ? 12 : (lv == 1 ? 4 : 0);
+    if (ncand == 0 && binc <= (unsigned int)CAP) {
+      // the second read: keys above the bin are picks, the bin's keys go to ki_big
+      for (int i0 = ki_tid; i0 < vis; i0 += TG * U) {
+        float sv[U];
+        KI_UNROLL
+        for (int j = 0; j < U; ++j) {
+          const int i = i0 + j * TG;
+          sv[j] = i < vis ? scores[base + i] : 0.0f;
+        }
+        KI_UNROLL
+        for (int j = 0; j < U; ++j) {
+          const int i = i0 + j * TG;
+          const unsigned int um = ki_order_key(sv[j]) & mask;
+          if (i < vis && um > prefix) {
+            const int p = (int)KI_ATOMIC_ADD(ki_cnt[0], 1u);
+            out[p] = i;
+            oval[p] = sv[j];
+          } else if (i < vis && um == prefix) {
+            const unsigned int q2 = KI_ATOMIC_ADD(ki_cnt[1], 1u);
+            KI_ATOMIC_STORE(ki_big[q2], ki_order_key(sv[j]));
+            KI_ATOMIC_STORE(ki_big[CAP + q2], (unsigned int)i);
+          }
+        }
+      }
+      ncand = (int)binc;
+      KI_BARRIER();
+      // (the pick counts the bin again: ordered before it by the barriers below)
+      if (ki_tid == 0) KI_ATOMIC_STORE(ki_cnt[1], 0u);
+    }
+    for (int i = ki_tid; i < 256; i += TG) KI_ATOMIC_STORE(ki_hist[i], 0u);
+    KI_BARRIER();
+    if (ncand > 0) {
+      for (int i = ki_tid; i < ncand; i += TG) {
+        const unsigned int key = KI_ATOMIC_LOAD(ki_big[i]);
+        if ((key & mask) == prefix) KI_HIST_ADD(ki_hist, (key >> shift) & 255u);
+      }
+    } else {
+      for (int i0 = ki_tid; i0 < vis; i0 += TG * U) {
+        unsigned int uk[U];
+        KI_UNROLL
+        for (int j = 0; j < U; ++j) {
+          const int i = i0 + j * TG;
+          uk[j] = i < vis ? ki_order_key(scores[base + i]) : 0u;
+        }
+        KI_UNROLL
+        for (int j = 0; j < U; ++j) {
+          if (i0 + j * TG < vis && (uk[j] & mask) == prefix) {
+            KI_HIST_ADD(ki_hist, (uk[j] >> shift) & 255u);
+          }
+        }
+      }
+    }
+    KI_BARRIER();
+@DIGIT@    KI_BARRIER();
+    prefix |= ki_sel[0] << shift;
+    mask |= 255u << shift;
+    krem = (int)ki_sel[1];
+    binc = ki_sel[2];
+  }
+  // keys above the bin `prefix` (under `mask`) are all taken (those above the copied bin
+  // already: ki_cnt[0] counts on), and krem keys of the bin
+  const int n_above = K - krem;
+  if (ncand > 0) {
+    const int hi = ncand;
+    for (int i = ki_tid; i < hi; i += TG) {
+      const unsigned int key = KI_ATOMIC_LOAD(ki_big[i]);
+@PICK_CAND@    }
+  } else {
+    const int hi = vis;
+    for (int i0 = ki_tid; i0 < hi; i0 += TG * U) {
+      float sv[U];
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        const int i = i0 + j * TG;
+        sv[j] = i < hi ? scores[base + i] : 0.0f;
+      }
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        const int i = i0 + j * TG;
+@PICK_STREAM@      }
+    }
+  }
+"""
+
+
+def _topk_row_body(allvis: bool) -> str:
+    body = _TOPK_ROW_BODY.replace("@DIGIT@", _TOPK_DIGIT)
+    body = body.replace("@PICK_CAND@", _topk_pick(
+        "key", "  out[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n  oval[p] = ki_order_value(key);\n"))
+    body = body.replace("@PICK_STREAM@", textwrap.indent(_topk_pick(
+        "ki_order_key(sv[j])", "  out[p] = i;\n  oval[p] = sv[j];\n"), "  "))
+    if allvis:
+        assert body.count(_VIS_READ) == 1
+        body = body.replace(_VIS_READ, "  int vis = M;\n")
+    return body
 
 
 @dataclass(frozen=True)
@@ -1382,6 +1614,15 @@ def topk_fused_source(dialect: str, allvis: bool = False) -> KernelSource:
     return make_source(dialect, "dsv4_indexer_topk_fused" + _suffix(False, allvis),
                        ("scores", "visible", "tick"), ("idx", "val", "thr", "fin"),
                        _topk_body(True, allvis))
+
+
+@functools.lru_cache(maxsize=None)
+def topk_row_source(dialect: str, allvis: bool = False) -> KernelSource:
+    """The top-k of a row by one group (`_TOPK_ROW_BODY`; decode rows). Inputs: scores
+    [B,T,M] f32, visible [T] int32 (never read with `allvis`); outputs idx [B,T,K] int32
+    (-1 where not visible), val [B,T,K] f32. Template: K, TG, U, CAP, HA, WALK."""
+    return make_source(dialect, "dsv4_indexer_topk_row" + _suffix(False, allvis),
+                       ("scores", "visible"), ("idx", "val"), _topk_row_body(allvis))
 
 
 # --------------------------------------------------------------------------------------------
