@@ -67,9 +67,11 @@
 # hostarrays  bench/host_arrays.py under ncu: what a small host-made array costs a kernel of
 #         1 and of 512 blocks (the decode step's position and constants sit in that pool)
 # ixprefill  bench/indexer.py at 512 queries (a prefill chunk), 16K and 64K entries
-# ixwall  bench/indexer.py wall time at 64K and 256K entries, one query, with MLX's floor
+# ixwall  bench/indexer.py wall time at 64K and 256K entries (IXWALL_ENTRIES), one query, with
+#         MLX's floor: one call, 16 independent and 16 chained calls an evaluation; IXWALL_ARGS
+#         adds options (e.g. "--rounds 3 --paths kernel,kernel-all,kernel-row-all");
 #         (DSV4_INDEXER_VARIANTS=mmaptx,idec,walk before the command: with the opt-in
-#         variants; `check` likewise)
+#         variants; `check` likewise) (log: $OUT/ixwall.log)
 set -uo pipefail
 source .devcarry/b/activate.sh >/dev/null || exit 3
 # MLX's CUDA kernel cache (PTX, /tmp/mlx/<version>/ptx) from an earlier session, if carried:
@@ -154,7 +156,7 @@ for step in "${steps[@]}"; do
       timeout ${PIPE_TIMEOUT:-200} python bench/pipeline_probe.py --experts ${PIPE_EXPERTS:-64,256} \
         --context ${CONTEXT:-2048} --steps ${PIPE_STEPS:-48} 2>&1 | tee "$OUT/pipeline.log" | cut -c1-${PIPE_COLS:-400} ;;
     launchcost)
-      timeout 120 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -8 ;;
+      timeout 120 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -16 ;;
     ixsource)
       # --defaults-only's launches at one N, in order: score (idec, mmaptx) = (0,1) (1,1) (2,1)
       # (0,0), three calls each, then select walk 0 (two launches a call) three calls: the
@@ -237,8 +239,9 @@ for step in "${steps[@]}"; do
       echo "== this tree"; ncu_attn attn_new --ku ${ATTN_KU:-1} --spl ${ATTN_SPL:-32,64} \
         --tg ${ATTN_TG:-128,256} --pf ${ATTN_PF:-0,1} ;;
     ixwall)
-      timeout ${IXWALL_TIMEOUT:-150} python bench/indexer.py --entries 65536,262144 --queries 1 --keys fp4 \
-        --out "$OUT" 2>&1 | tail -24 ;;
+      timeout ${IXWALL_TIMEOUT:-150} python bench/indexer.py --entries ${IXWALL_ENTRIES:-65536,262144} \
+        --queries 1 --keys fp4 ${IXWALL_ARGS:-} --out "$OUT" > "$OUT/ixwall.log" 2>&1
+      grep -v "^  fp4 " "$OUT/ixwall.log" | tail -40 ;;
     devscalars)
       # the decode step with the position made on the GPU (DSV4_DEVICE_SCALARS 0 vs 1)
       timeout ${COMPILE_TIMEOUT:-150} python bench/decode_profile.py --preset flash --layers 4 \

@@ -79,7 +79,8 @@ def make_inputs(T, N, H, D, keys_fmt, seed=0):
 
 
 def timed(fn, budget_s: float, reps_min: int = 3, reps_max: int = 25):
-    """(median ms, reps, peak MiB, extra MiB) of fn() evaluated; the first, untimed call
+    """(median ms, reps, peak MiB, extra MiB, median build ms) of fn() evaluated (build: the
+    time fn() takes to make its lazy outputs, before the evaluation); the first, untimed call
     (kernel build, warm-up) gives the peak memory."""
     mx.synchronize()
     base = mx.get_active_memory()
@@ -89,17 +90,20 @@ def timed(fn, budget_s: float, reps_min: int = 3, reps_max: int = 25):
     mx.synchronize()
     peak = mx.get_peak_memory()
     del out
-    times = []
+    times, builds = [], []
     start = time.perf_counter()
     while len(times) < reps_max and (len(times) < reps_min
                                      or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         out = fn()
+        t1 = time.perf_counter()
         mx.eval(out)
         mx.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
+        builds.append((t1 - t0) * 1e3)
         del out
-    return statistics.median(times), len(times), peak / MiB, (peak - base) / MiB
+    return (statistics.median(times), len(times), peak / MiB, (peak - base) / MiB,
+            statistics.median(builds))
 
 
 TUNE_SIZES = ((65536, 1), (262144, 1), (65536, 512))
@@ -311,6 +315,13 @@ def main(argv=None):
                          "call's queries made from the one before's picks, as a decode step's "
                          "layers follow each other (default GPU: 16, CPU: off); its floor is "
                          "the links alone")
+    ap.add_argument("--paths", default=None,
+                    help="comma list of the paths to time (default: all that apply; ops and "
+                         "floor always)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every path this many times, the order reversed every other "
+                         "round (the host's drift cancels), and report the median of the "
+                         "rounds; the budget is shared among them")
     ap.add_argument("--profile", action="store_true",
                     help="(CUDA, under ncu) decode calls bracketed by marker kernels")
     ap.add_argument("--profile-parts", action="store_true",
@@ -389,6 +400,13 @@ def main(argv=None):
                                                                 mma=False)
         paths["kernel+argp"] = lambda a: ki.indexer_topk_kernel(*a, K, backend=backend,
                                                                 select="argpartition")
+    if args.paths:
+        want = {p.strip() for p in args.paths.split(",")} | {"ops"}
+        bad = sorted(want - set(paths))
+        if bad:
+            raise SystemExit(f"--paths: unknown {', '.join(bad)}; this device has "
+                             f"{', '.join(paths)}")
+        paths = {n: f for n, f in paths.items() if n in want}
     rows, skipped = [], []
     for fmt in args.keys.split(","):
         for N in entries:
@@ -400,6 +418,9 @@ def main(argv=None):
                     continue
                 a = make_inputs(T, N, H, D, fmt)
                 results = {}
+                # the measurements: (path, calls an evaluation, chained) -> its rounds
+                got: dict = {}
+                todo = []
                 for name, fn in {**paths, **floor}.items():
                     need = (3 * T * H * N * 4 + 2 * N * D * 4 + 3 * T * N * 4) if name == "ops" \
                         else (2 * T * N * 4 + N * D * 2)
@@ -407,49 +428,48 @@ def main(argv=None):
                         skipped.append((fmt, N, T, name, f"needs ~{need / 2**30:.0f} GiB "
                                         f"(> 80% of {mem / 2**30:.0f} GiB)"))
                         continue
-                    try:
-                        ms, reps, peak, extra = timed(lambda: fn(a), args.budget_s)
-                    except Exception as e:  # out of memory and the like: report, go on
-                        skipped.append((fmt, N, T, name, f"{type(e).__name__}: {str(e)[:80]}"))
-                        continue
-                    results[(name, 1, 0)] = ms
+                    todo.append((name, fn))
+                R, C = args.batch_calls, args.chain_calls
+                for rnd in range(args.rounds):  # every path once a round, the order reversed
+                    for name, fn in (todo if rnd % 2 == 0 else todo[::-1]):   # every other
+                        if name in [x[3] for x in skipped if x[:3] == (fmt, N, T)]:
+                            continue
+                        modes = [(1, 0, lambda fn=fn: fn(a))]
+                        if T == 1 and R > 1:
+                            qs = [a[0] * (1.0 + 0.01 * i) for i in range(R)]
+                            mx.eval(qs)
+                            modes.append((R, 0, lambda fn=fn, qs=qs:
+                                          [fn((qi, *a[1:])) for qi in qs]))
+                        if T == 1 and C > 1:
+                            # C calls in a chain (MLX's CUDA graph runs independent calls side
+                            # by side: the R calls above overlap, a decode step's layers do not)
+                            modes.append((C, 1, lambda fn=fn, name=name:
+                                          chained(fn, a, C, name == "floor")))
+                        for cpe, ch, call in modes:
+                            try:
+                                m = timed(call, args.budget_s / args.rounds)
+                            except Exception as e:  # out of memory and the like: report, go on
+                                skipped.append((fmt, N, T, name,
+                                                f"{type(e).__name__}: {str(e)[:80]}"))
+                                break
+                            got.setdefault((name, cpe, ch), []).append(m)
+                            how = ("" if cpe == 1 else f" a call, {cpe} {'chained ' if ch else ''}"
+                                   "calls an eval")
+                            print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {m[0] / cpe:10.3f} "
+                                  f"ms{how} (x{m[1]}, build {m[4] / cpe:.3f} ms, round {rnd})",
+                                  flush=True)
+                        modes = None
+                for (name, cpe, ch), ms in got.items():
+                    med = statistics.median(x[0] for x in ms) / cpe
+                    results[(name, cpe, ch)] = med
                     rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
-                                     calls_per_eval=1, chained=0, median_ms=round(ms, 4), reps=reps,
-                                     peak_mib=round(peak, 1), extra_mib=round(extra, 1),
+                                     calls_per_eval=cpe, chained=ch, median_ms=round(med, 4),
+                                     build_ms=round(statistics.median(x[4] for x in ms) / cpe, 4),
+                                     rounds_ms=" ".join(f"{x[0] / cpe:.4f}" for x in ms),
+                                     reps=sum(x[1] for x in ms),
+                                     peak_mib=round(max(x[2] for x in ms), 1),
+                                     extra_mib=round(max(x[3] for x in ms), 1),
                                      hn_fp32_mib=round(H * N * 4 / MiB, 1), speedup_vs_ops=""))
-                    print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms:10.3f} ms "
-                          f"(x{reps})  peak {peak:9.1f} MiB  extra {extra:9.1f} MiB", flush=True)
-                    R = args.batch_calls
-                    if T == 1 and R > 1:
-                        qs = [a[0] * (1.0 + 0.01 * i) for i in range(R)]
-                        mx.eval(qs)
-                        ms_b, reps_b, peak_b, extra_b = timed(
-                            lambda: [fn((qi, *a[1:])) for qi in qs], args.budget_s)
-                        del qs
-                        results[(name, R, 0)] = ms_b / R
-                        rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
-                                         calls_per_eval=R, chained=0, median_ms=round(ms_b / R, 4),
-                                         reps=reps_b, peak_mib=round(peak_b, 1),
-                                         extra_mib=round(extra_b, 1),
-                                         hn_fp32_mib=round(H * N * 4 / MiB, 1),
-                                         speedup_vs_ops=""))
-                        print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms_b / R:10.3f} ms "
-                              f"a call, {R} calls an eval (x{reps_b})", flush=True)
-                    C = args.chain_calls
-                    if T == 1 and C > 1:
-                        # C calls in a chain (MLX's CUDA graph runs independent calls side by
-                        # side: the 16 calls above overlap, a decode step's layers do not)
-                        ms_c, reps_c, peak_c, extra_c = timed(
-                            lambda: chained(fn, a, C, name == "floor"), args.budget_s)
-                        results[(name, C, 1)] = ms_c / C
-                        rows.append(dict(device=label, keys=fmt, entries=N, queries=T, path=name,
-                                         calls_per_eval=C, chained=1, median_ms=round(ms_c / C, 4),
-                                         reps=reps_c, peak_mib=round(peak_c, 1),
-                                         extra_mib=round(extra_c, 1),
-                                         hn_fp32_mib=round(H * N * 4 / MiB, 1),
-                                         speedup_vs_ops=""))
-                        print(f"  {fmt:4s} N={N:>7d} T={T:>5d} {name:12s} {ms_c / C:10.3f} ms "
-                              f"a call, {C} chained calls an eval (x{reps_c})", flush=True)
                 for r in rows:
                     if (r["keys"], r["entries"], r["queries"]) == (fmt, N, T) and \
                             ("ops", r["calls_per_eval"], r["chained"]) in results and \
@@ -496,6 +516,10 @@ def main(argv=None):
                           else "-" for n in ratio_names]
             cells += [f"{by[n]['extra_mib']:.1f}" if n in by else "-" for n in names]
             print("| " + " | ".join(cells) + " |")
+        for key in seen:  # what the host spends making a call's lazy graph (Python)
+            by = {r["path"]: r for r in sel if (r["keys"], r["entries"], r["queries"]) == key}
+            print(f"  build ms a call, {key[0]} N={key[1]} T={key[2]}: " + ", ".join(
+                f"{n} {by[n]['build_ms']:.3f}" for n in names if n in by))
     if skipped:
         print("\nskipped:")
         for fmt, N, T, name, why in skipped:

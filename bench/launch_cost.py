@@ -15,6 +15,10 @@ copy kernel with bodies padded by comment text to 0.5, 10, 20 and 40 KB:
 
 It prints one table row per size. The difference between rows is what trimming a kernel's
 source would save a launch; a decode step makes ~150 launches (4 layers: ~60 custom).
+
+Then the same for MLX's own primitives, chained (64 an evaluation): a dtype view (bf16 words
+as uint32 and back, as the matrix-unit scorer's queries), a cast, an elementwise add, a
+reshape, and the trivial custom kernel: what one more primitive costs a decode step.
 """
 
 from __future__ import annotations
@@ -74,6 +78,35 @@ def measure(backend: str, pad: int, calls: int, chain: int, tag: str) -> dict:
             "eval_us_a_launch": round(1e6 * statistics.median(evals), 2)}
 
 
+# name -> (one link of the chain, primitives a link)
+_OPS = {
+    "view (u32 <-> f32)": (lambda y: y.view(mx.uint32).view(mx.float32), 2),
+    "astype (bf16 <-> f32)": (lambda y: y.astype(mx.bfloat16).astype(mx.float32), 2),
+    "add (y + 1)": (lambda y: y + 1.0, 1),
+    "reshape (16 x 16 <-> 256)": (lambda y: y.reshape(16, 16).reshape(256), 2),
+}
+
+
+def measure_op(name: str, link, prims: int, calls: int, chain: int) -> dict:
+    x = mx.zeros((256,), mx.float32)
+    mx.eval(link(x))
+    build = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        link(x)
+        build.append((time.perf_counter() - t0) / prims)
+    evals = []
+    for _ in range(20):
+        y = x
+        for _ in range(chain // prims):
+            y = link(y)
+        t0 = time.perf_counter()
+        mx.eval(y)
+        evals.append((time.perf_counter() - t0) / (chain // prims * prims))
+    return {"primitive": name, "build_us": round(1e6 * statistics.median(build), 2),
+            "eval_us_a_primitive": round(1e6 * statistics.median(evals), 2)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
@@ -94,8 +127,17 @@ def main(argv=None) -> int:
     print("| source KB | build us | eval us a launch |\n|---|---|---|")
     for r in rows:
         print(f"| {r['source_kb']} | {r['build_us']} | {r['eval_us_a_launch']} |")
+    kern = _kernel(backend, 0, tag + "op")
+    ops = [measure_op(n, f, p, args.calls // 4, args.chain) for n, (f, p) in _OPS.items()]
+    ops.append(measure_op("custom kernel (0.1 KB)", lambda y: _launch(kern, y), 1,
+                          args.calls // 4, args.chain))
+    print(f"\n{backend}: host cost of one primitive, {args.chain} chained an evaluation")
+    print("| primitive | build us | eval us a primitive |\n|---|---|---|")
+    for r in ops:
+        print(f"| {r['primitive']} | {r['build_us']} | {r['eval_us_a_primitive']} |")
     if args.csv:
         write_rows_csv(args.csv, rows)
+        write_rows_csv(Path(args.csv).with_name(Path(args.csv).stem + "_ops.csv"), ops)
     return 0
 
 
