@@ -520,6 +520,13 @@ def main(argv=None):
             by = {r["path"]: r for r in sel if (r["keys"], r["entries"], r["queries"]) == key}
             print(f"  build ms a call, {key[0]} N={key[1]} T={key[2]}: " + ", ".join(
                 f"{n} {by[n]['build_ms']:.3f}" for n in names if n in by))
+            if ch and "floor" in by and "ops" in by:  # what a call adds to the chain
+                fl = by["floor"]["median_ms"]
+                print(f"  links subtracted ({fl:.3f} ms a call), {key[0]} N={key[1]}: "
+                      + ", ".join(f"{n} {by[n]['median_ms'] - fl:.3f} ms "
+                                  f"({(by['ops']['median_ms'] - fl) / (by[n]['median_ms'] - fl):.2f}x)"
+                                  for n in ["ops"] + ratio_names
+                                  if n in by and by[n]["median_ms"] > fl))
     if skipped:
         print("\nskipped:")
         for fmt, N, T, name, why in skipped:
