@@ -9,10 +9,11 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
 * ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
-* ``kernel-all``, ``kernel-frag-all``, ``kernel-fuse-all``, ``kernel-row-all`` (CUDA, one
+* ``kernel-all``, ``kernel-frag-all``, ``kernel-fuse-all``, ``kernel-slices-all`` (CUDA, one
   query): the same with ``visible`` None (every entry visible, as a decode token passes it:
-  the kernels read no count array), with the tiled scorer, the register-fragment one, the
-  fused top-k, or the one-group top-k (`indexer.TOPK_ROW`);
+  the kernels read no count array), as the dispatch chooses (the one-group top-k from 32K to
+  128K entries, `indexer.TOPK_ROW`), with the register-fragment scorer, the fused top-k, or
+  the S slices and their merge everywhere;
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``;
 * ``floor``: one tiny elementwise op (the visible counts + 1) evaluated the same way: what
@@ -169,11 +170,11 @@ def chained(fn, a, C: int, floor: bool = False):
 # ---- GPU time per call from Nsight Compute (CUDA): marker kernels bracket the timed calls
 
 
-def _switched(fn, name="FRAG_SCORER"):
-    """`fn()` with the indexer switch `name` at 1 (`indexer.FRAG_SCORER`: the register-
+def _switched(fn, name="FRAG_SCORER", value=1):
+    """`fn()` with the indexer switch `name` at `value` (`indexer.FRAG_SCORER`: the register-
     fragment scorer, or "TOPK_FUSE", "TOPK_ROW"; the planned launches are kept per value)."""
     was = getattr(ki, name)
-    setattr(ki, name, 1)
+    setattr(ki, name, value)
     try:
         return fn()
     finally:
@@ -389,10 +390,11 @@ def main(argv=None):
                                                                    backend=backend)
             paths["kernel-frag-all"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
-            paths["kernel-fuse-all"] = lambda a: _switched(
-                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_FUSE")
-            paths["kernel-row-all"] = lambda a: _switched(
-                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_ROW")
+            paths["kernel-fuse-all"] = lambda a: _switched(lambda: _switched(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_ROW", 0),
+                "TOPK_FUSE")
+            paths["kernel-slices-all"] = lambda a: _switched(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_ROW", 0)
         if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
             paths["kernel-frag"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a, K, backend=backend))

@@ -1230,7 +1230,7 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
         assert runs[0] == runs[1] == runs[2]
         assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 and not fuse and not row
                                 else 2)
-        if row and k < N:  # (decode rows: the one-group top-k wins over the fused one)
+        if row and ki.ROW_MIN <= N <= ki.ROW_MAX and k < N:  # (it wins over the fused one)
             assert runs[0][1][0] == "dsv4_indexer_topk_row" + ("_all" if allvis else "")
             assert runs[0][1][2] == (1024, T, 1) and len(runs[0][0][4]) == 1
         elif fuse and N == 65536:

@@ -263,13 +263,20 @@ FRAG_SCORER = 0
 # (0.059-0.088 ms against 0.071-0.087 with 16 calls an evaluation, four runs interleaved).
 TOPK_FUSE = 0
 
-# The top-k of a decode row (fewer than 132 rows, as `topk_launch` tells them) by one group
-# of `topk_row_launch` (`indexer_source.topk_row_source`): the row read twice (a 4096-bin
-# histogram of the keys' top 12 bits, then the picks above the K-th key's bin and that bin's
-# keys copied to shared memory) instead of S slices and their merge, one launch instead of
-# two. 0: `topk_launch`'s slices (or one group of 1024 with its 256-bin passes) everywhere.
-# Opt-in ("row" in DSV4_INDEXER_VARIANTS) until measured on a GPU.
-TOPK_ROW = 0
+# The top-k of a decode row (fewer than 132 rows, as `topk_launch` tells them) of ROW_MIN ..
+# ROW_MAX entries by one group of `topk_row_launch` (`indexer_source.topk_row_source`): the
+# row read twice (a 4096-bin histogram of the keys' top 12 bits, then the picks above the
+# K-th key's bin and that bin's keys copied to shared memory) instead of S slices and their
+# merge: one launch instead of two. 0: `topk_launch`'s slices everywhere. 1 on CUDA since
+# 2026-12-07 (tenth session): its GPU tests passed (H100); GPU time of the top-k (Nsight
+# Compute at boost clocks, warm caches) 18.4 vs 19.5 us at 64K entries (H200), 30.9 vs 25.9 at
+# 128K (H100), 51.2 vs 36.0 at 256K (H200): one SM streams the row, so past 128K the slices
+# are kept. Wall time of the whole call at 64K (H100, three rounds, ops path in the same
+# runs): alone 0.160 vs 0.174 ms (3.03x the ops path vs 2.79x), 16 calls chained an
+# evaluation 0.115 vs 0.133 ms a call. Metal keeps the slices (not measured on a Mac).
+TOPK_ROW = 1
+TOPK_ROW_METAL = 0
+ROW_MIN, ROW_MAX = 32768, 131072
 
 # Variants by name, for measuring them without editing this module: a comma list of
 # "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
@@ -344,11 +351,17 @@ def _fused(S: int, value, backend: str) -> bool:
     return S > 1 and bool(_fuse(value, backend))
 
 
-def _row(B: int, T: int, N: int, k: int, value) -> bool:
-    """Whether the top-k of these rows runs one group a row (`topk_row_source`): decode rows
-    (fewer than 132) of more than k entries (< 2^24: the kernel's counts add in fp32), and an
-    explicit 0/1 `value`, else what `VARIANTS_ENV` names, else `TOPK_ROW`."""
-    return B * T < 132 and k < N < 1 << 24 and bool(_flag("row", value, TOPK_ROW))
+def _row(B: int, T: int, N: int, k: int, value, backend: str = "cuda") -> bool:
+    """Whether the top-k of these rows runs one group a row (`topk_row_source`): an explicit
+    `value` 1 for any rows of more than k entries (< 2^24: the kernel's counts add in fp32);
+    else decode rows (fewer than 132) of ROW_MIN .. ROW_MAX entries where `VARIANTS_ENV`
+    names "row", or (neither "row" nor "norow" named) `TOPK_ROW` (Metal: `TOPK_ROW_METAL`)."""
+    if not k < N < 1 << 24:
+        return False
+    if value is not None:
+        return bool(value)
+    return (B * T < 132 and ROW_MIN <= N <= ROW_MAX
+            and bool(_flag("row", None, TOPK_ROW_METAL if backend == "metal" else TOPK_ROW)))
 
 
 @functools.lru_cache(maxsize=256)
@@ -529,11 +542,14 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     either launch, the scores read at every pass). ``walk``: `TOPK_WALK` by default.
     ``fuse``: with S > 1, one launch (`TOPK_FUSE` by default; see `_fuse`); ``tick``: its
     zeroed row counters (the scoring kernel's, `indexer_scores_kernel(tick=True)`; default
-    fresh zeros). ``row``: decode rows by one group a row (`_row`; `TOPK_ROW` by default;
-    ``tg``, ``u``, ``cap``, ``ha``: its launch, default `topk_row_launch`)."""
+    fresh zeros). ``row``: one group a row (`topk_row_source`): 1 forces it, 0 forbids it,
+    None: `_row`'s rule (slices wherever ``s`` or ``fuse`` is given); ``tg``, ``u``, ``cap``,
+    ``ha``: its launch, default `topk_row_launch`."""
     B, T, N = scores.shape
     allvis = visible is None
-    if _row(B, T, N, k, row):
+    if row is None and (fuse is not None or s is not None):
+        row = 0  # (slices asked for by their count or their merge)
+    if _row(B, T, N, k, row, backend):
         TG, U, CAP, HA = topk_row_launch(B, T, N, k)
         template, grid, tgs, shapes, dtypes = _row_spec(
             B, T, k, tg or TG, u or U, cap or CAP, HA if ha is None else int(bool(ha)), walk)
@@ -585,7 +601,10 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     # the fused top-k counts on row counters that the scoring launch zeroes
     B, T = q.shape[:2]
-    fused = (select == "kernel" and not _row(B, T, N, k, launch.get("row"))
+    row = launch.get("row")
+    if row is None and ("fuse" in launch or "s" in launch):
+        row = 0  # (as `indexer_select_kernel` takes them)
+    fused = (select == "kernel" and not _row(B, T, N, k, row, backend)
              and _fused(launch.get("s") or topk_launch(B, T, N, k)[2], launch.get("fuse"),
                         backend))
     out = indexer_scores_kernel(q, w, keys, visible, backend=backend, mma=mma, tick=fused,
@@ -610,9 +629,9 @@ def _shape_key(backend, q, keys, topk, allvis=False):
     if _is_fp4(keys):
         return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
                 keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE, FRAG_SCORER, TOPK_ROW,
-                allvis)
+                TOPK_ROW_METAL, ROW_MIN, ROW_MAX, allvis)
     return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants(),
-            TOPK_FUSE, FRAG_SCORER, TOPK_ROW, allvis)
+            TOPK_FUSE, FRAG_SCORER, TOPK_ROW, TOPK_ROW_METAL, ROW_MIN, ROW_MAX, allvis)
 
 
 def _plan(backend, q, keys, topk, allvis=False):
@@ -626,7 +645,7 @@ def _plan(backend, q, keys, topk, allvis=False):
     key_mode, _, N, _ = _key_inputs(keys)
     k = min(topk, N)
     TG, U, S = topk_launch(B, T, N, k)
-    row = _row(B, T, N, k, None)
+    row = _row(B, T, N, k, None, backend)
     fused = not row and _fused(S, None, backend)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
@@ -711,7 +730,7 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     key_mode, key_in, N, d = _key_inputs(keys)
     key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl) = _variant(
         backend, q.dtype, B, T, H, D, key_mode, N, k, bool(_fuse(None, backend)),
-        _flag("frag", None, FRAG_SCORER), allvis, _row(B, T, N, k, None))
+        _flag("frag", None, FRAG_SCORER), allvis, _row(B, T, N, k, None, backend))
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
