@@ -1479,9 +1479,13 @@ def test_gpu_row_topk(gpu, mode, monkeypatch):
                                      launch={"row": 1})
         check_topk(idx, ref[:, :1], vis[:1], k, f"row {mode} {kind} all visible")
         monkeypatch.setattr(ki, "TOPK_ROW", 1)
+        monkeypatch.setattr(ki, "ROW_MAX", 1 << 20)  # (140,000 entries: past the default)
         check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1], k,
                    f"dispatch decode, one-group top-k {mode} {kind}")
         monkeypatch.setattr(ki, "TOPK_ROW", 0)
+        check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1], k,
+                   f"dispatch decode, slices {mode} {kind}")
+        monkeypatch.undo()
     N = 262144
     for case in ("narrow", "tail", "dups", "allequal"):
         sc = _row_scores(rng, case, 1, 3, N)
