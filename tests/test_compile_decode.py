@@ -163,10 +163,12 @@ def test_device_scalars_off_without_cuda(monkeypatch):
     from dsv4_mlx.kernels import dispatch
     monkeypatch.setenv(dispatch.DEVICE_SCALARS_ENV, "1")
     monkeypatch.setattr(dispatch, "cuda_available", lambda: False)
+    monkeypatch.setattr(dispatch, "_device_scalars", {})  # (remembered per value)
     assert not dispatch.device_scalars()
     p = dispatch.position(777)
     assert p.shape == (1,) and p.item() == 777 and dispatch.position(777) is p
     monkeypatch.setattr(dispatch, "cuda_available", lambda: True)
+    monkeypatch.setattr(dispatch, "_device_scalars", {})
     assert dispatch.device_scalars()
     # constants of <= 8 bytes: copied once into 16 bytes (here on the CPU stream), the values
     # first; larger ones stay as made; a copy made inside a traced function is a real array

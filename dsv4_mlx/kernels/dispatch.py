@@ -161,14 +161,24 @@ _position: list = [None, None]
 # host-made array of <= 8 bytes in managed memory that the GPU reads in place, and every
 # thread block of a kernel pays that read (the indexer's count: 58% of its scorer's stall
 # samples, 2026-12-07); a larger host array migrates a page every step instead
-# (`bench/host_arrays.py`). Opt-in until a decode step measures it
-# (`bench/decode_profile.py --compare DSV4_DEVICE_SCALARS --values 0,1`).
+# (`bench/host_arrays.py`: a 512-block kernel reading a host-made 4-byte array took 16.6 us
+# against 3.1 us from a GPU-made one, H100). Measured on a decode step (2026-12-07, tenth
+# session, H100, `bench/decode_profile.py --compare DSV4_DEVICE_SCALARS --values 0,1`, Flash
+# dimensions, 4 layers, 64 experts, 4K context, two rounds): evaluating a step 1.90 / 1.90
+# -> 1.84 / 1.84 ms, but pipelined (as generation runs) 1.70 / 1.70 -> 1.71 / 1.72 ms, with
+# 2 more primitives a step: no gain where it counts, so it stays opt-in.
 DEVICE_SCALARS_ENV = "DSV4_DEVICE_SCALARS"
+_device_scalars: dict = {}  # the variable's raw value -> the answer
 
 
 def device_scalars() -> bool:
-    """Whether `DEVICE_SCALARS_ENV` asks for device-made position arrays (CUDA only)."""
-    return os.environ.get(DEVICE_SCALARS_ENV, "0").strip() == "1" and cuda_available()
+    """Whether `DEVICE_SCALARS_ENV` asks for device-made position arrays (CUDA only; asked
+    by every kernel call that takes a constant: the answer is remembered per value)."""
+    raw = os.environ.get(DEVICE_SCALARS_ENV, "0")
+    got = _device_scalars.get(raw)
+    if got is None:
+        got = _device_scalars[raw] = raw.strip() == "1" and cuda_available()
+    return got
 
 
 def position(s: int) -> mx.array:
