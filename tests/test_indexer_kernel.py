@@ -1485,7 +1485,6 @@ def test_gpu_row_topk(gpu, mode, monkeypatch):
         monkeypatch.setattr(ki, "TOPK_ROW", 0)
         check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1], k,
                    f"dispatch decode, slices {mode} {kind}")
-        monkeypatch.undo()
     N = 262144
     for case in ("narrow", "tail", "dups", "allequal"):
         sc = _row_scores(rng, case, 1, 3, N)
