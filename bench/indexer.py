@@ -244,7 +244,7 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
                     ki.indexer_scores_kernel(*a[:3], None, backend=backend, frag=fr))
                    for fr in (0, 1)]
             # the top-k: S slices + merge (default), one group a row (TOPK_ROW) by launch
-            fns += [("select (default), all visible", lambda: ki.indexer_select_kernel(
+            fns += [("select slices, all visible", lambda: ki.indexer_select_kernel(
                 s, None, K, backend=backend, row=0))]
             fns += [(f"select row tg{tg} u{u} cap{cap} ha{ha}, all visible",
                      lambda tg=tg, u=u, cap=cap, ha=ha: ki.indexer_select_kernel(
@@ -524,11 +524,11 @@ def main(argv=None):
                 f"{n} {by[n]['build_ms']:.3f}" for n in names if n in by))
             if ch and "floor" in by and "ops" in by:  # what a call adds to the chain
                 fl = by["floor"]["median_ms"]
+                ops = by["ops"]["median_ms"] - fl
+                adds = [(n, by[n]["median_ms"] - fl) for n in ["ops"] + ratio_names
+                        if n in by and by[n]["median_ms"] > fl]
                 print(f"  links subtracted ({fl:.3f} ms a call), {key[0]} N={key[1]}: "
-                      + ", ".join(f"{n} {by[n]['median_ms'] - fl:.3f} ms "
-                                  f"({(by['ops']['median_ms'] - fl) / (by[n]['median_ms'] - fl):.2f}x)"
-                                  for n in ["ops"] + ratio_names
-                                  if n in by and by[n]["median_ms"] > fl))
+                      + ", ".join(f"{n} {t:.3f} ms ({ops / t:.2f}x)" for n, t in adds))
     if skipped:
         print("\nskipped:")
         for fmt, N, T, name, why in skipped:

@@ -114,8 +114,9 @@ def visibles(rng, T, N, k):
     return np.clip(np.array(v[:T], np.int32), 0, N)
 
 
-def check_topk(idx, ref, visible, k, what=""):
-    """Selection modulo ties (see module docstring)."""
+def check_topk(idx, ref, visible, k, what="", exact=False):
+    """Selection modulo ties (see module docstring); ``exact``: `ref` holds the very scores
+    the select read, so the picks' values must be the k largest exactly."""
     idx = np.asarray(idx)
     B, T, N = ref.shape
     assert idx.shape == (B, T, k), (what, idx.shape, (B, T, k))
@@ -130,7 +131,7 @@ def check_topk(idx, ref, visible, k, what=""):
             assert (picks < vis).all(), (what, b, t, vis, row)
             if vis > k:
                 r = ref[b, t, :vis]
-                tol = 1e-4 * (np.abs(r).max() + 1e-6)
+                tol = 0.0 if exact else 1e-4 * (np.abs(r).max() + 1e-6)
                 got = np.sort(r[picks])
                 exp = np.sort(r)[-k:]
                 np.testing.assert_allclose(got, exp, rtol=0, atol=tol,
@@ -715,6 +716,41 @@ def test_topk_regs():
     assert ki.topk_regs(100, 256, 1) == 1
 
 
+def test_row_rule(clean_dispatch):
+    """When the one-group top-k runs: decode rows of ROW_MIN..ROW_MAX entries by default
+    (CUDA; Metal keeps the slices), any rows when asked for, never where a call names the
+    slices' own parameters; its launch limits (32-1024 threads, CAP 1-2048)."""
+    N0 = ki.ROW_MIN
+    assert ki._row(1, 1, N0, 512, None) == bool(ki.TOPK_ROW)
+    assert not ki._row(1, 1, ki.ROW_MIN - 1, 512, None)
+    assert not ki._row(1, 1, ki.ROW_MAX + 1, 512, None)
+    assert not ki._row(1, 132, N0, 512, None)  # prefill chunks: many rows
+    assert ki._row(1, 132, N0, 512, 1) and not ki._row(1, 1, N0, 512, 0)
+    assert not ki._row(1, 1, 512, 512, 1)  # no more entries than k: nothing to select
+    assert not ki._row(1, 1, N0, 512, None, "metal") or ki.TOPK_ROW_METAL
+    clean_dispatch.setenv(ki.VARIANTS_ENV, "norow")
+    assert not ki._row(1, 1, N0, 512, None)
+    clean_dispatch.setenv(ki.VARIANTS_ENV, "row")
+    clean_dispatch.setattr(ki, "TOPK_ROW", 0)
+    assert ki._row(1, 1, N0, 512, None)
+    clean_dispatch.delenv(ki.VARIANTS_ENV)
+    clean_dispatch.setattr(ki, "TOPK_ROW", 1)
+    for tg, cap in ((2048, 64), (48, 64), (1024, 0), (1024, 4096)):
+        with pytest.raises(ValueError):
+            ki._row_spec(1, 1, 512, tg, 8, cap, 0)
+    names = []
+    clean_dispatch.setattr(ki, "_kernel", lambda backend, ks: (
+        lambda inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw:
+        names.append(ks.name) or [mx.zeros(sh, d) for sh, d in zip(output_shapes, output_dtypes)]))
+    sc = mx.zeros((1, 1, N0))
+    for kw, want in (({}, "dsv4_indexer_topk_row_all"), ({"r": 0}, "dsv4_indexer_topk_all"),
+                     ({"s": 4}, "dsv4_indexer_topk_all"), ({"fuse": 0}, "dsv4_indexer_topk_all"),
+                     ({"row": 1, "tg": 512}, "dsv4_indexer_topk_row_all")):
+        names.clear()
+        ki.indexer_select_kernel(sc, None, 512, backend="cuda", **kw)
+        assert names[0] == want, (kw, names)
+
+
 @needs_cxx
 @pytest.mark.parametrize("case", ["random", "ties", "allequal", "negative", "fewvisible", "dups",
                                   "perm"])
@@ -802,7 +838,7 @@ def test_emulated_topk_row(emu, case, k, tg, u, cap, ha):
     picks = []
     for walk in (0, 1):
         idx, val = emu.row(s, vis, k, tg=tg, u=u, cap=cap, ha=ha, walk=walk)
-        check_topk(idx, ref, vis, k, f"emu row topk {case} w{walk}")
+        check_topk(idx, ref, vis, k, f"emu row topk {case} w{walk}", exact=True)
         got = np.take_along_axis(s, np.maximum(idx, 0), axis=-1)
         np.testing.assert_array_equal(np.where(idx >= 0, got, -np.inf), val)
         picks.append(idx)
@@ -811,7 +847,8 @@ def test_emulated_topk_row(emu, case, k, tg, u, cap, ha):
     full = np.where(np.isfinite(s), s, 0.0).astype(np.float32)
     idx, _ = emu.row(full, np.full(T, -5, np.int32), k, tg=tg, u=u, cap=cap, ha=ha,
                      allvis=True)
-    check_topk(idx, full, np.full(T, N, np.int32), k, f"emu row topk all visible {case}")
+    check_topk(idx, full, np.full(T, N, np.int32), k, f"emu row topk all visible {case}",
+               exact=True)
 
 
 @needs_cxx
@@ -998,11 +1035,13 @@ def test_kernel_bodies_stay_in_the_common_subset():
         for bad in (r"\bdouble\b", r"\bprintf\b", r"\bnew\b", r"\bgoto\b", r"\bstd::",
                     r"__syncthreads", r"threadIdx", r"simd_", r"__shfl"):
             assert not re.search(bad, body), bad
-    for ks in (src.topk_source("metal"),):
+    for ks in (src.topk_source("metal"), src.topk_row_source("metal"),
+               src.topk_row_source("metal", True)):
         for bad in (r"\bdouble\b", r"\bstd::", r"__syncthreads", r"threadIdx", r"simd_"):
             assert not re.search(bad, ks.source), bad
     # inputs are never bound to local pointers (Metal 'constant' vs 'device' inputs)
     for ks in ([src.score_source("metal", m) for m in src.KEY_MODES] + [src.topk_source("metal")]
+               + [src.topk_row_source("metal")]
                + [src.score_mma_source("metal", m) for m in src.MMA_KEY_MODES]):
         for n in ks.input_names:
             assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n
@@ -1396,7 +1435,8 @@ def test_gpu_mma_scores(gpu, B, T, H, D, mode):
 @pytest.mark.parametrize("mode", ["fp4", "bf16"])
 def test_gpu_all_visible(gpu, mode):
     """A decode row with visible None (every entry visible: the `_all` sources read no count):
-    the same picks as the count N, through every scorer, sliced and fused or not, planned."""
+    the same picks as the count N, through every scorer, sliced and fused or not, planned
+    (at 70,000 entries the dispatch's one-group top-k)."""
     rng = np.random.default_rng(21)
     B, T, H, D, N, k = 1, 1, 64, 128, 70000, 512
     q, w, keys = make_case(rng, B, T, H, D, N)
@@ -1470,21 +1510,25 @@ def test_gpu_row_topk(gpu, mode, monkeypatch):
         vis = np.array([N, 700, 100], np.int32)
         qa, wa, va = mx.array(q), mx.array(w), mx.array(vis)
         scores = ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu)
+        sc = np.array(scores)  # (the select's own input: its picks must be exactly the top k)
         for tg, u, cap, ha, walk in ((1024, 8, 2048, 1, 0), (1024, 4, 2048, 0, 1),
                                      (512, 8, 64, 1, 0), (256, 2, 1, 1, 1)):
             idx = ki.indexer_select_kernel(scores, va, k, backend=gpu, row=1, tg=tg, u=u,
                                            cap=cap, ha=ha, walk=walk)
             check_topk(idx, ref, vis, k, f"row {mode} {kind} tg={tg} cap={cap} ha={ha}")
+            check_topk(idx, sc, vis, k, f"row {mode} {kind} tg={tg} cap={cap}, exact", exact=True)
         idx = ki.indexer_topk_kernel(qa[:, :1], wa[:, :1], km, None, k, backend=gpu,
                                      launch={"row": 1})
         check_topk(idx, ref[:, :1], vis[:1], k, f"row {mode} {kind} all visible")
         monkeypatch.setattr(ki, "TOPK_ROW", 1)
         monkeypatch.setattr(ki, "ROW_MAX", 1 << 20)  # (140,000 entries: past the default)
-        check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1], k,
-                   f"dispatch decode, one-group top-k {mode} {kind}")
-        monkeypatch.setattr(ki, "TOPK_ROW", 0)
-        check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1], k,
-                   f"dispatch decode, slices {mode} {kind}")
+        with warnings.catch_warnings():  # (a kernel that failed its probe would warn and
+            warnings.simplefilter("error")  # fall back to the ops path)
+            check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1],
+                       k, f"dispatch decode, one-group top-k {mode} {kind}")
+            monkeypatch.setattr(ki, "TOPK_ROW", 0)
+            check_topk(ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k), ref[:, :1], vis[:1],
+                       k, f"dispatch decode, slices {mode} {kind}")
     N = 262144
     for case in ("narrow", "tail", "dups", "allequal"):
         sc = _row_scores(rng, case, 1, 3, N)
@@ -1494,7 +1538,7 @@ def test_gpu_row_topk(gpu, mode, monkeypatch):
             idx = ki.indexer_select_kernel(mx.array(sc), mx.array(vis), k, backend=gpu, row=1,
                                            cap=cap)
             check_topk(idx, np.where(np.isfinite(sc), sc, -1e30), vis, k,
-                       f"row {case} {N} cap={cap}")
+                       f"row {case} {N} cap={cap}", exact=True)
 
 
 @needs_gpu

@@ -377,9 +377,10 @@ def topk_row_launch(B: int, T: int, N: int, k: int) -> tuple[int, int, int, int]
 def _row_spec(B, T, k, tg, u, cap, ha, walk=None):
     """`_topk_spec` of the one-group top-k: outputs idx, val [B, T, K]."""
     walk = _flag("walk", walk, TOPK_WALK)
-    if 4096 % tg or tg % 32 or not 2 * cap <= 8192:
-        raise ValueError(f"the one-group top-k takes TG dividing 4096 (a multiple of 32) and "
-                         f"CAP <= 4096, got TG {tg}, CAP {cap}")
+    if not (32 <= tg <= 1024 and tg % 32 == 0 and 4096 % tg == 0 and 1 <= cap <= 2048):
+        raise ValueError(f"the one-group top-k takes TG of 32-1024 dividing 4096 (its warps' "
+                         f"sums: 32 at most) and CAP of 1-2048 (16 KB of shared keys, within "
+                         f"Metal's 32 KB), got TG {tg}, CAP {cap}")
     return ([("K", k), ("TG", tg), ("U", u), ("CAP", cap), ("HA", ha), ("WALK", walk)],
             (tg, T, B), (tg, 1, 1), [(B, T, k)] * 2, [mx.int32, mx.float32])
 
@@ -543,12 +544,13 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     ``fuse``: with S > 1, one launch (`TOPK_FUSE` by default; see `_fuse`); ``tick``: its
     zeroed row counters (the scoring kernel's, `indexer_scores_kernel(tick=True)`; default
     fresh zeros). ``row``: one group a row (`topk_row_source`): 1 forces it, 0 forbids it,
-    None: `_row`'s rule (slices wherever ``s`` or ``fuse`` is given); ``tg``, ``u``, ``cap``,
-    ``ha``: its launch, default `topk_row_launch`."""
+    None: `_row`'s rule (slices wherever ``s``, ``r``, ``fuse`` or ``tick`` is given); ``tg``,
+    ``u`` tune whichever top-k runs; ``cap``, ``ha``: the one group's (default
+    `topk_row_launch`)."""
     B, T, N = scores.shape
     allvis = visible is None
-    if row is None and (fuse is not None or s is not None):
-        row = 0  # (slices asked for by their count or their merge)
+    if row is None and (fuse is not None or s is not None or r is not None or tick is not None):
+        row = 0  # (slices asked for by their count, registers or merge)
     if _row(B, T, N, k, row, backend):
         TG, U, CAP, HA = topk_row_launch(B, T, N, k)
         template, grid, tgs, shapes, dtypes = _row_spec(
@@ -602,7 +604,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     # the fused top-k counts on row counters that the scoring launch zeroes
     B, T = q.shape[:2]
     row = launch.get("row")
-    if row is None and ("fuse" in launch or "s" in launch):
+    if row is None and any(a in launch for a in ("fuse", "s", "r")):
         row = 0  # (as `indexer_select_kernel` takes them)
     fused = (select == "kernel" and not _row(B, T, N, k, row, backend)
              and _fused(launch.get("s") or topk_launch(B, T, N, k)[2], launch.get("fuse"),

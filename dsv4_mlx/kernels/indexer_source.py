@@ -1160,12 +1160,12 @@ def _topk_body(fused: bool, allvis: bool = False) -> str:
     return body + _TOPK_MERGE.replace("@RADIX2@", textwrap.indent(radix2, "  "))
 
 
-# The top-k of a decode row by one group (`topk_row_source`; opt-in: `indexer.TOPK_ROW`): the
-# row read twice instead of S slices and a merge. A histogram of the keys' top 12 bits
-# (sign, exponent, 3 mantissa bits: 4096 bins, where the first pass of `_TOPK_RADIX` has 256
-# bins of which a row's scores fill two or three) finds the bin of the K-th key; a second
-# read takes the keys above it and copies the bin's keys to shared memory when they fit, and
-# 8-bit passes finish there.
+# The top-k of a decode row by one group (`topk_row_source`; `indexer.TOPK_ROW`: the default
+# on CUDA for 32K-128K entries): the row read twice instead of S slices and a merge. A
+# histogram of the keys' top 12 bits (sign, exponent, 3 mantissa bits: 4096 bins, where the
+# first pass of `_TOPK_RADIX` has 256 bins of which a row's scores fill two or three) finds
+# the bin of the K-th key; a second read takes the keys above it and copies the bin's keys to
+# shared memory when they fit, and 8-bit passes finish there.
 _TOPK_ROW_BODY = """\
   // ---- top-k selection, one group a row (spec §4.7; decode rows) ----
   // The K largest of scores[b, t, 0:vis) by one group of TG threads, the row streamed from
@@ -1376,7 +1376,8 @@ _TOPK_ROW_BODY = """\
 def _topk_row_body(allvis: bool) -> str:
     body = _TOPK_ROW_BODY.replace("@DIGIT@", _TOPK_DIGIT)
     body = body.replace("@PICK_CAND@", _topk_pick(
-        "key", "  out[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n  oval[p] = ki_order_value(key);\n"))
+        "key", "  out[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n"
+               "  oval[p] = ki_order_value(key);\n"))
     body = body.replace("@PICK_STREAM@", textwrap.indent(_topk_pick(
         "ki_order_key(sv[j])", "  out[p] = i;\n  oval[p] = sv[j];\n"), "  "))
     if allvis:
