@@ -716,6 +716,33 @@ def test_topk_regs():
     assert ki.topk_regs(100, 256, 1) == 1
 
 
+@pytest.mark.parametrize("N,fuse,row", [(140000, 0, 0), (140000, 1, 0), (65536, 0, 1),
+                                        (65536, 0, 0), (4096, 0, 1)])
+def test_probe_builds_the_calls_kernels(clean_dispatch, N, fuse, row):
+    """The availability probe compiles every launch with the template constants the call
+    itself will use (sizes differ; at 140,000 entries the slices hold no registers while the
+    merge does)."""
+    log = []
+
+    def recorder(backend, ks):
+        def kern(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
+            log.append((ks.name, list(template), tuple(threadgroup)))
+            return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+        return kern
+
+    clean_dispatch.setattr(ki, "_kernel", recorder)
+    clean_dispatch.setattr(ki, "TOPK_FUSE", fuse)
+    clean_dispatch.setattr(ki, "TOPK_ROW", row)
+    q = mx.zeros((1, 1, 64, 128), mx.bfloat16)
+    keys = (mx.zeros((1, N, 16), mx.uint32), mx.zeros((1, N, 4), mx.uint8))
+    _, probe = ki._variant_key("cuda", q, keys, 512, True)
+    probe()
+    probed = list(log)
+    log.clear()
+    ki.indexer_topk_kernel(q, mx.zeros((1, 1, 64)), keys, None, 512, backend="cuda")
+    assert probed == log and len(log) >= 2, (probed, log)
+
+
 def test_row_rule(clean_dispatch):
     """When the one-group top-k runs: decode rows of ROW_MIN..ROW_MAX entries by default
     (CUDA; Metal keeps the slices), any rows when asked for, never where a call names the

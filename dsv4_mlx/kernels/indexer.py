@@ -509,11 +509,12 @@ def _topk_spec(B, T, M, k, tg, u, s, mapped, r=None, walk=None):
             (s * tg, T, B), (tg, 1, 1), [(B, T, s * k)] * 2, [mx.int32, mx.float32])
 
 
-def _fused_spec(B, T, M, k, tg, u, s, r=None, walk=None):
+def _fused_spec(B, T, M, k, tg, u, s, r=None, walk=None, r2=None):
     """`_topk_spec` of the fused top-k (`indexer_source.topk_fused_source`): the slices' own
     registers R, the merge's R2 (its S * K candidates), outputs idx, val (the candidates),
     thr (the slices' bounds), fin (the picks)."""
-    r2 = 0 if r == 0 else topk_regs(s * k, tg, 1)  # (r = 0 asked: no registers anywhere)
+    if r2 is None:  # (r = 0 asked: no registers anywhere)
+        r2 = 0 if r == 0 else topk_regs(s * k, tg, 1)
     r = topk_regs(M, tg, s) if r is None else r
     walk = _flag("walk", walk, TOPK_WALK)
     return ([("K", k), ("TG", tg), ("U", u), ("S", s), ("MAPPED", False), ("R", r), ("R2", r2),
@@ -535,12 +536,13 @@ def _select_launch(backend, scores, visible, cidx, k, tg, u, s, mapped, r=None, 
 
 def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=None, s=None,
                           r=None, walk=None, fuse=None, tick=None, row=None, cap=None,
-                          ha=None):
+                          ha=None, r2=None):
     """Top-k indices [B, T, k] int32 of masked scores (-1 for invisible picks; ``visible``
     None: every entry visible, no count read).
 
     ``r``: register keys a thread of the first launch (default `topk_regs`; 0: none, in
-    either launch, the scores read at every pass). ``walk``: `TOPK_WALK` by default.
+    either launch, the scores read at every pass); ``r2``: the merge's, where given.
+    ``walk``: `TOPK_WALK` by default.
     ``fuse``: with S > 1, one launch (`TOPK_FUSE` by default; see `_fuse`); ``tick``: its
     zeroed row counters (the scoring kernel's, `indexer_scores_kernel(tick=True)`; default
     fresh zeros). ``row``: one group a row (`topk_row_source`): 1 forces it, 0 forbids it,
@@ -549,7 +551,7 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     `topk_row_launch`)."""
     B, T, N = scores.shape
     allvis = visible is None
-    if row is None and (fuse is not None or s is not None or r is not None or tick is not None):
+    if row is None and any(a is not None for a in (fuse, s, r, r2, tick)):
         row = 0  # (slices asked for by their count, registers or merge)
     if _row(B, T, N, k, row, backend):
         TG, U, CAP, HA = topk_row_launch(B, T, N, k)
@@ -565,7 +567,7 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     if _fused(S, fuse, backend):
         if tick is None:
             tick = mx.zeros((B * T,), mx.uint32)
-        template, grid, tgs, shapes, dtypes = _fused_spec(B, T, N, k, TG, U, S, r, walk)
+        template, grid, tgs, shapes, dtypes = _fused_spec(B, T, N, k, TG, U, S, r, walk, r2)
         out = _kernel(backend, src.topk_fused_source(backend, allvis))(
             inputs=[scores, visible, tick], template=template, grid=grid, threadgroup=tgs,
             output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu,
@@ -575,7 +577,7 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
                               walk, allvis)
     if S > 1:  # the S * k candidates of each row, selected by one group of 1024
         idx, _ = _select_launch(backend, val, visible, idx, k, 1024, U, 1, True,
-                                0 if r == 0 else None, walk)
+                                (0 if r == 0 else None) if r2 is None else r2, walk)
     return idx
 
 
@@ -753,8 +755,10 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
             i = indexer_select_kernel(s, vis, k, backend=backend, row=True, tg=rl[0], u=rl[1],
                                       cap=rl[2], ha=rl[3])
         else:
+            # (the merge with the registers the call's default gives it, whatever R is)
             i = indexer_select_kernel(s, vis, k, backend=backend, tg=TG, u=U, s=S, r=R,
-                                      fuse=fused, tick=tick, row=False)
+                                      fuse=fused, tick=tick, row=False,
+                                      r2=topk_regs(S * k, TG if fused else 1024, 1))
         mx.eval(s, i)
 
     return key, probe
