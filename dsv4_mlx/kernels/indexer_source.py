@@ -958,6 +958,56 @@ _TOPK_DIGIT = """\
     }
 """
 
+# The streamed parts of a radix select (entries lo .. hi of the row at `base`, U loads in flight
+# a thread, @GUARD@ before the bound: "!reg && " where register keys may serve instead):
+# a pass's histogram of the keys matching `prefix` under `mask`, and the last pass's picks.
+_STREAM_HIST = """\
+    for (int i0 = lo + ki_tid; @GUARD@i0 < hi; i0 += TG * U) {
+      unsigned int uk[U];
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        const int i = i0 + j * TG;
+        uk[j] = i < hi ? @KEY(base + i)@ : 0u;
+      }
+      KI_UNROLL
+      for (int j = 0; j < U; ++j) {
+        if (i0 + j * TG < hi && (uk[j] & mask) == prefix) {
+          KI_HIST_ADD(ki_hist, (uk[j] >> shift) & 255u);
+        }
+      }
+    }
+"""
+_STREAM_PICK = """\
+  for (int i0 = lo + ki_tid; @GUARD@i0 < hi; i0 += TG * U) {
+    float sv[U];
+    KI_UNROLL
+    for (int j = 0; j < U; ++j) {
+      const int i = i0 + j * TG;
+      sv[j] = i < hi ? @VAL(base + i)@ : 0.0f;
+    }
+    KI_UNROLL
+    for (int j = 0; j < U; ++j) {
+      const int i = i0 + j * TG;
+@PICK_STREAM@    }
+  }
+"""
+
+
+def _sub_calls(text: str, name: str, fn) -> str:
+    """`text` with every @name(arg)@ replaced by fn(arg)."""
+    while f"@{name}(" in text:
+        a = text.index(f"@{name}(")
+        b = text.index(")@", a)
+        text = text[:a] + fn(text[a + len(name) + 2:b]) + text[b + 2:]
+    return text
+
+
+def _streamed(guard: str) -> dict:
+    """The @STREAM_HIST@ / @STREAM_PICK@ replacements (`_STREAM_HIST`, `_STREAM_PICK`)."""
+    return {"@STREAM_HIST@": _STREAM_HIST.replace("@GUARD@", guard),
+            "@STREAM_PICK@": _STREAM_PICK.replace("@GUARD@", guard)}
+
+
 _TOPK_RADIX = """
   // the slice in registers: key j of a thread is entry lo + ki_tid + j * TG
   constexpr int RR = @R@ > 0 ? @R@ : 1;
@@ -983,21 +1033,7 @@ _TOPK_RADIX = """
         }
       }
     }
-    for (int i0 = lo + ki_tid; !reg && i0 < hi; i0 += TG * U) {
-      unsigned int uk[U];
-      KI_UNROLL
-      for (int j = 0; j < U; ++j) {
-        const int i = i0 + j * TG;
-        uk[j] = i < hi ? @KEY(base + i)@ : 0u;
-      }
-      KI_UNROLL
-      for (int j = 0; j < U; ++j) {
-        if (i0 + j * TG < hi && (uk[j] & mask) == prefix) {
-          KI_HIST_ADD(ki_hist, (uk[j] >> shift) & 255u);
-        }
-      }
-    }
-    KI_BARRIER();
+@STREAM_HIST@    KI_BARRIER();
 @DIGIT@    KI_BARRIER();
     prefix |= ki_sel[0] << shift;
     mask |= 255u << shift;
@@ -1014,19 +1050,7 @@ _TOPK_RADIX = """
       const int i = lo + ki_tid + j * TG;
 @PICK_REG@    }
   }
-  for (int i0 = lo + ki_tid; !reg && i0 < hi; i0 += TG * U) {
-    float sv[U];
-    KI_UNROLL
-    for (int j = 0; j < U; ++j) {
-      const int i = i0 + j * TG;
-      sv[j] = i < hi ? @VAL(base + i)@ : 0.0f;
-    }
-    KI_UNROLL
-    for (int j = 0; j < U; ++j) {
-      const int i = i0 + j * TG;
-@PICK_STREAM@    }
-  }
-"""
+@STREAM_PICK@"""
 
 # The last pass's pick of entry i with order key KEY and score VALUE (both paths above): a key
 # above the bin is taken, one in the bin while krem remain; the pick's slot from the counters.
@@ -1112,16 +1136,12 @@ def _topk_radix(regs: str, key_at, val_at, key_of_val, put: str, prefix: str,
     ``val_at(i)`` the order key / value at element i, ``key_of_val(v)`` the key of a loaded
     value; `put` the pick's stores (entry i, slot p, its value VALUE); the declarations of
     `prefix` and `mask`; the first pass."""
-    def sub(text, name, fn):
-        while f"@{name}(" in text:
-            a = text.index(f"@{name}(")
-            b = text.index(")@", a)
-            text = text[:a] + fn(text[a + len(name) + 2:b]) + text[b + 2:]
-        return text
-
-    t = (_TOPK_RADIX.replace("@DIGIT@", _TOPK_DIGIT).replace("@R@", regs)
+    t = _TOPK_RADIX
+    for mark, text in _streamed("!reg && ").items():
+        t = t.replace(mark, text)
+    t = (t.replace("@DIGIT@", _TOPK_DIGIT).replace("@R@", regs)
          .replace("@PREFIX@", prefix).replace("@PASS0@", pass0))
-    t = sub(sub(t, "KEY", key_at), "VAL", val_at)
+    t = _sub_calls(_sub_calls(t, "KEY", key_at), "VAL", val_at)
     t = t.replace("@PICK_REG@", _topk_pick("rk[j]", put.replace("VALUE", "ki_order_value(rk[j])")))
     return t.replace("@PICK_STREAM@", _topk_pick(key_of_val("sv[j]"), put.replace("VALUE", "sv[j]")))
 
@@ -1325,21 +1345,9 @@ _TOPK_ROW_BODY = """\
         if ((key & mask) == prefix) KI_HIST_ADD(ki_hist, (key >> shift) & 255u);
       }
     } else {
-      for (int i0 = ki_tid; i0 < vis; i0 += TG * U) {
-        unsigned int uk[U];
-        KI_UNROLL
-        for (int j = 0; j < U; ++j) {
-          const int i = i0 + j * TG;
-          uk[j] = i < vis ? ki_order_key(scores[base + i]) : 0u;
-        }
-        KI_UNROLL
-        for (int j = 0; j < U; ++j) {
-          if (i0 + j * TG < vis && (uk[j] & mask) == prefix) {
-            KI_HIST_ADD(ki_hist, (uk[j] >> shift) & 255u);
-          }
-        }
-      }
-    }
+      const int lo = 0;
+      const int hi = vis;
+  @STREAM_HIST@    }
     KI_BARRIER();
 @DIGIT@    KI_BARRIER();
     prefix |= ki_sel[0] << shift;
@@ -1356,30 +1364,24 @@ _TOPK_ROW_BODY = """\
       const unsigned int key = KI_ATOMIC_LOAD(ki_big[i]);
 @PICK_CAND@    }
   } else {
+    const int lo = 0;
     const int hi = vis;
-    for (int i0 = ki_tid; i0 < hi; i0 += TG * U) {
-      float sv[U];
-      KI_UNROLL
-      for (int j = 0; j < U; ++j) {
-        const int i = i0 + j * TG;
-        sv[j] = i < hi ? scores[base + i] : 0.0f;
-      }
-      KI_UNROLL
-      for (int j = 0; j < U; ++j) {
-        const int i = i0 + j * TG;
-@PICK_STREAM@      }
-    }
-  }
+  @STREAM_PICK@  }
 """
 
 
 def _topk_row_body(allvis: bool) -> str:
-    body = _TOPK_ROW_BODY.replace("@DIGIT@", _TOPK_DIGIT)
+    body = _TOPK_ROW_BODY
+    pick = _topk_pick("ki_order_key(sv[j])", "  out[p] = i;\n  oval[p] = sv[j];\n")
+    for mark, text in _streamed("").items():  # (one level deeper than the radix select's)
+        body = body.replace("  " + mark,
+                            textwrap.indent(text.replace("@PICK_STREAM@", pick), "  "))
+    body = _sub_calls(_sub_calls(body, "KEY", lambda i: f"ki_order_key(scores[{i}])"), "VAL",
+                      lambda i: f"scores[{i}]")
+    body = body.replace("@DIGIT@", _TOPK_DIGIT)
     body = body.replace("@PICK_CAND@", _topk_pick(
         "key", "  out[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n"
                "  oval[p] = ki_order_value(key);\n"))
-    body = body.replace("@PICK_STREAM@", textwrap.indent(_topk_pick(
-        "ki_order_key(sv[j])", "  out[p] = i;\n  oval[p] = sv[j];\n"), "  "))
     if allvis:
         assert body.count(_VIS_READ) == 1
         body = body.replace(_VIS_READ, "  int vis = M;\n")
