@@ -1483,6 +1483,16 @@ def test_gpu_all_visible(gpu, mode):
     check_topk(ki.indexer_topk(qb, wa, km, None, k), ref, vis, k, f"dispatch, all visible {mode}")
 
 
+def _long_rows(rng, mode, kind, B, T, H, D, N):
+    """Three decode-like rows of N entries for the long-row top-k tests, seeing N, 700 and
+    100 of them: (q, w, keys as the kernels take them, reference scores, counts as numpy
+    and as an array)."""
+    q, w, keys = make_case(rng, B, T, H, D, N, kind)
+    km, kf = _mx_keys(mode, keys)
+    vis = np.array([N, 700, 100], np.int32)
+    return mx.array(q), mx.array(w), km, ref_scores(q, w, kf), vis, mx.array(vis)
+
+
 @needs_gpu
 @pytest.mark.parametrize("mode", ["fp4", "bf16"])
 def test_gpu_sliced_topk(gpu, mode):
@@ -1491,11 +1501,7 @@ def test_gpu_sliced_topk(gpu, mode):
     B, T, H, D, N, k = 1, 3, 64, 128, 140000, 512
     assert ki.topk_launch(B, T, N, k)[2] > 1
     for kind in ("random", "zeros"):
-        q, w, keys = make_case(rng, B, T, H, D, N, kind)
-        km, kf = _mx_keys(mode, keys)
-        ref = ref_scores(q, w, kf)
-        vis = np.array([N, 700, 100], np.int32)
-        qa, wa, va = mx.array(q), mx.array(w), mx.array(vis)
+        qa, wa, km, ref, vis, va = _long_rows(rng, mode, kind, B, T, H, D, N)
         for s in (None, 1, 4, 32, 77):
             for fuse in (0, 1):  # the slices' merge as a second launch, or in the same one
                 idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu,
@@ -1531,11 +1537,7 @@ def test_gpu_row_topk(gpu, mode, monkeypatch):
     rng = np.random.default_rng(31)
     B, T, H, D, N, k = 1, 3, 64, 128, 140000, 512
     for kind in ("random", "zeros"):
-        q, w, keys = make_case(rng, B, T, H, D, N, kind)
-        km, kf = _mx_keys(mode, keys)
-        ref = ref_scores(q, w, kf)
-        vis = np.array([N, 700, 100], np.int32)
-        qa, wa, va = mx.array(q), mx.array(w), mx.array(vis)
+        qa, wa, km, ref, vis, va = _long_rows(rng, mode, kind, B, T, H, D, N)
         scores = ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu)
         sc = np.array(scores)  # (the select's own input: its picks must be exactly the top k)
         for tg, u, cap, ha, walk in ((1024, 8, 2048, 1, 0), (1024, 4, 2048, 0, 1),

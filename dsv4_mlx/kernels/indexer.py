@@ -364,6 +364,12 @@ def _row(B: int, T: int, N: int, k: int, value, backend: str = "cuda") -> bool:
             and bool(_flag("row", None, TOPK_ROW_METAL if backend == "metal" else TOPK_ROW)))
 
 
+def _row_asked(row, *slice_args):
+    """`row` as a call gives it, None turned to 0 where the call names any of the slices' own
+    parameters (their count, registers, merge, counters): it asked for the slices."""
+    return 0 if row is None and any(a is not None for a in slice_args) else row
+
+
 @functools.lru_cache(maxsize=256)
 def topk_row_launch(B: int, T: int, N: int, k: int) -> tuple[int, int, int, int]:
     """(TG threads a group, U loads in flight a thread, CAP keys of the K-th key's bin held in
@@ -551,9 +557,7 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
     `topk_row_launch`)."""
     B, T, N = scores.shape
     allvis = visible is None
-    if row is None and any(a is not None for a in (fuse, s, r, r2, tick)):
-        row = 0  # (slices asked for by their count, registers or merge)
-    if _row(B, T, N, k, row, backend):
+    if _row(B, T, N, k, _row_asked(row, fuse, s, r, r2, tick), backend):
         TG, U, CAP, HA = topk_row_launch(B, T, N, k)
         template, grid, tgs, shapes, dtypes = _row_spec(
             B, T, k, tg or TG, u or U, cap or CAP, HA if ha is None else int(bool(ha)), walk)
@@ -605,9 +609,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
     # the fused top-k counts on row counters that the scoring launch zeroes
     B, T = q.shape[:2]
-    row = launch.get("row")
-    if row is None and any(a in launch for a in ("fuse", "s", "r")):
-        row = 0  # (as `indexer_select_kernel` takes them)
+    row = _row_asked(launch.get("row"), *(launch.get(a) for a in ("fuse", "s", "r")))
     fused = (select == "kernel" and not _row(B, T, N, k, row, backend)
              and _fused(launch.get("s") or topk_launch(B, T, N, k)[2], launch.get("fuse"),
                         backend))
