@@ -62,6 +62,8 @@
 # pipeline  bench/pipeline_probe.py (Flash dimensions, 4 layers, 64 and 256 experts, CONTEXT
 #         (2048)): every step's time of the one-step loop, mlx-lm's generate_step and a
 #         hand-written pipelined loop, compiled decode parts off and on
+# ixstep  bench/decode_profile.py, DSV4_INDEXER_VARIANTS noone vs one (scoring and top-k of
+#         the CSA layers' indexer apart / in one launch) at IXSTEP_CONTEXT tokens
 # devscalars  bench/decode_profile.py, DSV4_DEVICE_SCALARS 0 vs 1 (the step's position made on
 #         the GPU: one Full launch a step, device memory for every kernel that reads it)
 # hostarrays  bench/host_arrays.py under ncu: what a small host-made array costs a kernel of
@@ -242,6 +244,14 @@ for step in "${steps[@]}"; do
       timeout ${IXWALL_TIMEOUT:-150} python bench/indexer.py --entries ${IXWALL_ENTRIES:-65536,262144} \
         --queries 1 --keys fp4 ${IXWALL_ARGS:-} --out "$OUT" > "$OUT/ixwall.log" 2>&1
       grep -v "^  fp4 " "$OUT/ixwall.log" | tail -40 ;;
+    ixstep)
+      # a decode step with scoring and top-k in one launch and apart (DSV4_INDEXER_VARIANTS
+      # noone vs one) at IXSTEP_CONTEXT tokens, default 131072: the CSA layers' indexer rows
+      # (a quarter of the tokens) reach ROW_MIN entries there
+      timeout ${IXSTEP_TIMEOUT:-240} python bench/decode_profile.py --preset flash --layers 4 \
+        --experts 64 --context ${IXSTEP_CONTEXT:-131072} --steps 24 --rounds 2 \
+        --compare DSV4_INDEXER_VARIANTS --values noone,one > "$OUT/ixstep.log" 2>&1
+      grep -E "primitives per step|round|DSV4_INDEXER" "$OUT/ixstep.log" | grep -v "by op" | tail -8 ;;
     devscalars)
       # the decode step with the position made on the GPU (DSV4_DEVICE_SCALARS 0 vs 1)
       timeout ${COMPILE_TIMEOUT:-150} python bench/decode_profile.py --preset flash --layers 4 \

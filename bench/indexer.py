@@ -9,11 +9,12 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
 * ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
-* ``kernel-all``, ``kernel-frag-all``, ``kernel-fuse-all``, ``kernel-slices-all`` (CUDA, one
-  query): the same with ``visible`` None (every entry visible, as a decode token passes it:
-  the kernels read no count array), as the dispatch chooses (the one-group top-k from 32K to
-  128K entries, `indexer.TOPK_ROW`), with the register-fragment scorer, the fused top-k, or
-  the S slices and their merge everywhere;
+* ``kernel-all``, ``kernel-row-all``, ``kernel-frag-all``, ``kernel-fuse-all``,
+  ``kernel-slices-all`` (CUDA, one query): the same with ``visible`` None (every entry
+  visible, as a decode token passes it: the kernels read no count array), as the dispatch
+  chooses (scoring and top-k in one launch from 32K to 128K entries, `indexer.SCORE_SELECT`),
+  with the scorer and the one-group top-k apart (`indexer.TOPK_ROW`), with the
+  register-fragment scorer, the fused top-k, or the S slices and their merge everywhere;
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``;
 * ``floor``: one tiny elementwise op (the visible counts + 1) evaluated the same way: what
@@ -257,6 +258,11 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
                          launch={"fuse": f, "row": r, "frag": fr}))
                     for how, f, r, fr in (("slices", 0, 0, 0), ("fused", 1, 0, 0),
                                           ("row", 0, 1, 0), ("row", 0, 1, 1))]
+            # scoring and the top-k in one launch (its work rows' fill included)
+            fns += [(f"score + select, one launch u{u}, all visible",
+                     lambda u=u: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend,
+                                                        launch={"one": 1, "u": u}))
+                    for u in (2, 4, 8)]
             # with the counts read (a prefill chunk's last row)
             fns += [("score + select (default), counts", lambda: ki.indexer_topk_kernel(
                 *a, K, backend=backend))]
@@ -390,11 +396,14 @@ def main(argv=None):
                                                                    backend=backend)
             paths["kernel-frag-all"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
-            paths["kernel-fuse-all"] = lambda a: _switched(lambda: _switched(
+            apart = lambda fn: _switched(fn, "SCORE_SELECT", 0)  # noqa: E731
+            paths["kernel-row-all"] = lambda a: apart(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
+            paths["kernel-fuse-all"] = lambda a: apart(lambda: _switched(lambda: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_ROW", 0),
-                "TOPK_FUSE")
-            paths["kernel-slices-all"] = lambda a: _switched(
-                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_ROW", 0)
+                "TOPK_FUSE"))
+            paths["kernel-slices-all"] = lambda a: apart(lambda: _switched(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "TOPK_ROW", 0))
         if backend == "cuda":  # the register-fragment scorer (opt-in), planned like the default
             paths["kernel-frag"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a, K, backend=backend))

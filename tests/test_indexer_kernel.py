@@ -351,6 +351,26 @@ class Emulator:
                                       [str(d).split(".")[-1] for d in dtypes], template, grid, tg)
         return fin, thr, tick
 
+    def score_select(self, q, w, key_arrays, key_mode, visible, k, tpt=None, u=4, cap=2048,
+                     walk=None, allvis=False):
+        """The one-launch scoring and top-k (`indexer_source.score_select_source`) with the
+        dispatch's launch spec: (idx, scores) (the work rows' first N columns)."""
+        B, T, H, D = q.shape
+        N = key_arrays[0].shape[1]
+        KC, SMEM4, QRES = src.mma_layout("cpp", H, D, ki.MMA_WARPS)
+        TPT = tpt or ki.mma_tiles(B * T, N, QRES)
+        score_t = [("D", D), ("H", H), ("NW", ki.MMA_WARPS), ("KC", KC), ("SMEM4", SMEM4),
+                   ("QRES", QRES), ("TPT", TPT), ("IDEC", ki.MMA_INT_DECODE), ("MMAPTX", 0)]
+        template, shapes, dtypes = ki._select_spec(B, T, N, k, score_t, u, cap, walk)
+        tpg = 32 * ki.MMA_WARPS
+        ngroups = -(-N // (16 * ki.MMA_WARPS * TPT))
+        idx, work = self.run(src.score_select_source("cpp", key_mode, allvis),
+                             [bf16_words(q), w, *key_arrays, visible], shapes,
+                             [str(d).split(".")[-1] for d in dtypes], template,
+                             (ngroups * tpg, T, B), tpg)
+        hist = work[:, -(-N // 4) * 4:].view(np.uint32)
+        return idx, work[:, :N].reshape(B, T, N), hist
+
     def row(self, scores, visible, k, tg=256, u=4, cap=2048, ha=1, walk=None, allvis=False):
         """The one-group top-k (`indexer_source.topk_row_source`) with the dispatch's launch
         spec: (idx, val)."""
@@ -716,12 +736,14 @@ def test_topk_regs():
     assert ki.topk_regs(100, 256, 1) == 1
 
 
-@pytest.mark.parametrize("N,fuse,row", [(140000, 0, 0), (140000, 1, 0), (65536, 0, 1),
-                                        (65536, 0, 0), (4096, 0, 1)])
-def test_probe_builds_the_calls_kernels(clean_dispatch, N, fuse, row):
+@pytest.mark.parametrize("N,fuse,row,one", [(140000, 0, 0, 0), (140000, 1, 0, 0),
+                                            (65536, 0, 1, 0), (65536, 0, 0, 0), (4096, 0, 1, 0),
+                                            (65536, 0, 1, 1), (65536, 0, 0, 1),
+                                            (140000, 0, 0, 1)])
+def test_probe_builds_the_calls_kernels(clean_dispatch, N, fuse, row, one):
     """The availability probe compiles every launch with the template constants the call
     itself will use (sizes differ; at 140,000 entries the slices hold no registers while the
-    merge does)."""
+    merge does; the one launch of scoring and top-k has the call's tiles a group)."""
     log = []
 
     def recorder(backend, ks):
@@ -733,6 +755,7 @@ def test_probe_builds_the_calls_kernels(clean_dispatch, N, fuse, row):
     clean_dispatch.setattr(ki, "_kernel", recorder)
     clean_dispatch.setattr(ki, "TOPK_FUSE", fuse)
     clean_dispatch.setattr(ki, "TOPK_ROW", row)
+    clean_dispatch.setattr(ki, "SCORE_SELECT", one)
     q = mx.zeros((1, 1, 64, 128), mx.bfloat16)
     keys = (mx.zeros((1, N, 16), mx.uint32), mx.zeros((1, N, 4), mx.uint8))
     _, probe = ki._variant_key("cuda", q, keys, 512, True)
@@ -740,7 +763,53 @@ def test_probe_builds_the_calls_kernels(clean_dispatch, N, fuse, row):
     probed = list(log)
     log.clear()
     ki.indexer_topk_kernel(q, mx.zeros((1, 1, 64)), keys, None, 512, backend="cuda")
-    assert probed == log and len(log) >= 2, (probed, log)
+    single = one and ki.ROW_MIN <= N <= ki.ROW_MAX
+    assert probed == log and len(log) == (1 if single else max(2, len(log))), (probed, log)
+    assert ("score_select" in log[0][0]) == bool(single)
+
+
+def test_one_rule(clean_dispatch):
+    """When scoring and top-k run as one launch: decode rows of ROW_MIN..ROW_MAX entries by
+    default (CUDA; not Metal, not with the register-fragment scorer), any rows when asked,
+    never where a call names the other top-k's or scorer's own parameters; its limits."""
+    N0 = ki.ROW_MIN
+    assert ki._one(1, 1, N0, 512, None, "cuda", 0) == bool(ki.SCORE_SELECT)
+    assert not ki._one(1, 1, N0, 512, None, "cuda", 1)  # the fragment scorer
+    assert not ki._one(1, 1, ki.ROW_MAX + 1, 512, None, "cuda", 0)
+    assert not ki._one(1, 132, N0, 512, None, "cuda", 0)
+    assert not ki._one(1, 1, N0, 512, None, "metal", 0) or ki.SCORE_SELECT_METAL
+    assert ki._one(1, 132, 600, 512, 1, "cuda", 1) and not ki._one(1, 1, 512, 512, 1, "cuda", 0)
+    clean_dispatch.setenv(ki.VARIANTS_ENV, "noone")
+    assert not ki._one(1, 1, N0, 512, None, "cuda", 0)
+    clean_dispatch.setattr(ki, "SCORE_SELECT", 0)
+    clean_dispatch.setenv(ki.VARIANTS_ENV, "one")
+    assert ki._one(1, 1, N0, 512, None, "cuda", 0)
+    clean_dispatch.delenv(ki.VARIANTS_ENV)
+    clean_dispatch.setattr(ki, "SCORE_SELECT", 1)
+    for u, cap in ((0, 64), (4, 0), (4, 4096)):
+        with pytest.raises(ValueError):
+            ki._select_spec(1, 1, N0, 512, [("SMEM4", 10)], u, cap)
+    tmpl, shapes, _ = ki._select_spec(1, 2, 1001, 64, [("SMEM4", 10), ("TPT", 2)], 4, 2048)
+    assert dict(tmpl)["SMEM4"] == 1024 and shapes == [(1, 2, 64), (2, 1004 + 4100)]
+    names = []
+    clean_dispatch.setattr(ki, "_kernel", lambda backend, ks: (
+        lambda inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw:
+        names.append(ks.name) or [mx.zeros(sh, d) for sh, d in zip(output_shapes, output_dtypes)]))
+    q = mx.zeros((1, 1, 64, 128), mx.bfloat16)
+    keys = (mx.zeros((1, N0, 16), mx.uint32), mx.zeros((1, N0, 4), mx.uint8))
+    for launch, want in (({}, "dsv4_indexer_score_select_fp4_all"),
+                         ({"u": 8, "cap": 64}, "dsv4_indexer_score_select_fp4_all"),
+                         ({"row": 1}, "dsv4_indexer_topk_row_all"),
+                         ({"tg": 512}, "dsv4_indexer_topk_row_all"),
+                         ({"s": 4}, "dsv4_indexer_topk_all"),
+                         ({"one": 0}, "dsv4_indexer_topk_row_all")):
+        names.clear()
+        ki.indexer_topk_kernel(q, mx.zeros((1, 1, 64)), keys, None, 512, backend="cuda",
+                               launch=launch or {"tpt": None})
+        assert names[min(1, len(names) - 1)] == want, (launch, names)
+    names.clear()
+    ki.indexer_topk_kernel(q, mx.zeros((1, 1, 64)), keys, None, 512, backend="cuda", mma=False)
+    assert names[-1] == "dsv4_indexer_topk_row_all"  # (the fp32 scorer: the launches apart)
 
 
 def test_row_rule(clean_dispatch):
@@ -879,6 +948,40 @@ def test_emulated_topk_row(emu, case, k, tg, u, cap, ha):
 
 
 @needs_cxx
+@pytest.mark.parametrize("mode,H,D,T,kind,k,tpt,u,cap", [
+    ("fp4", 64, 128, 1, "random", 64, None, 4, 2048),   # a decode row's shape
+    ("fp4", 16, 32, 6, "zeros", 64, 2, 4, 2048),        # ties at 0, two tiles a group
+    ("bf16", 16, 32, 6, "random", 7, None, 1, 16),      # the bin narrowed by passes first
+    ("fp4", 16, 32, 6, "negw", 100, 3, 2, 1),           # never copied: every pass streamed
+    ("bf16", 16, 64, 2, "allzero", 64, None, 4, 2048),  # every score 0
+])
+def test_emulated_score_select(emu, mode, H, D, T, kind, k, tpt, u, cap):
+    """Scoring and top-k in one launch: its scores are the matrix-unit scorer's bit for bit,
+    its picks the K largest of them exactly (every visibility edge across rows; all visible),
+    every group counted in the row's ticket and its histogram holding the visible entries."""
+    rng = np.random.default_rng(H + D + T + k + len(kind))
+    B, N = 1, 1500
+    q, w, keys = make_case(rng, B, T, H, D, N, kind)
+    q = to_bf16(q)
+    key_in, _ = _key_arrays(mode, keys)
+    vis = np.clip(np.array([N, 0, k, k + 1, N - 1, 700], np.int32)[:T], 0, N)
+    idx, s, hist = emu.score_select(q, w, key_in, mode, vis, k, tpt=tpt, u=u, cap=cap)
+    want = emu.score_mma(q, w, key_in, mode, vis, tpt=tpt)
+    np.testing.assert_array_equal(s, want)
+    check_topk(idx, np.where(np.isfinite(s), s, -1e30), vis, k, f"emu score+select {kind}",
+               exact=True)
+    KC, _, QRES = src.mma_layout("cpp", H, D, ki.MMA_WARPS)
+    ngroups = -(-N // (16 * ki.MMA_WARPS * (tpt or ki.mma_tiles(B * T, N, QRES))))
+    np.testing.assert_array_equal(hist[:, 4096], np.full(B * T, ngroups, np.uint32))
+    np.testing.assert_array_equal(hist[:, :4096].sum(axis=1), vis.astype(np.uint32))
+    # all visible: the count never read (garbage in it)
+    idx, s, _ = emu.score_select(q, w, key_in, mode, np.full(T, -5, np.int32), k, tpt=tpt,
+                                 u=u, cap=cap, allvis=True)
+    check_topk(idx, s, np.full(T, N, np.int32), k, f"emu score+select all visible {kind}",
+               exact=True)
+
+
+@needs_cxx
 @pytest.mark.parametrize("case", ["narrow", "onebin", "boundties", "mixedsign", "short"])
 @pytest.mark.parametrize("tg,s,r", [(256, 8, None), (256, 5, None), (256, 4, 0), (512, 16, None),
                                     (256, 2, None)])
@@ -1006,6 +1109,16 @@ def _metal_variants():
                     [("float32", 3, 65536), ("int32", 1, 1)], ["int32", "float32"],
                     [("K", 512), ("TG", TG), ("U", 8), ("CAP", CAP), ("HA", HA),
                      ("WALK", WALK)]))
+    # scoring and the top-k in one launch (written for Metal, dispatched on CUDA only)
+    kc, smem4, qres = src.mma_layout("metal", 64, 128)
+    for allvis in (False, True):
+        out.append((f"score-select-fp4-A{int(allvis)}", src.score_select_source("metal", "fp4",
+                                                                                allvis),
+                    [("uint32", 4, 2048), ("float32", 3, 64), ("uint32", 3, 512),
+                     ("uint8", 3, 4), ("int32", 1, 1)], ["int32", "float32"],
+                    [("D", 128), ("H", 64), ("NW", 4), ("KC", kc), ("SMEM4", max(smem4, 1024)),
+                     ("QRES", qres), ("TPT", 2), ("IDEC", 0), ("MMAPTX", 0), ("K", 512),
+                     ("U", 4), ("CAP", 2048), ("WALK", allvis)]))
     return out
 
 
@@ -1063,12 +1176,12 @@ def test_kernel_bodies_stay_in_the_common_subset():
                     r"__syncthreads", r"threadIdx", r"simd_", r"__shfl"):
             assert not re.search(bad, body), bad
     for ks in (src.topk_source("metal"), src.topk_row_source("metal"),
-               src.topk_row_source("metal", True)):
+               src.topk_row_source("metal", True), src.score_select_source("metal", "fp4")):
         for bad in (r"\bdouble\b", r"\bstd::", r"__syncthreads", r"threadIdx", r"simd_"):
             assert not re.search(bad, ks.source), bad
     # inputs are never bound to local pointers (Metal 'constant' vs 'device' inputs)
     for ks in ([src.score_source("metal", m) for m in src.KEY_MODES] + [src.topk_source("metal")]
-               + [src.topk_row_source("metal")]
+               + [src.topk_row_source("metal"), src.score_select_source("metal", "fp4")]
                + [src.score_mma_source("metal", m) for m in src.MMA_KEY_MODES]):
         for n in ks.input_names:
             assert not re.search(rf"\*\s*\w+\s*=\s*{n}\b", ks.source), n
@@ -1272,7 +1385,7 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
         def kern(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **kw):
             log.append((ks.name, list(template), tuple(grid), tuple(threadgroup),
                         [tuple(s) for s in output_shapes], list(output_dtypes),
-                        [(a.shape, a.dtype) for a in inputs]))
+                        [(a.shape, a.dtype) for a in inputs], kw.get("init_value")))
             return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
         return kern
 
@@ -1282,11 +1395,14 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
     kx = _mx_keys(mode, keys)[0]
     qa = mx.array(q).astype(getattr(mx, qdtype))
     vis = mx.array(np.full((T,), N, np.int32))
-    for fuse, frag, allvis, row in ((0, 0, 0, 0), (1, 0, 0, 0), (0, 1, 0, 0), (1, 1, 0, 0),
-                                    (0, 0, 1, 0), (1, 1, 1, 0), (1, 0, 0, 1), (0, 1, 1, 1)):
+    for fuse, frag, allvis, row, one in (
+            (0, 0, 0, 0, 0), (1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (1, 1, 0, 0, 0), (0, 0, 1, 0, 0),
+            (1, 1, 1, 0, 0), (1, 0, 0, 1, 0), (0, 1, 1, 1, 0), (0, 0, 0, 0, 1), (0, 0, 1, 1, 1),
+            (1, 0, 0, 1, 1), (0, 1, 1, 0, 1)):
         clean_dispatch.setattr(ki, "TOPK_FUSE", fuse)
         clean_dispatch.setattr(ki, "FRAG_SCORER", frag)
         clean_dispatch.setattr(ki, "TOPK_ROW", row)
+        clean_dispatch.setattr(ki, "SCORE_SELECT", one)
         runs = []
         for launch in (None, {"tpt": None}, None):  # planned, explicit, planned again (cached)
             log.clear()
@@ -1294,9 +1410,14 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
                                    backend="cuda", launch=launch)
             runs.append(list(log))
         assert runs[0] == runs[1] == runs[2]
-        assert len(runs[0]) == (0 if k >= N else 3 if N == 65536 and not fuse and not row
-                                else 2)
-        if row and ki.ROW_MIN <= N <= ki.ROW_MAX and k < N:  # (it wins over the fused one)
+        single = (one and not (frag and qdtype == "bfloat16") and ki.ROW_MIN <= N <= ki.ROW_MAX
+                  and k < N and ki._mma_usable("cuda", qa.dtype, 64, 128, mode))
+        assert len(runs[0]) == (0 if k >= N else 1 if single else
+                                3 if N == 65536 and not fuse and not row else 2)
+        if single:  # (it wins over the others; its work rows zeroed)
+            assert runs[0][0][0] == "dsv4_indexer_score_select_fp4" + ("_all" if allvis else "")
+            assert runs[0][0][4] == [(1, T, k), (T, N + 4100)] and runs[0][0][7] == 0.0
+        elif row and ki.ROW_MIN <= N <= ki.ROW_MAX and k < N:  # (it wins over the fused one)
             assert runs[0][1][0] == "dsv4_indexer_topk_row" + ("_all" if allvis else "")
             assert runs[0][1][2] == (1024, T, 1) and len(runs[0][0][4]) == 1
         elif fuse and N == 65536:
@@ -1305,7 +1426,8 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
         if runs[0]:
             assert ("_frag_" in runs[0][0][0]) == bool(frag and qdtype == "bfloat16"), runs[0][0][0]
             # all visible: the scoring and first top-k launch read no count (`_all` sources)
-            assert [r[0].endswith("_all") for r in runs[0]][:2] == [bool(allvis)] * 2, runs[0]
+            assert [r[0].endswith("_all") for r in runs[0]][:2] == \
+                [bool(allvis)] * min(2, len(runs[0])), runs[0]
 
 
 def test_plans_stay_bounded_as_the_entries_grow(clean_dispatch):
@@ -1535,6 +1657,7 @@ def test_gpu_row_topk(gpu, mode, monkeypatch):
     the warp, groups of 256 to 1024; counts and all visible; the planned dispatch; then
     262,144 adversarial scores (one first-digit bin, a tail above one bin, ties)."""
     rng = np.random.default_rng(31)
+    monkeypatch.setattr(ki, "SCORE_SELECT", 0)  # (the dispatch below: the top-k apart)
     B, T, H, D, N, k = 1, 3, 64, 128, 140000, 512
     for kind in ("random", "zeros"):
         qa, wa, km, ref, vis, va = _long_rows(rng, mode, kind, B, T, H, D, N)
@@ -1568,6 +1691,41 @@ def test_gpu_row_topk(gpu, mode, monkeypatch):
                                            cap=cap)
             check_topk(idx, np.where(np.isfinite(sc), sc, -1e30), vis, k,
                        f"row {case} {N} cap={cap}", exact=True)
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", ["fp4", "bf16"])
+def test_gpu_score_select(gpu, mode, monkeypatch):
+    """Scoring and top-k in one launch (`SCORE_SELECT`) on the GPU: rows of 65,536, 70,001
+    (padded to 4) and 140,000 entries, random and tied (queries of zeros), seeing N, 700 and
+    100; its picks exactly the top k of the matrix-unit scorer's own scores (the same code),
+    the bin copied or not (CAP 2048, 64, 1), U 1-8, the digit by one thread or the warp; all
+    visible; the planned dispatch without a fallback warning."""
+    rng = np.random.default_rng(41)
+    B, T, H, D, k = 1, 3, 64, 128, 512
+    for N in (65536, 70001, 140000):
+        for kind in ("random", "zeros"):
+            qa, wa, km, ref, vis, va = _long_rows(rng, mode, kind, B, T, H, D, N)
+            qa = qa.astype(mx.bfloat16)  # (the matrix units' queries; ref: fp32 queries)
+            sc = np.array(ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu, mma=True))
+            for u, cap, walk in ((4, 2048, 0), (8, 2048, 1), (1, 64, 0), (2, 1, 1)):
+                idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu, launch={
+                    "one": 1, "u": u, "cap": cap, "walk": walk})
+                what = f"one launch {mode} {kind} N={N} u={u} cap={cap} walk={walk}"
+                check_topk(idx, ref, vis, k, what)
+                check_topk(idx, sc, vis, k, what + ", exact", exact=True)
+            idx = ki.indexer_topk_kernel(qa[:, :1], wa[:, :1], km, None, k, backend=gpu,
+                                         launch={"one": 1})
+            check_topk(idx, sc[:, :1], vis[:1], k, f"one launch {mode} {kind} all visible",
+                       exact=True)
+            monkeypatch.setattr(ki, "SCORE_SELECT", 1)
+            monkeypatch.setattr(ki, "ROW_MAX", 1 << 20)  # (140,000 entries: past the default)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                idx = ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k)
+            assert ki._plans[next(reversed(ki._plans))][1] == "one"
+            check_topk(idx, sc[:, :1], vis[:1], k, f"dispatch one launch {mode} {kind}",
+                       exact=True)
 
 
 @needs_gpu

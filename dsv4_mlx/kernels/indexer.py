@@ -278,20 +278,31 @@ TOPK_ROW = 1
 TOPK_ROW_METAL = 0
 ROW_MIN, ROW_MAX = 32768, 131072
 
+# Scoring and the top-k of a decode row in one launch (`indexer_source.score_select_source`):
+# the matrix-unit scorer's groups each add their entries' top 12 key bits to the row's
+# histogram in global memory and take a ticket; the last group to arrive selects the K
+# largest from that histogram on, as the one-group top-k does (float4 reads through L2). One
+# launch and one MLX primitive a call instead of two, for the rows `TOPK_ROW`'s range takes
+# (decode rows of ROW_MIN .. ROW_MAX entries) where the tiled matrix-unit scorer runs.
+# 0: the scorer and the top-k apart. Metal: written, never dispatched (no Mac to validate it).
+SCORE_SELECT = 1
+SCORE_SELECT_METAL = 0
+
 # Variants by name, for measuring them without editing this module: a comma list of
 # "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
 # backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1), "nofuse",
 # "fuse" (TOPK_FUSE 0, 1), "tiles", "frag" (FRAG_SCORER 0, 1), "norow", "row" (TOPK_ROW 0,
-# 1); read at each call.
+# 1), "noone", "one" (SCORE_SELECT 0, 1); read at each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
 VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk", "nofuse", "fuse",
-                 "tiles", "frag", "norow", "row")
+                 "tiles", "frag", "norow", "row", "noone", "one")
 # name -> (the launch choice it sets, the value); where two named set one choice, the earlier
 # in this table wins
 _VARIANT_CHOICES = {"prmt": ("idec", 2), "idec": ("idec", 1), "f32dec": ("idec", 0),
                     "wmma": ("mmaptx", 0), "mmaptx": ("mmaptx", 1), "walk": ("walk", 1),
                     "nofuse": ("fuse", 0), "fuse": ("fuse", 1), "tiles": ("frag", 0),
-                    "frag": ("frag", 1), "norow": ("row", 0), "row": ("row", 1)}
+                    "frag": ("frag", 1), "norow": ("row", 0), "row": ("row", 1),
+                    "noone": ("one", 0), "one": ("one", 1)}
 _variants: dict = {}  # raw value -> (names, {choice: value})
 
 
@@ -362,6 +373,41 @@ def _row(B: int, T: int, N: int, k: int, value, backend: str = "cuda") -> bool:
         return bool(value)
     return (B * T < 132 and ROW_MIN <= N <= ROW_MAX
             and bool(_flag("row", None, TOPK_ROW_METAL if backend == "metal" else TOPK_ROW)))
+
+
+def _one(B: int, T: int, N: int, k: int, value, backend: str, frag: int) -> bool:
+    """Whether scoring and top-k run as one launch (`score_select_source`; the caller checks
+    that the tiled matrix-unit scorer takes the inputs): an explicit `value` 1 for any rows of
+    more than k entries (< 2^24); else, without the register-fragment scorer (`frag`), the
+    rows `_row`'s range takes where `VARIANTS_ENV` names "one", or (neither "one" nor "noone"
+    named) `SCORE_SELECT` (Metal: `SCORE_SELECT_METAL`)."""
+    if not k < N < 1 << 24:
+        return False
+    if value is not None:
+        return bool(value)
+    return (not frag and B * T < 132 and ROW_MIN <= N <= ROW_MAX and bool(
+        _flag("one", None, SCORE_SELECT_METAL if backend == "metal" else SCORE_SELECT)))
+
+
+@functools.lru_cache(maxsize=256)
+def select_launch(B: int, T: int, N: int, k: int) -> tuple[int, int]:
+    """(U float4 loads in flight a thread of the last group's read of the row, CAP keys of
+    the K-th key's bin held in shared memory) of the one-launch scoring and top-k."""
+    return 4, 2048
+
+
+def _select_spec(B, T, N, k, score_template, u, cap, walk=None):
+    """(template, output shapes, output dtypes) of the one-launch scoring and top-k: the
+    scorer's template (its shared tiles at least the 16 KB the select reuses), then K, U, CAP,
+    WALK; outputs idx [B, T, k] int32 and the zeroed work rows [B * T, NP + 4100] f32."""
+    walk = _flag("walk", walk, TOPK_WALK)
+    if not (1 <= cap <= 2048 and u >= 1):
+        raise ValueError(f"the one-launch top-k takes CAP of 1-2048 (its shared keys within "
+                         f"the scorer's tiles) and U >= 1, got CAP {cap}, U {u}")
+    template = [(n, max(v, 1024) if n == "SMEM4" else v) for n, v in score_template]
+    np4 = -(-N // 4) * 4
+    return (template + [("K", k), ("U", u), ("CAP", cap), ("WALK", walk)],
+            [(B, T, k), (B * T, np4 + 4100)], [mx.int32, mx.float32])
 
 
 def _row_asked(row, *slice_args):
@@ -607,8 +653,16 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     visible = None if visible is None else _i32(visible)
     if select not in ("kernel", "argpartition"):
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
+    B, T, H, D = _q_ready(q).shape
+    frag = _flag("frag", launch.get("frag"), FRAG_SCORER) and mma is not False and \
+        frag_usable(backend, _q_ready(q).dtype, H, D, _key_inputs(keys)[0])
+    one = _row_asked(launch.get("one"), *(launch.get(a) for a in (
+        "row", "fuse", "s", "r", "tg", "ha", "bn", "hc", "e")))
+    if select == "kernel" and mma is not False and _one(B, T, N, k, one, backend, frag) and \
+            _mma_usable(backend, _q_ready(q).dtype, H, D, _key_inputs(keys)[0]):
+        return _score_select(q, w, keys, visible, k, backend,
+                             **pick(("tpt", "idec", "mmaptx", "u", "cap", "walk")))
     # the fused top-k counts on row counters that the scoring launch zeroes
-    B, T = q.shape[:2]
     row = _row_asked(launch.get("row"), *(launch.get(a) for a in ("fuse", "s", "r")))
     fused = (select == "kernel" and not _row(B, T, N, k, row, backend)
              and _fused(launch.get("s") or topk_launch(B, T, N, k)[2], launch.get("fuse"),
@@ -626,6 +680,24 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         return idx if visible is None else mx.where(idx >= visible[None, :, None], -1, idx)
 
 
+def _score_select(q, w, keys, visible, k, backend, tpt=None, idec=None, mmaptx=None, u=None,
+                  cap=None, walk=None):
+    """The one-launch scoring and top-k (`score_select_source`) -> idx [B, T, k]."""
+    q = _q_ready(q)
+    B, T, H, D = q.shape
+    key_mode, key_in, N, _ = _key_inputs(keys)
+    _, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode, None,
+                                            None, None, True, tpt, _idec(idec, backend),
+                                            _flag("mmaptx", mmaptx, MMA_PTX), False, 0, None,
+                                            visible is None)
+    U, CAP = select_launch(B, T, N, k)
+    template, shapes, dtypes = _select_spec(B, T, N, k, template, u or U, cap or CAP, walk)
+    return _kernel(backend, src.score_select_source(backend, key_mode, visible is None))(
+        inputs=_score_inputs(q, w, key_in, _vis_in(visible), True), template=template,
+        grid=grid, threadgroup=tg, output_shapes=shapes, output_dtypes=dtypes,
+        init_value=0.0, stream=mx.gpu)[0]
+
+
 _plans: dict = {}
 _usable: dict = dispatch.remembered({})  # shape key -> the kernels take it (probed once)
 
@@ -635,29 +707,41 @@ def _shape_key(backend, q, keys, topk, allvis=False):
     if _is_fp4(keys):
         return (backend, _kernel, q.dtype, q.shape, keys[0].dtype, keys[0].shape,
                 keys[1].dtype, keys[1].shape, topk, variants(), TOPK_FUSE, FRAG_SCORER, TOPK_ROW,
-                TOPK_ROW_METAL, ROW_MIN, ROW_MAX, allvis)
+                TOPK_ROW_METAL, ROW_MIN, ROW_MAX, SCORE_SELECT, SCORE_SELECT_METAL, allvis)
     return (backend, _kernel, q.dtype, q.shape, keys.dtype, keys.shape, topk, variants(),
-            TOPK_FUSE, FRAG_SCORER, TOPK_ROW, TOPK_ROW_METAL, ROW_MIN, ROW_MAX, allvis)
+            TOPK_FUSE, FRAG_SCORER, TOPK_ROW, TOPK_ROW_METAL, ROW_MIN, ROW_MAX, SCORE_SELECT,
+            SCORE_SELECT_METAL, allvis)
 
 
 def _plan(backend, q, keys, topk, allvis=False):
     """The launches of one `indexer_topk_kernel` call with its default parameters, for these
     shapes: whether the scoring takes the queries as uint32 (the matrix-unit kernel), how
-    the top-k runs ("slices", "fused" or "row"), and [(kernel, template, grid, threadgroup,
-    output shapes, output dtypes)] of the scoring launch, the top-k launch and (S > 1) the
-    merge, or (fused) the scoring launch with its row counters and the fused top-k, or (row)
-    the scoring launch and the one-group top-k."""
+    the top-k runs ("slices", "fused", "row" or "one"), and [(kernel, template, grid,
+    threadgroup, output shapes, output dtypes)] of the scoring launch, the top-k launch and
+    (S > 1) the merge, or (fused) the scoring launch with its row counters and the fused
+    top-k, or (row) the scoring launch and the one-group top-k, or (one) the one launch of
+    both."""
     B, T, H, D = q.shape
     key_mode, _, N, _ = _key_inputs(keys)
     k = min(topk, N)
     TG, U, S = topk_launch(B, T, N, k)
+    frag = _flag("frag", None, FRAG_SCORER)
+    if _one(B, T, N, k, None, backend, frag and frag_usable(backend, q.dtype, H, D, key_mode)) \
+            and _mma_usable(backend, q.dtype, H, D, key_mode):
+        on_mma, ks, template, grid, tg = _score_plan(
+            backend, q.dtype, B, T, H, D, N, key_mode, None, None, None, True, None,
+            _idec(None, backend), _flag("mmaptx", None, MMA_PTX), False, 0, None, allvis)
+        template, shapes, dtypes = _select_spec(B, T, N, k, template, *select_launch(B, T, N, k))
+        return on_mma, "one", [(_kernel(backend, src.score_select_source(backend, key_mode,
+                                                                          allvis)),
+                                template, grid, tg, shapes, dtypes)]
     row = _row(B, T, N, k, None, backend)
     fused = not row and _fused(S, None, backend)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
                                                  None, None, None, None, None,
                                                  _idec(None, backend),
                                                  _flag("mmaptx", None, MMA_PTX), fused,
-                                                 _flag("frag", None, FRAG_SCORER), None, allvis)
+                                                 frag, None, allvis)
     launches = [(_kernel(backend, ks), template, grid, tg, *_score_outputs(B, T, N, fused))]
     if row:
         launches.append((_kernel(backend, src.topk_row_source(backend, allvis)),
@@ -693,6 +777,11 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
     on_mma, how, launches = p
     visible = _vis_in(visible)
     key_in = list(keys) if fp4 else _key_inputs(keys)[1]  # (fp4: checked by the plan)
+    if how == "one":  # (its work rows zeroed: MLX's init_value)
+        kern, template, grid, tg, shapes, dtypes = launches[0]
+        return kern(inputs=_score_inputs(q, w, key_in, visible, on_mma), template=template,
+                    grid=grid, threadgroup=tg, output_shapes=shapes, output_dtypes=dtypes,
+                    init_value=0.0, stream=mx.gpu)[0]
     out = None
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
         if i == 0:
@@ -712,9 +801,11 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
 
 @functools.lru_cache(maxsize=256)
 def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int,
-             fuse: int, frag: int = 0, allvis: bool = False, row: bool = False):
+             fuse: int, frag: int = 0, allvis: bool = False, row: bool = False,
+             one: bool = False):
     """(probe key, launch parameters) of the kernel variants one call would use (`fuse`,
-    `frag`, `row`: `_fuse`'s, `_flag`'s and `_row`'s answers, outside this cache)."""
+    `frag`, `row`, `one`: `_fuse`'s, `_flag`'s, `_row`'s and `_one`'s answers, outside this
+    cache)."""
     BN, HC, E = score_launch(B, T, N, H, D)
     TG, U, S = topk_launch(B, T, N, k)
     R = topk_regs(N, TG, S)
@@ -724,9 +815,10 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     frag = int(bool(frag) and frag_usable(backend, qdtype, H, D, key_mode))
     fl = frag_launch(B * T, N) if frag else None  # (template constants: probed as they run)
     rl = topk_row_launch(B, T, N, k) if row else None  # (likewise)
+    ol = select_launch(B, T, N, k) if one and mma and not frag else None
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/RW{rl}/A{int(allvis)}")
-    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl)
+           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/RW{rl}/O{ol}/A{int(allvis)}")
+    return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl, ol)
 
 
 def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
@@ -734,9 +826,11 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
-    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl) = _variant(
-        backend, q.dtype, B, T, H, D, key_mode, N, k, bool(_fuse(None, backend)),
-        _flag("frag", None, FRAG_SCORER), allvis, _row(B, T, N, k, None, backend))
+    frag = _flag("frag", None, FRAG_SCORER)
+    key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl, ol) = _variant(
+        backend, q.dtype, B, T, H, D, key_mode, N, k, bool(_fuse(None, backend)), frag,
+        allvis, _row(B, T, N, k, None, backend),
+        _one(B, T, N, k, None, backend, frag and frag_usable(backend, q.dtype, H, D, key_mode)))
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -749,6 +843,9 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
         else:
             kk = mx.zeros((1, n, D), mx.bfloat16 if key_mode == "bf16" else mx.float32)
         vis = None if allvis else mx.array([n], mx.int32)
+        if ol:  # the one launch, with the call's template
+            mx.eval(_score_select(qq, ww, kk, vis, k, backend, tpt=tpt, u=ol[0], cap=ol[1]))
+            return
         s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E,
                                   mma=None if frag else mma, tpt=tpt, tick=bool(fused),
                                   frag=frag, fl=fl)

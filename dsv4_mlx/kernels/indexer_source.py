@@ -54,6 +54,8 @@ _METAL_DIALECT = r"""
 #define KI_DEVICE_FENCE() threadgroup_barrier(mem_flags::mem_device)
 #define KI_TICKET(p, i) \
   atomic_fetch_add_explicit((device atomic_uint*)&(p)[(i)], 1u, memory_order_relaxed)
+#define KI_GLOBAL_ADD(p, i, v) \
+  atomic_fetch_add_explicit((device atomic_uint*)&(p)[(i)], (v), memory_order_relaxed)
 #define KI_FLOAT4(a, b, c, d) float4((a), (b), (c), (d))
 #define KI_UINT4(a, b, c, d) uint4((a), (b), (c), (d))
 #define KI_LOAD4F(p, i) float4((p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3])
@@ -154,6 +156,7 @@ _CUDA_DIALECT = r"""
 #define KI_LOAD_CG(p, i) __ldcg(&(p)[(i)])
 #define KI_DEVICE_FENCE() __threadfence()
 #define KI_TICKET(p, i) atomicAdd(const_cast<unsigned int*>(&(p)[(i)]), 1u)
+#define KI_GLOBAL_ADD(p, i, v) atomicAdd(&(p)[(i)], (v))
 #define KI_FLOAT4(a, b, c, d) make_float4((a), (b), (c), (d))
 #define KI_UINT4(a, b, c, d) make_uint4((a), (b), (c), (d))
 // PRMT: bytes 0-3 of a, 4-7 of b, one selector nibble (< 8) an output byte
@@ -421,6 +424,7 @@ inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
 #define KI_DEVICE_FENCE() std::atomic_thread_fence(std::memory_order_seq_cst)
 inline unsigned int ki_ticket(const unsigned int* p) { return (*const_cast<unsigned int*>(p))++; }
 #define KI_TICKET(p, i) ki_ticket(&(p)[(i)])
+#define KI_GLOBAL_ADD(p, i, v) ((p)[(i)] += (v))
 #define KI_FLOAT4(a, b, c, d) float4{(a), (b), (c), (d)}
 #define KI_UINT4(a, b, c, d) uint4{(a), (b), (c), (d)}
 #define KI_LOAD4F(p, i) float4{(p)[4 * (i)], (p)[4 * (i) + 1], (p)[4 * (i) + 2], (p)[4 * (i) + 3]}
@@ -1248,6 +1252,8 @@ _TOPK_ROW_BODY = """\
     }
   }
   KI_BARRIER();
+"""
+_TOPK_ROW_REST = """\
   {
     // the bin of the K-th largest key: a thread sums its BPT bins (the bins above them are
     // the threads' above), the sums above it by shuffles within its warp and over the
@@ -1310,22 +1316,10 @@ _TOPK_ROW_BODY = """\
     const int shift = lv == 0 ? 12 : (lv == 1 ? 4 : 0);
     if (ncand == 0 && binc <= (unsigned int)CAP) {
       // the second read: keys above the bin are picks, the bin's keys go to ki_big
-      for (int i0 = ki_tid; i0 < vis; i0 += TG * U) {
-        float sv[U];
-        KI_UNROLL
-        for (int j = 0; j < U; ++j) {
-          const int i = i0 + j * TG;
-          sv[j] = i < vis ? scores[base + i] : 0.0f;
-        }
-        KI_UNROLL
-        for (int j = 0; j < U; ++j) {
-          const int i = i0 + j * TG;
-          const unsigned int um = ki_order_key(sv[j]) & mask;
+@SECOND_READ@          const unsigned int um = ki_order_key(sv[j]) & mask;
           if (i < vis && um > prefix) {
             const int p = (int)KI_ATOMIC_ADD(ki_cnt[0], 1u);
-            out[p] = i;
-            oval[p] = sv[j];
-          } else if (i < vis && um == prefix) {
+@PUT_ABOVE@          } else if (i < vis && um == prefix) {
             const unsigned int q2 = KI_ATOMIC_ADD(ki_cnt[1], 1u);
             KI_ATOMIC_STORE(ki_big[q2], ki_order_key(sv[j]));
             KI_ATOMIC_STORE(ki_big[CAP + q2], (unsigned int)i);
@@ -1370,18 +1364,43 @@ _TOPK_ROW_BODY = """\
 """
 
 
-def _topk_row_body(allvis: bool) -> str:
-    body = _TOPK_ROW_BODY
-    pick = _topk_pick("ki_order_key(sv[j])", "  out[p] = i;\n  oval[p] = sv[j];\n")
+# The one-group top-k's second read of the row (scores[base + i], U scalar loads in flight a
+# thread; each lane's value sv[j] of entry i then goes to the pick or the bin's copy).
+_ROW_READ = """\
+      for (int i0 = ki_tid; i0 < vis; i0 += TG * U) {
+        float sv[U];
+        KI_UNROLL
+        for (int j = 0; j < U; ++j) {
+          const int i = i0 + j * TG;
+          sv[j] = i < vis ? @VAL(base + i)@ : 0.0f;
+        }
+        KI_UNROLL
+        for (int j = 0; j < U; ++j) {
+          const int i = i0 + j * TG;
+"""
+
+
+def _row_rest(val_at, put: str, put_cand: str, read: str = _ROW_READ) -> str:
+    """`_TOPK_ROW_REST` (the bin of the K-th key onward) reading the row's entry i as
+    ``val_at(i)``, writing a pick (entry i, slot p, its value VALUE) with `put`, a copied
+    candidate's (entry ``KI_ATOMIC_LOAD(ki_big[CAP + i])``, key `key`) with `put_cand`; the
+    second read's loop heads `read`."""
+    body = _TOPK_ROW_REST.replace("@SECOND_READ@", read)
+    pick = _topk_pick("ki_order_key(sv[j])", put.replace("VALUE", "sv[j]"))
     for mark, text in _streamed("").items():  # (one level deeper than the radix select's)
         body = body.replace("  " + mark,
                             textwrap.indent(text.replace("@PICK_STREAM@", pick), "  "))
-    body = _sub_calls(_sub_calls(body, "KEY", lambda i: f"ki_order_key(scores[{i}])"), "VAL",
-                      lambda i: f"scores[{i}]")
+    body = _sub_calls(_sub_calls(body, "KEY", lambda i: f"ki_order_key({val_at(i)})"), "VAL",
+                      val_at)
     body = body.replace("@DIGIT@", _TOPK_DIGIT)
-    body = body.replace("@PICK_CAND@", _topk_pick(
-        "key", "  out[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n"
-               "  oval[p] = ki_order_value(key);\n"))
+    body = body.replace("@PUT_ABOVE@", textwrap.indent(put.replace("VALUE", "sv[j]"), " " * 10))
+    return body.replace("@PICK_CAND@", _topk_pick("key", put_cand))
+
+
+def _topk_row_body(allvis: bool) -> str:
+    body = _TOPK_ROW_BODY + _row_rest(
+        lambda i: f"scores[{i}]", "  out[p] = i;\n  oval[p] = VALUE;\n",
+        "  out[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n  oval[p] = ki_order_value(key);\n")
     if allvis:
         assert body.count(_VIS_READ) == 1
         body = body.replace(_VIS_READ, "  int vis = M;\n")
@@ -1919,6 +1938,117 @@ def score_mma_source(dialect: str, key_mode: str, tick: bool = False,
     return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}" + _suffix(tick, allvis),
                        ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
                        body)
+
+
+# --------------------------------------------------------------------------------------------
+# scoring and the top-k of decode rows in one launch (CUDA), spec §4.7
+
+# The matrix-unit scorer's groups each add their entries' keys (top 12 bits) to the row's
+# histogram in global memory and take a ticket; the row's last group to arrive then selects
+# the K largest as the one-group top-k does from its first histogram on (`_TOPK_ROW_REST`),
+# reading the row's scores through L2. One launch and one MLX primitive a call instead of two.
+# `work` [B * T, NP + 4100] f32 (NP: N rounded up to 4) must be zeros when the launch starts
+# (MLX's init_value): a row's scores (0 .. N), its histogram (NP .. NP + 4096) and ticket
+# (NP + 4096), both as uint32.
+_SELECT_EPILOGUE = """\
+  // ---- the row's top-k: its histogram built by every group, selected by the last ----
+  {
+    constexpr int TG = TPG;
+    constexpr int HB = 4096;  // bins of the first digit, key bits 31-20
+    constexpr int NBIG = HB > 2 * CAP ? HB : 2 * CAP;
+    static_assert(4 * SMEM4 >= NBIG, "the shared tiles hold the histogram and the bin's keys");
+    static_assert(HB % TG == 0, "a thread's bins");
+    KI_SHARED KI_ATOMIC_UINT ki_hist[256];
+    KI_SHARED unsigned int ki_scan[16];
+    KI_SHARED unsigned int ki_sel[3];
+    KI_SHARED KI_ATOMIC_UINT ki_cnt[2];
+    KI_SHARED float ki_wsum[32];
+    // the first histogram, then the bin's keys (0 .. CAP) and entries (CAP .. 2 CAP), over
+    // the shared tiles (every warp is done with them at the barrier below)
+    KI_TG KI_ATOMIC_UINT* ki_big = (KI_TG KI_ATOMIC_UINT*)ki_smem;
+    const int NP = (N + 3) & ~3;
+    KI_DEVICE unsigned int* rowh = (KI_DEVICE unsigned int*)(out + NP);  // histogram, ticket
+    const int ngroups = (N + NB * TPT - 1) / (NB * TPT);
+    KI_BARRIER();
+    for (int i = ki_tid; i < HB; i += TG) KI_ATOMIC_STORE(ki_big[i], 0u);
+    KI_BARRIER();
+    if (ki_tid < NB) {
+      // this group's entries (the thread's own stores above: read back in program order)
+      for (int tile = 0; tile < TPT; ++tile) {
+        const int n = (ki_gx * TPT + tile) * NB + ki_tid;
+        if (n < N && n < vis) KI_ATOMIC_ADD(ki_big[ki_order_key(out[n]) >> 20], 1u);
+      }
+    }
+    KI_BARRIER();
+    for (int i = ki_tid; i < HB; i += TG) {
+      const unsigned int c = KI_ATOMIC_LOAD(ki_big[i]);
+      if (c != 0u) KI_GLOBAL_ADD(rowh, i, c);
+    }
+    KI_DEVICE_FENCE();  // this thread's scores and adds, before the group's ticket
+    KI_BARRIER();
+    if (ki_tid == 0) ki_sel[0] = KI_TICKET(rowh, HB) == (unsigned int)(ngroups - 1) ? 1u : 0u;
+    KI_BARRIER();
+    if (ki_sel[0] == 0u) return;  // (uniform)
+    KI_DEVICE_FENCE();
+    const int64_t base = 0;  // (the row's scores: `out`)
+    KI_DEVICE int32_t* oidx = idx + bt * K;
+    if (vis <= K) {
+      for (int i = ki_tid; i < K; i += TG) oidx[i] = i < vis ? i : -1;
+      return;
+    }
+    for (int i = ki_tid; i < HB; i += TG) KI_ATOMIC_STORE(ki_big[i], KI_LOAD_CG(rowh, i));
+    if (ki_tid < 2) KI_ATOMIC_STORE(ki_cnt[ki_tid], 0u);
+    KI_BARRIER();
+@REST@  }
+"""
+
+# The last group's second read: float4 loads through L2 (U a thread in flight), lane j of a
+# thread's 4 U values being entry i0 + (j / 4) 4 TG + j % 4 (the row's padding past vis is
+# read but never taken: every use tests i < vis).
+_SELECT_READ = """\
+      for (int i0 = 4 * ki_tid; i0 < vis; i0 += 4 * TG * U) {
+        float sv[4 * U];
+        KI_UNROLL
+        for (int j = 0; j < U; ++j) {
+          const int i = i0 + 4 * TG * j;
+          const float4 v4 = i < vis ? KI_LOAD_CG((const KI_DEVICE float4*)out, i / 4)
+                                    : KI_FLOAT4(0.0f, 0.0f, 0.0f, 0.0f);
+          sv[4 * j] = v4.x;
+          sv[4 * j + 1] = v4.y;
+          sv[4 * j + 2] = v4.z;
+          sv[4 * j + 3] = v4.w;
+        }
+        KI_UNROLL
+        for (int j = 0; j < 4 * U; ++j) {
+          const int i = i0 + 4 * TG * (j / 4) + (j % 4);
+"""
+
+
+@functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
+def score_select_source(dialect: str, key_mode: str, allvis: bool = False) -> KernelSource:
+    """The matrix-unit scorer and the top-k of its rows in one launch (`_SELECT_EPILOGUE`;
+    decode rows). Inputs as `score_mma_source`'s; outputs idx [B,T,K] int32 (-1 where not
+    visible), work [B*T, NP + 4100] f32 (zeros at the start: the scores, then the row's
+    histogram and ticket). Template: `score_mma_source`'s, then K, U (float4 loads a thread
+    of the second read), CAP, WALK."""
+    if key_mode not in _KEY_TILE:
+        raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
+                         f"expected one of {MMA_KEY_MODES}")
+    keys = _KEY_INPUTS[key_mode]
+    parts = _KEY_TILE[key_mode]
+    rows = _rows(False, allvis)
+    old = "  KI_DEVICE float* out = scores + bt * N;\n"
+    assert rows.count(old) == 1
+    rows = rows.replace(old, "  KI_DEVICE float* out = work + bt * (((N + 3) & ~3) + 4100);\n")
+    body = (_SCORE_MMA_BODY.replace("@ROW@", rows).replace("@KEYS@", keys[0])
+            .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_PUT@", parts["put"]))
+    body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
+            .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
+    rest = _row_rest(lambda i: f"KI_LOAD_CG(out, {i})", "  oidx[p] = i;\n",
+                     "  oidx[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n", _SELECT_READ)
+    body += _SELECT_EPILOGUE.replace("@REST@", textwrap.indent(rest, "  "))
+    return make_source(dialect, f"dsv4_indexer_score_select_{key_mode}" + _suffix(False, allvis),
+                       ("q", "w", *keys, "visible"), ("idx", "work"), body)
 
 
 # --------------------------------------------------------------------------------------------
