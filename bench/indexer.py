@@ -9,12 +9,13 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
 * ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
-* ``kernel-all``, ``kernel-row-all``, ``kernel-frag-all``, ``kernel-fuse-all``,
-  ``kernel-slices-all`` (CUDA, one query): the same with ``visible`` None (every entry
-  visible, as a decode token passes it: the kernels read no count array), as the dispatch
-  chooses (scoring and top-k in one launch from 32K to 128K entries, `indexer.SCORE_SELECT`),
-  with the scorer and the one-group top-k apart (`indexer.TOPK_ROW`), with the
-  register-fragment scorer, the fused top-k, or the S slices and their merge everywhere;
+* ``kernel-all``, ``kernel-one-all``, ``kernel-row-all``, ``kernel-frag-all``,
+  ``kernel-fuse-all``, ``kernel-slices-all`` (CUDA, one query): the same with ``visible``
+  None (every entry visible, as a decode token passes it: the kernels read no count array),
+  as the dispatch chooses, with scoring and top-k in one launch from 32K to 128K entries
+  (`indexer.SCORE_SELECT`, opt-in), with the scorer and the one-group top-k apart
+  (`indexer.TOPK_ROW`), with the register-fragment scorer, the fused top-k, or the S slices
+  and their merge everywhere;
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
 * ``kernel+argp``: fused scoring kernel + ``mx.argpartition``;
 * ``floor``: one tiny elementwise op (the visible counts + 1) evaluated the same way: what
@@ -397,6 +398,8 @@ def main(argv=None):
             paths["kernel-frag-all"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
             apart = lambda fn: _switched(fn, "SCORE_SELECT", 0)  # noqa: E731
+            paths["kernel-one-all"] = lambda a: _switched(
+                lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "SCORE_SELECT")
             paths["kernel-row-all"] = lambda a: apart(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
             paths["kernel-fuse-all"] = lambda a: apart(lambda: _switched(lambda: _switched(

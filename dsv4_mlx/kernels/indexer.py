@@ -284,8 +284,12 @@ ROW_MIN, ROW_MAX = 32768, 131072
 # largest from that histogram on, as the one-group top-k does (float4 reads through L2). One
 # launch and one MLX primitive a call instead of two, for the rows `TOPK_ROW`'s range takes
 # (decode rows of ROW_MIN .. ROW_MAX entries) where the tiled matrix-unit scorer runs.
-# 0: the scorer and the top-k apart. Metal: written, never dispatched (no Mac to validate it).
-SCORE_SELECT = 1
+# 0: the scorer and the top-k apart. Opt-in ("one" in DSV4_INDEXER_VARIANTS) until its GPU
+# tests and timings have run: written 2026-12-07 (eleventh session), checked by the C++
+# emulation (picks exact, scores bit-identical to the scorer's) and NVRTC (124 registers,
+# 36.5 KB of shared memory, no spills: the scorer's occupancy), but no device was lent.
+# Metal: written, never dispatched (no Mac to validate it).
+SCORE_SELECT = 0
 SCORE_SELECT_METAL = 0
 
 # Variants by name, for measuring them without editing this module: a comma list of
