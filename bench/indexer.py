@@ -263,7 +263,7 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
             fns += [(f"score + select, one launch u{u}, all visible",
                      lambda u=u: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend,
                                                         launch={"one": 1, "u": u}))
-                    for u in (2, 4, 8)]
+                    for u in (4, 8, 16)]
             # with the counts read (a prefill chunk's last row)
             fns += [("score + select (default), counts", lambda: ki.indexer_topk_kernel(
                 *a, K, backend=backend))]

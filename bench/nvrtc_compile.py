@@ -123,7 +123,8 @@ def launches():
                     [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
                     ["float32"], [("D", 128), ("H", 64), ("NW", nw), ("TPW", tpw), ("ME", me),
                                   ("IDEC", idec)]))
-    for allvis, u, cap, walk in ((True, 4, 2048, 0), (False, 8, 2048, 1), (True, 2, 64, 0)):
+    for allvis, u, cap, walk in ((True, 4, 2048, 0), (False, 8, 2048, 1), (True, 2, 64, 0),
+                                 (True, 8, 2048, 0), (True, 16, 2048, 0)):
         out.append((f"indexer score + top-k one launch U{u} CAP{cap} W{walk} A{int(allvis)}",
                     isrc.score_select_source("cuda", "fp4", allvis),
                     [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],

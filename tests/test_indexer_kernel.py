@@ -789,6 +789,11 @@ def test_one_rule(clean_dispatch):
     for u, cap in ((0, 64), (4, 0), (4, 4096)):
         with pytest.raises(ValueError):
             ki._select_spec(1, 1, N0, 512, [("SMEM4", 10)], u, cap)
+    # its shared arrays within the static limit (CUDA 48 KiB: 64 heads fit, 112 do not)
+    assert src.select_shared_bytes("cuda", 64, 128) == 36564  # (NVRTC's count for it)
+    assert ki.select_usable("cuda", mx.bfloat16, 64, 128, "fp4")
+    assert not ki.select_usable("cuda", mx.bfloat16, 112, 128, "fp4")
+    assert not ki.select_usable("cuda", mx.float32, 64, 128, "fp4")
     tmpl, shapes, _ = ki._select_spec(1, 2, 1001, 64, [("SMEM4", 10), ("TPT", 2)], 4, 2048)
     assert dict(tmpl)["SMEM4"] == 1024 and shapes == [(1, 2, 64), (2, 1004 + 4100)]
     names = []
@@ -948,19 +953,20 @@ def test_emulated_topk_row(emu, case, k, tg, u, cap, ha):
 
 
 @needs_cxx
-@pytest.mark.parametrize("mode,H,D,T,kind,k,tpt,u,cap", [
-    ("fp4", 64, 128, 1, "random", 64, None, 4, 2048),   # a decode row's shape
-    ("fp4", 16, 32, 6, "zeros", 64, 2, 4, 2048),        # ties at 0, two tiles a group
-    ("bf16", 16, 32, 6, "random", 7, None, 1, 16),      # the bin narrowed by passes first
-    ("fp4", 16, 32, 6, "negw", 100, 3, 2, 1),           # never copied: every pass streamed
-    ("bf16", 16, 64, 2, "allzero", 64, None, 4, 2048),  # every score 0
+@pytest.mark.parametrize("mode,H,D,B,T,N,kind,k,tpt,u,cap", [
+    ("fp4", 64, 128, 1, 1, 1500, "random", 64, None, 4, 2048),   # a decode row's shape
+    ("fp4", 16, 32, 1, 6, 1499, "zeros", 64, 2, 4, 2048),        # ties at 0, two tiles a group
+    ("bf16", 16, 32, 2, 3, 1501, "random", 7, None, 1, 16),      # the bin narrowed first
+    ("fp4", 16, 32, 1, 6, 1502, "negw", 100, 3, 2, 1),           # never copied: all streamed
+    ("bf16", 16, 64, 2, 2, 1500, "allzero", 64, None, 4, 2048),  # every score 0
 ])
-def test_emulated_score_select(emu, mode, H, D, T, kind, k, tpt, u, cap):
+def test_emulated_score_select(emu, mode, H, D, B, T, N, kind, k, tpt, u, cap):
     """Scoring and top-k in one launch: its scores are the matrix-unit scorer's bit for bit,
-    its picks the K largest of them exactly (every visibility edge across rows; all visible),
-    every group counted in the row's ticket and its histogram holding the visible entries."""
+    its picks the K largest of them exactly (every visibility edge across rows; all visible;
+    rows of N not a multiple of 4: padded; two batch rows), every group counted in the row's
+    ticket and its histogram holding the visible entries. (The emulation runs groups in
+    reverse order: the last to arrive is the row's first.)"""
     rng = np.random.default_rng(H + D + T + k + len(kind))
-    B, N = 1, 1500
     q, w, keys = make_case(rng, B, T, H, D, N, kind)
     q = to_bf16(q)
     key_in, _ = _key_arrays(mode, keys)
@@ -973,7 +979,7 @@ def test_emulated_score_select(emu, mode, H, D, T, kind, k, tpt, u, cap):
     KC, _, QRES = src.mma_layout("cpp", H, D, ki.MMA_WARPS)
     ngroups = -(-N // (16 * ki.MMA_WARPS * (tpt or ki.mma_tiles(B * T, N, QRES))))
     np.testing.assert_array_equal(hist[:, 4096], np.full(B * T, ngroups, np.uint32))
-    np.testing.assert_array_equal(hist[:, :4096].sum(axis=1), vis.astype(np.uint32))
+    np.testing.assert_array_equal(hist[:, :4096].sum(axis=1), np.tile(vis, B).astype(np.uint32))
     # all visible: the count never read (garbage in it)
     idx, s, _ = emu.score_select(q, w, key_in, mode, np.full(T, -5, np.int32), k, tpt=tpt,
                                  u=u, cap=cap, allvis=True)

@@ -379,6 +379,16 @@ def _row(B: int, T: int, N: int, k: int, value, backend: str = "cuda") -> bool:
             and bool(_flag("row", None, TOPK_ROW_METAL if backend == "metal" else TOPK_ROW)))
 
 
+@functools.lru_cache(maxsize=None)
+def select_usable(backend: str, qdtype, H: int, D: int, key_mode: str) -> bool:
+    """Whether the one-launch scoring and top-k takes these inputs: the tiled matrix-unit
+    scorer's (`_mma_usable`), with the select's arrays within the dialect's static shared
+    memory (`indexer_source.select_shared_bytes`)."""
+    if not _mma_usable(backend, qdtype, H, D, key_mode):
+        return False
+    return src.select_shared_bytes(backend, H, D, MMA_WARPS) <= src.MMA_SHARED_BYTES[backend]
+
+
 def _one(B: int, T: int, N: int, k: int, value, backend: str, frag: int) -> bool:
     """Whether scoring and top-k run as one launch (`score_select_source`; the caller checks
     that the tiled matrix-unit scorer takes the inputs): an explicit `value` 1 for any rows of
@@ -396,8 +406,11 @@ def _one(B: int, T: int, N: int, k: int, value, backend: str, frag: int) -> bool
 @functools.lru_cache(maxsize=256)
 def select_launch(B: int, T: int, N: int, k: int) -> tuple[int, int]:
     """(U float4 loads in flight a thread of the last group's read of the row, CAP keys of
-    the K-th key's bin held in shared memory) of the one-launch scoring and top-k."""
-    return 4, 2048
+    the K-th key's bin held in shared memory) of the one-launch scoring and top-k. U 8: the
+    last group has the scorer's 128 threads, so each keeps 8 x 16 bytes in flight (16 KB the
+    group) where the one-group top-k's 1,024 threads keep 8 x 4; NVRTC gives the kernel 124
+    registers at U 4 and 8, 121 at 16 (the scorer's count bounds it). Unmeasured on a GPU."""
+    return 8, 2048
 
 
 def _select_spec(B, T, N, k, score_template, u, cap, walk=None):
@@ -663,7 +676,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     one = _row_asked(launch.get("one"), *(launch.get(a) for a in (
         "row", "fuse", "s", "r", "tg", "ha", "bn", "hc", "e")))
     if select == "kernel" and mma is not False and _one(B, T, N, k, one, backend, frag) and \
-            _mma_usable(backend, _q_ready(q).dtype, H, D, _key_inputs(keys)[0]):
+            select_usable(backend, _q_ready(q).dtype, H, D, _key_inputs(keys)[0]):
         return _score_select(q, w, keys, visible, k, backend,
                              **pick(("tpt", "idec", "mmaptx", "u", "cap", "walk")))
     # the fused top-k counts on row counters that the scoring launch zeroes
@@ -695,7 +708,8 @@ def _score_select(q, w, keys, visible, k, backend, tpt=None, idec=None, mmaptx=N
                                             _flag("mmaptx", mmaptx, MMA_PTX), False, 0, None,
                                             visible is None)
     U, CAP = select_launch(B, T, N, k)
-    template, shapes, dtypes = _select_spec(B, T, N, k, template, u or U, cap or CAP, walk)
+    template, shapes, dtypes = _select_spec(B, T, N, k, template, U if u is None else u,
+                                            CAP if cap is None else cap, walk)
     return _kernel(backend, src.score_select_source(backend, key_mode, visible is None))(
         inputs=_score_inputs(q, w, key_in, _vis_in(visible), True), template=template,
         grid=grid, threadgroup=tg, output_shapes=shapes, output_dtypes=dtypes,
@@ -731,7 +745,7 @@ def _plan(backend, q, keys, topk, allvis=False):
     TG, U, S = topk_launch(B, T, N, k)
     frag = _flag("frag", None, FRAG_SCORER)
     if _one(B, T, N, k, None, backend, frag and frag_usable(backend, q.dtype, H, D, key_mode)) \
-            and _mma_usable(backend, q.dtype, H, D, key_mode):
+            and select_usable(backend, q.dtype, H, D, key_mode):
         on_mma, ks, template, grid, tg = _score_plan(
             backend, q.dtype, B, T, H, D, N, key_mode, None, None, None, True, None,
             _idec(None, backend), _flag("mmaptx", None, MMA_PTX), False, 0, None, allvis)
@@ -819,7 +833,8 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     frag = int(bool(frag) and frag_usable(backend, qdtype, H, D, key_mode))
     fl = frag_launch(B * T, N) if frag else None  # (template constants: probed as they run)
     rl = topk_row_launch(B, T, N, k) if row else None  # (likewise)
-    ol = select_launch(B, T, N, k) if one and mma and not frag else None
+    ol = (select_launch(B, T, N, k) if one and not frag and select_usable(backend, qdtype, H, D,
+                                                                          key_mode) else None)
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
            f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/RW{rl}/O{ol}/A{int(allvis)}")
     return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl, ol)

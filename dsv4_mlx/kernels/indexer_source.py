@@ -356,7 +356,9 @@ inline void warp_barrier() {
   state[cur] = 3;
   swapcontext(&ctxs[cur], &sched_ctx);
 }
-// Runs `f` once per thread of each threadgroup of a (gx, gy, gz) grid of groups of `tg`.
+// Runs `f` once per thread of each threadgroup of a (gx, gy, gz) grid of groups of `tg`,
+// the groups in reverse order (the last group of a row runs first: no body may count on
+// the order in which groups run or arrive).
 inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
   job = &f;
   const size_t stack_size = 1 << 16;
@@ -364,9 +366,9 @@ inline void run(int gx, int gy, int gz, int tg, std::function<void()> f) {
   stacks.resize(tg);
   state.assign(tg, 0);
   for (auto& s : stacks) s.resize(stack_size);
-  for (int z = 0; z < gz; ++z)
-    for (int y = 0; y < gy; ++y)
-      for (int x = 0; x < gx; ++x) {
+  for (int z = gz - 1; z >= 0; --z)
+    for (int y = gy - 1; y >= 0; --y)
+      for (int x = gx - 1; x >= 0; --x) {
         group[0] = x; group[1] = y; group[2] = z;
         for (int i = 0; i < tg; ++i) {
           getcontext(&ctxs[i]);
@@ -1948,21 +1950,25 @@ def score_mma_source(dialect: str, key_mode: str, tick: bool = False,
 # the K largest as the one-group top-k does from its first histogram on (`_TOPK_ROW_REST`),
 # reading the row's scores through L2. One launch and one MLX primitive a call instead of two.
 # `work` [B * T, NP + 4100] f32 (NP: N rounded up to 4) must be zeros when the launch starts
-# (MLX's init_value): a row's scores (0 .. N), its histogram (NP .. NP + 4096) and ticket
-# (NP + 4096), both as uint32.
+# (MLX's init_value, which fills every output: two fill kernels before this one on the GPU,
+# but no primitive more on the host): a row's scores (0 .. N), its histogram (NP .. NP + 4096)
+# and ticket (NP + 4096), both as uint32. Metal: written, never dispatched; before it is, its
+# L2 reads (KI_LOAD_CG, a plain load there) and fences would need device-scope coherence.
 _SELECT_EPILOGUE = """\
   // ---- the row's top-k: its histogram built by every group, selected by the last ----
+  // (shared arrays at the kernel's scope: Metal takes threadgroup declarations only there;
+  // `select_shared_bytes` counts them)
+  KI_SHARED KI_ATOMIC_UINT ki_hist[256];
+  KI_SHARED unsigned int ki_scan[16];
+  KI_SHARED unsigned int ki_sel[3];
+  KI_SHARED KI_ATOMIC_UINT ki_cnt[2];
+  KI_SHARED float ki_wsum[32];
   {
     constexpr int TG = TPG;
     constexpr int HB = 4096;  // bins of the first digit, key bits 31-20
     constexpr int NBIG = HB > 2 * CAP ? HB : 2 * CAP;
     static_assert(4 * SMEM4 >= NBIG, "the shared tiles hold the histogram and the bin's keys");
     static_assert(HB % TG == 0, "a thread's bins");
-    KI_SHARED KI_ATOMIC_UINT ki_hist[256];
-    KI_SHARED unsigned int ki_scan[16];
-    KI_SHARED unsigned int ki_sel[3];
-    KI_SHARED KI_ATOMIC_UINT ki_cnt[2];
-    KI_SHARED float ki_wsum[32];
     // the first histogram, then the bin's keys (0 .. CAP) and entries (CAP .. 2 CAP), over
     // the shared tiles (every warp is done with them at the barrier below)
     KI_TG KI_ATOMIC_UINT* ki_big = (KI_TG KI_ATOMIC_UINT*)ki_smem;
@@ -2022,6 +2028,16 @@ _SELECT_READ = """\
         for (int j = 0; j < 4 * U; ++j) {
           const int i = i0 + 4 * TG * (j / 4) + (j % 4);
 """
+
+
+def select_shared_bytes(dialect: str, H: int, D: int, NW: int = 4) -> int | None:
+    """Static shared memory of the one-launch scoring and top-k (`score_select_source`): the
+    scorer's tiles (at least the 16 KB the select reuses), its partial sums and the select's
+    own arrays; None where the scorer has no layout."""
+    lay = mma_layout(dialect, H, D, NW)
+    if lay is None:
+        return None
+    return max(16 * lay[1], 16384) + 4 * 32 * NW + 4 * (256 + 16 + 3 + 2 + 32)
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
