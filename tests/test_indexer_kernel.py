@@ -1729,7 +1729,7 @@ def test_gpu_score_select(gpu, mode, monkeypatch):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 idx = ki.indexer_topk(qa[:, :1], wa[:, :1], km, None, k)
-            assert ki._plans[next(reversed(ki._plans))][1] == "one"
+            assert ki._plans[ki._shape_key(gpu, qa[:, :1], km, k, True)][1] == "one"
             check_topk(idx, sc[:, :1], vis[:1], k, f"dispatch one launch {mode} {kind}",
                        exact=True)
 
