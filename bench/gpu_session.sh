@@ -30,7 +30,8 @@
 # compile bench/decode_profile.py --compare DSV4_COMPILE_DECODE: build vs evaluation of a
 #         step with plain and with compiled decode parts (same process, same state; 4K context)
 # launchcost  bench/launch_cost.py: a custom-kernel launch's host cost (graph build and
-#         evaluation) by source size, 0.5-40 KB
+#         evaluation) by source size, 0.5-40 KB; MLX's own primitives; 0/4/13 template
+#         constants against 13 written into the source
 # ixsource  (IX_SRC_K: ncu's -k filter, IX_SRC_C: its -c count, to pick other launches)
 # ixsource  where the scorer (MMAPTX 1, IDEC 0 and 2) and the top-k's two launches stall,
 #         per SASS instruction: ncu's source counters at 64K, the source page as CSV
@@ -158,7 +159,7 @@ for step in "${steps[@]}"; do
       timeout ${PIPE_TIMEOUT:-200} python bench/pipeline_probe.py --experts ${PIPE_EXPERTS:-64,256} \
         --context ${CONTEXT:-2048} --steps ${PIPE_STEPS:-48} 2>&1 | tee "$OUT/pipeline.log" | cut -c1-${PIPE_COLS:-400} ;;
     launchcost)
-      timeout 120 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -16 ;;
+      timeout 150 python bench/launch_cost.py --csv "$OUT/launch_cost.csv" 2>&1 | tail -24 ;;
     ixsource)
       # --defaults-only's launches at one N, in order: score (idec, mmaptx) = (0,1) (1,1) (2,1)
       # (0,0), three calls each, then select walk 0 (two launches a call) three calls: the

@@ -19,6 +19,11 @@ source would save a launch; a decode step makes ~150 launches (4 layers: ~60 cus
 Then the same for MLX's own primitives, chained (64 an evaluation): a dtype view (bf16 words
 as uint32 and back, as the matrix-unit scorer's queries), a cast, an elementwise add, a
 reshape, and the trivial custom kernel: what one more primitive costs a decode step.
+
+Last, the trivial kernel with 4 and 13 template constants (as the indexer's launches pass
+them: MLX converts each from Python, formats it into the kernel's name and into the source at
+every call) against the same constants written into its source (no template): what baking
+the constants into a kernel object per specialisation would save a launch.
 """
 
 from __future__ import annotations
@@ -51,9 +56,32 @@ def _kernel(backend: str, pad: int, tag: str):
                 source=_BODY[backend], header=header, ensure_row_contiguous=True)
 
 
-def _launch(kern, x):
+def _launch(kern, x, template=None):
+    kw = {"template": template} if template else {}
     return kern(inputs=[x], output_shapes=[(256,)], output_dtypes=[mx.float32],
-                grid=(256, 1, 1), threadgroup=(256, 1, 1), stream=mx.gpu)[0]
+                grid=(256, 1, 1), threadgroup=(256, 1, 1), stream=mx.gpu, **kw)[0]
+
+
+# 13 constants as the one-launch indexer kernel takes them (their values are read by the body)
+_TEMPLATE = [("D", 128), ("H", 64), ("NW", 4), ("KC", 128), ("SMEM4", 2176), ("QRES", True),
+             ("TPT", 2), ("IDEC", 2), ("MMAPTX", 1), ("K", 512), ("U", 8), ("CAP", 2048),
+             ("WALK", False)]
+
+
+def measure_template(backend: str, n: int, baked: bool, calls: int, chain: int, tag: str):
+    """The trivial kernel reading n constants: as template arguments, or (`baked`) written
+    into its source."""
+    tmpl = _TEMPLATE[:n]
+    use = " + ".join(f"(int){k}" for k, _ in tmpl) or "0"
+    body = _BODY[backend].replace("x[i] + 1.0f", f"x[i] + (float)({use}) * 0.0f + 1.0f")
+    if baked:
+        body = "".join(f"  constexpr int {k} = {int(v)};\n" for k, v in tmpl) + body
+    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    kern = make(name=f"launch_cost_t{n}{'b' if baked else ''}_{tag}", input_names=["x"],
+                output_names=["y"], source=body, ensure_row_contiguous=True)
+    m = measure_op("", lambda y: _launch(kern, y, None if baked else tmpl), 1, calls, chain)
+    return {"constants": n, "how": "in the source" if baked else "template",
+            "build_us": m["build_us"], "eval_us_a_launch": m["eval_us_a_primitive"]}
 
 
 def measure(backend: str, pad: int, calls: int, chain: int, tag: str) -> dict:
@@ -122,9 +150,16 @@ def main(argv=None) -> int:
     print("| primitive | build us | eval us a primitive |\n|---|---|---|")
     for r in ops:
         print(f"| {r['primitive']} | {r['build_us']} | {r['eval_us_a_primitive']} |")
+    tm = [measure_template(backend, n, baked, args.calls // 4, args.chain, tag)
+          for n, baked in ((0, False), (4, False), (13, False), (13, True))]
+    print(f"\n{backend}: the trivial kernel's host cost by its constants (medians)")
+    print("| constants | how | build us | eval us a launch |\n|---|---|---|---|")
+    for r in tm:
+        print(f"| {r['constants']} | {r['how']} | {r['build_us']} | {r['eval_us_a_launch']} |")
     if args.csv:
         write_rows_csv(args.csv, rows)
         write_rows_csv(Path(args.csv).with_name(Path(args.csv).stem + "_ops.csv"), ops)
+        write_rows_csv(Path(args.csv).with_name(Path(args.csv).stem + "_template.csv"), tm)
     return 0
 
 
