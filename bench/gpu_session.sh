@@ -63,8 +63,9 @@
 # pipeline  bench/pipeline_probe.py (Flash dimensions, 4 layers, 64 and 256 experts, CONTEXT
 #         (2048)): every step's time of the one-step loop, mlx-lm's generate_step and a
 #         hand-written pipelined loop, compiled decode parts off and on
-# ixstep  bench/decode_profile.py, DSV4_INDEXER_VARIANTS noone vs one (scoring and top-k of
-#         the CSA layers' indexer apart / in one launch) at IXSTEP_CONTEXT tokens (131072);
+# ixstep  bench/decode_profile.py, DSV4_INDEXER_VARIANTS noone vs one vs one+scratch (scoring
+#         and top-k of the CSA layers' indexer apart / in one launch / in one launch keeping
+#         its histograms in the layer's scratch) at IXSTEP_CONTEXT tokens (131072);
 #         IXSTEP_VALUES another pair, e.g. "norow,row" (the slices vs the one-group top-k,
 #         scoring apart: SCORE_SELECT's default)
 # devscalars  bench/decode_profile.py, DSV4_DEVICE_SCALARS 0 vs 1 (the step's position made on
@@ -253,7 +254,7 @@ for step in "${steps[@]}"; do
       # (a quarter of the tokens) reach ROW_MIN entries there
       timeout ${IXSTEP_TIMEOUT:-240} python bench/decode_profile.py --preset flash --layers 4 \
         --experts 64 --context ${IXSTEP_CONTEXT:-131072} --steps 24 --rounds 2 \
-        --compare DSV4_INDEXER_VARIANTS --values ${IXSTEP_VALUES:-noone,one} > "$OUT/ixstep.log" 2>&1
+        --compare DSV4_INDEXER_VARIANTS --values ${IXSTEP_VALUES:-noone,one,one+scratch} > "$OUT/ixstep.log" 2>&1
       grep -E "primitives per step|round|DSV4_INDEXER" "$OUT/ixstep.log" | grep -v "by op" | tail -8 ;;
     devscalars)
       # the decode step with the position made on the GPU (DSV4_DEVICE_SCALARS 0 vs 1)

@@ -9,11 +9,12 @@ Per (key format, entries N, queries T), with H=64 heads, d=128, top-k 512, batch
 * ``kernel``: fused scoring kernel + radix-select top-k kernel (`indexer_topk_kernel`); the
   scoring runs on the matrix units (bf16 queries);
 * ``kernel-frag`` (CUDA): the same with the register-fragment scoring kernel (opt-in);
-* ``kernel-all``, ``kernel-one-all``, ``kernel-row-all``, ``kernel-frag-all``,
-  ``kernel-fuse-all``, ``kernel-slices-all`` (CUDA, one query): the same with ``visible``
-  None (every entry visible, as a decode token passes it: the kernels read no count array),
-  as the dispatch chooses, with scoring and top-k in one launch from 32K to 128K entries
-  (`indexer.SCORE_SELECT`, opt-in), with the scorer and the one-group top-k apart
+* ``kernel-all``, ``kernel-one-all``, ``kernel-one-scr-all``, ``kernel-row-all``,
+  ``kernel-frag-all``, ``kernel-fuse-all``, ``kernel-slices-all`` (CUDA, one query): the same
+  with ``visible`` None (every entry visible, as a decode token passes it: the kernels read
+  no count array), as the dispatch chooses, with scoring and top-k in one launch from 32K to
+  128K entries (`indexer.SCORE_SELECT`, opt-in; its histograms in zeroed outputs, or in a
+  caller's scratch: `indexer.SELECT_SCRATCH`), with the scorer and the one-group top-k apart
   (`indexer.TOPK_ROW`), with the register-fragment scorer, the fused top-k, or the S slices
   and their merge everywhere;
 * ``kernel-fp32``: the same with the fp32 (CUDA-core / SIMD) scoring kernel;
@@ -264,6 +265,10 @@ def profile_parts(backend, H, D, K, entries, defaults_only=False):
                      lambda u=u: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend,
                                                         launch={"one": 1, "u": u}))
                     for u in (4, 8, 16)]
+            scr = mx.zeros((1, ki.SCRATCH_WORDS), mx.uint32)  # (calls one after another)
+            fns += [("score + select, one launch, scratch, all visible",
+                     lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend,
+                                                    launch={"one": 1}, scratch=scr))]
             # with the counts read (a prefill chunk's last row)
             fns += [("score + select (default), counts", lambda: ki.indexer_topk_kernel(
                 *a, K, backend=backend))]
@@ -400,6 +405,17 @@ def main(argv=None):
             apart = lambda fn: _switched(fn, "SCORE_SELECT", 0)  # noqa: E731
             paths["kernel-one-all"] = lambda a: _switched(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend), "SCORE_SELECT")
+            # ... with its histograms in a scratch instead of zeroed outputs: a pool of 32 used
+            # in turn, so no two calls of one evaluation (<= 16 here) share one
+            pool = [mx.zeros((1, ki.SCRATCH_WORDS), mx.uint32) for _ in range(32)]
+            mx.eval(pool)
+            turn = [0]
+
+            def one_scratch(a):
+                turn[0] = (turn[0] + 1) % len(pool)
+                return _switched(lambda: ki.indexer_topk_kernel(
+                    *a[:3], None, K, backend=backend, scratch=pool[turn[0]]), "SCORE_SELECT")
+            paths["kernel-one-scr-all"] = one_scratch
             paths["kernel-row-all"] = lambda a: apart(
                 lambda: ki.indexer_topk_kernel(*a[:3], None, K, backend=backend))
             paths["kernel-fuse-all"] = lambda a: apart(lambda: _switched(lambda: _switched(

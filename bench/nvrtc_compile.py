@@ -123,11 +123,14 @@ def launches():
                     [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
                     ["float32"], [("D", 128), ("H", 64), ("NW", nw), ("TPW", tpw), ("ME", me),
                                   ("IDEC", idec)]))
-    for allvis, u, cap, walk in ((True, 4, 2048, 0), (False, 8, 2048, 1), (True, 2, 64, 0),
-                                 (True, 8, 2048, 0), (True, 16, 2048, 0)):
-        out.append((f"indexer score + top-k one launch U{u} CAP{cap} W{walk} A{int(allvis)}",
-                    isrc.score_select_source("cuda", "fp4", allvis),
-                    [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)],
+    for allvis, u, cap, walk, scr in ((True, 4, 2048, 0, 0), (False, 8, 2048, 1, 0),
+                                      (True, 2, 64, 0, 0), (True, 8, 2048, 0, 0),
+                                      (True, 16, 2048, 0, 0), (True, 8, 2048, 0, 1)):
+        out.append((f"indexer score + top-k one launch U{u} CAP{cap} W{walk} A{int(allvis)}"
+                    f"{' scratch' if scr else ''}",
+                    isrc.score_select_source("cuda", "fp4", allvis, bool(scr)),
+                    [("uint32", 4, 4096), ("float32", 3, 64), *fp4, ("int32", 1, 1)]
+                    + ([("uint32", 2, 4100)] if scr else []),
                     ["int32", "float32"],
                     [("D", 128), ("H", 64), ("NW", 4), ("KC", kc), ("SMEM4", max(smem4, 1024)),
                      ("QRES", qres), ("TPT", 2), ("IDEC", 2), ("MMAPTX", 1), ("K", 512),

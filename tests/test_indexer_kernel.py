@@ -352,23 +352,26 @@ class Emulator:
         return fin, thr, tick
 
     def score_select(self, q, w, key_arrays, key_mode, visible, k, tpt=None, u=4, cap=2048,
-                     walk=None, allvis=False):
+                     walk=None, allvis=False, scratch=None):
         """The one-launch scoring and top-k (`indexer_source.score_select_source`) with the
-        dispatch's launch spec: (idx, scores) (the work rows' first N columns)."""
+        dispatch's launch spec: (idx, scores, the rows' histograms and tickets) (``scratch``:
+        a zeroed uint32 [rows, SCRATCH_WORDS] numpy array the kernel updates in place)."""
         B, T, H, D = q.shape
         N = key_arrays[0].shape[1]
         KC, SMEM4, QRES = src.mma_layout("cpp", H, D, ki.MMA_WARPS)
         TPT = tpt or ki.mma_tiles(B * T, N, QRES)
         score_t = [("D", D), ("H", H), ("NW", ki.MMA_WARPS), ("KC", KC), ("SMEM4", SMEM4),
                    ("QRES", QRES), ("TPT", TPT), ("IDEC", ki.MMA_INT_DECODE), ("MMAPTX", 0)]
-        template, shapes, dtypes = ki._select_spec(B, T, N, k, score_t, u, cap, walk)
+        scr = scratch is not None
+        template, shapes, dtypes = ki._select_spec(B, T, N, k, score_t, u, cap, walk, scr)
         tpg = 32 * ki.MMA_WARPS
         ngroups = -(-N // (16 * ki.MMA_WARPS * TPT))
-        idx, work = self.run(src.score_select_source("cpp", key_mode, allvis),
-                             [bf16_words(q), w, *key_arrays, visible], shapes,
+        idx, work = self.run(src.score_select_source("cpp", key_mode, allvis, scr),
+                             [bf16_words(q), w, *key_arrays, visible]
+                             + ([scratch] if scr else []), shapes,
                              [str(d).split(".")[-1] for d in dtypes], template,
                              (ngroups * tpg, T, B), tpg)
-        hist = work[:, -(-N // 4) * 4:].view(np.uint32)
+        hist = scratch if scr else work[:, -(-N // 4) * 4:].view(np.uint32)
         return idx, work[:, :N].reshape(B, T, N), hist
 
     def row(self, scores, visible, k, tg=256, u=4, cap=2048, ha=1, walk=None, allvis=False):
@@ -789,6 +792,14 @@ def test_one_rule(clean_dispatch):
     for u, cap in ((0, 64), (4, 0), (4, 4096)):
         with pytest.raises(ValueError):
             ki._select_spec(1, 1, N0, 512, [("SMEM4", 10)], u, cap)
+    # the scratch: only where asked for, one per owner and row count, zeros
+    owner = {}
+    assert ki.select_scratch(1, owner) is None and ki.select_scratch(1) is None
+    clean_dispatch.setenv(ki.VARIANTS_ENV, "scratch")
+    a = ki.select_scratch(3, owner)
+    assert a is ki.select_scratch(3, owner) and a.shape == (3, ki.SCRATCH_WORDS)
+    assert a.dtype == mx.uint32 and not np.array(a).any() and ki.select_scratch(3) is None
+    clean_dispatch.delenv(ki.VARIANTS_ENV)
     # its shared arrays within the static limit (CUDA 48 KiB: 64 heads fit, 112 do not)
     assert src.select_shared_bytes("cuda", 64, 128) == 36564  # (NVRTC's count for it)
     assert ki.select_usable("cuda", mx.bfloat16, 64, 128, "fp4")
@@ -985,6 +996,17 @@ def test_emulated_score_select(emu, mode, H, D, B, T, N, kind, k, tpt, u, cap):
                                  u=u, cap=cap, allvis=True)
     check_topk(idx, s, np.full(T, N, np.int32), k, f"emu score+select all visible {kind}",
                exact=True)
+    # the histograms in a scratch the caller keeps: the same picks, the scratch left zeroed
+    # for the next call (three calls through one scratch, two of them with counts)
+    scratch = np.zeros((B * T, ki.SCRATCH_WORDS), np.uint32)
+    for allvis in (False, True, False):
+        v = np.full(T, N, np.int32) if allvis else vis
+        idx2, s2, _ = emu.score_select(q, w, key_in, mode, v, k, tpt=tpt, u=u, cap=cap,
+                                       allvis=allvis, scratch=scratch)
+        np.testing.assert_array_equal(s2, want if not allvis else s)
+        check_topk(idx2, np.where(np.isfinite(s2), s2, -1e30), v, k,
+                   f"emu score+select scratch {kind}", exact=True)
+        assert not scratch.any()
 
 
 @needs_cxx
@@ -1117,11 +1139,12 @@ def _metal_variants():
                      ("WALK", WALK)]))
     # scoring and the top-k in one launch (written for Metal, dispatched on CUDA only)
     kc, smem4, qres = src.mma_layout("metal", 64, 128)
-    for allvis in (False, True):
-        out.append((f"score-select-fp4-A{int(allvis)}", src.score_select_source("metal", "fp4",
-                                                                                allvis),
+    for allvis, scr in ((False, False), (True, False), (True, True)):
+        out.append((f"score-select-fp4-A{int(allvis)}-S{int(scr)}",
+                    src.score_select_source("metal", "fp4", allvis, scr),
                     [("uint32", 4, 2048), ("float32", 3, 64), ("uint32", 3, 512),
-                     ("uint8", 3, 4), ("int32", 1, 1)], ["int32", "float32"],
+                     ("uint8", 3, 4), ("int32", 1, 1)] + ([("uint32", 2, 4100)] if scr else []),
+                    ["int32", "float32"],
                     [("D", 128), ("H", 64), ("NW", 4), ("KC", kc), ("SMEM4", max(smem4, 1024)),
                      ("QRES", qres), ("TPT", 2), ("IDEC", 0), ("MMAPTX", 0), ("K", 512),
                      ("U", 4), ("CAP", 2048), ("WALK", allvis)]))
@@ -1423,6 +1446,18 @@ def test_planned_launches_match_the_explicit_path(clean_dispatch, T, N, k, mode,
         if single:  # (it wins over the others; its work rows zeroed)
             assert runs[0][0][0] == "dsv4_indexer_score_select_fp4" + ("_all" if allvis else "")
             assert runs[0][0][4] == [(1, T, k), (T, N + 4100)] and runs[0][0][7] == 0.0
+            # with a scratch: the scratch kernel, nothing filled, the scratch its last input
+            scratch = mx.zeros((T, ki.SCRATCH_WORDS), mx.uint32)
+            sruns = []
+            for launch in (None, {"tpt": None}):
+                log.clear()
+                ki.indexer_topk_kernel(qa, mx.array(w), kx, None if allvis else vis, k,
+                                       backend="cuda", launch=launch, scratch=scratch)
+                sruns.append(list(log))
+            assert sruns[0] == sruns[1] and len(sruns[0]) == 1, sruns
+            assert sruns[0][0][0] == runs[0][0][0] + "_scr" and sruns[0][0][7] is None
+            assert sruns[0][0][4] == [(1, T, k), (T, N)]
+            assert sruns[0][0][6][-1] == ((T, ki.SCRATCH_WORDS), mx.uint32)
         elif row and ki.ROW_MIN <= N <= ki.ROW_MAX and k < N:  # (it wins over the fused one)
             assert runs[0][1][0] == "dsv4_indexer_topk_row" + ("_all" if allvis else "")
             assert runs[0][1][2] == (1024, T, 1) and len(runs[0][0][4]) == 1
@@ -1706,7 +1741,8 @@ def test_gpu_score_select(gpu, mode, monkeypatch):
     (padded to 4) and 140,000 entries, random and tied (queries of zeros), seeing N, 700 and
     100; its picks exactly the top k of the matrix-unit scorer's own scores (the same code),
     the bin copied or not (CAP 2048, 64, 1), U 1-8, the digit by one thread or the warp; all
-    visible; the planned dispatch without a fallback warning."""
+    visible; a scratch kept across calls (`SELECT_SCRATCH`) left zeroed; the planned dispatch
+    without a fallback warning."""
     rng = np.random.default_rng(41)
     B, T, H, D, k = 1, 3, 64, 128, 512
     for N in (65536, 70001, 140000):
@@ -1714,6 +1750,7 @@ def test_gpu_score_select(gpu, mode, monkeypatch):
             qa, wa, km, ref, vis, va = _long_rows(rng, mode, kind, B, T, H, D, N)
             qa = qa.astype(mx.bfloat16)  # (the matrix units' queries; ref: fp32 queries)
             sc = np.array(ki.indexer_scores_kernel(qa, wa, km, va, backend=gpu, mma=True))
+            sc_all = np.array(ki.indexer_scores_kernel(qa, wa, km, None, backend=gpu, mma=True))
             for u, cap, walk in ((4, 2048, 0), (8, 2048, 1), (1, 64, 0), (2, 1, 1)):
                 idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu, launch={
                     "one": 1, "u": u, "cap": cap, "walk": walk})
@@ -1724,6 +1761,16 @@ def test_gpu_score_select(gpu, mode, monkeypatch):
                                          launch={"one": 1})
             check_topk(idx, sc[:, :1], vis[:1], k, f"one launch {mode} {kind} all visible",
                        exact=True)
+            # the histograms in a scratch kept across calls: left zeroed by every call
+            scratch = mx.zeros((T, ki.SCRATCH_WORDS), mx.uint32)
+            for allvis in (False, True, False):
+                v = None if allvis else va
+                idx = ki.indexer_topk_kernel(qa, wa, km, v, k, backend=gpu,
+                                             launch={"one": 1}, scratch=scratch)
+                mx.eval(idx)
+                check_topk(idx, sc_all if allvis else sc, np.full(T, N, np.int32) if allvis
+                           else vis, k, f"one launch {mode} {kind} scratch", exact=True)
+                assert not np.array(scratch).any()
             monkeypatch.setattr(ki, "SCORE_SELECT", 1)
             monkeypatch.setattr(ki, "ROW_MAX", 1 << 20)  # (140,000 entries: past the default)
             with warnings.catch_warnings():
@@ -1798,3 +1845,38 @@ def test_gpu_model_with_indexer_kernels_matches_ops(clean_dispatch):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_model_layers_keep_their_scratch(monkeypatch):
+    """With "scratch" named, each CSA layer's indexer hands the dispatch one zeroed scratch of
+    its own a row count, the same one at every decode step (its calls never overlap on the
+    GPU); without it, none. The logits do not change (the CPU path never reads it)."""
+    from conftest import FLASH_LIKE, prefill_then_decode
+
+    from dsv4_mlx.model import Model, ModelArgs
+    from dsv4_mlx.model import indexer as mi
+    from dsv4_mlx.random_weights import load_random
+
+    seen = []
+    real = mi.indexer_topk
+
+    def spy(*a, scratch=None, **kw):
+        seen.append(scratch)
+        return real(*a, scratch=scratch, **kw)
+
+    monkeypatch.setattr(mi, "indexer_topk", spy)
+    ids = mx.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79]])
+    runs = []
+    for variants in ("", "scratch"):
+        monkeypatch.setenv(ki.VARIANTS_ENV, variants)
+        seen.clear()
+        model = load_random(Model(ModelArgs.from_dict(dict(FLASH_LIKE))), seed=5)
+        runs.append(prefill_then_decode(model, ids, 10))
+        assert seen and (all(s is None for s in seen) if not variants else
+                         all(s is not None and s.shape[1] == ki.SCRATCH_WORDS for s in seen))
+        if variants:  # one array a layer and row count: decode steps reuse their layer's
+            decode = [s for s in seen if s.shape[0] == 1]
+            csa = sum(1 for r in FLASH_LIKE["compress_ratios"][:FLASH_LIKE["num_hidden_layers"]]
+                      if r == 4)
+            assert len({id(s) for s in decode}) == csa and not np.array(decode[0]).any()
+    np.testing.assert_array_equal(runs[0], runs[1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import mlx.core as mx
 
@@ -291,22 +292,30 @@ ROW_MIN, ROW_MAX = 32768, 131072
 # Metal: written, never dispatched (no Mac to validate it).
 SCORE_SELECT = 0
 SCORE_SELECT_METAL = 0
+# Where the one launch keeps a row's histogram and ticket: 0, after its scores in an output
+# that MLX zeroes (`init_value`: two fill kernels on the GPU before the launch, the fill's
+# value read from host-resident managed memory by every block); 1, in a scratch input the
+# caller owns (`select_scratch`: one a model layer), zeroed once and left zeroed by the
+# row's last group: no fill. Opt-in ("scratch" in DSV4_INDEXER_VARIANTS), unmeasured.
+SELECT_SCRATCH = 0
 
-# Variants by name, for measuring them without editing this module: a comma list of
+# Variants by name, for measuring them without editing this module: a comma (or "+") list of
 # "f32dec", "idec", "prmt" (the scorer's FP4 decode: MMA_INT_DECODE 0, 1, 2, whatever the
 # backend's default), "wmma", "mmaptx" (MMA_PTX 0, 1), "walk" (TOPK_WALK 1), "nofuse",
 # "fuse" (TOPK_FUSE 0, 1), "tiles", "frag" (FRAG_SCORER 0, 1), "norow", "row" (TOPK_ROW 0,
-# 1), "noone", "one" (SCORE_SELECT 0, 1); read at each call.
+# 1), "noone", "one" (SCORE_SELECT 0, 1), "noscratch", "scratch" (SELECT_SCRATCH 0, 1); read at
+# each call.
 VARIANTS_ENV = "DSV4_INDEXER_VARIANTS"
 VARIANT_NAMES = ("f32dec", "idec", "prmt", "wmma", "mmaptx", "walk", "nofuse", "fuse",
-                 "tiles", "frag", "norow", "row", "noone", "one")
+                 "tiles", "frag", "norow", "row", "noone", "one", "noscratch", "scratch")
 # name -> (the launch choice it sets, the value); where two named set one choice, the earlier
 # in this table wins
 _VARIANT_CHOICES = {"prmt": ("idec", 2), "idec": ("idec", 1), "f32dec": ("idec", 0),
                     "wmma": ("mmaptx", 0), "mmaptx": ("mmaptx", 1), "walk": ("walk", 1),
                     "nofuse": ("fuse", 0), "fuse": ("fuse", 1), "tiles": ("frag", 0),
                     "frag": ("frag", 1), "norow": ("row", 0), "row": ("row", 1),
-                    "noone": ("one", 0), "one": ("one", 1)}
+                    "noone": ("one", 0), "one": ("one", 1), "noscratch": ("scr", 0),
+                    "scratch": ("scr", 1)}
 _variants: dict = {}  # raw value -> (names, {choice: value})
 
 
@@ -315,7 +324,7 @@ def _parsed() -> tuple:
     raw = os.environ.get(VARIANTS_ENV, "")
     got = _variants.get(raw)
     if got is None:
-        names = frozenset(v.strip().lower() for v in raw.split(",") if v.strip())
+        names = frozenset(v.strip().lower() for v in re.split(r"[,+]", raw) if v.strip())
         bad = sorted(names - set(VARIANT_NAMES))
         if bad:
             raise ValueError(f"{VARIANTS_ENV}={raw!r}: unknown {', '.join(bad)}; expected a "
@@ -413,10 +422,26 @@ def select_launch(B: int, T: int, N: int, k: int) -> tuple[int, int]:
     return 8, 2048
 
 
-def _select_spec(B, T, N, k, score_template, u, cap, walk=None):
+SCRATCH_WORDS = 4100  # a row's histogram (4096) and ticket, in a scratch row
+
+
+def select_scratch(rows: int, owner: dict | None = None):
+    """A zeroed scratch [rows, SCRATCH_WORDS] uint32 for the one launch (`SELECT_SCRATCH`),
+    kept in `owner` (a dict the caller keeps: one a model layer, whose calls never overlap on
+    the GPU), or None where `VARIANTS_ENV` / `SELECT_SCRATCH` leave it off."""
+    if owner is None or not _flag("scr", None, SELECT_SCRATCH):
+        return None
+    got = owner.get(rows)
+    if got is None:
+        got = owner[rows] = mx.zeros((rows, SCRATCH_WORDS), mx.uint32)
+    return got
+
+
+def _select_spec(B, T, N, k, score_template, u, cap, walk=None, scratch=False):
     """(template, output shapes, output dtypes) of the one-launch scoring and top-k: the
     scorer's template (its shared tiles at least the 16 KB the select reuses), then K, U, CAP,
-    WALK; outputs idx [B, T, k] int32 and the zeroed work rows [B * T, NP + 4100] f32."""
+    WALK; outputs idx [B, T, k] int32 and the zeroed work rows [B * T, NP + 4100] f32 (with
+    `scratch`: [B * T, NP], not zeroed)."""
     walk = _flag("walk", walk, TOPK_WALK)
     if not (1 <= cap <= 2048 and u >= 1):
         raise ValueError(f"the one-launch top-k takes CAP of 1-2048 (its shared keys within "
@@ -424,7 +449,7 @@ def _select_spec(B, T, N, k, score_template, u, cap, walk=None):
     template = [(n, max(v, 1024) if n == "SMEM4" else v) for n, v in score_template]
     np4 = -(-N // 4) * 4
     return (template + [("K", k), ("U", u), ("CAP", cap), ("WALK", walk)],
-            [(B, T, k), (B * T, np4 + 4100)], [mx.int32, mx.float32])
+            [(B, T, k), (B * T, np4 + (0 if scratch else SCRATCH_WORDS))], [mx.int32, mx.float32])
 
 
 def _row_asked(row, *slice_args):
@@ -650,17 +675,18 @@ def indexer_select_kernel(scores, visible, k: int, *, backend: str, tg=None, u=N
 
 def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
                         select: str = "kernel", launch: dict | None = None,
-                        mma=None) -> mx.array:
+                        mma=None, scratch=None) -> mx.array:
     """`indexer_topk_ops` through the kernels (no probe, no fallback: see `indexer_topk`).
 
     ``select``: ``"kernel"`` (radix select) or ``"argpartition"`` (``mx.argpartition`` on
     the kernel's scores). ``launch``: overrides of the launch parameters (``bn``, ``hc``,
     ``e``, ``tpt``, ``idec``, ``mmaptx``, ``frag``, ``fl`` of the scoring kernels, ``tg``,
     ``u``, ``s``, ``r``, ``walk``, ``fuse``, ``row``, ``cap``, ``ha`` of the top-k kernel),
-    for tuning.
+    for tuning. ``scratch``: the one launch's zeroed histogram rows (`select_scratch`; only
+    that launch reads it).
     """
     if not launch and select == "kernel" and mma is None:
-        return _planned(backend, q, w, keys, visible, topk)
+        return _planned(backend, q, w, keys, visible, topk, scratch=scratch)
     launch = launch or {}
     pick = lambda names: {a: launch[a] for a in names if a in launch}  # noqa: E731
     N = _num_entries(keys)
@@ -677,7 +703,7 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         "row", "fuse", "s", "r", "tg", "ha", "bn", "hc", "e")))
     if select == "kernel" and mma is not False and _one(B, T, N, k, one, backend, frag) and \
             select_usable(backend, _q_ready(q).dtype, H, D, _key_inputs(keys)[0]):
-        return _score_select(q, w, keys, visible, k, backend,
+        return _score_select(q, w, keys, visible, k, backend, scratch=scratch,
                              **pick(("tpt", "idec", "mmaptx", "u", "cap", "walk")))
     # the fused top-k counts on row counters that the scoring launch zeroes
     row = _row_asked(launch.get("row"), *(launch.get(a) for a in ("fuse", "s", "r")))
@@ -698,8 +724,9 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
 
 
 def _score_select(q, w, keys, visible, k, backend, tpt=None, idec=None, mmaptx=None, u=None,
-                  cap=None, walk=None):
-    """The one-launch scoring and top-k (`score_select_source`) -> idx [B, T, k]."""
+                  cap=None, walk=None, scratch=None):
+    """The one-launch scoring and top-k (`score_select_source`) -> idx [B, T, k]; with
+    `scratch` (zeros [>= B * T, SCRATCH_WORDS] uint32, left zeros) no output is filled."""
     q = _q_ready(q)
     B, T, H, D = q.shape
     key_mode, key_in, N, _ = _key_inputs(keys)
@@ -708,12 +735,14 @@ def _score_select(q, w, keys, visible, k, backend, tpt=None, idec=None, mmaptx=N
                                             _flag("mmaptx", mmaptx, MMA_PTX), False, 0, None,
                                             visible is None)
     U, CAP = select_launch(B, T, N, k)
+    scr = scratch is not None
     template, shapes, dtypes = _select_spec(B, T, N, k, template, U if u is None else u,
-                                            CAP if cap is None else cap, walk)
-    return _kernel(backend, src.score_select_source(backend, key_mode, visible is None))(
-        inputs=_score_inputs(q, w, key_in, _vis_in(visible), True), template=template,
-        grid=grid, threadgroup=tg, output_shapes=shapes, output_dtypes=dtypes,
-        init_value=0.0, stream=mx.gpu)[0]
+                                            CAP if cap is None else cap, walk, scr)
+    inputs = _score_inputs(q, w, key_in, _vis_in(visible), True) + ([scratch] if scr else [])
+    fill = {} if scr else {"init_value": 0.0}
+    return _kernel(backend, src.score_select_source(backend, key_mode, visible is None, scr))(
+        inputs=inputs, template=template, grid=grid, threadgroup=tg, output_shapes=shapes,
+        output_dtypes=dtypes, stream=mx.gpu, **fill)[0]
 
 
 _plans: dict = {}
@@ -749,10 +778,11 @@ def _plan(backend, q, keys, topk, allvis=False):
         on_mma, ks, template, grid, tg = _score_plan(
             backend, q.dtype, B, T, H, D, N, key_mode, None, None, None, True, None,
             _idec(None, backend), _flag("mmaptx", None, MMA_PTX), False, 0, None, allvis)
-        template, shapes, dtypes = _select_spec(B, T, N, k, template, *select_launch(B, T, N, k))
-        return on_mma, "one", [(_kernel(backend, src.score_select_source(backend, key_mode,
-                                                                          allvis)),
-                                template, grid, tg, shapes, dtypes)]
+        U, CAP = select_launch(B, T, N, k)
+        return on_mma, "one", [  # the work rows zeroed by MLX, or the scratch's
+            (_kernel(backend, src.score_select_source(backend, key_mode, allvis, scr)),
+             *_with_grid(_select_spec(B, T, N, k, template, U, CAP, None, scr), grid, tg))
+            for scr in (False, True)]
     row = _row(B, T, N, k, None, backend)
     fused = not row and _fused(S, None, backend)
     on_mma, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode,
@@ -777,7 +807,13 @@ def _plan(backend, q, keys, topk, allvis=False):
     return on_mma, "slices", launches
 
 
-def _planned(backend, q, w, keys, visible, topk, key=None):
+def _with_grid(spec, grid, tg):
+    """(template, grid, threadgroup, shapes, dtypes) of a `_select_spec` answer."""
+    template, shapes, dtypes = spec
+    return template, grid, tg, shapes, dtypes
+
+
+def _planned(backend, q, w, keys, visible, topk, key=None, scratch=None):
     """`indexer_topk_kernel` with its default launch parameters, the launches made once per
     shape (the same kernels and parameters as `indexer_scores_kernel` and
     `indexer_select_kernel` choose; a decode step makes one call a CSA layer). ``key``: the
@@ -795,11 +831,16 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
     on_mma, how, launches = p
     visible = _vis_in(visible)
     key_in = list(keys) if fp4 else _key_inputs(keys)[1]  # (fp4: checked by the plan)
-    if how == "one":  # (its work rows zeroed: MLX's init_value)
-        kern, template, grid, tg, shapes, dtypes = launches[0]
-        return kern(inputs=_score_inputs(q, w, key_in, visible, on_mma), template=template,
-                    grid=grid, threadgroup=tg, output_shapes=shapes, output_dtypes=dtypes,
-                    init_value=0.0, stream=mx.gpu)[0]
+    if how == "one":  # (its work rows zeroed by MLX's init_value, or the caller's scratch)
+        inputs = _score_inputs(q, w, key_in, visible, on_mma)
+        if scratch is None:
+            kern, template, grid, tg, shapes, dtypes = launches[0]
+            return kern(inputs=inputs, template=template, grid=grid, threadgroup=tg,
+                        output_shapes=shapes, output_dtypes=dtypes, init_value=0.0,
+                        stream=mx.gpu)[0]
+        kern, template, grid, tg, shapes, dtypes = launches[1]
+        return kern(inputs=inputs + [scratch], template=template, grid=grid, threadgroup=tg,
+                    output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu)[0]
     out = None
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
         if i == 0:
@@ -820,7 +861,7 @@ def _planned(backend, q, w, keys, visible, topk, key=None):
 @functools.lru_cache(maxsize=256)
 def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str, N: int, k: int,
              fuse: int, frag: int = 0, allvis: bool = False, row: bool = False,
-             one: bool = False):
+             one: bool = False, scr: bool = False):
     """(probe key, launch parameters) of the kernel variants one call would use (`fuse`,
     `frag`, `row`, `one`: `_fuse`'s, `_flag`'s, `_row`'s and `_one`'s answers, outside this
     cache)."""
@@ -836,7 +877,8 @@ def _variant(backend: str, qdtype, B: int, T: int, H: int, D: int, key_mode: str
     ol = (select_launch(B, T, N, k) if one and not frag and select_usable(backend, qdtype, H, D,
                                                                           key_mode) else None)
     key = (f"{backend}/{key_mode}/{qdtype}/D{D}/H{H}/HC{HC}/BN{BN}/E{E}/K{k}/TG{TG}/U{U}/S{S}"
-           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/RW{rl}/O{ol}/A{int(allvis)}")
+           f"/R{R}/mma{int(mma)}/TPT{tpt}/F{fused}/FR{fl}/RW{rl}/O{ol}{'s' if ol and scr else ''}"
+           f"/A{int(allvis)}")
     return key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl, ol)
 
 
@@ -849,7 +891,9 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl, ol) = _variant(
         backend, q.dtype, B, T, H, D, key_mode, N, k, bool(_fuse(None, backend)), frag,
         allvis, _row(B, T, N, k, None, backend),
-        _one(B, T, N, k, None, backend, frag and frag_usable(backend, q.dtype, H, D, key_mode)))
+        _one(B, T, N, k, None, backend, frag and frag_usable(backend, q.dtype, H, D, key_mode)),
+        bool(_flag("scr", None, SELECT_SCRATCH)))
+    scr = bool(ol) and bool(_flag("scr", None, SELECT_SCRATCH))
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -862,8 +906,11 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
         else:
             kk = mx.zeros((1, n, D), mx.bfloat16 if key_mode == "bf16" else mx.float32)
         vis = None if allvis else mx.array([n], mx.int32)
-        if ol:  # the one launch, with the call's template
+        if ol:  # the one launch, with the call's template (and the scratch's, where on)
             mx.eval(_score_select(qq, ww, kk, vis, k, backend, tpt=tpt, u=ol[0], cap=ol[1]))
+            if scr:
+                mx.eval(_score_select(qq, ww, kk, vis, k, backend, tpt=tpt, u=ol[0], cap=ol[1],
+                                      scratch=mx.zeros((1, SCRATCH_WORDS), mx.uint32)))
             return
         s = indexer_scores_kernel(qq, ww, kk, vis, backend=backend, bn=BN, hc=HC, e=E,
                                   mma=None if frag else mma, tpt=tpt, tick=bool(fused),
@@ -882,7 +929,7 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     return key, probe
 
 
-def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
+def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False, scratch=None):
     """Dispatch point (signature of `indexer_topk_ops`): the GPU kernels where the backend
     allows (`dispatch.select_backend`), the pure-ops path otherwise.
 
@@ -890,7 +937,8 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
     [B, N, d/32]). `visible`: [T] int32 counts, or None when every query sees all N entries
     (a decode token: the kernels then read no count). ``q_exact_bf16``: the caller vouches
     that q's values are bf16 numbers (FP4-rounded queries are), so a float32 q may go to the
-    matrix-unit kernel as bf16 without any rounding.
+    matrix-unit kernel as bf16 without any rounding. ``scratch``: `select_scratch`'s array
+    (or None), read only where the one launch of scoring and top-k runs.
     """
     backend = dispatch.select_backend()
     N = _num_entries(keys)
@@ -908,7 +956,7 @@ def indexer_topk(q, w, keys, visible, topk, *, q_exact_bf16: bool = False):
                 ok = dispatch.kernel_usable(vkey, probe, f"lightning indexer ({backend})")
             dispatch.bounded_put(_usable, key, ok)
         if ok:  # (`indexer_topk_kernel` with its defaults)
-            return _planned(backend, q, w, keys, visible, topk, skey)
+            return _planned(backend, q, w, keys, visible, topk, skey, scratch)
     return indexer_topk_ops(q, w, keys, visible, topk)
 
 

@@ -1952,7 +1952,11 @@ def score_mma_source(dialect: str, key_mode: str, tick: bool = False,
 # `work` [B * T, NP + 4100] f32 (NP: N rounded up to 4) must be zeros when the launch starts
 # (MLX's init_value, which fills every output: two fill kernels before this one on the GPU,
 # but no primitive more on the host): a row's scores (0 .. N), its histogram (NP .. NP + 4096)
-# and ticket (NP + 4096), both as uint32. Metal: written, never dispatched; before it is, its
+# and ticket (NP + 4096), both as uint32. With `scratch` (an input [>= B * T, 4100] uint32
+# that is zeros when the launch starts): the histogram and ticket are there and the last
+# group leaves them zeroed again; `work` [B * T, NP] is the scores alone and nothing is
+# filled. A scratch must never serve two launches that may run at once (MLX orders launches
+# only by data: the calls of one model layer, each fed by the one before, never overlap). Metal: written, never dispatched; before it is, its
 # L2 reads (KI_LOAD_CG, a plain load there) and fences would need device-scope coherence.
 _SELECT_EPILOGUE = """\
   // ---- the row's top-k: its histogram built by every group, selected by the last ----
@@ -1972,9 +1976,7 @@ _SELECT_EPILOGUE = """\
     // the first histogram, then the bin's keys (0 .. CAP) and entries (CAP .. 2 CAP), over
     // the shared tiles (every warp is done with them at the barrier below)
     KI_TG KI_ATOMIC_UINT* ki_big = (KI_TG KI_ATOMIC_UINT*)ki_smem;
-    const int NP = (N + 3) & ~3;
-    KI_DEVICE unsigned int* rowh = (KI_DEVICE unsigned int*)(out + NP);  // histogram, ticket
-    const int ngroups = (N + NB * TPT - 1) / (NB * TPT);
+@ROWH@    const int ngroups = (N + NB * TPT - 1) / (NB * TPT);
     KI_BARRIER();
     for (int i = ki_tid; i < HB; i += TG) KI_ATOMIC_STORE(ki_big[i], 0u);
     KI_BARRIER();
@@ -1998,11 +2000,13 @@ _SELECT_EPILOGUE = """\
     KI_DEVICE_FENCE();
     const int64_t base = 0;  // (the row's scores: `out`)
     KI_DEVICE int32_t* oidx = idx + bt * K;
+    for (int i = ki_tid; i < HB; i += TG) {
+      KI_ATOMIC_STORE(ki_big[i], KI_LOAD_CG(rowh, i));
+@CLEAR@    }
     if (vis <= K) {
       for (int i = ki_tid; i < K; i += TG) oidx[i] = i < vis ? i : -1;
       return;
     }
-    for (int i = ki_tid; i < HB; i += TG) KI_ATOMIC_STORE(ki_big[i], KI_LOAD_CG(rowh, i));
     if (ki_tid < 2) KI_ATOMIC_STORE(ki_cnt[ki_tid], 0u);
     KI_BARRIER();
 @REST@  }
@@ -2041,12 +2045,14 @@ def select_shared_bytes(dialect: str, H: int, D: int, NW: int = 4) -> int | None
 
 
 @functools.lru_cache(maxsize=None)  # rendered once: asked at every launch
-def score_select_source(dialect: str, key_mode: str, allvis: bool = False) -> KernelSource:
+def score_select_source(dialect: str, key_mode: str, allvis: bool = False,
+                        scratch: bool = False) -> KernelSource:
     """The matrix-unit scorer and the top-k of its rows in one launch (`_SELECT_EPILOGUE`;
-    decode rows). Inputs as `score_mma_source`'s; outputs idx [B,T,K] int32 (-1 where not
-    visible), work [B*T, NP + 4100] f32 (zeros at the start: the scores, then the row's
-    histogram and ticket). Template: `score_mma_source`'s, then K, U (float4 loads a thread
-    of the second read), CAP, WALK."""
+    decode rows). Inputs as `score_mma_source`'s (with `scratch`: then scratch [>= B*T, 4100]
+    uint32, zeros, left zeros); outputs idx [B,T,K] int32 (-1 where not visible), work
+    [B*T, NP + 4100] f32 (zeros at the start: the scores, then the row's histogram and
+    ticket; with `scratch`: [B*T, NP], the scores). Template: `score_mma_source`'s, then K, U
+    (float4 loads a thread of the second read), CAP, WALK."""
     if key_mode not in _KEY_TILE:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")
@@ -2055,16 +2061,28 @@ def score_select_source(dialect: str, key_mode: str, allvis: bool = False) -> Ke
     rows = _rows(False, allvis)
     old = "  KI_DEVICE float* out = scores + bt * N;\n"
     assert rows.count(old) == 1
-    rows = rows.replace(old, "  KI_DEVICE float* out = work + bt * (((N + 3) & ~3) + 4100);\n")
+    rows = rows.replace(old, "  KI_DEVICE float* out = work + bt * (((N + 3) & ~3)"
+                        + (");\n" if scratch else " + 4100);\n"))
     body = (_SCORE_MMA_BODY.replace("@ROW@", rows).replace("@KEYS@", keys[0])
             .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_PUT@", parts["put"]))
     body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
             .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
     rest = _row_rest(lambda i: f"KI_LOAD_CG(out, {i})", "  oidx[p] = i;\n",
                      "  oidx[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n", _SELECT_READ)
-    body += _SELECT_EPILOGUE.replace("@REST@", textwrap.indent(rest, "  "))
-    return make_source(dialect, f"dsv4_indexer_score_select_{key_mode}" + _suffix(False, allvis),
-                       ("q", "w", *keys, "visible"), ("idx", "work"), body)
+    if scratch:  # the histogram and ticket in the scratch input, left zeroed for the next call
+        rowh = ("    KI_DEVICE unsigned int* rowh = (KI_DEVICE unsigned int*)scratch"
+                " + bt * (HB + 4);\n")
+        clear = "      rowh[i] = 0u;\n      if (i == 0) rowh[HB] = 0u;\n"
+    else:  # after the row's scores in `work`
+        rowh = ("    const int NP = (N + 3) & ~3;\n"
+                "    KI_DEVICE unsigned int* rowh = (KI_DEVICE unsigned int*)(out + NP);\n")
+        clear = ""
+    body += (_SELECT_EPILOGUE.replace("@ROWH@", rowh).replace("@CLEAR@", clear)
+             .replace("@REST@", textwrap.indent(rest, "  ")))
+    return make_source(dialect, f"dsv4_indexer_score_select_{key_mode}"
+                       + _suffix(False, allvis) + ("_scr" if scratch else ""),
+                       ("q", "w", *keys, "visible") + (("scratch",) if scratch else ()),
+                       ("idx", "work"), body)
 
 
 # --------------------------------------------------------------------------------------------

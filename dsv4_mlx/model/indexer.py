@@ -19,7 +19,7 @@ import numpy as np
 from ..cache import CompressorState
 from ..kernels.fp4_round import query_roundtrip
 from ..kernels.gemv import linear_scaled
-from ..kernels.indexer import indexer_topk
+from ..kernels.indexer import indexer_topk, select_scratch
 from .compressor import Compressor
 from .rope import RoPE
 
@@ -69,5 +69,8 @@ class Indexer(nn.Module):
         else:
             keys = state.entries
         # FP4-rounded queries are bf16 numbers: the GPU may score them on the matrix units
-        return indexer_topk(q, w, keys, visible, self.topk, q_exact_bf16=fp4)
+        # (the one launch of scoring and top-k may keep its histograms in this layer's
+        # scratch: its calls never overlap on the GPU; None unless asked for)
+        scratch = select_scratch(B * T, self.__dict__.setdefault("_select_scratch", {}))
+        return indexer_topk(q, w, keys, visible, self.topk, q_exact_bf16=fp4, scratch=scratch)
 
