@@ -1754,8 +1754,9 @@ def test_gpu_score_select(gpu, mode, monkeypatch):
             for u, cap, walk in ((4, 2048, 0), (8, 2048, 1), (1, 64, 0), (2, 1, 1)):
                 idx = ki.indexer_topk_kernel(qa, wa, km, va, k, backend=gpu, launch={
                     "one": 1, "u": u, "cap": cap, "walk": walk})
+                # (exactly the top k of the scorer's own scores: `ref` has fp32 queries, and
+                # their bf16 rounding reorders entries near the K-th by more than its tolerance)
                 what = f"one launch {mode} {kind} N={N} u={u} cap={cap} walk={walk}"
-                check_topk(idx, ref, vis, k, what)
                 check_topk(idx, sc, vis, k, what + ", exact", exact=True)
             idx = ki.indexer_topk_kernel(qa[:, :1], wa[:, :1], km, None, k, backend=gpu,
                                          launch={"one": 1})

@@ -285,18 +285,22 @@ ROW_MIN, ROW_MAX = 32768, 131072
 # largest from that histogram on, as the one-group top-k does (float4 reads through L2). One
 # launch and one MLX primitive a call instead of two, for the rows `TOPK_ROW`'s range takes
 # (decode rows of ROW_MIN .. ROW_MAX entries) where the tiled matrix-unit scorer runs.
-# 0: the scorer and the top-k apart. Opt-in ("one" in DSV4_INDEXER_VARIANTS) until its GPU
-# tests and timings have run: written 2026-12-07 (eleventh session), checked by the C++
-# emulation (picks exact, scores bit-identical to the scorer's) and NVRTC (124 registers,
-# 36.5 KB of shared memory, no spills: the scorer's occupancy), but no device was lent.
-# Metal: written, never dispatched (no Mac to validate it).
+# 0: the scorer and the top-k apart. Opt-in ("one" in DSV4_INDEXER_VARIANTS): on an H100
+# (2026-12-07, eleventh session) its GPU tests passed (picks exactly the top k of the
+# scorer's own scores, 65,536-140,000 entries) but it measured slower: 66.9 us of GPU time
+# at 64K entries (59.2 with `SELECT_SCRATCH`) against 30.8 for the scorer + one-group top-k
+# (Nsight Compute, boost clocks): the last group has the scorer's 128 threads, where the
+# one-group top-k has 1,024, and its tail on one SM outweighs the launch saved; wall time
+# 0.232 vs 0.208 ms alone, 0.155 vs 0.129 ms a call chained. Metal: written, never
+# dispatched (no Mac to validate it).
 SCORE_SELECT = 0
 SCORE_SELECT_METAL = 0
 # Where the one launch keeps a row's histogram and ticket: 0, after its scores in an output
 # that MLX zeroes (`init_value`: two fill kernels on the GPU before the launch, the fill's
 # value read from host-resident managed memory by every block); 1, in a scratch input the
 # caller owns (`select_scratch`: one a model layer), zeroed once and left zeroed by the
-# row's last group: no fill. Opt-in ("scratch" in DSV4_INDEXER_VARIANTS), unmeasured.
+# row's last group: no fill. Opt-in ("scratch" in DSV4_INDEXER_VARIANTS): the two fills
+# took 7.7 us of the one launch's GPU time at 64K (66.9 -> 59.2 us, H100), GPU tests passed.
 SELECT_SCRATCH = 0
 
 # Variants by name, for measuring them without editing this module: a comma (or "+") list of
@@ -418,7 +422,8 @@ def select_launch(B: int, T: int, N: int, k: int) -> tuple[int, int]:
     the K-th key's bin held in shared memory) of the one-launch scoring and top-k. U 8: the
     last group has the scorer's 128 threads, so each keeps 8 x 16 bytes in flight (16 KB the
     group) where the one-group top-k's 1,024 threads keep 8 x 4; NVRTC gives the kernel 124
-    registers at U 4 and 8, 121 at 16 (the scorer's count bounds it). Unmeasured on a GPU."""
+    registers at U 4 and 8, 121 at 16 (the scorer's count bounds it). H100, 64K entries:
+    70.1 / 66.9 / 71.8 us at U 4 / 8 / 16 (with the fills)."""
     return 8, 2048
 
 
