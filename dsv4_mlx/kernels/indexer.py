@@ -701,13 +701,13 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
     visible = None if visible is None else _i32(visible)
     if select not in ("kernel", "argpartition"):
         raise ValueError(f"select must be 'kernel' or 'argpartition', got {select!r}")
-    B, T, H, D = _q_ready(q).shape
+    qdtype, (B, T, H, D), key_mode = _q_ready(q).dtype, q.shape, _key_inputs(keys)[0]
     frag = _flag("frag", launch.get("frag"), FRAG_SCORER) and mma is not False and \
-        frag_usable(backend, _q_ready(q).dtype, H, D, _key_inputs(keys)[0])
+        frag_usable(backend, qdtype, H, D, key_mode)
     one = _row_asked(launch.get("one"), *(launch.get(a) for a in (
         "row", "fuse", "s", "r", "tg", "ha", "bn", "hc", "e")))
     if select == "kernel" and mma is not False and _one(B, T, N, k, one, backend, frag) and \
-            select_usable(backend, _q_ready(q).dtype, H, D, _key_inputs(keys)[0]):
+            select_usable(backend, qdtype, H, D, key_mode):
         return _score_select(q, w, keys, visible, k, backend, scratch=scratch,
                              **pick(("tpt", "idec", "mmaptx", "u", "cap", "walk")))
     # the fused top-k counts on row counters that the scoring launch zeroes
@@ -728,26 +728,40 @@ def indexer_topk_kernel(q, w, keys, visible, topk: int, *, backend: str,
         return idx if visible is None else mx.where(idx >= visible[None, :, None], -1, idx)
 
 
+def _select_plan(backend, qdtype, B, T, H, D, N, key_mode, k, allvis, scr, tpt=None,
+                 idec=None, mmaptx=None, u=None, cap=None, walk=None):
+    """(kernel, template, grid, threadgroup, output shapes, output dtypes) of the one-launch
+    scoring and top-k (`scr`: the scratch's kernel); None parameters: the defaults."""
+    _, _, template, grid, tg = _score_plan(backend, qdtype, B, T, H, D, N, key_mode, None, None,
+                                           None, True, tpt, _idec(idec, backend),
+                                           _flag("mmaptx", mmaptx, MMA_PTX), False, 0, None,
+                                           allvis)
+    U, CAP = select_launch(B, T, N, k)
+    template, shapes, dtypes = _select_spec(B, T, N, k, template, U if u is None else u,
+                                            CAP if cap is None else cap, walk, scr)
+    return (_kernel(backend, src.score_select_source(backend, key_mode, allvis, scr)),
+            template, grid, tg, shapes, dtypes)
+
+
+def _run_select(launch, inputs, scratch):
+    """idx of a `_select_plan` launch on the scoring inputs: with `scratch` (zeros [>= B * T,
+    SCRATCH_WORDS] uint32, left zeros) as the last input, else its outputs zeroed by MLX."""
+    kern, template, grid, tg, shapes, dtypes = launch
+    fill = {"init_value": 0.0} if scratch is None else {}
+    return kern(inputs=inputs + ([] if scratch is None else [scratch]), template=template,
+                grid=grid, threadgroup=tg, output_shapes=shapes, output_dtypes=dtypes,
+                stream=mx.gpu, **fill)[0]
+
+
 def _score_select(q, w, keys, visible, k, backend, tpt=None, idec=None, mmaptx=None, u=None,
                   cap=None, walk=None, scratch=None):
     """The one-launch scoring and top-k (`score_select_source`) -> idx [B, T, k]; with
-    `scratch` (zeros [>= B * T, SCRATCH_WORDS] uint32, left zeros) no output is filled."""
+    `scratch` no output is filled (`_run_select`)."""
     q = _q_ready(q)
-    B, T, H, D = q.shape
     key_mode, key_in, N, _ = _key_inputs(keys)
-    _, ks, template, grid, tg = _score_plan(backend, q.dtype, B, T, H, D, N, key_mode, None,
-                                            None, None, True, tpt, _idec(idec, backend),
-                                            _flag("mmaptx", mmaptx, MMA_PTX), False, 0, None,
-                                            visible is None)
-    U, CAP = select_launch(B, T, N, k)
-    scr = scratch is not None
-    template, shapes, dtypes = _select_spec(B, T, N, k, template, U if u is None else u,
-                                            CAP if cap is None else cap, walk, scr)
-    inputs = _score_inputs(q, w, key_in, _vis_in(visible), True) + ([scratch] if scr else [])
-    fill = {} if scr else {"init_value": 0.0}
-    return _kernel(backend, src.score_select_source(backend, key_mode, visible is None, scr))(
-        inputs=inputs, template=template, grid=grid, threadgroup=tg, output_shapes=shapes,
-        output_dtypes=dtypes, stream=mx.gpu, **fill)[0]
+    launch = _select_plan(backend, q.dtype, *q.shape, N, key_mode, k, visible is None,
+                          scratch is not None, tpt, idec, mmaptx, u, cap, walk)
+    return _run_select(launch, _score_inputs(q, w, key_in, _vis_in(visible), True), scratch)
 
 
 _plans: dict = {}
@@ -780,13 +794,8 @@ def _plan(backend, q, keys, topk, allvis=False):
     frag = _flag("frag", None, FRAG_SCORER)
     if _one(B, T, N, k, None, backend, frag and frag_usable(backend, q.dtype, H, D, key_mode)) \
             and select_usable(backend, q.dtype, H, D, key_mode):
-        on_mma, ks, template, grid, tg = _score_plan(
-            backend, q.dtype, B, T, H, D, N, key_mode, None, None, None, True, None,
-            _idec(None, backend), _flag("mmaptx", None, MMA_PTX), False, 0, None, allvis)
-        U, CAP = select_launch(B, T, N, k)
-        return on_mma, "one", [  # the work rows zeroed by MLX, or the scratch's
-            (_kernel(backend, src.score_select_source(backend, key_mode, allvis, scr)),
-             *_with_grid(_select_spec(B, T, N, k, template, U, CAP, None, scr), grid, tg))
+        return True, "one", [  # the work rows zeroed by MLX, or the scratch's
+            _select_plan(backend, q.dtype, B, T, H, D, N, key_mode, k, allvis, scr)
             for scr in (False, True)]
     row = _row(B, T, N, k, None, backend)
     fused = not row and _fused(S, None, backend)
@@ -812,12 +821,6 @@ def _plan(backend, q, keys, topk, allvis=False):
     return on_mma, "slices", launches
 
 
-def _with_grid(spec, grid, tg):
-    """(template, grid, threadgroup, shapes, dtypes) of a `_select_spec` answer."""
-    template, shapes, dtypes = spec
-    return template, grid, tg, shapes, dtypes
-
-
 def _planned(backend, q, w, keys, visible, topk, key=None, scratch=None):
     """`indexer_topk_kernel` with its default launch parameters, the launches made once per
     shape (the same kernels and parameters as `indexer_scores_kernel` and
@@ -837,15 +840,8 @@ def _planned(backend, q, w, keys, visible, topk, key=None, scratch=None):
     visible = _vis_in(visible)
     key_in = list(keys) if fp4 else _key_inputs(keys)[1]  # (fp4: checked by the plan)
     if how == "one":  # (its work rows zeroed by MLX's init_value, or the caller's scratch)
-        inputs = _score_inputs(q, w, key_in, visible, on_mma)
-        if scratch is None:
-            kern, template, grid, tg, shapes, dtypes = launches[0]
-            return kern(inputs=inputs, template=template, grid=grid, threadgroup=tg,
-                        output_shapes=shapes, output_dtypes=dtypes, init_value=0.0,
-                        stream=mx.gpu)[0]
-        kern, template, grid, tg, shapes, dtypes = launches[1]
-        return kern(inputs=inputs + [scratch], template=template, grid=grid, threadgroup=tg,
-                    output_shapes=shapes, output_dtypes=dtypes, stream=mx.gpu)[0]
+        return _run_select(launches[scratch is not None],
+                           _score_inputs(q, w, key_in, visible, on_mma), scratch)
     out = None
     for i, (kern, template, grid, tg, shapes, dtypes) in enumerate(launches):
         if i == 0:
@@ -893,12 +889,12 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
     B, T, H, D = q.shape
     key_mode, key_in, N, d = _key_inputs(keys)
     frag = _flag("frag", None, FRAG_SCORER)
+    scr = bool(_flag("scr", None, SELECT_SCRATCH))
     key, (BN, HC, E, TG, U, S, R, mma, tpt, fused, frag, fl, rl, ol) = _variant(
         backend, q.dtype, B, T, H, D, key_mode, N, k, bool(_fuse(None, backend)), frag,
         allvis, _row(B, T, N, k, None, backend),
         _one(B, T, N, k, None, backend, frag and frag_usable(backend, q.dtype, H, D, key_mode)),
-        bool(_flag("scr", None, SELECT_SCRATCH)))
-    scr = bool(ol) and bool(_flag("scr", None, SELECT_SCRATCH))
+        scr)
     if variants():  # (the opt-in variants compile apart)
         key += "/" + "+".join(sorted(variants()))
 
@@ -913,7 +909,7 @@ def _variant_key(backend, q, keys, k, allvis=False) -> tuple[str, callable]:
         vis = None if allvis else mx.array([n], mx.int32)
         if ol:  # the one launch, with the call's template (and the scratch's, where on)
             mx.eval(_score_select(qq, ww, kk, vis, k, backend, tpt=tpt, u=ol[0], cap=ol[1]))
-            if scr:
+            if scr:  # (the scratch's kernel too, where asked for)
                 mx.eval(_score_select(qq, ww, kk, vis, k, backend, tpt=tpt, u=ol[0], cap=ol[1],
                                       scratch=mx.zeros((1, SCRATCH_WORDS), mx.uint32)))
             return

@@ -1366,20 +1366,13 @@ _TOPK_ROW_REST = """\
 """
 
 
-# The one-group top-k's second read of the row (scores[base + i], U scalar loads in flight a
-# thread; each lane's value sv[j] of entry i then goes to the pick or the bin's copy).
-_ROW_READ = """\
-      for (int i0 = ki_tid; i0 < vis; i0 += TG * U) {
-        float sv[U];
-        KI_UNROLL
-        for (int j = 0; j < U; ++j) {
-          const int i = i0 + j * TG;
-          sv[j] = i < vis ? @VAL(base + i)@ : 0.0f;
-        }
-        KI_UNROLL
-        for (int j = 0; j < U; ++j) {
-          const int i = i0 + j * TG;
-"""
+# The one-group top-k's second read of the row: `_STREAM_PICK`'s loop heads over entries
+# 0 .. vis (U scalar loads in flight a thread; each lane's value sv[j] of entry i then goes to
+# the pick or the bin's copy), two levels deeper.
+_ROW_READ = textwrap.indent(
+    _STREAM_PICK[:_STREAM_PICK.index("@PICK_STREAM@")].replace("@GUARD@", "")
+    .replace("lo + ki_tid", "ki_tid").replace("< hi", "< vis"), "    ")
+assert _ROW_READ.count("vis") == 2 and "hi" not in _ROW_READ and "lo +" not in _ROW_READ
 
 
 def _row_rest(val_at, put: str, put_cand: str, read: str = _ROW_READ) -> str:
@@ -1925,21 +1918,26 @@ def score_mma_source(dialect: str, key_mode: str, tick: bool = False,
     (the FP4 keys' decode: fp32 products, or the same bits from integer operations, 1, or
     from byte-permute tables, 2), MMAPTX (CUDA:
     wmma, or ldmatrix + mma.sync)."""
+    return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}" + _suffix(tick, allvis),
+                       ("q", "w", *_KEY_INPUTS[key_mode], "visible"),
+                       ("scores", "tick") if tick else ("scores",),
+                       _mma_body(key_mode, _rows(tick, allvis)))
+
+
+def _mma_body(key_mode: str, rows: str) -> str:
+    """`_SCORE_MMA_BODY` for `key_mode` keys with the row set-up `rows` (`_rows`' text, or
+    the one launch's), its key tile and query parts in place."""
     if key_mode not in _KEY_TILE:
         raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
                          f"expected one of {MMA_KEY_MODES}")
-    keys = _KEY_INPUTS[key_mode]
     parts = _KEY_TILE[key_mode]
-    body = (_SCORE_MMA_BODY.replace("@ROW@", _rows(tick, allvis)).replace("@KEYS@", keys[0])
+    body = (_SCORE_MMA_BODY.replace("@ROW@", rows).replace("@KEYS@", _KEY_INPUTS[key_mode][0])
             .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_PUT@", parts["put"]))
     # the load part at its three places: the first tile's (with the queries), a chunk's
     # (without QRES), the next tile's (with QRES)
     assert body.count("@KEY_LOAD@") == 3
-    body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
+    return (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
             .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
-    return make_source(dialect, f"dsv4_indexer_score_mma_{key_mode}" + _suffix(tick, allvis),
-                       ("q", "w", *keys, "visible"), ("scores", "tick") if tick else ("scores",),
-                       body)
 
 
 # --------------------------------------------------------------------------------------------
@@ -2053,20 +2051,12 @@ def score_select_source(dialect: str, key_mode: str, allvis: bool = False,
     [B*T, NP + 4100] f32 (zeros at the start: the scores, then the row's histogram and
     ticket; with `scratch`: [B*T, NP], the scores). Template: `score_mma_source`'s, then K, U
     (float4 loads a thread of the second read), CAP, WALK."""
-    if key_mode not in _KEY_TILE:
-        raise ValueError(f"no matrix-unit path for key mode {key_mode!r}; "
-                         f"expected one of {MMA_KEY_MODES}")
-    keys = _KEY_INPUTS[key_mode]
-    parts = _KEY_TILE[key_mode]
     rows = _rows(False, allvis)
     old = "  KI_DEVICE float* out = scores + bt * N;\n"
     assert rows.count(old) == 1
     rows = rows.replace(old, "  KI_DEVICE float* out = work + bt * (((N + 3) & ~3)"
                         + (");\n" if scratch else " + 4100);\n"))
-    body = (_SCORE_MMA_BODY.replace("@ROW@", rows).replace("@KEYS@", keys[0])
-            .replace("@KEY_DECL@", parts["decl"]).replace("@KEY_PUT@", parts["put"]))
-    body = (body.replace("@KEY_LOAD@", textwrap.indent(parts["load"], "    "))
-            .replace("@Q_LOAD@", _Q_LOAD).replace("@Q_PUT@", _Q_PUT))
+    body = _mma_body(key_mode, rows)
     rest = _row_rest(lambda i: f"KI_LOAD_CG(out, {i})", "  oidx[p] = i;\n",
                      "  oidx[p] = (int)KI_ATOMIC_LOAD(ki_big[CAP + i]);\n", _SELECT_READ)
     if scratch:  # the histogram and ticket in the scratch input, left zeroed for the next call
@@ -2081,8 +2071,8 @@ def score_select_source(dialect: str, key_mode: str, allvis: bool = False,
              .replace("@REST@", textwrap.indent(rest, "  ")))
     return make_source(dialect, f"dsv4_indexer_score_select_{key_mode}"
                        + _suffix(False, allvis) + ("_scr" if scratch else ""),
-                       ("q", "w", *keys, "visible") + (("scratch",) if scratch else ()),
-                       ("idx", "work"), body)
+                       ("q", "w", *_KEY_INPUTS[key_mode], "visible")
+                       + (("scratch",) if scratch else ()), ("idx", "work"), body)
 
 
 # --------------------------------------------------------------------------------------------
